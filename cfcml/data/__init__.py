@@ -1,0 +1,1 @@
+"""Data pipeline: dataset specs, adapters + validation, prepare, folds, cache, torch Datasets."""

@@ -1,0 +1,177 @@
+"""Reading one image file into a channel-first array, and the per-image preprocessing of the cache.
+
+NIfTI (.nii, .nii.gz) and NumPy (.npy) files hold arrays (spatial axes first, an optional trailing
+channel axis); anything else is read with Pillow as a 2D photo.
+"""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cfcml.data.spec import ImageModality, IntensitySpec
+
+
+class ImageError(Exception):
+    """An image that cannot be used; `code` is the validation problem kind."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def read_image(path: Path, modality: ImageModality) -> np.ndarray:
+    """Decode `path` fully into float32 [C, *spatial]; ImageError when it is empty, truncated,
+    unreadable, or has the wrong dimensionality or channel count for `modality`."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ImageError("empty_image", "file is empty (0 bytes)")
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz", ".npy")):
+        arr = _read_array(path)
+        arr = _channels_first(arr, modality)
+    else:
+        arr = _read_photo(path, modality)
+    if arr.size == 0:
+        raise ImageError("empty_image", f"image has no pixels (shape {list(arr.shape)})")
+    if not np.isfinite(arr).all():
+        raise ImageError("bad_values", "image contains NaN or infinite values")
+    return arr
+
+
+def _read_array(path: Path) -> np.ndarray:
+    try:
+        if path.name.lower().endswith(".npy"):
+            return np.load(path, allow_pickle=False).astype(np.float32, copy=False)
+        import nibabel as nib
+
+        return np.asarray(nib.load(path).get_fdata(dtype=np.float32))  # decompresses everything
+    except (EOFError, zlib.error) as exc:
+        raise ImageError("truncated_image", f"file is truncated ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # nibabel raises a variety: ImageFileError, ValueError, OSError...
+        msg = str(exc)
+        code = "truncated_image" if ("truncated" in msg.lower() or "end of file" in msg.lower()
+                                     or "buffer" in msg.lower()) else "unreadable_image"
+        raise ImageError(code, f"cannot read image ({type(exc).__name__}: {msg})") from None
+
+
+def _channels_first(arr: np.ndarray, m: ImageModality) -> np.ndarray:
+    """[*spatial] -> [1, *spatial]; [*spatial, C] -> [C, *spatial]."""
+    if arr.ndim == m.dims:
+        arr = arr[None]
+    elif arr.ndim == m.dims + 1:
+        arr = np.moveaxis(arr, -1, 0)
+    else:
+        raise ImageError("wrong_dims", f"has {arr.ndim} dimensions (shape {list(arr.shape)}), expected a "
+                         f"{m.dims}D image with an optional trailing channel axis")
+    if arr.shape[0] != m.channels:
+        raise ImageError("wrong_channels", f"has {arr.shape[0]} channel(s) (shape {list(arr.shape)}), "
+                         f"expected {m.channels}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _read_photo(path: Path, m: ImageModality) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes everything: a truncated JPEG/PNG fails here
+            if m.channels == 3 and im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")  # same colours, another encoding
+            bands = len(im.getbands())
+            arr = np.asarray(im)
+    except UnidentifiedImageError:
+        raise ImageError("unreadable_image", "not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        code = "truncated_image" if "truncated" in str(exc).lower() else "unreadable_image"
+        raise ImageError(code, f"cannot decode image ({exc})") from None
+    if m.dims != 2:
+        raise ImageError("wrong_dims", f"is a 2D photo, expected a {m.dims}D image")
+    if bands != m.channels:
+        raise ImageError("wrong_channels", f"has {bands} channel(s) (mode {im.mode}), expected {m.channels}")
+    arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def preprocess(arr: np.ndarray, m: ImageModality, intensity: IntensitySpec) -> np.ndarray:
+    """The deterministic part of loading: clip, resample to `m.size`, normalise intensities.
+
+    arr: float32 [C, *spatial] as read; returns float32 [C, *m.size]. Normalising last gives
+    every volume zero mean / unit variance on the grid the model sees, whatever its native size.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if intensity.clip is not None:
+        x = x.clamp(intensity.clip[0], intensity.clip[1])
+    if tuple(x.shape[1:]) != tuple(m.size):
+        if m.dims == 3:
+            x = resize_linear(x, tuple(m.size))
+        else:  # photos shrink a lot: antialias, and clamp its slight overshoot at edges
+            lo, hi = x.min(), x.max()
+            x = F.interpolate(x[None], size=tuple(m.size), mode="bilinear", align_corners=False,
+                              antialias=True)[0].clamp(lo, hi)
+    if intensity.mode in ("zscore_nonzero", "zscore"):
+        x = _zscore(x, nonzero=intensity.mode == "zscore_nonzero")
+    elif intensity.mode == "scale":
+        x = x / intensity.scale
+    return x.numpy()
+
+
+def resize_linear(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Linear resampling of [C, *spatial] to `size` (align_corners=False), 2D or 3D.
+
+    3D is trilinear done separably: bilinear over (H, W) with the depth as channels (a
+    channels-last view, PyTorch's fast kernel), then linear over D as a small matrix product.
+    Same result as F.interpolate(mode="trilinear") up to float rounding, 3x faster on CPU.
+    """
+    if x.ndim == 3:
+        return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    c, h, w, d = x.shape
+
+    def resize_hw(x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:3]) == tuple(size[:2]):
+            return x
+        x = F.interpolate(x.permute(0, 3, 1, 2), size=size[:2], mode="bilinear", align_corners=False)
+        return x.permute(0, 2, 3, 1)  # [C, H', W', D], contiguous (channels-last output)
+
+    def resize_d(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[3] == size[2]:
+            return x
+        n_in = x.shape[3]
+        out = x.contiguous().reshape(-1, n_in) @ _linear_weights(n_in, size[2]).T
+        return out.reshape(*x.shape[:3], size[2])
+
+    # the depth pass works on every (H, W) row: run it on the smaller grid
+    x = resize_d(resize_hw(x)) if h * w > size[0] * size[1] else resize_hw(resize_d(x))
+    return x.contiguous()
+
+
+def _linear_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] matrix of 1D linear interpolation, PyTorch's align_corners=False convention."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    lam = src - i0
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    w.index_put_((rows, i0), 1 - lam, accumulate=True)
+    w.index_put_((rows, i1), lam, accumulate=True)
+    return w.float()
+
+
+def _zscore(x: torch.Tensor, nonzero: bool) -> torch.Tensor:
+    """Per channel; voxels outside the non-zero mask stay 0 (MONAI NormalizeIntensity(nonzero=True))."""
+    out = torch.zeros_like(x)
+    for c in range(x.shape[0]):
+        xc = x[c]
+        mask = xc != 0 if nonzero else torch.ones_like(xc, dtype=torch.bool)
+        vals = xc[mask]
+        if vals.numel() == 0:
+            continue
+        mean = vals.mean()
+        std = vals.std(unbiased=False)
+        std = std if std > 0 else torch.ones_like(std)
+        out[c] = torch.where(mask, (xc - mean) / std, xc)
+    return out

@@ -1,0 +1,108 @@
+"""prepare: raw layout -> validated manifest + preprocessed cache (DESIGN.md section 2, step 1).
+
+Order matters: read and validate everything first (all problems reported together, nothing
+written), then build the cache, then write the manifest atomically. A failed or interrupted run
+leaves a previous prepare in the same output folder intact.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Callable
+
+from cfcml.data.adapters import ADAPTERS
+from cfcml.data.cache import build_cache, cache_dir_for
+from cfcml.data.manifest import PreparedDataset, build_manifest, fingerprint, write_manifest
+from cfcml.data.spec import DatasetSpec, load_dataset_spec, spec_to_dict
+from cfcml.data.validation import DatasetValidationError, ValidationReport, default_workers, validate_records
+
+
+def validate_dataset(dataset: str, root: Path, spec: DatasetSpec, *, folds: int = 5, seed: int = 0,
+                     csv: Path | None = None, workers: int | None = None):
+    """Read `root` with the `dataset` adapter and validate it: (records, report)."""
+    if dataset not in ADAPTERS:
+        raise ValueError(f"unknown dataset adapter {dataset!r}; known: {', '.join(ADAPTERS)}")
+    root = Path(root).resolve()
+    report = ValidationReport(spec.name, root)
+    if not root.is_dir():
+        report.add("missing_folder", "dataset root does not exist", file=str(root))
+        return None, report
+    records = ADAPTERS[dataset](root, spec, report, csv=csv, seed=seed)
+    validate_records(records, spec, root, folds, report, workers=workers or default_workers())
+    return records, report
+
+
+def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = None, *, folds: int = 5,
+                    seed: int = 0, image_size: tuple[int, ...] | None = None, spec: str | Path | None = None,
+                    csv: str | Path | None = None, workers: int | None = None, progress: bool = False,
+                    log: Callable[[str], None] | None = None) -> PreparedDataset:
+    """Validate `root`, build the cache and write `<out>/manifest.parquet` (default out:
+    `<root>/prepared`). Raises DatasetValidationError carrying the full report on any problem.
+
+    dataset: adapter name (men, derm7pt, manifest); spec: dataset YAML (default: the adapter's
+    conf/datasets/<dataset>.yaml; required for manifest).
+    """
+    t0 = time.perf_counter()
+    log = log or (lambda msg: None)
+    root = Path(root).resolve()
+    out_dir = Path(out).resolve() if out else root / "prepared"
+    if spec is None and dataset == "manifest":
+        raise ValueError("the manifest adapter needs a dataset YAML (spec=... / --spec PATH)")
+    ds_spec = load_dataset_spec(spec or dataset, image_size)
+    workers = workers or default_workers()
+
+    records, report = validate_dataset(dataset, root, ds_spec, folds=folds, seed=seed,
+                                       csv=Path(csv) if csv else None, workers=workers)
+    if not report.ok:
+        raise DatasetValidationError(report)
+    t_valid = time.perf_counter() - t0
+    log(f"validated {len(records)} patients in {t_valid:.1f}s")
+
+    manifest = build_manifest(records, ds_spec, folds, seed)
+    cache_dir = cache_dir_for(out_dir, ds_spec)
+    stats = build_cache(manifest, ds_spec, root, cache_dir, workers=workers, progress=progress)
+    info = {
+        "dataset": dataset,
+        "spec_name": ds_spec.name,
+        "spec": spec_to_dict(ds_spec),
+        "root": str(root),
+        "cache_dir": cache_dir.relative_to(out_dir).as_posix(),
+        "image_size": {m.name: list(m.size) for m in ds_spec.modalities},
+        "folds": folds,
+        "seed": seed,
+        "counts": _counts(manifest, ds_spec.classes),
+        "fingerprint": fingerprint(manifest, root, ds_spec),
+        "cache": stats,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": {"validate": round(t_valid, 2), "total": round(time.perf_counter() - t0, 2)},
+    }
+    write_manifest(manifest, out_dir, info)
+    return PreparedDataset(out_dir, manifest, info)
+
+
+def _counts(manifest, classes: tuple[str, ...]) -> dict:
+    """Patients per class, per split and per development fold (classes in spec order)."""
+
+    def per_class(frame) -> dict[str, int]:
+        counts = frame["label_name"].value_counts()
+        return {c: int(counts.get(c, 0)) for c in classes}
+
+    dev = manifest[manifest["split"] == "dev"]
+    return {"split": {s: per_class(g) for s, g in manifest.groupby("split")},
+            "fold": {int(k): per_class(g) for k, g in dev.groupby("fold")}}
+
+
+def summary(prepared: PreparedDataset) -> str:
+    info = prepared.info
+    lines = [f"prepared {info['spec_name']} ({info['dataset']} adapter) from {info['root']}",
+             f"  output {prepared.out_dir}  cache {prepared.cache_dir.name}  fingerprint {info['fingerprint']}",
+             f"  image size {info['image_size']}  folds {info['folds']} (seed {info['seed']})"]
+    for split, counts in info["counts"]["split"].items():
+        lines.append(f"  {split:<5} {sum(counts.values()):>5} patients  {counts}")
+    for k, counts in info["counts"]["fold"].items():
+        lines.append(f"  fold {k}  {sum(counts.values()):>4} patients  {counts}")
+    c, s = info["cache"], info["seconds"]
+    lines.append(f"  cache: {c['built']} images built, {c['reused']} reused; "
+                 f"time {s['total']:.1f}s (validation {s['validate']:.1f}s)")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Image encoders returning four stages of feature maps, chosen by name.
+
+- `mamba_resnet`: a residual CNN (MONAI residual units) whose blocks end in a bidirectional Mamba
+  mixer over the flattened token grid, as the public MEN code does. The mixer is `mambapy`'s
+  pure-PyTorch selective scan, so it runs on CPU; nothing CUDA-only is needed.
+- `swin`: MONAI's Swin transformer (2D photos or 3D volumes); the four stages are the outputs of
+  its four layers' transformer blocks, taken before each layer's patch merging (grids /p, /2p, /4p,
+  /8p for patch size p, as the stage outputs of the public code's Swin-T).
+
+Both work for 2D and 3D inputs and accept local pretrained weights; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from mambapy.mamba import MambaBlock, MambaConfig
+from monai.networks.blocks import ResidualUnit
+from monai.networks.nets.swin_unetr import SwinTransformer, compute_mask, get_window_size
+from torch import nn
+
+from cfcml.config import ConfigError, ModelConfig
+
+
+class MambaMixer(nn.Module):
+    """Global token mixing: x + Mamba(norm(x)) scanned both ways over the flattened grid."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.mamba = MambaBlock(MambaConfig(d_model=channels, n_layers=1, d_state=8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, *grid]
+        b, c = x.shape[:2]
+        seq = self.norm(x.flatten(2).transpose(1, 2))  # [B, N, C]
+        both = self.mamba(torch.cat([seq, seq.flip(1)]))  # one call for both scan directions
+        mixed = both[:b] + both[b:].flip(1)
+        return x + mixed.transpose(1, 2).reshape(x.shape)
+
+
+class MambaResEncoder(nn.Module):
+    """Stem (stride 2, w channels) then stages of 2w, 4w, 8w channels, each stride 2."""
+
+    def __init__(self, dims: int, in_channels: int, width: int, mixer_stages: tuple[int, ...]):
+        super().__init__()
+        chans = [width, 2 * width, 4 * width, 8 * width]
+        blocks = []
+        prev = in_channels
+        for stage, ch in enumerate(chans, start=1):
+            layers: list[nn.Module] = [
+                ResidualUnit(dims, prev, ch, strides=2, kernel_size=3, subunits=2,
+                             norm="instance", act="leakyrelu"),
+            ]
+            if stage in mixer_stages:
+                layers.append(MambaMixer(ch))
+            blocks.append(nn.Sequential(*layers))
+            prev = ch
+        self.stages = nn.ModuleList(blocks)
+        self.out_channels = tuple(chans)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class SwinEncoder(nn.Module):
+    """MONAI Swin transformer; stage s = layer s's blocks, layer-normalised, before its patch merging.
+
+    MONAI's `SwinTransformer.forward` merges at the end of every layer and returns the merged maps,
+    so its /p map has seen no attention block and its /8p map skips the last layer; the public code
+    (a timm Swin-T) uses the pre-merge outputs instead. The last layer's merging would only feed a
+    /16p map nobody reads, so it is removed: every parameter then gets a gradient (DDP needs that).
+    """
+
+    def __init__(self, dims: int, in_channels: int, cfg: ModelConfig):
+        super().__init__()
+        self.swin = SwinTransformer(
+            in_chans=in_channels,
+            embed_dim=cfg.encoder_width,
+            window_size=(cfg.swin_window,) * dims,
+            patch_size=(cfg.swin_patch,) * dims,
+            depths=cfg.swin_depths,
+            num_heads=cfg.swin_heads,
+            spatial_dims=dims,
+        )
+        self.swin.layers4[0].downsample = None
+        w = cfg.encoder_width
+        self.out_channels = (w, 2 * w, 4 * w, 8 * w)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.swin.pos_drop(self.swin.patch_embed(x)).movedim(1, -1)  # [B, *grid, C]
+        feats = []
+        for layers in (self.swin.layers1, self.swin.layers2, self.swin.layers3, self.swin.layers4):
+            layer = layers[0]
+            x = _swin_blocks(layer, x)
+            feats.append(F.layer_norm(x, x.shape[-1:]).movedim(-1, 1))  # [B, C, *grid]
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return feats
+
+
+def _swin_blocks(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The transformer blocks of a MONAI Swin `BasicLayer`, without its downsampling (channels last).
+
+    Mirrors `BasicLayer.forward`: windows shrink to the grid where it is smaller, and the shifted-
+    window mask is built for the grid padded to whole windows.
+    """
+    grid = tuple(x.shape[1:-1])
+    window, shift = get_window_size(grid, layer.window_size, layer.shift_size)
+    padded = [math.ceil(g / w) * w for g, w in zip(grid, window)]
+    mask = compute_mask(padded, window, shift, x.device)
+    for block in layer.blocks:
+        x = block(x, mask)
+    return x
+
+
+def build_encoder(cfg: ModelConfig, dims: int, in_channels: int) -> nn.Module:
+    if dims not in (2, 3):
+        raise ConfigError(f"image modality dims must be 2 or 3, got {dims}")
+    if cfg.encoder == "mamba_resnet":
+        enc: nn.Module = MambaResEncoder(dims, in_channels, cfg.encoder_width, cfg.mixer_stages)
+    elif cfg.encoder == "swin":
+        enc = SwinEncoder(dims, in_channels, cfg)
+    else:  # guarded by the config's Literal, kept for direct callers
+        raise ConfigError(f"model.encoder: unknown encoder {cfg.encoder!r}")
+    if cfg.pretrained:
+        load_pretrained(enc, cfg.pretrained)
+    return enc
+
+
+def load_pretrained(encoder: nn.Module, path: str | Path) -> None:
+    """Load a local state dict into `encoder`, tolerating common wrapper prefixes.
+
+    Raises ConfigError when the file is missing or shares no parameter with the encoder, so a
+    wrong checkpoint is not silently ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, truncated, or pickled objects beyond tensors
+        raise ConfigError(f"model.pretrained: cannot read {path} as a state dict ({exc})") from None
+    for key in ("state_dict", "model", "net"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.pretrained: {path} holds a {type(state).__name__}, not a state dict")
+    own = encoder.state_dict()
+    matched = {}
+    for key, value in state.items():
+        for prefix in ("", "module.", "swinViT.", "encoder.", "backbone."):
+            name = key[len(prefix):] if key.startswith(prefix) else None
+            for candidate in (name, f"swin.{name}" if name else None):
+                if candidate in own and own[candidate].shape == value.shape:
+                    matched[candidate] = value
+    if not matched:
+        raise ConfigError(f"model.pretrained: {path} has no parameter matching the encoder")
+    encoder.load_state_dict(matched, strict=False)

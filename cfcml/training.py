@@ -1,0 +1,274 @@
+"""The per-worker training loop: K cross-validation folds of one configuration, in lockstep.
+
+Each epoch trains every fold's model on its training part and evaluates it on its validation
+part, so the caller gets a cross-validated score after every epoch (what ASHA stops trials on).
+The same loop trains the final model: one "fold" whose training part is all development data
+and which has no validation part.
+
+Distributed data parallel is optional: when `torch.distributed` is initialised (Ray Train does
+it), models are wrapped in DDP, training batches are sharded across ranks, validation is split
+across ranks and gathered, and prototype banks are averaged so every rank holds the same state.
+Nothing here knows about Ray or MLflow.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from cfcml.config import ExperimentConfig, OptimConfig
+from cfcml.data.dataset import CachedDataset, ClassBalancedBatchSampler
+from cfcml.data.manifest import PreparedDataset
+from cfcml.data.normalize import TabularNormalizer
+from cfcml.losses import CFCMLLoss
+from cfcml.metrics import compute_metrics
+from cfcml.networks import CFCML, build_model
+
+
+@dataclass
+class Split:
+    """One fold: rows to train on and rows to validate on (None for the final model)."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame | None
+
+
+@dataclass
+class Fold:
+    model: CFCML
+    net: nn.Module  # `model`, or its DDP wrapper
+    criterion: CFCMLLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    normalizer: TabularNormalizer
+    train_loader: DataLoader
+    val_set: CachedDataset | None
+    val_ids: list[str] = field(default_factory=list)
+    val_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def make_optimizer(model: CFCML, cfg: OptimConfig) -> torch.optim.Adam:
+    enc = model.encoder_parameters()
+    enc_ids = {id(p) for p in enc}
+    rest = [p for p in model.parameters() if id(p) not in enc_ids]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if enc:
+        groups.append({"params": enc, "lr": cfg.lr * cfg.encoder_lr_mult})
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(epoch: int, cfg: OptimConfig) -> float:
+    """Linear warm-up for `warmup_epochs`, then step decay (x gamma every `step_size` epochs)."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / cfg.warmup_epochs
+    return cfg.gamma ** ((epoch - cfg.warmup_epochs) // cfg.step_size)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class CrossValidation:
+    """K folds (models, optimisers, schedulers, prototype banks) trained together."""
+
+    def __init__(
+        self,
+        prepared: PreparedDataset,
+        splits: list[Split],
+        cfg: ExperimentConfig,
+        device: torch.device | str = "cpu",
+    ):
+        self.prepared, self.spec, self.cfg = prepared, prepared.spec, cfg
+        self.device = torch.device(device)
+        self.rank, self.world = _world()
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.epoch = 0  # epochs completed
+        self.folds = [self._make_fold(k, s) for k, s in enumerate(splits)]
+
+    def _make_fold(self, k: int, split: Split) -> Fold:
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed * 1000 + k)  # same initial weights on every rank
+        model = build_model(self.spec, cfg.model).to(self.device)
+        net: nn.Module = model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = DistributedDataParallel(model, device_ids=ids)
+        lc = cfg.loss
+        criterion = CFCMLLoss(
+            model.num_modalities, len(self.spec.classes), cfg.model.dim,
+            w_cls=lc.w_cls, w_sam=lc.w_sam, w_up=lc.w_up, w_cp=lc.w_cp,
+            tau_sam=lc.tau_sam, tau_up=lc.tau_up, tau_cp=lc.tau_cp,
+            momentum=lc.momentum, fine=lc.fine,
+        ).to(self.device)
+        optimizer = make_optimizer(model, cfg.optim)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.optim))
+        # Statistics from the training part only: validation values never shape the inputs.
+        normalizer = self.prepared.fit_normalizer(split.train)
+        train_set = self.prepared.dataset(split.train, normalizer, augment=True, seed=cfg.train.seed + k)
+        train_loader = self._train_loader(train_set, split.train["label"].to_numpy(), k)
+        val_set = None
+        if split.val is not None:
+            val_set = self.prepared.dataset(split.val, normalizer, augment=False)
+        val_ids = [] if split.val is None else list(split.val["patient_id"])
+        val_labels = np.zeros(0, np.int64) if split.val is None else split.val["label"].to_numpy()
+        return Fold(model, net, criterion, optimizer, scheduler, normalizer, train_loader, val_set,
+                    val_ids, val_labels)
+
+    def _train_loader(self, train_set: CachedDataset, labels: np.ndarray, k: int) -> DataLoader:
+        t = self.cfg.train
+        per_rank = max(t.batch_size // self.world, 1)
+        common = dict(num_workers=t.loader_workers, pin_memory=self.device.type == "cuda",
+                      persistent_workers=t.loader_workers > 0)
+        if t.balanced_sampler:
+            sampler = ClassBalancedBatchSampler(
+                labels, per_rank, seed=t.seed + k, num_replicas=self.world, rank=self.rank
+            )
+            return DataLoader(train_set, batch_sampler=sampler, **common)
+        sampler = DistributedSampler(train_set, num_replicas=self.world, rank=self.rank,
+                                     shuffle=True, seed=t.seed + k)
+        # Drop a ragged last batch (its prototypes rest on one or two samples) when there are
+        # at least two full batches to train on.
+        return DataLoader(train_set, batch_size=per_rank, sampler=sampler,
+                          drop_last=len(train_set) >= 2 * t.batch_size, **common)
+
+    # ---------------------------------------------------------------- training
+    def _to(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self.device
+        images = [x.to(d, non_blocking=True) for x in batch["images"]]
+        return images, batch["num"].to(d), batch["num_missing"].to(d), batch["cat"].to(d), batch["label"].to(d)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    def train_epoch(self, fold: Fold) -> dict[str, float]:
+        fold.net.train()
+        fold.criterion.train()
+        sampler = fold.train_loader.sampler if fold.train_loader.batch_sampler is None else fold.train_loader.batch_sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        sums: dict[str, float] = {}
+        steps = 0
+        for batch in fold.train_loader:
+            images, num, miss, cat, y = self._to(batch)
+            with self._autocast():
+                out = fold.net(images, num, miss, cat)
+            losses = fold.criterion(out.logits.float(), out.features.float(), y)
+            fold.optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            fold.optimizer.step()
+            fold.criterion.update_bank()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            steps += 1
+        fold.scheduler.step()
+        self._sync_bank(fold.criterion)
+        return {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+
+    def _sync_bank(self, criterion: CFCMLLoss) -> None:
+        """Average the prototype banks over ranks (each saw a different shard of the data)."""
+        if self.world == 1:
+            return
+        bank = criterion.bank
+        filled = bank.filled.to(torch.float32)
+        dist.all_reduce(filled)  # how many ranks have seen each class
+        for buf in (bank.p_bank, bank.q_bank):
+            dist.all_reduce(buf)
+            buf.copy_(F.normalize(buf, dim=-1) * (filled > 0).view(*([1] * (buf.dim() - 2)), -1, 1))
+        bank.filled.copy_(filled > 0)
+
+    @torch.no_grad()
+    def predict(self, fold: Fold, dataset: CachedDataset) -> np.ndarray:
+        """Class probabilities [N, C] for `dataset`, computed across ranks and gathered."""
+        fold.model.eval()
+        idx = list(range(self.rank, len(dataset), self.world))
+        loader = DataLoader(Subset(dataset, idx), batch_size=self.cfg.train.batch_size,
+                            num_workers=self.cfg.train.loader_workers)
+        probs = []
+        for batch in loader:
+            images, num, miss, cat, _ = self._to(batch)
+            with self._autocast():
+                logits = fold.model(images, num, miss, cat).logits
+            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        local = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.spec.classes)), np.float32)
+        if self.world == 1:
+            return local
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, (idx, local))
+        out = np.zeros((len(dataset), len(self.spec.classes)), np.float32)
+        for part_idx, part in parts:
+            out[part_idx] = part
+        return out
+
+    def run_epoch(self) -> tuple[dict[str, float], pd.DataFrame]:
+        """Train and validate every fold once.
+
+        Returns the metrics (per fold and mean over folds, `cv_<name>`) and the out-of-fold
+        predictions of this epoch (one row per validated patient).
+        """
+        metrics: dict[str, float] = {}
+        per_fold: list[dict[str, float]] = []
+        oof = []
+        for k, fold in enumerate(self.folds):
+            train_stats = self.train_epoch(fold)
+            for key, value in train_stats.items():
+                metrics[f"{key}_fold{k}"] = value
+            if fold.val_set is None:
+                continue
+            probs = self.predict(fold, fold.val_set)
+            labels = fold.val_labels
+            fold_metrics = compute_metrics(self.spec.task, labels, probs)
+            fold_metrics["loss"] = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                                                    torch.as_tensor(np.array(labels), dtype=torch.long)))
+            per_fold.append(fold_metrics)
+            for key, value in fold_metrics.items():
+                metrics[f"val_{key}_fold{k}"] = value
+            frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.spec.classes])
+            frame.insert(0, "label", labels)
+            frame.insert(0, "fold", k)
+            frame.insert(0, "patient_id", fold.val_ids)
+            oof.append(frame)
+        for key in per_fold[0] if per_fold else []:
+            values = [m[key] for m in per_fold]
+            metrics[f"cv_{key}"] = float(np.nanmean(values)) if not all(map(math.isnan, values)) else math.nan
+        train_losses = [metrics[f"train_loss_fold{k}"] for k in range(len(self.folds))]
+        metrics["train_loss"] = float(np.mean(train_losses))
+        self.epoch += 1
+        metrics["epoch"] = self.epoch
+        return metrics, (pd.concat(oof, ignore_index=True) if oof else pd.DataFrame())
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "folds": [
+                {
+                    "model": f.model.state_dict(),
+                    "criterion": f.criterion.state_dict(),
+                    "optimizer": f.optimizer.state_dict(),
+                    "scheduler": f.scheduler.state_dict(),
+                    "normalizer": f.normalizer.state_dict(),
+                }
+                for f in self.folds
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["folds"]) != len(self.folds):
+            raise ValueError(f"checkpoint has {len(state['folds'])} folds, this run has {len(self.folds)}")
+        self.epoch = int(state["epoch"])
+        for fold, fs in zip(self.folds, state["folds"]):
+            fold.model.load_state_dict(fs["model"])
+            fold.criterion.load_state_dict(fs["criterion"])
+            fold.optimizer.load_state_dict(fs["optimizer"])
+            fold.scheduler.load_state_dict(fs["scheduler"])

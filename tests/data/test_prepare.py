@@ -1,0 +1,210 @@
+"""prepare on generator output: manifest, folds, cache, the prepared-dataset handle, the manifest
+adapter and the command line."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cfcml.data.cache import cache_file
+from cfcml.data.manifest import PreparedDataset
+from cfcml.data.prepare import prepare_dataset
+from cfcml.data.splits import assign_folds
+from cfcml.data.validation import DatasetValidationError
+
+MEN_SIZE, DERM_SIZE, FOLDS = (12, 12, 6), (16, 16), 3  # as in conftest.py
+
+
+def test_men_generator_output_passes_validation(men_prepared, men_base: Path) -> None:
+    m = men_prepared.manifest
+    clinical = pd.read_csv(men_base / "clinical.csv")
+    latents = pd.read_csv(men_base / "_synthetic_latents.csv")
+    assert len(m) == len(clinical) == 18
+    assert list(m.columns[:5]) == ["patient_id", "label", "label_name", "split", "fold"]
+    assert {"path_t1", "path_t2", "path_adc", "location", "sex", "age", "adc_value", "tumour_area",
+            "oedema_area"} <= set(m.columns)
+    truth = latents.set_index("patient_id")
+    for row in m.itertuples():
+        assert row.label_name == truth.at[row.patient_id, "label"]
+        assert row.split == ("dev" if truth.at[row.patient_id, "split"] == "train" else "test")
+        assert men_prepared.spec.classes[row.label] == row.label_name
+    assert m["age"].dtype == np.float64 and set(m["location"]) <= {"1", "2", "3"}
+    assert men_prepared.spec.modalities[0].size == MEN_SIZE
+
+
+def test_derm_generator_output_passes_validation(derm_prepared, derm_base: Path) -> None:
+    m = derm_prepared.manifest
+    latents = pd.read_csv(derm_base / "_synthetic_latents.csv")
+    task = latents[latents["label"] != "other"]  # other diagnoses are left out
+    assert len(m) == len(task) == 30
+    truth = task.assign(case_num=task["case_num"].astype(str)).set_index("case_num")
+    for row in m.itertuples():
+        assert row.label_name == truth.at[row.patient_id, "label"]
+        assert row.split == ("test" if truth.at[row.patient_id, "split"] == "test" else "dev")  # train+valid = dev
+        assert row.path_clinic.startswith("images/")
+    assert derm_prepared.spec.task == "binary" and derm_prepared.spec.selection_metric == "auc"
+
+
+@pytest.mark.parametrize("name", ["men_prepared", "derm_prepared"])
+def test_folds_are_disjoint_stratified_and_exclude_the_test_split(name: str, request: pytest.FixtureRequest) -> None:
+    prepared: PreparedDataset = request.getfixturevalue(name)
+    m = prepared.manifest
+    test_ids = set(prepared.test_frame()["patient_id"])
+    assert (m.loc[m["split"] == "test", "fold"] == -1).all()
+    assert set(m.loc[m["split"] == "dev", "fold"]) == set(range(FOLDS))
+    seen: set[str] = set()
+    for k in range(FOLDS):
+        train, val = prepared.fold_frames(k)
+        assert not set(train["patient_id"]) & set(val["patient_id"])  # disjoint by patient
+        assert not (set(train["patient_id"]) | set(val["patient_id"])) & test_ids  # never a test patient
+        assert len(train) + len(val) == len(prepared.dev_frame())
+        assert not seen & set(val["patient_id"])
+        seen |= set(val["patient_id"])
+    assert seen == set(prepared.dev_frame()["patient_id"])  # each dev patient validates exactly once
+    per_fold = m[m["split"] == "dev"].groupby(["label", "fold"]).size().unstack(fill_value=0)
+    assert (per_fold.max(axis=1) - per_fold.min(axis=1) <= 1).all()  # stratified
+
+
+def test_folds_are_stable_for_a_seed_and_independent_of_row_order() -> None:
+    rng = np.random.default_rng(0)
+    ids = pd.Series([f"P{i:03d}" for i in range(40)])
+    labels = pd.Series(rng.integers(0, 3, 40))
+    split = pd.Series(["dev"] * 32 + ["test"] * 8)
+    a = assign_folds(ids, labels, split, 4, seed=7)
+    perm = rng.permutation(40)
+    b = assign_folds(ids[perm].reset_index(drop=True), labels[perm].reset_index(drop=True),
+                     split[perm].reset_index(drop=True), 4, seed=7)
+    assert dict(zip(ids, a)) == dict(zip(ids[perm], b))
+    assert not a.equals(assign_folds(ids, labels, split, 4, seed=8))
+    assert (a[split == "test"] == -1).all()
+
+
+def test_same_seed_same_manifest(men_base: Path, men_prepared, tmp_path: Path) -> None:
+    again = prepare_dataset("men", men_base, tmp_path / "again", folds=FOLDS, seed=0, image_size=MEN_SIZE, workers=2)
+    pd.testing.assert_frame_equal(again.manifest, men_prepared.manifest)
+    assert again.fingerprint == men_prepared.fingerprint
+    other = prepare_dataset("men", men_base, tmp_path / "other", folds=FOLDS, seed=1, image_size=MEN_SIZE, workers=2)
+    assert other.fingerprint != men_prepared.fingerprint
+
+
+def test_prepared_dataset_round_trip(men_prepared) -> None:
+    loaded = PreparedDataset.load(men_prepared.out_dir)
+    pd.testing.assert_frame_equal(loaded.manifest, men_prepared.manifest, check_dtype=False)
+    assert loaded.spec == men_prepared.spec
+    assert loaded.folds == FOLDS and loaded.fingerprint == men_prepared.fingerprint
+    info = json.loads((men_prepared.out_dir / "prepare.json").read_text())
+    assert info["fingerprint"] == loaded.fingerprint and info["image_size"]["t1"] == list(MEN_SIZE)
+    assert sum(info["counts"]["split"]["dev"].values()) == len(loaded.dev_frame())
+
+
+def test_cache_holds_preprocessed_volumes(men_prepared) -> None:
+    row = men_prepared.dev_frame().iloc[0]
+    vol = np.load(cache_file(men_prepared.cache_dir, row["patient_id"], "t2"))
+    assert vol.shape == (1, *MEN_SIZE) and vol.dtype == np.float16
+    inside = vol[vol != 0].astype(np.float32)
+    assert abs(inside.mean()) < 0.3 and 0.6 < inside.std() < 1.4  # z-scored inside the mask
+    assert men_prepared.cache_dir.name.startswith("12x12x6-")
+
+
+def test_rerun_reuses_the_cache_and_another_size_builds_another(men_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = prepare_dataset("men", men_base, out, folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    assert first.info["cache"]["built"] == 54
+    second = prepare_dataset("men", men_base, out, folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    assert second.info["cache"] == {"built": 0, "reused": 54, "total": 54}
+    bigger = prepare_dataset("men", men_base, out, folds=FOLDS, image_size=(16, 16, 6), workers=2)
+    assert bigger.cache_dir != first.cache_dir and bigger.info["cache"]["built"] == 54
+    assert first.cache_dir.exists()
+
+
+def test_optional_numeric_field_may_be_missing(men_root: Path, tmp_path: Path) -> None:
+    df = pd.read_csv(men_root / "clinical.csv", dtype=str, keep_default_na=False)
+    df.loc[0, "oedema_area"] = ""  # optional in conf/datasets/men.yaml
+    df.loc[1, "adc_value"] = "NA"
+    df.to_csv(men_root / "clinical.csv", index=False)
+    prepared = prepare_dataset("men", men_root, tmp_path / "out", folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    m = prepared.manifest.set_index("patient_id")
+    assert np.isnan(m.at[df.loc[0, "patient_id"], "oedema_area"]) and np.isnan(m.at[df.loc[1, "patient_id"], "adc_value"])
+
+
+def test_cli_prepares_and_prints_a_summary(derm_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipelines.prepare import main
+
+    out = tmp_path / "out"
+    assert main(["--dataset", "derm7pt", "--root", str(derm_base), "--out", str(out), "--folds", "3",
+                 "--image-size", "16", "16", "--workers", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "prepared derm7pt" in text and "fold 2" in text and "NEV" in text
+    assert PreparedDataset.load(out).spec.modalities[1].size == DERM_SIZE
+
+
+# --- generic manifest adapter -------------------------------------------------------------------
+
+def _manifest_dataset(men_root: Path, with_split: bool) -> Path:
+    """MEN as a user's own dataset: one CSV with paths + a dataset YAML."""
+    spec = yaml.safe_load(Path("conf/datasets/men.yaml").read_text())
+    spec["name"] = "my_men"
+    spec["label"] = "grade"
+    spec["modalities"] = [{"name": n, "dims": 3, "channels": 1, "column": f"{n}_file"} for n in ("t1", "t2", "adc")]
+    spec["source"] = {"table": "cases.csv", "id_column": "subject"}
+    (men_root / "my_men.yaml").write_text(yaml.safe_dump(spec))
+    clinical = pd.read_csv(men_root / "clinical.csv", dtype=str, keep_default_na=False)
+    rows = []
+    for folder in sorted(men_root.glob("*/*/*")):
+        split, grade, pid = folder.relative_to(men_root).parts
+        rows.append({"subject": pid, "grade": grade, **({"split": split} if with_split else {}),
+                     **{f"{n}_file": f"{split}/{grade}/{pid}/{n}_bbox.nii.gz" for n in ("t1", "t2", "adc")}})
+    cases = pd.DataFrame(rows).merge(clinical.rename(columns={"patient_id": "subject"}), on="subject")
+    cases.to_csv(men_root / "cases.csv", index=False)
+    return men_root / "my_men.yaml"
+
+
+def test_manifest_adapter_with_split_column(men_root: Path, men_prepared, tmp_path: Path) -> None:
+    spec = _manifest_dataset(men_root, with_split=True)
+    prepared = prepare_dataset("manifest", men_root, tmp_path / "out", spec=spec, folds=FOLDS, image_size=MEN_SIZE,
+                               workers=2)
+    assert prepared.spec.name == "my_men"
+    mine = prepared.manifest.set_index("patient_id").sort_index()
+    men = men_prepared.manifest.set_index("patient_id").sort_index()
+    assert (mine["label_name"] == men["label_name"]).all() and (mine["split"] == men["split"]).all()
+
+
+def test_manifest_adapter_holds_out_a_seeded_stratified_test_split(men_root: Path, tmp_path: Path) -> None:
+    spec = _manifest_dataset(men_root, with_split=False)
+    a = prepare_dataset("manifest", men_root, tmp_path / "a", spec=spec, folds=2, seed=3, image_size=MEN_SIZE, workers=2)
+    b = prepare_dataset("manifest", men_root, tmp_path / "b", spec=spec, folds=2, seed=3, image_size=MEN_SIZE, workers=2)
+    test = a.test_frame()
+    assert set(test["patient_id"]) == set(b.test_frame()["patient_id"])
+    assert 2 <= len(test) <= 5 and test["label_name"].nunique() == 3  # 20% of 18, every class
+
+
+def test_manifest_adapter_validates_like_the_others(men_root: Path, tmp_path: Path) -> None:
+    spec = _manifest_dataset(men_root, with_split=True)
+    cases = pd.read_csv(men_root / "cases.csv", dtype=str, keep_default_na=False)
+    cases.loc[0, "t1_file"] = "../../../etc/passwd"
+    cases.loc[1, "grade"] = "Grade_9"
+    cases.loc[2, "split"] = "holdout"
+    cases.to_csv(men_root / "cases.csv", index=False)
+    with pytest.raises(DatasetValidationError) as info:
+        prepare_dataset("manifest", men_root, tmp_path / "out", spec=spec, folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    text = str(info.value)
+    assert {"path_escape", "unknown_label", "bad_split"} <= info.value.report.codes()
+    for culprit in (cases.loc[0, "subject"], "../../../etc/passwd", "Grade_9", "holdout"):
+        assert culprit in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_adapter_requires_a_spec(men_base: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dataset YAML"):
+        prepare_dataset("manifest", men_base, tmp_path / "out")
+
+
+def test_default_output_folder_is_inside_the_root(derm_root: Path) -> None:
+    prepared = prepare_dataset("derm7pt", derm_root, folds=FOLDS, image_size=DERM_SIZE, workers=2)
+    assert prepared.out_dir == derm_root.resolve() / "prepared"
+    shutil.rmtree(prepared.out_dir)

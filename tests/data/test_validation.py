@@ -1,0 +1,306 @@
+"""One test per validation case: the report names the culprit, and no manifest is written."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cfcml.data.prepare import prepare_dataset
+from cfcml.data.validation import DatasetValidationError, ValidationReport
+
+MEN_SIZE, DERM_SIZE, FOLDS = (12, 12, 6), (16, 16), 3  # as in conftest.py
+
+
+def patient_dir(root: Path, cls: str = "Grade_1", split: str = "train", i: int = 0) -> Path:
+    return sorted(p for p in (root / split / cls).iterdir() if p.is_dir())[i]
+
+
+def edit_csv(path: Path, fn: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    fn(df).to_csv(path, index=False)
+
+
+def expect_problems(dataset: str, root: Path, out: Path, expected: list[tuple[str, str]], **kw) -> ValidationReport:
+    """prepare fails; every (code, culprit) pair is one problem whose text names the culprit."""
+    size = MEN_SIZE if dataset == "men" else DERM_SIZE
+    kw.setdefault("folds", FOLDS)
+    with pytest.raises(DatasetValidationError) as info:
+        prepare_dataset(dataset, root, out, image_size=size, workers=2, **kw)
+    report = info.value.report
+    text = str(info.value)
+    for code, culprit in expected:
+        assert any(p.code == code and culprit in p.render() for p in report.problems), \
+            f"no [{code}] problem naming {culprit!r} in:\n{text}"
+        assert culprit in text
+    assert not (out / "manifest.parquet").exists() and not out.exists(), "nothing may be written"
+    return report
+
+
+# --- MEN: images ----------------------------------------------------------------------------------
+
+def test_missing_modality_file(men_root: Path, tmp_path: Path) -> None:
+    p = patient_dir(men_root)
+    (p / "t2_bbox.nii.gz").unlink()
+    report = expect_problems("men", men_root, tmp_path / "out", [("missing_file", p.name), ("missing_file", "t2_bbox")])
+    assert len(report.problems) == 1
+
+
+def test_unreadable_image(men_root: Path, tmp_path: Path) -> None:
+    p = patient_dir(men_root)
+    (p / "t1_bbox.nii.gz").write_bytes(b"this is not a NIfTI volume" * 20)
+    expect_problems("men", men_root, tmp_path / "out", [("unreadable_image", f"{p.name}/t1_bbox.nii.gz")])
+
+
+def test_truncated_image(men_root: Path, tmp_path: Path) -> None:
+    f = patient_dir(men_root, "Grade_2_invasion") / "adc_bbox.nii.gz"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    expect_problems("men", men_root, tmp_path / "out", [("truncated_image", f"{f.parent.name}/adc_bbox.nii.gz")])
+
+
+def test_empty_image(men_root: Path, tmp_path: Path) -> None:
+    f = patient_dir(men_root) / "t1_bbox.nii.gz"
+    f.write_bytes(b"")
+    expect_problems("men", men_root, tmp_path / "out", [("empty_image", f"{f.parent.name}/t1_bbox.nii.gz")])
+
+
+def test_wrong_dimensionality(men_root: Path, tmp_path: Path) -> None:
+    f = patient_dir(men_root) / "t2_bbox.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16), np.int16), np.eye(4)), f)
+    report = expect_problems("men", men_root, tmp_path / "out", [("wrong_dims", f"{f.parent.name}/t2_bbox.nii.gz")])
+    assert "2 dimensions" in report.render()
+
+
+def test_wrong_channel_count(men_root: Path, tmp_path: Path) -> None:
+    f = patient_dir(men_root) / "adc_bbox.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 6, 2), np.int16), np.eye(4)), f)
+    report = expect_problems("men", men_root, tmp_path / "out", [("wrong_channels", f"{f.parent.name}/adc_bbox.nii.gz")])
+    assert "2 channel(s)" in report.render()
+
+
+def test_nan_voxels(men_root: Path, tmp_path: Path) -> None:
+    f = patient_dir(men_root) / "t1_bbox.nii.gz"
+    vol = np.ones((16, 16, 6), np.float32)
+    vol[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), f)
+    expect_problems("men", men_root, tmp_path / "out", [("bad_values", f"{f.parent.name}/t1_bbox.nii.gz")])
+
+
+def test_path_escaping_the_root(men_root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.nii.gz"
+    f = patient_dir(men_root) / "t1_bbox.nii.gz"
+    shutil.copy(f, outside)
+    f.unlink()
+    os.symlink(outside, f)  # a readable file, but outside the dataset
+    expect_problems("men", men_root, tmp_path / "out", [("path_escape", f"{f.parent.name}/t1_bbox.nii.gz")])
+
+
+# --- MEN: table and folders ----------------------------------------------------------------------
+
+def test_table_row_without_images(men_root: Path, tmp_path: Path) -> None:
+    edit_csv(men_root / "clinical.csv", lambda df: pd.concat([df, df.iloc[[0]].assign(patient_id="MEN_9999")]))
+    expect_problems("men", men_root, tmp_path / "out", [("no_images", "MEN_9999")])
+
+
+def test_images_without_table_row(men_root: Path, tmp_path: Path) -> None:
+    pid = patient_dir(men_root, "Grade_2_noninvasion").name
+    edit_csv(men_root / "clinical.csv", lambda df: df[df["patient_id"] != pid])
+    expect_problems("men", men_root, tmp_path / "out", [("no_table_row", pid)])
+
+
+def test_duplicate_id_in_table(men_root: Path, tmp_path: Path) -> None:
+    pid = patient_dir(men_root).name
+    edit_csv(men_root / "clinical.csv", lambda df: pd.concat([df, df[df["patient_id"] == pid]]))
+    expect_problems("men", men_root, tmp_path / "out", [("duplicate_id", pid)])
+
+
+def test_duplicate_id_in_folders(men_root: Path, tmp_path: Path) -> None:
+    p = patient_dir(men_root)
+    shutil.copytree(p, men_root / "test" / "Grade_2_invasion" / p.name)  # same patient twice
+    report = expect_problems("men", men_root, tmp_path / "out", [("duplicate_id", p.name)])
+    assert f"test/Grade_2_invasion/{p.name}" in report.render()
+
+
+def test_label_folder_outside_class_list(men_root: Path, tmp_path: Path) -> None:
+    p = patient_dir(men_root)
+    (men_root / "train" / "Grade_3").mkdir()
+    shutil.move(p, men_root / "train" / "Grade_3" / p.name)
+    expect_problems("men", men_root, tmp_path / "out", [("unknown_label", "Grade_3"), ("unknown_label", p.name)])
+
+
+def test_unknown_category_value(men_root: Path, tmp_path: Path) -> None:
+    pid = patient_dir(men_root).name
+    edit_csv(men_root / "clinical.csv", lambda df: df.assign(location=np.where(df["patient_id"] == pid, "7", df["location"])))
+    report = expect_problems("men", men_root, tmp_path / "out", [("unknown_category", pid), ("unknown_category", "location")])
+    assert "'7'" in report.render()
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", "12,5"])
+def test_non_numeric_value(men_root: Path, tmp_path: Path, value: str) -> None:
+    pid = patient_dir(men_root, "Grade_2_invasion").name
+    edit_csv(men_root / "clinical.csv", lambda df: df.assign(age=np.where(df["patient_id"] == pid, value, df["age"])))
+    expect_problems("men", men_root, tmp_path / "out", [("bad_numeric", pid), ("bad_numeric", "age"), ("bad_numeric", value)])
+
+
+@pytest.mark.parametrize("value", ["", "NaN", "NA"])
+def test_missing_value_in_required_field(men_root: Path, tmp_path: Path, value: str) -> None:
+    pid = patient_dir(men_root).name
+    edit_csv(men_root / "clinical.csv", lambda df: df.assign(age=np.where(df["patient_id"] == pid, value, df["age"])))
+    expect_problems("men", men_root, tmp_path / "out", [("missing_value", pid), ("missing_value", "age")])
+
+
+def test_missing_column(men_root: Path, tmp_path: Path) -> None:
+    edit_csv(men_root / "clinical.csv", lambda df: df.drop(columns=["age"]))
+    report = expect_problems("men", men_root, tmp_path / "out", [("missing_column", "age")])
+    assert report.codes() == {"missing_column"}  # no per-patient noise about the absent column
+
+
+def test_missing_table(men_root: Path, tmp_path: Path) -> None:
+    (men_root / "clinical.csv").unlink()
+    expect_problems("men", men_root, tmp_path / "out", [("missing_table", "clinical.csv")])
+
+
+def test_empty_dataset(men_root: Path, tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        shutil.rmtree(men_root / split)
+        (men_root / split).mkdir()
+    edit_csv(men_root / "clinical.csv", lambda df: df.iloc[:0])
+    expect_problems("men", men_root, tmp_path / "out", [("empty_dataset", "no patients")])
+
+
+def test_class_with_fewer_patients_than_folds(men_root: Path, tmp_path: Path) -> None:
+    cls = men_root / "train" / "Grade_2_noninvasion"
+    keep = sorted(cls.iterdir())[0]
+    for p in sorted(cls.iterdir())[1:]:
+        shutil.rmtree(p)
+    edit_csv(men_root / "clinical.csv",
+             lambda df: df[df["patient_id"].isin([d.name for d in (men_root / "train").glob("*/*")] +
+                                                 [d.name for d in (men_root / "test").glob("*/*")])])
+    assert keep.exists()
+    expect_problems("men", men_root, tmp_path / "out", [("small_class", "Grade_2_noninvasion")])
+
+
+def test_all_problems_are_reported_together(men_root: Path, tmp_path: Path) -> None:
+    a, b = patient_dir(men_root, i=0), patient_dir(men_root, "Grade_2_invasion")
+    (a / "t1_bbox.nii.gz").unlink()
+    (b / "adc_bbox.nii.gz").write_bytes(b"")
+    edit_csv(men_root / "clinical.csv", lambda df: df.assign(sex=np.where(df["patient_id"] == b.name, "2", df["sex"])))
+    report = expect_problems("men", men_root, tmp_path / "out",
+                             [("missing_file", a.name), ("empty_image", b.name), ("unknown_category", b.name)])
+    assert len(report.problems) == 3
+
+
+def test_failed_run_leaves_a_previous_prepare_intact(men_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    prepare_dataset("men", men_root, out, folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    before = (out / "manifest.parquet").read_bytes()
+    (patient_dir(men_root) / "t1_bbox.nii.gz").unlink()
+    with pytest.raises(DatasetValidationError):
+        prepare_dataset("men", men_root, out, folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    assert (out / "manifest.parquet").read_bytes() == before
+
+
+# --- Derm7pt -----------------------------------------------------------------------------------
+
+def edit_meta(root: Path, fn: Callable[[pd.DataFrame], None]) -> pd.DataFrame:
+    meta = pd.read_csv(root / "meta" / "meta.csv", dtype=str, keep_default_na=False)
+    fn(meta)
+    meta.to_csv(root / "meta" / "meta.csv", index=False)
+    return meta
+
+
+def task_row(root: Path, diagnosis_prefix: str = "melanoma") -> int:
+    meta = pd.read_csv(root / "meta" / "meta.csv", dtype=str, keep_default_na=False)
+    return int(meta.index[meta["diagnosis"].str.startswith(diagnosis_prefix)][0])
+
+
+def test_derm_diagnosis_outside_class_list(derm_root: Path, tmp_path: Path) -> None:
+    i = task_row(derm_root)
+    meta = edit_meta(derm_root, lambda m: m.__setitem__("diagnosis", m["diagnosis"].where(m.index != i, "melanomma")))
+    expect_problems("derm7pt", derm_root, tmp_path / "out", [("unknown_label", "melanomma"),
+                                                             ("unknown_label", meta.at[i, "case_num"])])
+
+
+def test_derm_unknown_category_value(derm_root: Path, tmp_path: Path) -> None:
+    i = task_row(derm_root, "clark")
+    meta = edit_meta(derm_root, lambda m: m.__setitem__("elevation", m["elevation"].where(m.index != i, "bumpy")))
+    expect_problems("derm7pt", derm_root, tmp_path / "out", [("unknown_category", "bumpy"),
+                                                             ("unknown_category", "elevation"),
+                                                             ("unknown_category", meta.at[i, "case_num"])])
+
+
+def test_derm_grayscale_photo_has_wrong_channel_count(derm_root: Path, tmp_path: Path) -> None:
+    meta = pd.read_csv(derm_root / "meta" / "meta.csv", dtype=str)
+    rel = meta.at[task_row(derm_root), "derm"]
+    path = derm_root / "images" / rel
+    Image.open(path).convert("L").save(path, format="JPEG")
+    expect_problems("derm7pt", derm_root, tmp_path / "out", [("wrong_channels", rel)])
+
+
+def test_derm_truncated_photo(derm_root: Path, tmp_path: Path) -> None:
+    meta = pd.read_csv(derm_root / "meta" / "meta.csv", dtype=str)
+    rel = meta.at[task_row(derm_root, "clark"), "clinic"]
+    path = derm_root / "images" / rel
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    expect_problems("derm7pt", derm_root, tmp_path / "out", [("truncated_image", rel)])
+
+
+def test_derm_missing_photo(derm_root: Path, tmp_path: Path) -> None:
+    meta = pd.read_csv(derm_root / "meta" / "meta.csv", dtype=str)
+    i = task_row(derm_root)
+    (derm_root / "images" / meta.at[i, "clinic"]).unlink()
+    expect_problems("derm7pt", derm_root, tmp_path / "out", [("missing_file", meta.at[i, "clinic"]),
+                                                             ("missing_file", meta.at[i, "case_num"])])
+
+
+def test_derm_image_without_table_row(derm_root: Path, tmp_path: Path) -> None:
+    Image.new("RGB", (24, 24)).save(derm_root / "images" / "stray.jpg")
+    expect_problems("derm7pt", derm_root, tmp_path / "out", [("no_table_row", "images/stray.jpg")])
+
+
+def test_derm_path_escaping_the_root(derm_root: Path, tmp_path: Path) -> None:
+    Image.new("RGB", (24, 24)).save(tmp_path / "outside.jpg")
+    i = task_row(derm_root)
+    meta = edit_meta(derm_root, lambda m: m.__setitem__("clinic", m["clinic"].where(m.index != i, "../../outside.jpg")))
+    expect_problems("derm7pt", derm_root, tmp_path / "out", [("path_escape", "../../outside.jpg"),
+                                                             ("path_escape", meta.at[i, "case_num"])])
+
+
+def test_derm_duplicate_case_num(derm_root: Path, tmp_path: Path) -> None:
+    a, b = task_row(derm_root, "clark"), task_row(derm_root, "melanoma")
+    meta = edit_meta(derm_root, lambda m: m.__setitem__("case_num", m["case_num"].where(m.index != b, m.at[a, "case_num"])))
+    expect_problems("derm7pt", derm_root, tmp_path / "out", [("duplicate_id", meta.at[a, "case_num"])])
+
+
+def test_derm_bad_split_indexes(derm_root: Path, tmp_path: Path) -> None:
+    test_idx = pd.read_csv(derm_root / "meta" / "test_indexes.csv")
+    train = pd.read_csv(derm_root / "meta" / "train_indexes.csv")
+    pd.concat([train, test_idx.iloc[[0]], pd.DataFrame({"indexes": [99999]})]).to_csv(
+        derm_root / "meta" / "train_indexes.csv", index=False)
+    report = expect_problems("derm7pt", derm_root, tmp_path / "out", [("bad_split", "99999"), ("bad_split", "already listed")])
+    assert all(p.file and "indexes.csv" in p.file for p in report.problems)
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def test_cli_exits_nonzero_with_the_full_report(men_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipelines.prepare import main
+
+    p = patient_dir(men_root)
+    (p / "t2_bbox.nii.gz").unlink()
+    edit_csv(men_root / "clinical.csv", lambda df: df.assign(age=np.where(df["patient_id"] == p.name, "old", df["age"])))
+    out = tmp_path / "out"
+    code = main(["--dataset", "men", "--root", str(men_root), "--out", str(out), "--folds", "3",
+                 "--image-size", *map(str, MEN_SIZE)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "2 problem(s)" in err and "missing_file" in err and "'old'" in err and p.name in err
+    assert not out.exists()

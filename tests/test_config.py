@@ -1,0 +1,146 @@
+"""Experiment config: every bad key or value fails at load, naming the dotted key."""
+from __future__ import annotations
+
+import pytest
+
+from cfcml.config import (ConfigError, ExperimentConfig, LossConfig, ModelConfig, TrainConfig, deep_merge,
+                          from_dict, load_experiment)
+
+
+def load(**sections):
+    return from_dict(ExperimentConfig, {"dataset": "men", **sections})
+
+
+def test_defaults_and_typed_values():
+    cfg = load(model={"mixer_stages": [3, 4], "pretrained": None}, optim={"lr": "5e-4"},
+               train={"image_size": [32, 32, 8]}, loss={"momentum": 0})
+    assert cfg.model.mixer_stages == (3, 4) and cfg.model.dim == 128 and cfg.model.pretrained is None
+    assert cfg.optim.lr == 5e-4  # YAML 1.1 reads 5e-4 as a string
+    assert cfg.train.image_size == (32, 32, 8)
+    assert cfg.loss.momentum == 0.0 and isinstance(cfg.loss.momentum, float)
+    assert from_dict(ExperimentConfig, cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"modle": {}}, "config.modle"),
+    ({"model": {"dimm": 64}}, "config.model.dimm"),
+    ({"loss": {"tau": 0.1}}, "config.loss.tau"),
+    ({"train": {"epoch": 3}}, "config.train.epoch"),
+])
+def test_unknown_key(data, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: unknown key"):
+        load(**data)
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"model": {"dim": "big"}}, "config.model.dim"),
+    ({"model": {"dim": 1.5}}, "config.model.dim"),
+    ({"model": {"dim": True}}, "config.model.dim"),  # bool is not an int here
+    ({"model": {"dim": None}}, "config.model.dim"),
+    ({"model": {"encoder": "resnet"}}, "config.model.encoder"),
+    ({"model": {"variant": "early_concat"}}, "config.model.variant"),
+    ({"model": {"mixer_stages": 3}}, "config.model.mixer_stages"),
+    ({"model": {"mixer_stages": [1, "x"]}}, r"config.model.mixer_stages\[1\]"),
+    ({"model": {"pretrained": 3}}, "config.model.pretrained"),
+    ({"model": {"cie": "yes"}}, "config.model.cie"),
+    ({"model": 3}, "config.model"),
+    ({"loss": {"tau_sam": "warm"}}, "config.loss.tau_sam"),
+    ({"loss": {"fine": 1}}, "config.loss.fine"),
+    ({"optim": {"lr": [1e-3]}}, "config.optim.lr"),
+    ({"train": {"image_size": [32, "x"]}}, r"config.train.image_size\[1\]"),
+])
+def test_bad_type(data, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load(**data)
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"model": {"dim": 0}}, "config.model.dim"),
+    ({"model": {"latents_img": -1}}, "config.model.latents_img"),
+    ({"model": {"heads": 3}}, "config.model.heads"),  # 128 is not divisible by 3
+    ({"model": {"mixer_stages": [0, 5]}}, "config.model.mixer_stages"),
+    ({"model": {"swin_depths": [2, 2, 6]}}, "config.model.swin_depths"),
+    ({"model": {"swin_patch": 0}}, "config.model.swin_patch"),
+    ({"loss": {"tau_cp": 0.0}}, "config.loss.tau_cp"),
+    ({"loss": {"momentum": 1.0}}, "config.loss.momentum"),
+    ({"loss": {"momentum": -0.1}}, "config.loss.momentum"),
+    ({"optim": {"lr": -1e-4}}, "config.optim.lr"),
+    ({"train": {"folds": 1}}, "config.train.folds"),
+    ({"train": {"batch_size": 0}}, "config.train.batch_size"),
+])
+def test_out_of_range(data, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load(**data)
+
+
+# Out-of-range values the loader does not catch yet: they fail later (nn.Dropout, CFCMLLoss,
+# the scheduler) without the key's name. Strict xfail, so the marker goes once the check exists.
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="range not validated by cfcml.config yet")
+@pytest.mark.parametrize("data,key", [
+    ({"model": {"dropout": 1.5}}, "config.model.dropout"),
+    ({"loss": {"w_sam": -0.1}}, "config.loss.w_sam"),
+    ({"optim": {"weight_decay": -1.0}}, "config.optim.weight_decay"),
+    ({"optim": {"gamma": 0.0}}, "config.optim.gamma"),
+    ({"train": {"image_size": [32, 0, 8]}}, "config.train.image_size"),
+    ({"model": {"swin_depths": [2, 0, 6, 2]}}, "config.model.swin_depths"),
+])
+def test_out_of_range_not_yet_validated(data, key):
+    try:
+        load(**data)
+    except ConfigError as exc:
+        assert str(exc).startswith(key)
+    else:
+        raise AssertionError(f"{data} was accepted")
+
+
+def test_required_key_is_missing():
+    with pytest.raises(ConfigError, match=r"^config.dataset: required key is missing"):
+        from_dict(ExperimentConfig, {})
+
+
+def test_replace_with_dotted_overrides():
+    cfg = load()
+    new = cfg.replace({"loss.tau_sam": 0.1, "model": {"cie": False}})
+    assert new.loss.tau_sam == 0.1 and not new.model.cie and new.model.dim == cfg.model.dim
+    assert cfg.loss.tau_sam == 0.07  # the original is untouched
+    with pytest.raises(ConfigError, match=r"^config.loss.tau_sam: must be > 0"):
+        cfg.replace({"loss.tau_sam": -1.0})
+    with pytest.raises(ConfigError, match=r"^config.loss.bogus: unknown key"):
+        cfg.replace({"loss.bogus": 1})
+
+
+def test_deep_merge_rejects_a_key_below_a_value():
+    with pytest.raises(ConfigError, match="dataset"):
+        deep_merge({"dataset": "men"}, {"dataset.name": "x"})
+
+
+def test_shipped_experiments_load_with_the_public_settings():
+    men = load_experiment("men")
+    assert men.dataset == "men"
+    assert men.model == ModelConfig()  # the defaults are the public MEN model
+    assert (men.loss.w_sam, men.loss.w_up, men.loss.w_cp) == (0.06, 0.04, 0.24)
+    derm = load_experiment("derm7pt", {"train.epochs": 2})
+    assert derm.model.encoder == "swin" and derm.model.share_encoder and derm.model.swin_patch == 4
+    assert (derm.model.latents_img, derm.model.latents_tab) == (32, 24)
+    assert (derm.loss.w_sam, derm.loss.w_up, derm.loss.w_cp) == (0.04, 0.06, 0.18)
+    assert derm.train.epochs == 2
+
+
+def test_experiment_file_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "exp.yaml"
+    bad.write_text("model:\n  dim: 64\n  latent_img: 8\n")
+    with pytest.raises(ConfigError) as exc:
+        load_experiment(str(bad))
+    assert str(bad) in str(exc.value) and "model.latent_img" in str(exc.value)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [dim: 3\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_experiment(str(broken))
+    with pytest.raises(ConfigError, match="missing.yaml: file not found"):
+        load_experiment(str(tmp_path / "missing.yaml"))
+
+
+def test_section_classes_validate_on_their_own():
+    assert from_dict(LossConfig, {"fine": False}).fine is False
+    with pytest.raises(ConfigError, match=r"^train.workers: must be > 0"):
+        from_dict(TrainConfig, {"workers": 0}, "train")

@@ -1,0 +1,179 @@
+"""MLflow tracking for searches: one experiment per dataset, a parent run per search, a nested
+child run per Tune trial.
+
+Everything is logged from the driver through `MlflowClient` (no global active run), so trials
+running anywhere on a cluster need no access to the tracking server. Runs are found again by
+tags (`cfcml.search`, `cfcml.trial_id`) and metric steps already logged are skipped, so resuming
+or re-running a search never duplicates a run or a metric point.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from cfcml.config import PROJECT_ROOT
+
+DEFAULT_RUNS_DIR = PROJECT_ROOT / "runs"
+LOGGED_PREFIXES = ("train_", "val_", "cv_")
+
+
+def default_tracking_uri(runs_dir: Path = DEFAULT_RUNS_DIR) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite store under the project's runs/ folder."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def experiment_id(client: MlflowClient, dataset: str, artifact_root: Path | None) -> str:
+    name = f"cfcml-{dataset}"
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (artifact_root / name).resolve().as_uri() if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_run(client: MlflowClient, exp_id: str, **tags: str) -> str | None:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([exp_id], filter_string=query, max_results=2)
+    return runs[0].info.run_id if runs else None
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Log params not yet on the run (re-logging a param with a new value is an MLflow error)."""
+    have = client.get_run(run_id).data.params
+    todo = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
+    for i in range(0, len(todo), 100):
+        client.log_batch(run_id, params=todo[i:i + 100])
+
+
+def log_figure(client: MlflowClient, run_id: str, fig: Any, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    client.log_figure(run_id, fig, name)
+    plt.close(fig)
+
+
+class SearchTracker(Callback):
+    """Tune callback mirroring trials into nested MLflow runs."""
+
+    def __init__(self, tracking_uri: str, exp_id: str, parent_run_id: str, search_key: str,
+                 metric: str, classes: list[str], task: str):
+        self.tracking_uri = tracking_uri
+        self.exp_id, self.parent, self.search_key = exp_id, parent_run_id, search_key
+        self.metric, self.classes, self.task = metric, classes, task
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._last_epoch: dict[str, int] = {}
+        self._best: dict[str, tuple[float, str | None]] = {}  # trial id -> (score, checkpoint path)
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+    def _run_for(self, trial: Any) -> str:
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        client = self.client
+        run_id = find_run(client, self.exp_id, **{"cfcml.search": self.search_key, "cfcml.trial_id": tid})
+        if run_id is None:
+            run = client.create_run(self.exp_id, run_name=f"trial-{tid}", tags={
+                "mlflow.parentRunId": self.parent, "cfcml.search": self.search_key,
+                "cfcml.trial_id": tid, "cfcml.kind": "trial",
+            })
+            run_id = run.info.run_id
+            self._last_epoch[tid] = 0
+        else:  # resumed: continue the same run after the last epoch it holds
+            client.update_run(run_id, status="RUNNING")
+            history = client.get_metric_history(run_id, "epoch")
+            self._last_epoch[tid] = int(max((m.value for m in history), default=0))
+        log_params(client, run_id, {k: v for k, v in trial.config.items()})
+        self._runs[tid] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self._run_for(trial)
+        epoch = int(result.get("epoch", 0))
+        if epoch <= self._last_epoch.get(trial.trial_id, 0):
+            return
+        metrics = [
+            mlflow.entities.Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, epoch)
+            for k, v in result.items()
+            if k.startswith(LOGGED_PREFIXES) and isinstance(v, (int, float)) and math.isfinite(v)
+        ]
+        metrics.append(mlflow.entities.Metric("epoch", epoch, int(result.get("timestamp", 0)) * 1000, epoch))
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        self._last_epoch[trial.trial_id] = epoch
+        score = result.get(self.metric)
+        if isinstance(score, (int, float)) and math.isfinite(score):
+            best = self._best.get(trial.trial_id)
+            if best is None or score > best[0]:
+                self._best[trial.trial_id] = (float(score), result.get("checkpoint_path"))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "FAILED")
+
+    def _finish(self, trial: Any, status: str) -> None:
+        run_id = self._run_for(trial)
+        client = self.client
+        best = self._best.get(trial.trial_id)
+        if best is not None:
+            client.set_tag(run_id, "cfcml.best_cv_score", f"{best[0]:.6g}")
+            if best[1]:
+                try:
+                    self._log_plots(client, run_id, best[1])
+                except Exception as exc:  # a missing plot must not fail the search
+                    client.set_tag(run_id, "cfcml.plot_error", repr(exc)[:500])
+        client.set_terminated(run_id, status)
+
+    def _log_plots(self, client: MlflowClient, run_id: str, checkpoint_path: str) -> None:
+        from ray.train import Checkpoint
+
+        from cfcml.metrics import plot_confusion, plot_roc
+        from tuning.trainer import METRICS_FILE, OOF_FILE
+
+        with Checkpoint(checkpoint_path).as_directory() as d:
+            oof_path = Path(d) / OOF_FILE
+            if not oof_path.exists():
+                return
+            oof = pd.read_csv(oof_path)
+            client.log_artifact(run_id, str(oof_path), "predictions")
+            client.log_artifact(run_id, str(Path(d) / METRICS_FILE), "predictions")
+        probs = oof[[f"prob_{c}" for c in self.classes]].to_numpy()
+        labels = oof["label"].to_numpy()
+        log_figure(client, run_id, plot_roc(labels, probs, self.classes), "plots/roc_oof.png")
+        log_figure(client, run_id, plot_confusion(labels, probs, self.classes), "plots/confusion_oof.png")
+
+
+def write_json_artifact(client: MlflowClient, run_id: str, data: Any, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, indent=1, default=str))
+        client.log_artifact(run_id, str(path))

@@ -1,0 +1,114 @@
+"""Ray Train glue: run `cfcml.training.CrossValidation` on a `TorchTrainer` worker group.
+
+`train_loop_per_worker` is what every DDP worker runs: it rebuilds the folds from the prepared
+dataset, resumes from the latest checkpoint when there is one, and reports every epoch's metrics
+with a checkpoint (all folds' models, optimisers, schedulers and prototype banks, plus the
+out-of-fold predictions of that epoch). `fit` launches it; inside a Tune trial its reports are
+forwarded to Tune by `TuneReportCallback`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILE = "state.pt"
+OOF_FILE = "oof_predictions.csv"
+METRICS_FILE = "metrics.json"
+TEST_FILE = "test_predictions.csv"
+
+
+def prediction_frame(frame: Any, probs: Any, classes: Any) -> Any:
+    import pandas as pd
+
+    out = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
+    out.insert(0, "label", frame["label"].to_numpy())
+    out.insert(0, "patient_id", frame["patient_id"].to_numpy())
+    return out
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from cfcml.config import from_dict, ExperimentConfig
+    from cfcml.data.manifest import PreparedDataset
+    from cfcml.training import CrossValidation, Split
+
+    # Ray Train logs every report with all its metrics; the driver's table shows them already.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    cfg = from_dict(ExperimentConfig, config["experiment"], "experiment")
+    torch.set_num_threads(max(int(cfg.train.cpus_per_worker), 1))
+    prepared = PreparedDataset.load(config["prepared_dir"])
+    if config.get("final"):
+        splits = [Split(prepared.dev_frame(), None)]
+    else:
+        splits = [Split(*prepared.fold_frames(k)) for k in range(prepared.folds)]
+    cv = CrossValidation(prepared, splits, cfg, ray.train.torch.get_device())
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            cv.load_state_dict(torch.load(Path(d) / CHECKPOINT_FILE, map_location=cv.device, weights_only=False))
+
+    rank = ray.train.get_context().get_world_rank()
+    max_epochs = int(config["max_epochs"])
+    while cv.epoch < max_epochs:
+        metrics, oof = cv.run_epoch()
+        test = None
+        if config.get("final") and cv.epoch == max_epochs:
+            # The one look at the held-out test split, after training has ended.
+            fold = cv.folds[0]
+            frame = prepared.test_frame()
+            probs = cv.predict(fold, prepared.dataset(frame, fold.normalizer))
+            test = prediction_frame(frame, probs, prepared.spec.classes)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save(cv.state_dict(), Path(tmp) / CHECKPOINT_FILE)
+                if len(oof):
+                    oof.to_csv(Path(tmp) / OOF_FILE, index=False)
+                if test is not None:
+                    test.to_csv(Path(tmp) / TEST_FILE, index=False)
+                (Path(tmp) / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def fit(
+    config: dict[str, Any],
+    name: str,
+    storage_path: str,
+    metric: str | None,
+    callbacks: list | None = None,
+) -> Any:
+    """Run `train_loop_per_worker` on a TorchTrainer; a rerun with the same name resumes."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cfcml.config import from_dict, ExperimentConfig
+
+    t = from_dict(ExperimentConfig, config["experiment"], "experiment").train
+    use_gpu = t.gpus_per_worker > 0
+    resources = {"CPU": t.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    keep = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order="max") \
+        if metric else CheckpointConfig(num_to_keep=1)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=keep,
+            failure_config=FailureConfig(max_failures=0),
+            callbacks=callbacks or [],
+        ),
+    )
+    return trainer.fit()
