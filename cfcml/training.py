@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -94,6 +94,8 @@ class CrossValidation:
         self.rank, self.world = _world()
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.epoch = 0  # epochs completed
+        # Called as step_hook(fold_index, fold) after every optimiser step (tests, diagnostics).
+        self.step_hook: Callable[[int, Fold], None] | None = None
         self.folds = [self._make_fold(k, s) for k, s in enumerate(splits)]
 
     def _make_fold(self, k: int, split: Split) -> Fold:
@@ -151,7 +153,8 @@ class CrossValidation:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
-    def train_epoch(self, fold: Fold) -> dict[str, float]:
+    def train_epoch(self, k: int) -> dict[str, float]:
+        fold = self.folds[k]
         fold.net.train()
         fold.criterion.train()
         sampler = fold.train_loader.sampler if fold.train_loader.batch_sampler is None else fold.train_loader.batch_sampler
@@ -168,15 +171,18 @@ class CrossValidation:
             losses["loss"].backward()
             fold.optimizer.step()
             fold.criterion.update_bank()
+            self._sync_bank(fold.criterion)
+            if self.step_hook is not None:
+                self.step_hook(k, fold)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             steps += 1
         fold.scheduler.step()
-        self._sync_bank(fold.criterion)
         return {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
 
     def _sync_bank(self, criterion: CFCMLLoss) -> None:
-        """Average the prototype banks over ranks (each saw a different shard of the data)."""
+        """Average the prototype banks over ranks after each step (each rank saw its own shard),
+        so every rank holds the same bank, as DDP keeps the same weights."""
         if self.world == 1:
             return
         bank = criterion.bank
@@ -220,7 +226,7 @@ class CrossValidation:
         per_fold: list[dict[str, float]] = []
         oof = []
         for k, fold in enumerate(self.folds):
-            train_stats = self.train_epoch(fold)
+            train_stats = self.train_epoch(k)
             for key, value in train_stats.items():
                 metrics[f"{key}_fold{k}"] = value
             if fold.val_set is None:

@@ -82,7 +82,9 @@ def test_out_of_range(data, key):
     ({"optim": {"weight_decay": -1.0}}, "config.optim.weight_decay"),
     ({"optim": {"gamma": 0.0}}, "config.optim.gamma"),
     ({"train": {"image_size": [32, 0, 8]}}, "config.train.image_size"),
-    ({"model": {"swin_depths": [2, 0, 6, 2]}}, "config.model.swin_depths"),
+    ({"model": {"swin_heads": [3, 0, 12, 24]}}, "config.model.swin_heads"),
+    # swin stage i has encoder_width * 2**i channels, split over swin_heads[i] heads
+    ({"model": {"encoder": "swin", "encoder_width": 96, "swin_heads": [5, 6, 12, 24]}}, "config.model.swin_heads"),
 ])
 def test_out_of_range_not_yet_validated(data, key):
     try:

@@ -17,8 +17,9 @@ def print_summary(outcome: dict[str, Any], seconds: float) -> None:
     scored = sorted((t for t in trials if "score" in t), key=lambda t: -t["score"])
     if scored:
         keys = list(scored[0]["params"])
-        header = ["trial", metric, "epoch", "ran"] + [k.split(".")[-1] for k in keys]
-        rows = [[t["trial_id"], _fmt(t["score"]), t["epoch"], t["epochs_run"]] + [_fmt(t["params"][k]) for k in keys]
+        header = ["trial", metric, "epoch", "ran", "wall_s", "overhead_s"] + [k.split(".")[-1] for k in keys]
+        rows = [[t["trial_id"], _fmt(t["score"]), t["epoch"], t["epochs_run"], f"{t['wall_s']:.1f}",
+                 f"{t['wall_s'] - t['compute_s']:.1f}"] + [_fmt(t["params"][k]) for k in keys]
                 for t in scored]
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
         for r in [header] + rows:

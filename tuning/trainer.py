@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cfcml.data.manifest import PreparedDataset
     from cfcml.training import CrossValidation, Split
 
+    t_start = time.perf_counter()
     # Ray Train logs every report with all its metrics; the driver's table shows them already.
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     cfg = from_dict(ExperimentConfig, config["experiment"], "experiment")
@@ -51,14 +53,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cv = CrossValidation(prepared, splits, cfg, ray.train.torch.get_device())
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is not None:  # a restarted trial (or a resumed search) continues where it stopped
         with ckpt.as_directory() as d:
             cv.load_state_dict(torch.load(Path(d) / CHECKPOINT_FILE, map_location=cv.device, weights_only=False))
+    resumed_from = cv.epoch
 
+    t_ready = time.perf_counter()
     rank = ray.train.get_context().get_world_rank()
     max_epochs = int(config["max_epochs"])
+    compute_s = 0.0  # this process's time in training/validation, to tell start-up overhead apart
     while cv.epoch < max_epochs:
+        t0 = time.perf_counter()
         metrics, oof = cv.run_epoch()
+        compute_s += time.perf_counter() - t0
+        metrics["time_compute_s"] = compute_s
+        metrics["time_setup_s"] = t_ready - t_start
+        metrics["resumed_from_epoch"] = resumed_from
         test = None
         if config.get("final") and cv.epoch == max_epochs:
             # The one look at the held-out test split, after training has ended.

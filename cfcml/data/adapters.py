@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from cfcml.config import ConfigError
 from cfcml.data.spec import DatasetSpec
 from cfcml.data.validation import ValidationReport
 
@@ -73,6 +74,9 @@ def _field_values(row: pd.Series | None, spec: DatasetSpec) -> dict[str, str | N
 # --- MEN: <root>/<train|test>/<class>/<patient>/<modality file> + clinical CSV -------------------
 
 def read_men(root: Path, spec: DatasetSpec, report: ValidationReport, **_: object) -> pd.DataFrame:
+    nameless = [m.name for m in spec.modalities if not m.file]
+    if nameless:
+        raise ConfigError(f"dataset {spec.name}: modalities {nameless} need a `file` name for the MEN folder layout")
     table_path = root / (spec.source.table or "clinical.csv")
     table_rel = _rel(table_path, root)
     table = read_table(table_path, root, report)
@@ -109,8 +113,9 @@ def read_men(root: Path, spec: DatasetSpec, report: ValidationReport, **_: objec
     seen = {r["patient_id"] for r in rows}
     for pid in by_id:
         if pid not in seen and split_dirs:
-            report.add("no_images", f"patient is in {table_rel} but has no image folder under "
-                       f"{'/ or '.join(split_dirs)}/<class>/", patient=pid, file=table_rel)
+            where = " or ".join(f"{d}/<class>/" for d in split_dirs)
+            report.add("no_images", f"patient is in {table_rel} but has no image folder under {where}",
+                       patient=pid, file=table_rel)
     return _finish(rows, spec, unchecked)
 
 

@@ -91,3 +91,29 @@ def build_cache(manifest: pd.DataFrame, spec: DatasetSpec, root: Path, cache_dir
     os.replace(tmp, meta_path)
     n_total = len(manifest) * len(spec.modalities)
     return {"built": len(jobs), "reused": n_total - len(jobs), "total": n_total}
+
+
+class CacheReader:
+    """Fast reads of one modality's cache files, which all share dtype and shape: the .npy header
+    is parsed once, then each read is a single np.fromfile (np.load re-parses the header with
+    `ast` on every call, a tenth of the per-sample cost at 128x128x24)."""
+
+    def __init__(self, first_file: Path, expected_shape: tuple[int, ...]):
+        with open(first_file, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(fh)
+            self.offset = fh.tell()
+        if tuple(shape) != tuple(expected_shape) or fortran:
+            raise ValueError(f"{first_file}: cached array has shape {list(shape)}, expected "
+                             f"{list(expected_shape)}; rerun prepare")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.count = int(np.prod(shape))
+
+    def read(self, path: Path) -> np.ndarray:
+        arr = np.fromfile(path, dtype=self.dtype, count=self.count, offset=self.offset)
+        if arr.size != self.count:
+            raise ValueError(f"{path}: cache file is truncated; rerun prepare")
+        return arr.reshape(self.shape)
+

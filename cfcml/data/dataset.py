@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from cfcml.data.cache import cache_file
+from cfcml.data.cache import CacheReader, cache_file
 from cfcml.data.images import preprocess, read_image
 from cfcml.data.normalize import TabularNormalizer
 from cfcml.data.spec import DatasetSpec
@@ -25,16 +25,24 @@ from cfcml.data.transforms import apply_augment, build_augment, seed_augment
 
 
 class _ManifestDataset(Dataset):
+    """Rows of a manifest frame (e.g. one of PreparedDataset.fold_frames(k)) as samples.
+
+    normalizer: fitted on the training fold (PreparedDataset.fit_normalizer(train_frame)).
+    augment: apply the spec's training augmentations (training folds only).
+    seed: seeds the augmentation draws; give each data-parallel rank its own (seed + rank).
+    """
+
     def __init__(self, frame: pd.DataFrame, spec: DatasetSpec, normalizer: TabularNormalizer,
                  augment: bool = False, seed: int | None = None):
         self.frame = frame.reset_index(drop=True)
         self.spec = spec
-        self.names = [m.name for m in spec.modalities]
+        self.channels = [m.channels for m in spec.modalities]
         tab = normalizer.transform(self.frame)  # whole frame once; __getitem__ only indexes
         self.num = torch.from_numpy(tab.num)
         self.num_missing = torch.from_numpy(tab.num_missing)
         self.cat = torch.from_numpy(tab.cat)
-        self.labels = torch.tensor(self.frame["label"].to_numpy(dtype=np.int64))
+        labels = self.frame["label"] if "label" in self.frame else pd.Series(-1, index=self.frame.index)
+        self.labels = torch.tensor(labels.to_numpy(dtype=np.int64))  # -1: unlabelled rows (inference)
         self.transform = build_augment(spec) if augment else None
         self._seed = seed
         self._seeded_for: tuple[int, int] | None = None
@@ -49,26 +57,28 @@ class _ManifestDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         self._reseed_in_worker()
-        images = [_to_float32(a) for a in self._load(i)]
-        if self.transform is not None:
-            images = apply_augment(self.transform, images, self.names)
+        arrays = self._load(i)
+        if self.transform is None:
+            images = [torch.from_numpy(a).float() for a in arrays]  # float16 cache -> float32
+        else:  # one stacked tensor [sum C, *spatial]: the conversion writes straight into it
+            stacked = torch.empty((sum(self.channels), *arrays[0].shape[1:]), dtype=torch.float32)
+            for block, a in zip(stacked.split(self.channels), arrays):
+                block.copy_(torch.from_numpy(a))
+            images = apply_augment(self.transform, stacked, self.channels)
         return {"images": images, "num": self.num[i], "num_missing": self.num_missing[i], "cat": self.cat[i],
                 "label": self.labels[i], "index": i}
 
     def _reseed_in_worker(self) -> None:
-        """DataLoader workers are forked with identical MONAI random states: give each its own."""
+        """DataLoader workers start with copies of one MONAI random state: reseed each from its
+        torch worker seed (new every epoch, reproducible under torch.manual_seed), mixed with the
+        dataset seed so that data-parallel ranks given different seeds draw differently."""
         info = get_worker_info()
         if self.transform is None or info is None:
             return
         key = (os.getpid(), info.id)
         if self._seeded_for != key:
-            seed_augment(self.transform, info.seed if self._seed is None else self._seed * 1009 + info.id)
+            seed_augment(self.transform, info.seed + 7919 * (self._seed or 0))
             self._seeded_for = key
-
-
-def _to_float32(a: np.ndarray) -> torch.Tensor:
-    """float32 tensor; torch converts float16 several times faster than NumPy."""
-    return torch.from_numpy(a).float()
 
 
 class CachedDataset(_ManifestDataset):
@@ -79,13 +89,16 @@ class CachedDataset(_ManifestDataset):
     def __init__(self, frame: pd.DataFrame, spec: DatasetSpec, cache_dir: Path, normalizer: TabularNormalizer,
                  augment: bool = False, seed: int | None = None):
         super().__init__(frame, spec, normalizer, augment, seed)
-        self.files = [[cache_file(cache_dir, pid, m) for m in self.names] for pid in self.frame["patient_id"]]
+        names = [m.name for m in spec.modalities]
+        self.files = [[cache_file(cache_dir, pid, m) for m in names] for pid in self.frame["patient_id"]]
         missing = [str(f) for row in self.files for f in row if not f.exists()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} cache file(s) missing, e.g. {missing[0]}; rerun prepare")
+        self.readers = [CacheReader(self.files[0][j], (m.channels, *m.size)) if self.files else None
+                        for j, m in enumerate(spec.modalities)]
 
     def _load(self, i: int) -> list[np.ndarray]:
-        return [np.load(f) for f in self.files[i]]
+        return [reader.read(f) for reader, f in zip(self.readers, self.files[i])]
 
 
 class RawDataset(_ManifestDataset):

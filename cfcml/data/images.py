@@ -32,6 +32,8 @@ def read_image(path: Path, modality: ImageModality) -> np.ndarray:
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz", ".npy")):
         arr = _read_array(path)
+        if arr.size == 0:
+            raise ImageError("empty_image", f"image has no voxels (shape {list(arr.shape)})")
         arr = _channels_first(arr, modality)
     else:
         arr = _read_photo(path, modality)

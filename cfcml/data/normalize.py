@@ -53,7 +53,7 @@ class TabularNormalizer:
         for j, f in enumerate(self.categorical):
             index = {c: i for i, c in enumerate(f.categories)}
             for i, v in enumerate(df[f.name].tolist()):
-                if v is None or (isinstance(v, float) and np.isnan(v)):
+                if pd.isna(v):  # None, NaN or pd.NA, whatever the column dtype
                     continue
                 if str(v) not in index:
                     raise ValueError(f"column {f.name!r}: {v!r} is not one of {list(f.categories)}")

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pandas as pd
+
 from cfcml.data.adapters import ADAPTERS
 from cfcml.data.cache import build_cache, cache_dir_for
 from cfcml.data.manifest import PreparedDataset, build_manifest, fingerprint, write_manifest
@@ -19,7 +21,8 @@ from cfcml.data.validation import DatasetValidationError, ValidationReport, defa
 
 
 def validate_dataset(dataset: str, root: Path, spec: DatasetSpec, *, folds: int = 5, seed: int = 0,
-                     csv: Path | None = None, workers: int | None = None):
+                     csv: Path | None = None, workers: int | None = None
+                     ) -> tuple[pd.DataFrame | None, ValidationReport]:
     """Read `root` with the `dataset` adapter and validate it: (records, report)."""
     if dataset not in ADAPTERS:
         raise ValueError(f"unknown dataset adapter {dataset!r}; known: {', '.join(ADAPTERS)}")
@@ -81,10 +84,10 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     return PreparedDataset(out_dir, manifest, info)
 
 
-def _counts(manifest, classes: tuple[str, ...]) -> dict:
+def _counts(manifest: pd.DataFrame, classes: tuple[str, ...]) -> dict:
     """Patients per class, per split and per development fold (classes in spec order)."""
 
-    def per_class(frame) -> dict[str, int]:
+    def per_class(frame: pd.DataFrame) -> dict[str, int]:
         counts = frame["label_name"].value_counts()
         return {c: int(counts.get(c, 0)) for c in classes}
 

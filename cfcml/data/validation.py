@@ -109,8 +109,8 @@ def validate_records(records: pd.DataFrame, spec: DatasetSpec, root: Path, folds
 
 def _check_ids(records: pd.DataFrame, report: ValidationReport) -> None:
     ids = records["patient_id"].astype(str)
-    for pid in ids[ids.str.strip() == ""].index:
-        report.add("missing_id", f"row {pid} has an empty patient id", column="patient_id")
+    for idx in ids[ids.str.strip() == ""].index:
+        report.add("missing_id", f"{records.at[idx, 'origin']} has an empty patient id")
     dup = ids[ids.duplicated(keep=False) & (ids.str.strip() != "")]
     for pid, rows in dup.groupby(dup).groups.items():
         where = "; ".join(str(records.at[r, "origin"]) for r in rows)
@@ -165,9 +165,11 @@ def _check_images(records: pd.DataFrame, spec: DatasetSpec, root: Path, report: 
         if not path.is_file():
             return "missing_file", f"{m.name} image does not exist", pid, rel
         try:
-            read_image(path, m)
+            arr = read_image(path, m)
         except ImageError as exc:
             return exc.code, f"{m.name} image: {exc}", pid, rel
+        if spec.intensity.mode == "zscore_nonzero" and not arr.any():
+            return "empty_image", f"{m.name} image: every voxel is 0 (nothing to normalise)", pid, rel
         return None
 
     with ThreadPoolExecutor(max(1, workers)) as pool:  # decoding (zlib, libjpeg) releases the GIL

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from cfcml.config import ModelConfig
+from cfcml.config import ConfigError, ModelConfig
 from cfcml.networks.encoders import build_encoder
 from cfcml.networks.tabular import TabularTokenizer
 
@@ -138,7 +138,14 @@ class CFCML(nn.Module):
             enc.eval()
             feats = enc(torch.zeros(1, img.channels, *img.size))
             enc.train(was_training)
-            out.append([(int(f[0, 0].numel()), int(f.shape[1])) for f in feats])
+            stages = [(int(f[0, 0].numel()), int(f.shape[1])) for f in feats]
+            if self.cfg.encoder == "mamba_resnet" and stages[-1][0] < 2:
+                # Instance norm needs more than one voxel per channel at the deepest stage.
+                raise ConfigError(
+                    f"image size {tuple(img.size)} is too small for the mamba_resnet encoder: its "
+                    f"stride-16 stage has a single voxel; use at least 32 along each in-plane axis "
+                    f"(train.image_size / prepare --image-size)")
+            out.append(stages)
         return out
 
     def encoder_parameters(self) -> list[nn.Parameter]:

@@ -5,7 +5,7 @@
   pure-PyTorch selective scan, so it runs on CPU; nothing CUDA-only is needed.
 - `swin`: MONAI's Swin transformer (2D photos or 3D volumes); the four stages are the outputs of
   its four layers' transformer blocks, taken before each layer's patch merging (grids /p, /2p, /4p,
-  /8p for patch size p, as the stage outputs of the public code's Swin-T).
+  /8p for patch size p, as the stage outputs of a standard Swin-T).
 
 Both work for 2D and 3D inputs and accept local pretrained weights; nothing is downloaded.
 """
@@ -72,8 +72,9 @@ class SwinEncoder(nn.Module):
     """MONAI Swin transformer; stage s = layer s's blocks, layer-normalised, before its patch merging.
 
     MONAI's `SwinTransformer.forward` merges at the end of every layer and returns the merged maps,
-    so its /p map has seen no attention block and its /8p map skips the last layer; the public code
-    (a timm Swin-T) uses the pre-merge outputs instead. The last layer's merging would only feed a
+    so its /p map has seen no attention block and its /8p map skips the last layer; the stage
+    outputs of a standard (ImageNet) Swin-T, which the public code uses, are the pre-merge ones.
+    Same grids and channels either way. The last layer's merging would only feed a
     /16p map nobody reads, so it is removed: every parameter then gets a gradient (DDP needs that).
     """
 

@@ -1,6 +1,8 @@
 """Normalisation, the torch Datasets, augmentation and the class-balanced sampler."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from cfcml.data.dataset import CachedDataset, ClassBalancedBatchSampler, RawDataset
 from cfcml.data.normalize import TabularNormalizer
-from cfcml.data.transforms import build_augment, seed_augment
+from cfcml.data.transforms import apply_augment, build_augment, seed_augment
 
 MEN_SIZE, DERM_SIZE = (12, 12, 6), (16, 16)
 
@@ -100,19 +102,32 @@ def test_augmentation_is_seeded_and_keeps_shapes(men_prepared) -> None:
 
 
 @pytest.mark.parametrize("name", ["men_prepared", "derm_prepared"])
-def test_one_geometric_transform_for_all_modalities(name: str, request: pytest.FixtureRequest) -> None:
-    """Identical images in every modality stay identical: one random draw is shared."""
+def test_one_random_draw_for_all_modalities(name: str, request: pytest.FixtureRequest) -> None:
+    """Identical images in every modality stay identical: every random draw is shared."""
     spec = request.getfixturevalue(name).spec
     transform = build_augment(spec)
     seed_augment(transform, 0)
     m = spec.modalities[0]
     base = torch.rand(m.channels, *m.size)
+    changed = 0
     for _ in range(8):
-        out = transform({mod.name: base.clone() for mod in spec.modalities})
-        first = torch.as_tensor(out[m.name])
-        assert not torch.equal(first, base) or True
-        for mod in spec.modalities[1:]:
-            torch.testing.assert_close(torch.as_tensor(out[mod.name]), first)
+        stacked = torch.cat([base] * len(spec.modalities))
+        out = apply_augment(transform, stacked, [mod.channels for mod in spec.modalities])
+        assert [tuple(x.shape) for x in out] == [(mod.channels, *mod.size) for mod in spec.modalities]
+        changed += not torch.equal(out[0], base)
+        for x in out[1:]:
+            torch.testing.assert_close(x, out[0])
+    assert changed > 0
+
+
+def test_independent_noise_option(men_prepared) -> None:
+    spec = men_prepared.spec
+    spec = dataclasses.replace(spec, augment=dataclasses.replace(
+        spec.augment, random_resized_crop=None, flip=None,
+        gaussian_noise=dataclasses.replace(spec.augment.gaussian_noise, prob=1.0, independent=True)))
+    transform = build_augment(spec)
+    out = apply_augment(transform, torch.zeros(3, *spec.modalities[0].size), [1, 1, 1])
+    assert not torch.equal(out[0], out[1]) and 0.05 < float(out[0].std()) < 0.2
 
 
 def test_dataloader_workers_draw_different_augmentations(men_prepared) -> None:

@@ -71,6 +71,12 @@ def test_empty_image(men_root: Path, tmp_path: Path) -> None:
     expect_problems("men", men_root, tmp_path / "out", [("empty_image", f"{f.parent.name}/t1_bbox.nii.gz")])
 
 
+def test_all_zero_volume(men_root: Path, tmp_path: Path) -> None:
+    f = patient_dir(men_root, "Grade_2_noninvasion") / "t2_bbox.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 6), np.int16), np.eye(4)), f)
+    expect_problems("men", men_root, tmp_path / "out", [("empty_image", f"{f.parent.name}/t2_bbox.nii.gz")])
+
+
 def test_wrong_dimensionality(men_root: Path, tmp_path: Path) -> None:
     f = patient_dir(men_root) / "t2_bbox.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((16, 16), np.int16), np.eye(4)), f)

@@ -1,0 +1,56 @@
+"""Shared fixtures for the end-to-end tests: one tiny prepared MEN-like dataset and a local Ray
+with explicit small resources, shut down when the session ends."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cfcml.config import load_experiment
+from cfcml.data.synthetic import make_men
+
+E2E_SIZE = (32, 32, 8)
+
+
+@pytest.fixture(scope="session")
+def men_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_men(tmp_path_factory.mktemp("e2e") / "men", patients=36, seed=1, size=E2E_SIZE)
+
+
+@pytest.fixture(scope="session")
+def men_prepared(men_raw: Path):
+    from cfcml.data.prepare import prepare_dataset
+
+    return prepare_dataset("men", men_raw, folds=2, seed=0, image_size=E2E_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment() -> dict:
+    """The smoke search's tiny model on the e2e image size."""
+    from tuning.space import load_search
+
+    base = load_experiment("men")
+    search = load_search("smoke", base)
+    return base.replace({**search.overrides, "train.image_size": list(E2E_SIZE), "train.folds": 2}).to_dict()
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    """A local Ray of 2 CPUs, started once and reused (a test may shut it down for its own cluster)."""
+    import ray
+
+    from tuning.search import LOCAL_RAY_ENV
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": LOCAL_RAY_ENV},
+                 log_to_driver=False)
+    return ray

@@ -1,0 +1,40 @@
+"""Data-parallel training with 2 Ray Train workers: on one node, and across two simulated nodes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from probes import run_probe
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+def test_two_workers_hold_identical_weights_after_every_step(ray_local, men_prepared, tiny_experiment,
+                                                             tmp_path: Path) -> None:
+    m = run_probe(str(men_prepared.out_dir), tiny_experiment, str(tmp_path), "ddp")
+    assert m["world_size"] == 2
+    assert m["steps"] >= 2
+    assert m["max_param_diff"] == 0.0
+    assert m["max_bank_diff"] < 1e-6
+
+
+def test_two_workers_across_two_nodes(men_prepared, tiny_experiment, tmp_path: Path) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tuning.search import LOCAL_RAY_ENV
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, runtime_env={"env_vars": LOCAL_RAY_ENV}, log_to_driver=False)
+        cluster.wait_for_nodes()
+        m = run_probe(str(men_prepared.out_dir), tiny_experiment, str(tmp_path), "two-nodes")
+        assert m["distinct_nodes"] == 2
+        assert m["max_param_diff"] == 0.0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -1,0 +1,73 @@
+"""The smoke search end to end: real Ray Tune/Train, real Optuna, real MLflow (SQLite in tmp)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tuning.search import main as search_main
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+
+def _runs(client: MlflowClient, exp_id: str, kind: str):
+    return client.search_runs([exp_id], filter_string=f"tags.`cfcml.kind` = '{kind}'")
+
+
+def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
+            "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--folds", "2"]
+    assert search_main(args) == 0
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cfcml-men")
+    assert exp is not None
+    (parent,) = _runs(client, exp.experiment_id, "search")
+    assert parent.data.tags["cfcml.dataset_fingerprint"] == men_prepared.fingerprint
+    assert parent.data.params["seed"] == "0" and parent.data.params["folds"] == "2"
+    assert "mlflow.source.git.commit" in parent.data.tags
+    assert parent.info.status == "FINISHED"
+
+    trials = _runs(client, exp.experiment_id, "trial")
+    assert len(trials) == 2
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"loss.tau_sam", "loss.w_cp", "loss.momentum"} <= set(run.data.params)
+        for key in ("val_macro_auc_fold0", "val_macro_auc_fold1", "cv_macro_auc", "train_loss_fold0"):
+            assert key in run.data.metrics, key
+        history = client.get_metric_history(run.info.run_id, "cv_macro_auc")
+        assert [m.step for m in history] == list(range(1, len(history) + 1))  # one point per epoch
+        arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/roc_oof.png", "plots/confusion_oof.png"} <= arts
+    # The public code's values are the first point Optuna evaluates.
+    assert any(r.data.params["loss.tau_sam"] == "0.07" and r.data.params["loss.w_cp"] == "0.24" for r in trials)
+
+    (final,) = _runs(client, exp.experiment_id, "final")
+    for key in ("test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_macro_auc"):
+        assert key in final.data.metrics, key
+    assert final.data.metrics["test_accuracy_ci_low"] <= final.data.metrics["test_accuracy"] <= final.data.metrics["test_accuracy_ci_high"]
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/cfcml-men/latest")
+    rows = men_prepared.test_frame().drop(columns=["label", "label_name", "split", "fold"])
+    probs = model.predict(rows)
+    assert list(probs.columns) == list(men_prepared.spec.classes)
+    assert probs.shape == (len(rows), 3)
+    np.testing.assert_allclose(probs.to_numpy().sum(1), 1.0, rtol=1e-5)
+    (version,) = client.search_model_versions("name = 'cfcml-men'")
+    assert "cv_macro_auc" in version.tags and "test_accuracy" in version.tags
+
+    # Re-running the finished search with --resume adds no run, no metric point, no model version.
+    n_runs = len(client.search_runs([exp.experiment_id]))
+    n_points = len(client.get_metric_history(trials[0].info.run_id, "cv_macro_auc"))
+    assert search_main(args + ["--resume"]) == 0
+    assert len(client.search_runs([exp.experiment_id])) == n_runs
+    assert len(client.get_metric_history(trials[0].info.run_id, "cv_macro_auc")) == n_points
+    assert len(client.search_model_versions("name = 'cfcml-men'")) == 1  # still just one version
+
+    # Without --resume an existing search name is refused rather than overwritten.
+    assert search_main(args) == 2
