@@ -32,6 +32,16 @@ def prediction_frame(frame: Any, probs: Any, classes: Any) -> Any:
     return out
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every report with all its metrics (dozens per epoch here); the driver's
+    progress table and MLflow show them already. Its logger is named after its file."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module: keep its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -41,8 +51,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cfcml.training import CrossValidation, Split
 
     t_start = time.perf_counter()
-    # Ray Train logs every report with all its metrics; the driver's table shows them already.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_report_log()
     cfg = from_dict(ExperimentConfig, config["experiment"], "experiment")
     torch.set_num_threads(max(int(cfg.train.cpus_per_worker), 1))
     prepared = PreparedDataset.load(config["prepared_dir"])

@@ -136,16 +136,18 @@ class CFCML(nn.Module):
         for enc, img in zip(self.encoders, self.images):
             was_training = enc.training
             enc.eval()
-            feats = enc(torch.zeros(1, img.channels, *img.size))
-            enc.train(was_training)
-            stages = [(int(f[0, 0].numel()), int(f.shape[1])) for f in feats]
-            if self.cfg.encoder == "mamba_resnet" and stages[-1][0] < 2:
-                # Instance norm needs more than one voxel per channel at the deepest stage.
+            try:
+                feats = enc(torch.zeros(1, img.channels, *img.size))
+            except ValueError as exc:
+                # Instance norm needs more than one voxel per channel even in eval mode, so a
+                # single-voxel stride-16 stage fails here, inside the dry run.
                 raise ConfigError(
-                    f"image size {tuple(img.size)} is too small for the mamba_resnet encoder: its "
-                    f"stride-16 stage has a single voxel; use at least 32 along each in-plane axis "
-                    f"(train.image_size / prepare --image-size)")
-            out.append(stages)
+                    f"image size {tuple(img.size)} is too small for the {self.cfg.encoder} encoder "
+                    f"({exc}); use at least 32 along each in-plane axis "
+                    f"(train.image_size / prepare --image-size)") from None
+            finally:
+                enc.train(was_training)
+            out.append([(int(f[0, 0].numel()), int(f.shape[1])) for f in feats])
         return out
 
     def encoder_parameters(self) -> list[nn.Parameter]:
