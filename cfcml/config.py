@@ -185,8 +185,19 @@ def _validate_ranges(obj: Any, path: str) -> None:
         value = getattr(obj, f.name)
         if f.name in positive and isinstance(value, (int, float)) and value <= 0:
             raise ConfigError(f"{_key(path, f.name)}: must be > 0, got {value!r}")
+    non_negative = {"w_cls", "w_sam", "w_up", "w_cp", "weight_decay", "encoder_lr_mult", "warmup_epochs",
+                    "loader_workers", "cpus_per_worker", "gpus_per_worker"}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in non_negative and isinstance(value, (int, float)) and value < 0:
+            raise ConfigError(f"{_key(path, f.name)}: must be >= 0, got {value!r}")
     if isinstance(obj, LossConfig) and not 0.0 <= obj.momentum < 1.0:
         raise ConfigError(f"{_key(path, 'momentum')}: must be in [0, 1), got {obj.momentum!r}")
+    if isinstance(obj, OptimConfig) and not 0.0 < obj.gamma <= 1.0:
+        raise ConfigError(f"{_key(path, 'gamma')}: must be in (0, 1], got {obj.gamma!r}")
+    if isinstance(obj, TrainConfig) and obj.image_size is not None and (
+            len(obj.image_size) not in (2, 3) or min(obj.image_size) < 1):
+        raise ConfigError(f"{_key(path, 'image_size')}: expected 2 or 3 positive sizes, got {list(obj.image_size)}")
     if isinstance(obj, TrainConfig) and obj.folds < 2:
         raise ConfigError(f"{_key(path, 'folds')}: cross-validation needs at least 2 folds, got {obj.folds}")
     if isinstance(obj, ModelConfig):
@@ -196,6 +207,15 @@ def _validate_ranges(obj: Any, path: str) -> None:
             raise ConfigError(f"{_key(path, 'mixer_stages')}: stages are numbered 1..4, got {obj.mixer_stages}")
         if len(obj.swin_depths) != 4 or len(obj.swin_heads) != 4:
             raise ConfigError(f"{_key(path, 'swin_depths')}: need 4 entries each")
+        if not 0.0 <= obj.dropout < 1.0:
+            raise ConfigError(f"{_key(path, 'dropout')}: must be in [0, 1), got {obj.dropout!r}")
+        if min(obj.swin_heads) < 1 or min(obj.swin_depths) < 1:
+            raise ConfigError(f"{_key(path, 'swin_heads')}: heads and depths must be >= 1")
+        if obj.encoder == "swin":
+            for i, h in enumerate(obj.swin_heads):  # stage i has encoder_width * 2**i channels
+                if (obj.encoder_width * 2**i) % h:
+                    raise ConfigError(f"{_key(path, 'swin_heads')}: stage {i + 1} has {obj.encoder_width * 2**i} "
+                                      f"channels, not divisible by {h} heads")
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
