@@ -36,6 +36,10 @@ LOCAL_RAY_ENV = {
 }
 
 
+class SearchInterrupted(RuntimeError):
+    """The user stopped the search; its state is saved for --resume."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -158,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=args.address, include_dashboard=True, log_to_driver=True,
                  runtime_env=None if args.address else {"env_vars": LOCAL_RAY_ENV})
     try:
-        outcome = run_search(args, cfg, search, prepared, name, storage, runs_dir, max_epochs, num_samples)
+        try:
+            outcome = run_search(args, cfg, search, prepared, name, storage, runs_dir, max_epochs, num_samples)
+        except SearchInterrupted as exc:
+            print(f"\n{exc}", file=sys.stderr)
+            return 130
         print_summary(outcome, time.time() - t_start)
         if not args.no_final:
             from pipelines.train_final import train_final
@@ -184,7 +192,7 @@ def run_search(args: argparse.Namespace, cfg: ExperimentConfig, search: SearchCo
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from tuning.tracking import (SearchTracker, default_tracking_uri, experiment_id, git_commit, log_params,
+    from tuning.tracking import (INTERRUPTED, SearchTracker, default_tracking_uri, experiment_id, git_commit, log_params,
                                  write_json_artifact)
 
     spec = prepared.spec
@@ -249,6 +257,10 @@ def run_search(args: argparse.Namespace, cfg: ExperimentConfig, search: SearchCo
                                       progress_reporter=reporter, verbose=1),
         )
     results = tuner.fit()
+    if INTERRUPTED.is_set():  # Ctrl-C: Tune stopped the trials and saved its state
+        client.set_terminated(parent_id, "KILLED")
+        raise SearchInterrupted(f"search {name!r} interrupted after {len(results)} of {num_samples} trials "
+                                f"started; continue it with the same command plus --resume")
     outcome = collect_outcome(results, metric, cfg, search)
     outcome.update(tracking_uri=tracking_uri, parent_run_id=parent_id, experiment_id=exp_id,
                    dataset=args.dataset, search_dir=str(search_dir), prepared_dir=str(prepared.out_dir))
@@ -269,13 +281,19 @@ def run_search(args: argparse.Namespace, cfg: ExperimentConfig, search: SearchCo
 
 def collect_outcome(results: Any, metric: str, cfg: ExperimentConfig, search: SearchConfig) -> dict[str, Any]:
     """Per trial: its best epoch by the CV metric (validation folds only, never the test split)."""
+    import pandas as pd
+
     trials = []
     for result in results:
         df = result.metrics_dataframe
         if df is None or metric not in df or df[metric].dropna().empty:
             trials.append({"trial_id": (result.metrics or {}).get("trial_id", "?"), "error": str(result.error)})
             continue
-        row = df.loc[df[metric].idxmax()]
+        ties = df[df[metric] == df[metric].max()]
+        row = ties.iloc[0]  # the earliest best epoch: the final model trains that long
+        # Ray Train keeps the best-scoring checkpoint; among tied epochs, take one that survived.
+        checkpoint = next((p for p in reversed(ties.get("checkpoint_path", pd.Series(dtype=object)).tolist())
+                           if isinstance(p, str) and ("://" in p or Path(p).exists())), None)
         params = {p.key: result.config.get(p.key) for p in search.space}
         trials.append({
             "trial_id": row.get("trial_id", "?"),
@@ -286,7 +304,7 @@ def collect_outcome(results: Any, metric: str, cfg: ExperimentConfig, search: Se
             # time_total_s: Tune's clock for the trial function; minus compute = start-up overhead
             "wall_s": float(df["time_total_s"].iloc[-1]),
             "compute_s": float(df["time_compute_s"].iloc[-1]),
-            "checkpoint_path": row.get("checkpoint_path"),
+            "checkpoint_path": checkpoint,
             "metrics": {k: float(v) for k, v in row.items()
                         if isinstance(k, str) and k.startswith(("cv_", "val_", "train_"))
                         and isinstance(v, (int, float)) and not isinstance(v, bool)},

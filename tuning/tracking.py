@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +76,28 @@ def log_figure(client: MlflowClient, run_id: str, fig: Any, name: str) -> None:
     plt.close(fig)
 
 
+# Set when the user interrupts a search (Ctrl-C). Tune handles the signal itself, stops the
+# trials and saves its state, then returns as if done; the driver must know not to go on to the
+# final model. Module-level because a restored Tuner brings its own copy of the callback.
+INTERRUPTED = threading.Event()
+
+
 class SearchTracker(Callback):
     """Tune callback mirroring trials into nested MLflow runs."""
+
+    def setup(self, **info: Any) -> None:
+        """Runs after Tune installed its SIGINT handler: chain ours in front of it."""
+        INTERRUPTED.clear()
+        if threading.current_thread() is not threading.main_thread():
+            return
+        tune_handler = signal.getsignal(signal.SIGINT)
+
+        def handler(signum: int, frame: Any) -> None:
+            INTERRUPTED.set()
+            if callable(tune_handler):
+                tune_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, handler)
 
     def __init__(self, tracking_uri: str, exp_id: str, parent_run_id: str, search_key: str,
                  metric: str, classes: list[str], task: str):
@@ -139,6 +161,13 @@ class SearchTracker(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "FAILED")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Runs of trials left unfinished (an interrupted search) are marked KILLED; --resume
+        sets them RUNNING again and continues them."""
+        for trial in trials:
+            if trial.status not in ("TERMINATED", "ERROR") and trial.trial_id in self._runs:
+                self.client.set_terminated(self._runs[trial.trial_id], "KILLED")
 
     def _finish(self, trial: Any, status: str) -> None:
         run_id = self._run_for(trial)

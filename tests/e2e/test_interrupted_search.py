@@ -1,0 +1,75 @@
+"""Ctrl-C in the middle of a search, then --resume: finished trials are not rerun, the
+interrupted one continues from its last checkpoint, and its MLflow run continues (no duplicates)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cfcml.config import PROJECT_ROOT
+from tuning.search import main as search_main
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+
+def _epochs_logged(uri: str) -> int:
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("cfcml-men")
+        if exp is None:
+            return 0
+        runs = client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'trial'")
+        return max((int(r.data.metrics.get("epoch", 0)) for r in runs), default=0)
+    except Exception:  # the store is still being created
+        return 0
+
+
+def test_interrupt_then_resume(ray_local, men_prepared, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
+            "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--num-samples", "2",
+            "--max-epochs", "40", "--folds", "2", "--no-final"]
+    proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "tuning" / "search.py"), *args],
+                            cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 400
+        while _epochs_logged(uri) < 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(1)
+        assert proc.poll() is None, f"the search ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cfcml-men")
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'search'")
+    assert parent.info.status == "KILLED"
+    assert not client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'cv-ensemble'")
+
+    assert search_main(args + ["--resume"]) == 0
+
+    trials = client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'trial'")
+    assert len(trials) == 2  # the same runs, continued
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "cv_macro_auc")]
+        assert len(steps) == len(set(steps))  # no epoch logged twice
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+    resumed = []
+    for result_file in (tmp_path / "runs" / "ray" / "men-smoke").glob("run_trial_*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        epochs = [r["epoch"] for r in rows]
+        resumed.append(max(r["resumed_from_epoch"] for r in rows))
+        assert epochs == sorted(set(epochs)), epochs  # never restarted from epoch 1
+    assert max(resumed) >= 1  # at least one trial continued from a checkpoint
