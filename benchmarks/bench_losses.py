@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-model", action="store_true", help="skip the public-size model timing")
+    parser.add_argument("--model-repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  batched hrm_losses : {res['batched_s'] * 1e3:9.3f} ms")
     print(f"  literal loops      : {res['literal_s'] * 1e3:9.3f} ms")
     print(f"  speed-up           : {res['speedup']:9.1f}x")
+    if not args.no_model:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_model import bench
+
+        r = bench("men_public", repeats=args.model_repeats, device=torch.device("cpu"))
+        print(f"CFCML model, one MEN training batch at the public size ({r['input']} volumes, batch 2, "
+              f"{r['params_m']:.1f}M parameters), forward + loss + backward on CPU: "
+              f"{r['median_s']:.2f} s (median of {args.model_repeats}, min {r['min_s']:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# No torch import at module level: the Tune trial actor and the Train controller unpickle
+# `train_loop_per_worker` by reference and so import this module; only the workers need torch.
 
 CHECKPOINT_FILE = "state.pt"
 OOF_FILE = "oof_predictions.csv"
@@ -44,6 +45,7 @@ def _quiet_report_log() -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
+    import torch
     import ray.train.torch
 
     from cfcml.config import from_dict, ExperimentConfig

@@ -16,17 +16,6 @@ SWIN_SMALL = ModelConfig(encoder="swin", encoder_width=12, swin_depths=(1, 1, 1,
 MAMBA_TINY = ModelConfig(encoder_width=4, mixer_stages=(3, 4), dim=16, latents_img=4, latents_tab=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: results that don't depend on the machine's core count, and no OpenMP
-    threads spinning against other processes on a busy box (the overfit test ran 2x slower with
-    2 threads on a loaded 2-core machine, burning 2.5x the CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def stage_shapes(enc, x):
     with torch.no_grad():
         return [tuple(f.shape) for f in enc(x)]
