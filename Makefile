@@ -18,7 +18,8 @@ install: $(STAMP)
 
 demo: install
 	@test -d $(DEMO) || $(BIN)/python pipelines/make_synthetic.py --dataset men --out $(DEMO) --patients 60 --size 32 32 8
-	$(BIN)/python tuning/search.py --dataset men --search smoke --data-root $(DEMO) --name demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/python tuning/search.py --dataset men --search smoke --data-root $(DEMO) \
+		--num-samples 3 --max-epochs 12 --name demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     print(f"\nMLflow: {outcome['tracking_uri']}  (experiment cfcml-{args.dataset}, parent run {outcome['parent_run_id']})")
     if outcome["tracking_uri"].startswith("sqlite:"):
-        print(f"Open the UI with:  mlflow ui --backend-store-uri {outcome['tracking_uri']}")
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        print(f"Open the UI with:  {mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui "
+              f"--backend-store-uri {outcome['tracking_uri']}   (then http://127.0.0.1:5000)")
     return 0
 
 
