@@ -8,8 +8,7 @@ import pytest
 
 from cfcml.config import load_experiment
 from cfcml.data.synthetic import make_men
-
-E2E_SIZE = (32, 32, 8)
+from probes import E2E_SIZE
 
 
 @pytest.fixture(scope="session")

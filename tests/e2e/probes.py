@@ -5,6 +5,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+E2E_SIZE = (32, 32, 8)  # the smallest volume the mamba_resnet encoder takes (stride 16 leaves 2x2)
+
 
 def sync_probe_loop(config: dict[str, Any]) -> None:
     """Train one epoch of one fold with DDP and check, after every optimiser step, that all ranks

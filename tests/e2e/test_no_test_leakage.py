@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 def test_search_never_reads_test_split(ray_local, men_raw: Path, tmp_path: Path) -> None:
     from cfcml.data.prepare import prepare_dataset
 
-    from conftest import E2E_SIZE
+    from probes import E2E_SIZE
 
     raw = Path(shutil.copytree(men_raw, tmp_path / "men"))
     prepared = prepare_dataset("men", raw, tmp_path / "prepared", folds=2, seed=0, image_size=E2E_SIZE)
