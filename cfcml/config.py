@@ -261,11 +261,18 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def known_names(kind: str) -> str:
+    """The config names available under conf/<kind>/, for error messages."""
+    return ", ".join(sorted(p.stem for p in (CONF_DIR / kind).glob("*.yaml"))) or "none"
+
+
 def load_experiment(dataset: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Load conf/experiments/<dataset>.yaml (or a path) and apply overrides."""
     path = Path(dataset)
     if not path.suffix:
         path = CONF_DIR / "experiments" / f"{dataset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown dataset {dataset!r}: no {path} (known: {known_names('experiments')})")
     data = read_yaml(path)
     data.setdefault("dataset", path.stem)
     return from_dict(ExperimentConfig, deep_merge(data, overrides or {}), f"{path}:")

@@ -119,6 +119,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], prepared_dir: str
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cfcml.data.validation import DatasetValidationError
+
     args = parse_args(argv)
     t_start = time.time()
     try:
@@ -134,13 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from cfcml.data.validation import DatasetValidationError
-
-        if isinstance(exc, DatasetValidationError):
-            print(exc, file=sys.stderr)
-            return 1
-        raise
+    except DatasetValidationError as exc:  # the full report, every problem named
+        print(exc, file=sys.stderr)
+        return 1
     name = args.name or f"{args.dataset}-{search.name}"
     runs_dir = args.runs_dir.resolve()
     storage = runs_dir / "ray"
@@ -189,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_search(args: argparse.Namespace, cfg: ExperimentConfig, search: SearchConfig, prepared: Any,
                name: str, storage: Path, runs_dir: Path, max_epochs: int, num_samples: int) -> dict[str, Any]:
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -272,7 +271,7 @@ def run_search(args: argparse.Namespace, cfg: ExperimentConfig, search: SearchCo
     best = outcome.get("best")
     if best:
         client.log_batch(parent_id, metrics=[
-            __import__("mlflow").entities.Metric(f"best_{k}", v, int(time.time() * 1000), 0)
+            Metric(f"best_{k}", v, int(time.time() * 1000), 0)
             for k, v in best["metrics"].items() if isinstance(v, (int, float)) and math.isfinite(v)
         ])
         client.set_tag(parent_id, "cfcml.best_trial", best["trial_id"])

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cfcml.config import CONF_DIR, ConfigError, ExperimentConfig, read_yaml
+from cfcml.config import CONF_DIR, ConfigError, ExperimentConfig, known_names, read_yaml
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 
@@ -89,6 +89,8 @@ def load_search(name_or_path: str, base: ExperimentConfig) -> SearchConfig:
     path = Path(name_or_path)
     if not path.suffix:
         path = CONF_DIR / "search" / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown search {name_or_path!r}: no {path} (known: {known_names('search')})")
     raw = read_yaml(path)
     where = f"{path}:"
     known = {"num_samples", "max_epochs", "grace_period", "reduction_factor", "folds", "overrides",
