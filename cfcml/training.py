@@ -13,8 +13,8 @@ Nothing here knows about Ray or MLflow.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -52,8 +52,20 @@ class Fold:
     normalizer: TabularNormalizer
     train_loader: DataLoader
     val_set: CachedDataset | None
-    val_ids: list[str] = field(default_factory=list)
-    val_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    val: pd.DataFrame | None  # the validation rows (manifest columns)
+
+
+def prediction_frame(rows: pd.DataFrame, probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    """patient_id, label and one prob_<class> column per class: how predictions are stored."""
+    out = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
+    out.insert(0, "label", rows["label"].to_numpy())
+    out.insert(0, "patient_id", rows["patient_id"].to_numpy())
+    return out
+
+
+def frame_probs(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """[N, C] probabilities back from a `prediction_frame`."""
+    return frame[[f"prob_{c}" for c in classes]].to_numpy()
 
 
 def make_optimizer(model: CFCML, cfg: OptimConfig) -> torch.optim.Adam:
@@ -122,10 +134,7 @@ class CrossValidation:
         val_set = None
         if split.val is not None:
             val_set = self.prepared.dataset(split.val, normalizer, augment=False)
-        val_ids = [] if split.val is None else list(split.val["patient_id"])
-        val_labels = np.zeros(0, np.int64) if split.val is None else split.val["label"].to_numpy()
-        return Fold(model, net, criterion, optimizer, scheduler, normalizer, train_loader, val_set,
-                    val_ids, val_labels)
+        return Fold(model, net, criterion, optimizer, scheduler, normalizer, train_loader, val_set, split.val)
 
     def _train_loader(self, train_set: CachedDataset, labels: np.ndarray, k: int) -> DataLoader:
         t = self.cfg.train
@@ -229,20 +238,18 @@ class CrossValidation:
             train_stats = self.train_epoch(k)
             for key, value in train_stats.items():
                 metrics[f"{key}_fold{k}"] = value
-            if fold.val_set is None:
+            if fold.val_set is None or fold.val is None:
                 continue
             probs = self.predict(fold, fold.val_set)
-            labels = fold.val_labels
+            labels = fold.val["label"].to_numpy()
             fold_metrics = compute_metrics(self.spec.task, labels, probs)
             fold_metrics["loss"] = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                                                     torch.as_tensor(np.array(labels), dtype=torch.long)))
             per_fold.append(fold_metrics)
             for key, value in fold_metrics.items():
                 metrics[f"val_{key}_fold{k}"] = value
-            frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.spec.classes])
-            frame.insert(0, "label", labels)
-            frame.insert(0, "fold", k)
-            frame.insert(0, "patient_id", fold.val_ids)
+            frame = prediction_frame(fold.val, probs, self.spec.classes)
+            frame.insert(1, "fold", k)
             oof.append(frame)
         for key in per_fold[0] if per_fold else []:
             values = [m[key] for m in per_fold]

@@ -65,6 +65,7 @@ def train_final(prepared: Any, outcome: dict[str, Any], *, tracking_uri: str, st
     from ray.train import Checkpoint
 
     from cfcml.metrics import bootstrap_ci, plot_confusion, plot_roc
+    from cfcml.training import frame_probs
     from pipelines.pyfunc_model import log_and_register
     from tuning.tracking import log_figure, log_params
     from tuning.trainer import CHECKPOINT_FILE, TEST_FILE, fit
@@ -91,7 +92,7 @@ def train_final(prepared: Any, outcome: dict[str, Any], *, tracking_uri: str, st
         test = pd.read_csv(Path(d) / TEST_FILE)
         client.log_artifact(run_id, str(Path(d) / TEST_FILE), "predictions")
     spec = prepared.spec
-    probs = test[[f"prob_{c}" for c in spec.classes]].to_numpy()
+    probs = frame_probs(test, spec.classes)
     labels = test["label"].to_numpy()
     ci = bootstrap_ci(spec.task, labels, probs, n_boot=1000, seed=0)
     values = {}

@@ -186,6 +186,7 @@ class SearchTracker(Callback):
         from ray.train import Checkpoint
 
         from cfcml.metrics import plot_confusion, plot_roc
+        from cfcml.training import frame_probs
         from tuning.trainer import METRICS_FILE, OOF_FILE
 
         with Checkpoint(checkpoint_path).as_directory() as d:
@@ -195,7 +196,7 @@ class SearchTracker(Callback):
             oof = pd.read_csv(oof_path)
             client.log_artifact(run_id, str(oof_path), "predictions")
             client.log_artifact(run_id, str(Path(d) / METRICS_FILE), "predictions")
-        probs = oof[[f"prob_{c}" for c in self.classes]].to_numpy()
+        probs = frame_probs(oof, self.classes)
         labels = oof["label"].to_numpy()
         log_figure(client, run_id, plot_roc(labels, probs, self.classes), "plots/roc_oof.png")
         log_figure(client, run_id, plot_confusion(labels, probs, self.classes), "plots/confusion_oof.png")

@@ -24,15 +24,6 @@ METRICS_FILE = "metrics.json"
 TEST_FILE = "test_predictions.csv"
 
 
-def prediction_frame(frame: Any, probs: Any, classes: Any) -> Any:
-    import pandas as pd
-
-    out = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
-    out.insert(0, "label", frame["label"].to_numpy())
-    out.insert(0, "patient_id", frame["patient_id"].to_numpy())
-    return out
-
-
 def _quiet_report_log() -> None:
     """Ray Train logs every report with all its metrics (dozens per epoch here); the driver's
     progress table and MLflow show them already. Its logger is named after its file."""
@@ -50,7 +41,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from cfcml.config import from_dict, ExperimentConfig
     from cfcml.data.manifest import PreparedDataset
-    from cfcml.training import CrossValidation, Split
+    from cfcml.training import CrossValidation, Split, prediction_frame
 
     t_start = time.perf_counter()
     _quiet_report_log()
