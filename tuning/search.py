@@ -61,11 +61,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
     p.add_argument("--no-final", action="store_true", help="skip retraining/testing/registering the best configuration")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any experiment key, e.g. --set model.pretrained=/weights/swin_t.pt "
+                        "--set train.batch_size=16 (repeatable; validated like the YAML)")
     return p.parse_args(argv)
 
 
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE pairs; values are read as YAML (numbers, lists, true/false, null)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.pretrained=/weights/swin_t.pt")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"train.seed": args.seed}
+    out: dict[str, Any] = {"train.seed": args.seed, **parse_set(args.set)}
     for flag, key in (("workers", "train.workers"), ("gpus_per_worker", "train.gpus_per_worker"),
                       ("cpus_per_worker", "train.cpus_per_worker"), ("folds", "train.folds")):
         if getattr(args, flag) is not None:

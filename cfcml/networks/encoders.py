@@ -12,6 +12,7 @@ Both work for 2D and 3D inputs and accept local pretrained weights; nothing is d
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -162,4 +163,7 @@ def load_pretrained(encoder: nn.Module, path: str | Path) -> None:
                     matched[candidate] = value
     if not matched:
         raise ConfigError(f"model.pretrained: {path} has no parameter matching the encoder")
+    if len(matched) < len(own):  # e.g. an ImageNet Swin without this model's extra layers
+        warnings.warn(f"model.pretrained: {path} provided {len(matched)} of the encoder's {len(own)} tensors; "
+                      f"the rest keep their random initialisation", stacklevel=2)
     encoder.load_state_dict(matched, strict=False)

@@ -1,0 +1,73 @@
+"""Search configs: validated at load with the file and key named; the public values come first."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cfcml.config import ConfigError, load_experiment
+from tuning.search import parse_set
+from tuning.space import initial_point, load_search
+
+
+@pytest.fixture
+def base():
+    return load_experiment("men")
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["default", "smoke"])
+def test_shipped_searches_load_for_both_datasets(name):
+    for dataset in ("men", "derm7pt"):
+        base = load_experiment(dataset)
+        search = load_search(name, base)
+        assert search.space and all(p.key.startswith("loss.") for p in search.space)
+        base.replace(search.overrides)  # the overrides are valid experiment keys
+
+
+def test_initial_point_is_the_experiment_values(base):
+    search = load_search("default", base)
+    point = initial_point(search, base)
+    assert point["loss.tau_sam"] == 0.07 and point["loss.w_cp"] == 0.24 and point["loss.momentum"] == 0.0
+
+
+def test_smoke_dataset_overrides_pick_the_dataset(base):
+    men = base.replace(load_search("smoke", base).overrides)
+    derm_base = load_experiment("derm7pt")
+    derm = derm_base.replace(load_search("smoke", derm_base).overrides)
+    assert men.train.image_size == (32, 32, 8) and derm.train.image_size == (64, 64)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("num_sampels: 3\n", r"num_sampels: unknown key"),
+    ("num_samples: 0\n", r"num_samples: expected a positive integer"),
+    ("space:\n  loss.tau_sam: {dist: gaussian, low: 0.1, high: 1}\n", r"space.loss.tau_sam.dist"),
+    ("space:\n  loss.tau_sam: {dist: loguniform, low: 0.5, high: 0.1}\n", r"space.loss.tau_sam: need 0 < low < high"),
+    ("space:\n  loss.tau_sam: {dist: loguniform, low: 0.0, high: 0.1}\n", r"space.loss.tau_sam"),
+    ("space:\n  loss.tau_same: {dist: uniform, low: 0.1, high: 0.2}\n", r"space.loss.tau_same: .*tau_same: unknown key"),
+    ("space:\n  loss.momentum: {dist: uniform, low: 0.5, high: 1.5, step: 1}\n", r"space.loss.momentum.step: unknown key"),
+    ("space:\n  model.variant: {dist: choice, values: []}\n", r"space.model.variant"),
+    ("overrides: {model.dim: -4}\n", r"overrides: .*model.dim: must be > 0"),
+])
+def test_bad_search_configs_name_file_and_key(tmp_path, base, text, match):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_search(path, base)
+    assert str(info.value).startswith(path)
+
+
+def test_unknown_search_name_lists_the_known_ones(base):
+    with pytest.raises(ConfigError, match=r"unknown search 'nope'.*known: default, smoke"):
+        load_search("nope", base)
+
+
+def test_parse_set_reads_yaml_values():
+    assert parse_set(["model.pretrained=/w/swin.pt", "train.image_size=[32, 32, 8]", "loss.fine=false"]) == {
+        "model.pretrained": "/w/swin.pt", "train.image_size": [32, 32, 8], "loss.fine": False}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["no-equals-sign"])
