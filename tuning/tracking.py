@@ -138,23 +138,33 @@ class SearchTracker(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self._run_for(trial)
-        epoch = int(result.get("epoch", 0))
-        if epoch <= self._last_epoch.get(trial.trial_id, 0):
-            return
-        metrics = [
-            mlflow.entities.Metric(k, float(v), int(result.get("timestamp", 0)) * 1000, epoch)
-            for k, v in result.items()
-            if k.startswith(LOGGED_PREFIXES) and isinstance(v, (int, float)) and math.isfinite(v)
-        ]
-        metrics.append(mlflow.entities.Metric("epoch", epoch, int(result.get("timestamp", 0)) * 1000, epoch))
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
-        self._last_epoch[trial.trial_id] = epoch
+        timestamp = int(result.get("timestamp", 0))
+        # A resumed trial first re-sends the metrics of the checkpoint it restarted from: an
+        # interruption can land between that checkpoint and its report reaching this driver.
+        restored = result.get("restored")
+        if isinstance(restored, dict):
+            self._log_epoch(trial.trial_id, run_id, restored, timestamp)
+        self._log_epoch(trial.trial_id, run_id, result, timestamp)
         score = result.get(self.metric)
         if isinstance(score, (int, float)) and math.isfinite(score):
             best = self._best.get(trial.trial_id)
             if best is None or score > best[0]:
                 self._best[trial.trial_id] = (float(score), result.get("checkpoint_path"))
+
+    def _log_epoch(self, trial_id: str, run_id: str, values: dict, timestamp: int) -> None:
+        """Log one epoch's metrics at step=epoch, unless that epoch is already in the run."""
+        epoch = int(values.get("epoch", 0))
+        if epoch <= self._last_epoch.get(trial_id, 0):
+            return
+        metrics = [
+            mlflow.entities.Metric(k, float(v), timestamp * 1000, epoch)
+            for k, v in values.items()
+            if k.startswith(LOGGED_PREFIXES) and isinstance(v, (int, float)) and math.isfinite(v)
+        ]
+        metrics.append(mlflow.entities.Metric("epoch", epoch, timestamp * 1000, epoch))
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        self._last_epoch[trial_id] = epoch
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")

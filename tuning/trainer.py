@@ -55,9 +55,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cv = CrossValidation(prepared, splits, cfg, ray.train.torch.get_device())
 
     ckpt = ray.train.get_checkpoint()
+    restored: dict[str, Any] = {}  # the restored epoch's metrics, re-sent with the first report
     if ckpt is not None:  # a restarted trial (or a resumed search) continues where it stopped
         with ckpt.as_directory() as d:
             cv.load_state_dict(torch.load(Path(d) / CHECKPOINT_FILE, map_location=cv.device, weights_only=False))
+            if (Path(d) / METRICS_FILE).is_file():
+                restored = json.loads((Path(d) / METRICS_FILE).read_text())
     resumed_from = cv.epoch
 
     t_ready = time.perf_counter()
@@ -71,6 +74,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["time_compute_s"] = compute_s
         metrics["time_setup_s"] = t_ready - t_start
         metrics["resumed_from_epoch"] = resumed_from
+        if restored:
+            metrics["restored"], restored = restored, {}
         test = None
         if config.get("final") and cv.epoch == max_epochs:
             # The one look at the held-out test split, after training has ended.
