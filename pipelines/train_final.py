@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +28,6 @@ import torch
 from cfcml.config import PROJECT_ROOT, flatten_dict
 
 OUTCOME_FILE = "outcome.json"
-
-
-def _metric_batch(values: dict[str, float], step: int = 0) -> list:
-    import mlflow
-
-    now = int(time.time() * 1000)
-    return [mlflow.entities.Metric(k, float(v), now, step) for k, v in values.items()
-            if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
 def _child_run(client: Any, outcome: dict[str, Any], kind: str) -> tuple[str, bool]:
@@ -67,7 +57,7 @@ def train_final(prepared: Any, outcome: dict[str, Any], *, tracking_uri: str, st
     from cfcml.metrics import bootstrap_ci, plot_confusion, plot_roc
     from cfcml.training import frame_probs
     from pipelines.pyfunc_model import log_and_register
-    from tuning.tracking import log_figure, log_params
+    from tuning.tracking import log_figure, log_metrics, log_params
     from tuning.trainer import CHECKPOINT_FILE, TEST_FILE, fit
 
     best = outcome.get("best")
@@ -98,8 +88,7 @@ def train_final(prepared: Any, outcome: dict[str, Any], *, tracking_uri: str, st
     values = {}
     for name, (point, low, high) in ci.items():
         values.update({f"test_{name}": point, f"test_{name}_ci_low": low, f"test_{name}_ci_high": high})
-    client.log_batch(run_id, metrics=_metric_batch(values) + _metric_batch(
-        {k: v for k, v in best["metrics"].items() if k.startswith("cv_")}))
+    log_metrics(client, run_id, {**values, **{k: v for k, v in best["metrics"].items() if k.startswith("cv_")}})
     log_figure(client, run_id, plot_roc(labels, probs, list(spec.classes)), "plots/roc_test.png")
     log_figure(client, run_id, plot_confusion(labels, probs, list(spec.classes)), "plots/confusion_test.png")
 
@@ -126,6 +115,7 @@ def register_cv_ensemble(prepared: Any, outcome: dict[str, Any], *, tracking_uri
     from ray.train import Checkpoint
 
     from pipelines.pyfunc_model import log_and_register
+    from tuning.tracking import log_metrics
     from tuning.trainer import CHECKPOINT_FILE
 
     best = outcome.get("best")
@@ -139,7 +129,7 @@ def register_cv_ensemble(prepared: Any, outcome: dict[str, Any], *, tracking_uri
     with Checkpoint(best["checkpoint_path"]).as_directory() as d:
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     states = [{"model": f["model"], "normalizer": f["normalizer"]} for f in state["folds"]]
-    client.log_batch(run_id, metrics=_metric_batch({k: v for k, v in best["metrics"].items() if k.startswith("cv_")}))
+    log_metrics(client, run_id, {k: v for k, v in best["metrics"].items() if k.startswith("cv_")})
     info = log_and_register(tracking_uri=tracking_uri, run_id=run_id, prepared=prepared,
                             experiment=best["experiment"], states=states,
                             model_name=f"cfcml-{outcome['dataset']}",

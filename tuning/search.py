@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -203,13 +202,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_search(args: argparse.Namespace, cfg: ExperimentConfig, search: SearchConfig, prepared: Any,
                name: str, storage: Path, runs_dir: Path, max_epochs: int, num_samples: int) -> dict[str, Any]:
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from tuning.tracking import (INTERRUPTED, SearchTracker, default_tracking_uri, experiment_id, git_commit, log_params,
+    from tuning.tracking import (INTERRUPTED, SearchTracker, default_tracking_uri, experiment_id, git_commit, log_metrics, log_params,
                                  write_json_artifact)
 
     spec = prepared.spec
@@ -286,10 +284,7 @@ def run_search(args: argparse.Namespace, cfg: ExperimentConfig, search: SearchCo
     (search_dir / OUTCOME_FILE).write_text(json.dumps(outcome, indent=1, default=str))
     best = outcome.get("best")
     if best:
-        client.log_batch(parent_id, metrics=[
-            Metric(f"best_{k}", v, int(time.time() * 1000), 0)
-            for k, v in best["metrics"].items() if isinstance(v, (int, float)) and math.isfinite(v)
-        ])
+        log_metrics(client, parent_id, {f"best_{k}": v for k, v in best["metrics"].items()})
         client.set_tag(parent_id, "cfcml.best_trial", best["trial_id"])
         write_json_artifact(client, parent_id, best, "best_configuration.json")
     client.set_terminated(parent_id, "FINISHED" if best else "FAILED")

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,16 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
     todo = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
     for i in range(0, len(todo), 100):
         client.log_batch(run_id, params=todo[i:i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, values: dict[str, Any], step: int = 0,
+                timestamp_ms: int | None = None) -> None:
+    """Log the finite numbers of `values` at `step` (MLflow takes 1000 metrics per batch)."""
+    ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    metrics = [mlflow.entities.Metric(k, float(v), ts, step) for k, v in values.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
 
 def log_figure(client: MlflowClient, run_id: str, fig: Any, name: str) -> None:
@@ -156,14 +167,8 @@ class SearchTracker(Callback):
         epoch = int(values.get("epoch", 0))
         if epoch <= self._last_epoch.get(trial_id, 0):
             return
-        metrics = [
-            mlflow.entities.Metric(k, float(v), timestamp * 1000, epoch)
-            for k, v in values.items()
-            if k.startswith(LOGGED_PREFIXES) and isinstance(v, (int, float)) and math.isfinite(v)
-        ]
-        metrics.append(mlflow.entities.Metric("epoch", epoch, timestamp * 1000, epoch))
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        logged = {k: v for k, v in values.items() if k.startswith(LOGGED_PREFIXES)}
+        log_metrics(self.client, run_id, {**logged, "epoch": epoch}, step=epoch, timestamp_ms=timestamp * 1000)
         self._last_epoch[trial_id] = epoch
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

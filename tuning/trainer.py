@@ -74,8 +74,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["time_compute_s"] = compute_s
         metrics["time_setup_s"] = t_ready - t_start
         metrics["resumed_from_epoch"] = resumed_from
-        if restored:
-            metrics["restored"], restored = restored, {}
         test = None
         if config.get("final") and cv.epoch == max_epochs:
             # The one look at the held-out test split, after training has ended.
@@ -91,8 +89,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     oof.to_csv(Path(tmp) / OOF_FILE, index=False)
                 if test is not None:
                     test.to_csv(Path(tmp) / TEST_FILE, index=False)
-                (Path(tmp) / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+                (Path(tmp) / METRICS_FILE).write_text(json.dumps(metrics, indent=1))  # this epoch only
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if restored:
+                metrics["restored"], restored = restored, {}
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
