@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := data/demo-men
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo lint test bench clean-demo
 
 # constraints.txt pins every package (torch==2.13.0 takes the local CPU wheel here; on a GPU
 # machine the same pin resolves to PyPI's CUDA build).
@@ -17,17 +17,21 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	@test -d $(DEMO) || $(BIN)/python pipelines/make_synthetic.py --dataset men --out $(DEMO) --patients 60 --size 32 32 8
+	@test -d $(DEMO) || $(BIN)/python pipelines/make_synthetic.py --dataset men --data-root $(DEMO) --patients 60 --image-size 32 32 8
 	$(BIN)/python tuning/search.py --dataset men --search smoke --data-root $(DEMO) \
 		--num-samples 3 --max-epochs 12 --name demo-$$(date +%Y%m%d-%H%M%S)
 
-test: install
+# Lint: ruff with the rule set in pyproject.toml ([tool.ruff.lint]).
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python benchmarks/bench_losses.py
-	$(BIN)/python benchmarks/bench_loader.py
-	$(BIN)/python benchmarks/bench_trial_overhead.py
+	$(BIN)/python -m benchmarks.bench_losses
+	$(BIN)/python -m benchmarks.bench_loader
+	$(BIN)/python -m benchmarks.bench_trial_overhead
 
 clean-demo:
 	rm -rf $(DEMO) runs

@@ -7,8 +7,8 @@ cache + augmentation) and RawDataset (decode NIfTI + clip + resample + z-score, 
 prepare runs once, + augmentation), in one process with one torch thread (a DataLoader worker's
 setting), and prints samples/s of both and their ratio.
 
-    python benchmarks/bench_loader.py                    # 24 patients, 128x128x24
-    python benchmarks/bench_loader.py --patients 100 --samples 0   # prepare time only
+    python -m benchmarks.bench_loader                    # 24 patients, 128x128x24
+    python -m benchmarks.bench_loader --patients 100 --samples 0   # prepare time only
 """
 from __future__ import annotations
 
@@ -19,13 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from cfcml.data.dataset import CachedDataset, RawDataset  # noqa: E402
-from cfcml.data.prepare import prepare_dataset  # noqa: E402
-from cfcml.data.synthetic import make_men  # noqa: E402
+from cfcml.data.dataset import CachedDataset, RawDataset
+from cfcml.data.prepare import prepare_dataset
+from cfcml.data.synthetic import make_men
 
 
 def seconds(dataset, indices: list[int]) -> tuple[float, float]:
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         vary_size=True, overwrite=True)
         t_make = time.perf_counter() - t0
         t0 = time.perf_counter()
-        prepared = prepare_dataset("men", root, work / "prepared", folds=2, seed=0, image_size=tuple(args.size))
+        prepared = prepare_dataset("men", root, work / "prepared", folds=2, fold_seed=0, image_size=tuple(args.size))
         t_prepare = time.perf_counter() - t0
         result = {"patients": args.patients, "size": args.size, "raw_size": args.raw_size or args.size,
                   "make_seconds": round(t_make, 2), "prepare_seconds": round(t_prepare, 2),

@@ -1,6 +1,6 @@
 """Benchmark: forward + backward time of the batched fine-stage losses against the literal loops.
 
-    python benchmarks/bench_losses.py [--repeats N]
+    python -m benchmarks.bench_losses [--repeats N]
 
 Shape of a MEN training step (B=36, M=4, C=3, D=128, float32). `time_losses()` returns the
 timings so that more entries (e.g. the model's forward + backward) can be added next to it in
@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-
-from cfcml.losses import hrm_losses  # noqa: E402
-from cfcml.reference import reference_hrm_losses  # noqa: E402
+from cfcml.losses import hrm_losses
+from cfcml.reference import reference_hrm_losses
 
 
 def _median_seconds(step: Callable[[], None], repeats: int, warmup: int) -> float:
@@ -79,8 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  literal loops      : {res['literal_s'] * 1e3:9.3f} ms")
     print(f"  speed-up           : {res['speedup']:9.1f}x")
     if not args.no_model:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_model import bench
+        from benchmarks.bench_model import bench
 
         r = bench("men_public", repeats=args.model_repeats, device=torch.device("cpu"))
         print(f"CFCML model, one MEN training batch at the public size ({r['input']} volumes, batch 2, "

@@ -1,6 +1,6 @@
 """Forward + backward time of the CFCML network with its full loss, for one training batch.
 
-    .venv/bin/python benchmarks/bench_model.py [--repeats 3] [--only men_public ...] [--device cpu]
+    .venv/bin/python -m benchmarks.bench_model [--repeats 3] [--only men_public ...] [--device cpu]
 
 Configurations come from the shipped experiment and dataset configs (conf/), so the figures follow
 them: `men_public` (3 volumes 128x128x24, mamba_resnet width 16, Mamba in all stages, D 128,
@@ -17,18 +17,14 @@ import dataclasses
 import os
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
-
-from cfcml.config import load_experiment  # noqa: E402
-from cfcml.data.spec import load_dataset_spec  # noqa: E402
-from cfcml.losses import CFCMLLoss  # noqa: E402
-from cfcml.networks import build_model  # noqa: E402
+from cfcml.config import load_experiment
+from cfcml.data.spec import load_dataset_spec
+from cfcml.losses import CFCMLLoss
+from cfcml.networks import build_model
 
 BATCH = 2
 CONFIGS = {  # name -> (dataset, image size override, model overrides)
@@ -106,7 +102,8 @@ def main() -> None:
           f"cpus {os.cpu_count()}, load average {load}")
     print(f"one training step (forward + CFCMLLoss + backward), batch {BATCH}, "
           f"median of {args.repeats} after 1 warm-up\n")
-    header = f"{'config':<16} {'images':<12} {'params':>8} {'build':>7} {'fwd+bwd':>9} {'min':>7} {'max':>7} {'peak RSS':>9}"
+    header = (f"{'config':<16} {'images':<12} {'params':>8} {'build':>7} {'fwd+bwd':>9} {'min':>7} {'max':>7} "
+              f"{'peak RSS':>9}")
     print(header)
     print("-" * len(header))
     for name in args.only:

@@ -6,7 +6,7 @@ time_total_s), the time the Ray Train worker spent training/validating, and thei
 the start-up overhead (TorchTrainer controller + worker group + process group, imports, data
 and model set-up).
 
-    python benchmarks/bench_trial_overhead.py [--samples 2] [--epochs 2]
+    python -m benchmarks.bench_trial_overhead [--samples 2] [--epochs 2]
 """
 from __future__ import annotations
 
@@ -17,10 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cfcml.data.synthetic import make_men  # noqa: E402
-from tuning.search import main as search_main  # noqa: E402
+from cfcml.data.synthetic import make_men
+from tuning.search import main as search_main
 
 
 def main() -> None:

@@ -22,33 +22,107 @@ CONF_DIR = PROJECT_ROOT / "conf"
 
 
 class ConfigError(ValueError):
-    """A configuration key is missing, unknown or has a bad value; the message names the key."""
+    """A configuration key is missing, unknown or has a bad value; the message names the key.
+
+    `key` is the key as the raiser knows it: a section's own field name when a dataclass below
+    rejects a value, which `from_dict` then prefixes with the section's dotted path.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key, self.detail = key, message
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise ConfigError(f"must be > 0, got {value!r}", name)
+
+
+def _non_negative(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value < 0:
+            raise ConfigError(f"must be >= 0, got {value!r}", name)
+
+
+# Each section checks its own values in __post_init__, so a config built in code (tests, scripts)
+# is held to the same rules as one loaded from YAML.
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The network (docs/model.md).
+
+    Args:
+        variant: "cfcml" (all modalities, coarse stage), "image_only", "tabular_only" (the coarse
+            stage over a subset of modalities) or "late_concat" (last stage pooled, concatenated).
+        encoder: "mamba_resnet" (3D/2D residual CNN with Mamba mixers) or "swin" (MONAI Swin).
+        encoder_width: mamba_resnet stem channels (stages double it); swin embedding width.
+        mixer_stages: mamba_resnet stages (1..4) with a global Mamba mixer.
+        swin_depths, swin_heads: blocks and attention heads of the four Swin layers.
+        swin_patch: Swin patch size; 4 turns 224x224 photos into 56/28/14/7 token grids.
+        swin_window: Swin window size.
+        share_encoder: one encoder for all image modalities (the two Derm7pt photos).
+        pretrained: a local state-dict file for the image encoder(s); never downloaded.
+        dim: width D of every modality's tokens.
+        latents_img, latents_tab: tokens each stage is compressed to, per image / the table.
+        heads: attention heads of crossmodal information enhancement (divides `dim`).
+        dropout: classifier dropout, in [0, 1).
+        multi_granularity: off = stage 4 only (an ablation).
+        cie: crossmodal information enhancement (off = an ablation).
+    """
+
     variant: Literal["cfcml", "image_only", "tabular_only", "late_concat"] = "cfcml"
     encoder: Literal["mamba_resnet", "swin"] = "mamba_resnet"
-    encoder_width: int = 16  # mamba_resnet: stem channels (stages double it); swin: embed dim
-    mixer_stages: tuple[int, ...] = (1, 2, 3, 4)  # mamba_resnet stages with a global Mamba mixer
+    encoder_width: int = 16
+    mixer_stages: tuple[int, ...] = (1, 2, 3, 4)
     swin_depths: tuple[int, ...] = (2, 2, 6, 2)
     swin_heads: tuple[int, ...] = (3, 6, 12, 24)
-    swin_patch: int = 2  # 4 for 224x224 photos gives the 56/28/14/7 token grids
+    swin_patch: int = 2
     swin_window: int = 7
-    share_encoder: bool = False  # one encoder for all image modalities (Derm7pt photos)
-    pretrained: str | None = None  # local state-dict file for the image encoder(s); never downloaded
+    share_encoder: bool = False
+    pretrained: str | None = None
     dim: int = 128
     latents_img: int = 48
     latents_tab: int = 16
     heads: int = 4
     dropout: float = 0.5
-    multi_granularity: bool = True  # off: stage 4 only
-    cie: bool = True  # crossmodal information enhancement
+    multi_granularity: bool = True
+    cie: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "encoder_width", "swin_patch", "swin_window", "dim", "latents_img", "latents_tab", "heads")
+        if self.dim % self.heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by {self.heads} heads", "heads")
+        if not set(self.mixer_stages) <= {1, 2, 3, 4}:
+            raise ConfigError(f"stages are numbered 1..4, got {self.mixer_stages}", "mixer_stages")
+        if len(self.swin_depths) != 4 or len(self.swin_heads) != 4:
+            raise ConfigError("need 4 entries each", "swin_depths")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"must be in [0, 1), got {self.dropout!r}", "dropout")
+        if min(self.swin_heads) < 1 or min(self.swin_depths) < 1:
+            raise ConfigError("heads and depths must be >= 1", "swin_heads")
+        if self.encoder == "swin":
+            for i, h in enumerate(self.swin_heads):  # stage i has encoder_width * 2**i channels
+                if (self.encoder_width * 2**i) % h:
+                    raise ConfigError(f"stage {i + 1} has {self.encoder_width * 2**i} channels, "
+                                      f"not divisible by {h} heads", "swin_heads")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    fine: bool = True  # hierarchical relationship mining (off: cross-entropy only)
+    """The training loss: w_cls * CE + w_sam * L_sam + w_up * L_up + w_cp * L_cp (docs/model.md).
+
+    Args:
+        fine: hierarchical relationship mining; off = cross-entropy only (an ablation).
+        w_cls, w_sam, w_up, w_cp: term weights, >= 0 (public MEN values 1 / 0.06 / 0.04 / 0.24).
+        tau_sam, tau_up, tau_cp: temperatures, > 0 (public value 0.07).
+        momentum: prototype EMA in [0, 1); 0 is the paper's per-batch prototypes.
+    """
+
+    fine: bool = True
     w_cls: float = 1.0
     w_sam: float = 0.06
     w_up: float = 0.04
@@ -56,32 +130,80 @@ class LossConfig:
     tau_sam: float = 0.07
     tau_up: float = 0.07
     tau_cp: float = 0.07
-    momentum: float = 0.0  # prototype EMA; 0 is the paper's per-batch prototypes
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "tau_sam", "tau_up", "tau_cp")
+        _non_negative(self, "w_cls", "w_sam", "w_up", "w_cp")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"must be in [0, 1), got {self.momentum!r}", "momentum")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """Adam with linear warm-up, then step decay.
+
+    Args:
+        lr: learning rate, > 0.
+        encoder_lr_mult: the image encoder's learning rate is lr times this (Derm7pt: 0.1).
+        weight_decay: >= 0.
+        warmup_epochs: linear warm-up length, >= 0.
+        step_size, gamma: after warm-up, lr *= gamma every step_size epochs; gamma in (0, 1].
+    """
+
     lr: float = 5e-4
-    encoder_lr_mult: float = 1.0  # Derm7pt fine-tunes its (pretrained) encoder at 0.1x
+    encoder_lr_mult: float = 1.0
     weight_decay: float = 1e-4
     warmup_epochs: int = 5
     step_size: int = 5
     gamma: float = 0.8
 
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "step_size")
+        _non_negative(self, "encoder_lr_mult", "weight_decay", "warmup_epochs")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ConfigError(f"must be in (0, 1], got {self.gamma!r}", "gamma")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How one configuration is trained (per trial, and for the final model).
+
+    Args:
+        epochs: the most epochs a trial trains (a search's ASHA max_t).
+        batch_size: samples per optimiser step, over all data-parallel workers.
+        folds: cross-validation folds, >= 2 (the prepared dataset must have as many).
+        balanced_sampler: draw class-balanced batches instead of shuffling.
+        loader_workers: torch DataLoader worker processes per Ray Train worker.
+        workers: Ray Train (DDP) workers per trial.
+        cpus_per_worker, gpus_per_worker: Ray resources of each worker.
+        amp: bfloat16 autocast, used only on GPU.
+        max_failures: restarts of a trial's Ray Train workers after a crash (a preempted node, an
+            out-of-memory kill), each from the last checkpoint; 0 fails the trial at once.
+        image_size: overrides the dataset's preprocessed image size (tiny demos), 2 or 3 sizes.
+        seed: seeds weights, batch order and augmentation (not the folds: see the fold seed).
+    """
+
     epochs: int = 100
     batch_size: int = 8
     folds: int = 5
     balanced_sampler: bool = False
-    loader_workers: int = 0  # torch DataLoader worker processes per Ray Train worker
-    workers: int = 1  # Ray Train (DDP) workers per trial
+    loader_workers: int = 0
+    workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    amp: bool = True  # mixed precision, used only on GPU
-    image_size: tuple[int, ...] | None = None  # overrides the dataset's image size (tiny demos)
+    amp: bool = True
+    max_failures: int = 2
+    image_size: tuple[int, ...] | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size", "workers")
+        _non_negative(self, "loader_workers", "cpus_per_worker", "gpus_per_worker", "max_failures")
+        if self.folds < 2:
+            raise ConfigError(f"cross-validation needs at least 2 folds, got {self.folds}", "folds")
+        if self.image_size is not None and (len(self.image_size) not in (2, 3) or min(self.image_size) < 1):
+            raise ConfigError(f"expected 2 or 3 positive sizes, got {list(self.image_size)}", "image_size")
 
 
 @dataclass(frozen=True)
@@ -98,6 +220,15 @@ class ExperimentConfig:
     def replace(self, overrides: dict[str, Any]) -> ExperimentConfig:
         """A new config with `overrides` deep-merged (dotted keys like "loss.tau_sam" allowed)."""
         return from_dict(ExperimentConfig, deep_merge(self.to_dict(), overrides), "config")
+
+    def value(self, dotted: str) -> Any:
+        """The value at a dotted key, e.g. cfg.value("loss.tau_sam")."""
+        node: Any = self
+        for part in dotted.split("."):
+            if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+                raise ConfigError("unknown key", dotted)
+            node = getattr(node, part)
+        return node
 
 
 def _check_value(tp: Any, value: Any, path: str) -> Any:
@@ -121,6 +252,10 @@ def _check_value(tp: Any, value: Any, path: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -171,51 +306,12 @@ def from_dict(cls: type, data: Any, path: str = "config") -> Any:
             kwargs[name] = _check_value(hints[name], data[name], _key(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_key(path, name)}: required key is missing")
-    obj = cls(**kwargs)
-    _validate_ranges(obj, path)
-    return obj
-
-
-def _validate_ranges(obj: Any, path: str) -> None:
-    positive = {
-        "dim", "latents_img", "latents_tab", "heads", "encoder_width", "epochs", "batch_size",
-        "workers", "swin_patch", "swin_window", "tau_sam", "tau_up", "tau_cp", "lr", "step_size",
-    }
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if f.name in positive and isinstance(value, (int, float)) and value <= 0:
-            raise ConfigError(f"{_key(path, f.name)}: must be > 0, got {value!r}")
-    non_negative = {"w_cls", "w_sam", "w_up", "w_cp", "weight_decay", "encoder_lr_mult", "warmup_epochs",
-                    "loader_workers", "cpus_per_worker", "gpus_per_worker"}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if f.name in non_negative and isinstance(value, (int, float)) and value < 0:
-            raise ConfigError(f"{_key(path, f.name)}: must be >= 0, got {value!r}")
-    if isinstance(obj, LossConfig) and not 0.0 <= obj.momentum < 1.0:
-        raise ConfigError(f"{_key(path, 'momentum')}: must be in [0, 1), got {obj.momentum!r}")
-    if isinstance(obj, OptimConfig) and not 0.0 < obj.gamma <= 1.0:
-        raise ConfigError(f"{_key(path, 'gamma')}: must be in (0, 1], got {obj.gamma!r}")
-    if isinstance(obj, TrainConfig) and obj.image_size is not None and (
-            len(obj.image_size) not in (2, 3) or min(obj.image_size) < 1):
-        raise ConfigError(f"{_key(path, 'image_size')}: expected 2 or 3 positive sizes, got {list(obj.image_size)}")
-    if isinstance(obj, TrainConfig) and obj.folds < 2:
-        raise ConfigError(f"{_key(path, 'folds')}: cross-validation needs at least 2 folds, got {obj.folds}")
-    if isinstance(obj, ModelConfig):
-        if obj.dim % obj.heads:
-            raise ConfigError(f"{_key(path, 'heads')}: dim {obj.dim} is not divisible by {obj.heads} heads")
-        if not set(obj.mixer_stages) <= {1, 2, 3, 4}:
-            raise ConfigError(f"{_key(path, 'mixer_stages')}: stages are numbered 1..4, got {obj.mixer_stages}")
-        if len(obj.swin_depths) != 4 or len(obj.swin_heads) != 4:
-            raise ConfigError(f"{_key(path, 'swin_depths')}: need 4 entries each")
-        if not 0.0 <= obj.dropout < 1.0:
-            raise ConfigError(f"{_key(path, 'dropout')}: must be in [0, 1), got {obj.dropout!r}")
-        if min(obj.swin_heads) < 1 or min(obj.swin_depths) < 1:
-            raise ConfigError(f"{_key(path, 'swin_heads')}: heads and depths must be >= 1")
-        if obj.encoder == "swin":
-            for i, h in enumerate(obj.swin_heads):  # stage i has encoder_width * 2**i channels
-                if (obj.encoder_width * 2**i) % h:
-                    raise ConfigError(f"{_key(path, 'swin_heads')}: stage {i + 1} has {obj.encoder_width * 2**i} "
-                                      f"channels, not divisible by {h} heads")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # a section's own check: name the key from the top
+        if exc.key is None:
+            raise
+        raise ConfigError(exc.detail, _key(path, exc.key)) from None
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

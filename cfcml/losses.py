@@ -1,4 +1,4 @@
-"""Fine-stage losses of CFCML: hierarchical anchor-based relationship mining (DESIGN.md section 4).
+"""Fine-stage losses of CFCML: hierarchical anchor-based relationship mining (docs/model.md, "The fine stage").
 
 Three contrastive losses on the per-modality features z_{m,i} (all cosines, so only directions
 matter), each anchored at a different level of the hierarchy:
@@ -15,17 +15,21 @@ drop out of every term that needs their prototype: as anchor, as positive and as
 Normalisation constants then are: L_sam sums over the classes present (as the formula says);
 L_up divides by M (it sums over classes, as the formula says); L_cp divides by the number of
 available classes, so it stays a mean over classes. With every class available all three are
-exactly the formulas of DESIGN.md. A term whose negative set is empty (one class available)
+exactly the formulas of docs/model.md. A term whose negative set is empty (one class available)
 gives l = -log(1 + 1e-8) ~ -1e-8, never NaN; an absent class is never an anchor, so
 `PrototypeBank` and a class-balanced sampler are options, not requirements.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cfcml.config import LossConfig
 
 LOG_EPS = 1e-8  # the "+ 1e-8" inside the log of l(a; P; N)
 SUM_EPS = 1e-8  # the "1e-8 +" in front of L_up and L_cp
@@ -150,7 +154,7 @@ def hrm_losses(
     tau_up: float = 0.07,
     tau_cp: float = 0.07,
 ) -> dict[str, Tensor]:
-    """Per-batch L_sam, L_up, L_cp (scalars) of DESIGN.md section 4.
+    """Per-batch L_sam, L_up, L_cp (scalars) of docs/model.md.
 
     features: [B, M, D] or a list of M [B, D]; labels: int [B]. Classes absent from the batch drop
     out of every term that needs their prototype (see the module docstring).
@@ -221,34 +225,22 @@ class CFCMLLoss(nn.Module):
     (built from its own shard of the batch).
     """
 
-    def __init__(
-        self,
-        num_modalities: int,
-        num_classes: int,
-        dim: int,
-        w_cls: float = 1.0,
-        w_sam: float = 0.06,
-        w_up: float = 0.04,
-        w_cp: float = 0.24,
-        tau_sam: float = 0.07,
-        tau_up: float = 0.07,
-        tau_cp: float = 0.07,
-        momentum: float = 0.0,
-        fine: bool = True,
-    ):
+    def __init__(self, num_modalities: int, num_classes: int, dim: int, **settings: Any):
+        """settings: any `cfcml.config.LossConfig` field (w_cls, w_sam, w_up, w_cp, tau_sam, tau_up,
+        tau_cp, momentum, fine), checked by LossConfig; the rest keep LossConfig's defaults."""
         super().__init__()
-        for name, tau in (("tau_sam", tau_sam), ("tau_up", tau_up), ("tau_cp", tau_cp)):
-            if not tau > 0.0:
-                raise ValueError(f"{name} must be > 0; got {tau}")
-        for name, w in (("w_cls", w_cls), ("w_sam", w_sam), ("w_up", w_up), ("w_cp", w_cp)):
-            if not w >= 0.0:
-                raise ValueError(f"{name} must be >= 0; got {w}")
+        cfg = LossConfig(**settings)
+        self.config = cfg
         self.num_classes = num_classes
-        self.weights = {"ce": float(w_cls), "sam": float(w_sam), "up": float(w_up), "cp": float(w_cp)}
-        self.taus = (float(tau_sam), float(tau_up), float(tau_cp))
-        self.fine = fine
-        self.bank = PrototypeBank(num_modalities, num_classes, dim, momentum)
+        self.weights = {"ce": cfg.w_cls, "sam": cfg.w_sam, "up": cfg.w_up, "cp": cfg.w_cp}
+        self.taus = (cfg.tau_sam, cfg.tau_up, cfg.tau_cp)
+        self.fine = cfg.fine
+        self.bank = PrototypeBank(num_modalities, num_classes, dim, cfg.momentum)
         self._cache: tuple[Tensor, Tensor, Tensor] | None = None  # prototypes of the last train forward
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, *, num_modalities: int, num_classes: int, dim: int) -> CFCMLLoss:
+        return cls(num_modalities, num_classes, dim, **dataclasses.asdict(cfg))
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}, taus={self.taus}, fine={self.fine}"

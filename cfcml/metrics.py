@@ -1,4 +1,4 @@
-"""Evaluation metrics of the public code (DESIGN.md section 6), bootstrap CIs and plots.
+"""Evaluation metrics of the public code (docs/evaluation.md), bootstrap CIs and plots.
 
 Two tasks:
 - "multiclass" (MEN): accuracy, per-class accuracy (recall) "acc_class_<i>", weighted and macro

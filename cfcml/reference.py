@@ -1,11 +1,11 @@
-"""Literal, loop-by-loop transcription of the fine-stage losses (DESIGN.md section 4).
+"""Literal, loop-by-loop transcription of the fine-stage losses (docs/model.md, "The fine stage").
 
 SLOW (one torch call per similarity): it exists only as the ground truth that tests and
 `benchmarks/bench_losses.py` compare `cfcml.losses.hrm_losses` against. Do not train with it.
 
 It follows the formulas word for word, looping over m, c and i. Classes absent from the batch are
 skipped everywhere (the sums run over the classes present, L_cp divides by their number), which is
-the convention of `cfcml.losses`; with every class present this is exactly DESIGN.md.
+the convention of `cfcml.losses`; with every class present this is exactly docs/model.md.
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from cfcml.data.normalize import TabularNormalizer
 from cfcml.losses import CFCMLLoss
 from cfcml.metrics import compute_metrics
 from cfcml.networks import CFCML, build_model
+from cfcml.predict import ModelInputs, predict_proba
 
 
 @dataclass
@@ -118,13 +119,8 @@ class CrossValidation:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = DistributedDataParallel(model, device_ids=ids)
-        lc = cfg.loss
-        criterion = CFCMLLoss(
-            model.num_modalities, len(self.spec.classes), cfg.model.dim,
-            w_cls=lc.w_cls, w_sam=lc.w_sam, w_up=lc.w_up, w_cp=lc.w_cp,
-            tau_sam=lc.tau_sam, tau_up=lc.tau_up, tau_cp=lc.tau_cp,
-            momentum=lc.momentum, fine=lc.fine,
-        ).to(self.device)
+        criterion = CFCMLLoss.from_config(cfg.loss, num_modalities=model.num_modalities,
+                                          num_classes=len(self.spec.classes), dim=cfg.model.dim).to(self.device)
         optimizer = make_optimizer(model, cfg.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.optim))
         # Statistics from the training part only: validation values never shape the inputs.
@@ -154,11 +150,6 @@ class CrossValidation:
                           drop_last=len(train_set) >= 2 * t.batch_size, **common)
 
     # ---------------------------------------------------------------- training
-    def _to(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        d = self.device
-        images = [x.to(d, non_blocking=True) for x in batch["images"]]
-        return images, batch["num"].to(d), batch["num_missing"].to(d), batch["cat"].to(d), batch["label"].to(d)
-
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
@@ -166,15 +157,17 @@ class CrossValidation:
         fold = self.folds[k]
         fold.net.train()
         fold.criterion.train()
-        sampler = fold.train_loader.sampler if fold.train_loader.batch_sampler is None else fold.train_loader.batch_sampler
+        loader = fold.train_loader
+        sampler = loader.sampler if loader.batch_sampler is None else loader.batch_sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
         sums: dict[str, float] = {}
         steps = 0
         for batch in fold.train_loader:
-            images, num, miss, cat, y = self._to(batch)
+            inputs = ModelInputs.from_batch(batch, self.device)
+            y = batch["label"].to(self.device, non_blocking=True)
             with self._autocast():
-                out = fold.net(images, num, miss, cat)
+                out = inputs(fold.net)
             losses = fold.criterion(out.logits.float(), out.features.float(), y)
             fold.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -202,20 +195,12 @@ class CrossValidation:
             buf.copy_(F.normalize(buf, dim=-1) * (filled > 0).view(*([1] * (buf.dim() - 2)), -1, 1))
         bank.filled.copy_(filled > 0)
 
-    @torch.no_grad()
     def predict(self, fold: Fold, dataset: CachedDataset) -> np.ndarray:
         """Class probabilities [N, C] for `dataset`, computed across ranks and gathered."""
-        fold.model.eval()
         idx = list(range(self.rank, len(dataset), self.world))
         loader = DataLoader(Subset(dataset, idx), batch_size=self.cfg.train.batch_size,
                             num_workers=self.cfg.train.loader_workers)
-        probs = []
-        for batch in loader:
-            images, num, miss, cat, _ = self._to(batch)
-            with self._autocast():
-                logits = fold.model(images, num, miss, cat).logits
-            probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        local = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.spec.classes)), np.float32)
+        local = predict_proba(fold.model, loader, self.device, len(self.spec.classes), self._autocast)
         if self.world == 1:
             return local
         parts: list[Any] = [None] * self.world

@@ -1,22 +1,21 @@
 """Write a synthetic MEN or Derm7pt dataset in the real layout, for demos and tests.
 
-    python pipelines/make_synthetic.py --dataset men --out data/men_synth
-    python pipelines/make_synthetic.py --dataset men --out data/men_128 --patients 100 --size 128 128 24
-    python pipelines/make_synthetic.py --dataset derm7pt --out data/derm_synth --size 224 224
+    python pipelines/make_synthetic.py --dataset men --data-root data/men_synth
+    python pipelines/make_synthetic.py --dataset men --data-root data/men_128 --patients 100 --image-size 128 128 24
+    python pipelines/make_synthetic.py --dataset derm7pt --data-root data/derm_synth --image-size 224 224
+
+(--out and --size are the older spellings of --data-root and --image-size.)
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 
 from cfcml.data.synthetic import LATENTS_FILE, make_derm7pt, make_men
+from tuning import cli_args
 
 DEFAULTS = {  # patients, size (the public code trains on 128x128x24 volumes / 224x224 photos)
     "men": (60, (32, 32, 8)),
@@ -28,13 +27,12 @@ PROGRESS_FROM = 50  # show a progress bar from this many patients on
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=sorted(DEFAULTS))
-    parser.add_argument("--out", required=True, type=Path, help="folder to write the dataset into")
+    cli_args.add_data_root(parser, required=True, help="folder to write the dataset into", alias="--out")
     parser.add_argument("--patients", type=int, help="MEN patients / Derm7pt NEV+MEL cases "
                         "(default 60 / 80)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, nargs="+", metavar="N",
-                        help="MEN: H W D (default 32 32 8; public 128 128 24); "
-                             "Derm7pt: H W (default 64 64; public 224 224; may be non-square)")
+    cli_args.add_image_size(parser, help="MEN: H W D (default 32 32 8; public 128 128 24); "
+                                         "Derm7pt: H W (default 64 64; public 224 224; may be non-square)")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--vary-size", action="store_true",
                         help="jitter each volume/photo size by ~10%%, like real crops")
@@ -43,9 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     patients, size = DEFAULTS[args.dataset]
     args.patients = patients if args.patients is None else args.patients
-    args.size = size if args.size is None else tuple(args.size)
-    if len(args.size) != len(size):
-        parser.error(f"--size for {args.dataset} takes {len(size)} integers, got {len(args.size)}")
+    args.image_size = size if args.image_size is None else tuple(args.image_size)
+    if len(args.image_size) != len(size):
+        parser.error(f"--image-size for {args.dataset} takes {len(size)} integers, got {len(args.image_size)}")
     return args
 
 
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     make = make_men if args.dataset == "men" else make_derm7pt
     start = time.perf_counter()
     try:
-        out = make(args.out, patients=args.patients, seed=args.seed, size=args.size,
+        out = make(args.data_root, patients=args.patients, seed=args.seed, size=args.image_size,
                    test_fraction=args.test_fraction, vary_size=args.vary_size,
                    overwrite=args.overwrite, progress=args.patients >= PROGRESS_FROM)
     except (ValueError, FileExistsError) as error:
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     latents = pd.read_csv(out / LATENTS_FILE)
     counts = pd.crosstab(latents["label"], latents["split"], margins=True, margins_name="total")
-    size = "x".join(map(str, args.size)) + (" (jittered)" if args.vary_size else "")
+    size = "x".join(map(str, args.image_size)) + (" (jittered)" if args.vary_size else "")
     print(f"wrote synthetic {args.dataset} to {out} in {seconds:.1f}s (seed {args.seed}, size {size})")
     print(counts.to_string())
     if args.dataset == "men":

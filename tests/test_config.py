@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import pytest
 
-from cfcml.config import (ConfigError, ExperimentConfig, LossConfig, ModelConfig, TrainConfig, deep_merge,
-                          from_dict, load_experiment)
+from cfcml.config import (
+    ConfigError,
+    ExperimentConfig,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    deep_merge,
+    from_dict,
+    load_experiment,
+)
 
 
 def load(**sections):
@@ -139,3 +147,27 @@ def test_section_classes_validate_on_their_own():
     assert from_dict(LossConfig, {"fine": False}).fine is False
     with pytest.raises(ConfigError, match=r"^train.workers: must be > 0"):
         from_dict(TrainConfig, {"workers": 0}, "train")
+
+
+@pytest.mark.parametrize("build,key", [
+    (lambda: ModelConfig(heads=3), "heads"),
+    (lambda: ModelConfig(dim=0), "dim"),
+    (lambda: LossConfig(tau_up=0.0), "tau_up"),
+    (lambda: TrainConfig(max_failures=-1), "max_failures"),
+])
+def test_sections_built_in_code_are_checked_too(build, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        build()
+
+
+def test_rules_belong_to_their_section():
+    """A rule is a section's own: TrainConfig.seed may be negative although a `dim` must be > 0."""
+    assert TrainConfig(seed=-1).seed == -1
+    assert from_dict(TrainConfig, {"max_failures": 0}).max_failures == 0
+
+
+def test_value_reads_a_dotted_key():
+    cfg = load()
+    assert cfg.value("loss.tau_sam") == 0.07 and cfg.value("train.folds") == 5
+    with pytest.raises(ConfigError, match="loss.bogus: unknown key"):
+        cfg.value("loss.bogus")

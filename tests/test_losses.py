@@ -282,3 +282,12 @@ def test_int32_labels_are_accepted():
     got = hrm_losses(features, labels.int(), 3)
     assert all(torch.equal(got[k], want[k]) for k in KEYS)
     assert torch.isfinite(CFCMLLoss(2, 3, D)(torch.randn(6, 3), features, labels.int())["loss"])
+
+
+def test_loss_from_config_uses_every_setting():
+    from cfcml.config import LossConfig
+
+    cfg = LossConfig(fine=False, w_cls=2.0, tau_sam=0.2, momentum=0.3)
+    loss_fn = CFCMLLoss.from_config(cfg, num_modalities=2, num_classes=3, dim=D)
+    assert loss_fn.config == cfg and not loss_fn.fine and loss_fn.weights["ce"] == 2.0
+    assert loss_fn.taus[0] == 0.2 and loss_fn.bank.momentum == 0.3

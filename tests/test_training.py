@@ -17,7 +17,7 @@ SIZE = (32, 32, 8)
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory):
     root = make_men(tmp_path_factory.mktemp("train") / "men", patients=30, seed=3, size=SIZE)
-    return prepare_dataset("men", root, folds=2, seed=0, image_size=SIZE)
+    return prepare_dataset("men", root, folds=2, fold_seed=0, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")

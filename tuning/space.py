@@ -3,25 +3,27 @@
 A search config looks like
 
     num_samples: 20            # trials
-    max_epochs: 60             # per trial (ASHA's max_t)
+    max_epochs: 60             # per trial (ASHA's max_t); becomes the experiment's train.epochs
     grace_period: 5            # epochs before ASHA may stop a trial
     reduction_factor: 2
-    folds: 5
+    folds: 5                   # becomes the experiment's train.folds
     overrides: {}              # experiment config overrides (dotted keys), e.g. a tiny model
     dataset_overrides: {}      # per dataset name, applied after `overrides` (e.g. image sizes)
     space:                     # dotted experiment keys -> distribution
       loss.tau_sam: {dist: loguniform, low: 0.02, high: 0.5}
 
 The experiment's own values for the searched keys (the public code's settings) are the first
-point Optuna evaluates.
+point Optuna evaluates. How these settings combine with the experiment file and the command line
+is `tuning.run`'s job (one documented precedence).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cfcml.config import CONF_DIR, ConfigError, ExperimentConfig, known_names, read_yaml
+from cfcml.config import CONF_DIR, ConfigError, ExperimentConfig, from_dict, known_names, read_yaml
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 
@@ -48,14 +50,43 @@ class Param:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    name: str
+    """One search file. Args:
+        num_samples: trials, >= 1.
+        max_epochs: epochs per trial (None: the experiment's train.epochs).
+        grace_period: epochs before ASHA may stop a trial, >= 1.
+        reduction_factor: ASHA keeps 1 / reduction_factor of the trials at each rung, >= 2 is usual.
+        folds: cross-validation folds (None: the experiment's train.folds).
+        overrides: experiment overrides (dotted keys) for every dataset.
+        dataset_overrides: per dataset name, more overrides applied after `overrides`.
+        space: the searched keys (filled from the file's `space:` mapping).
+    """
+
+    name: str = ""
     num_samples: int = 20
-    max_epochs: int | None = None  # None: the experiment's train.epochs
+    max_epochs: int | None = None
     grace_period: int = 5
     reduction_factor: int = 2
-    folds: int | None = None  # None: the experiment's train.folds
+    folds: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    dataset_overrides: dict[str, Any] = field(default_factory=dict)
     space: tuple[Param, ...] = ()
+
+    def __post_init__(self) -> None:
+        for key in ("num_samples", "max_epochs", "grace_period", "reduction_factor", "folds"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"expected a positive integer, got {value!r}", key)
+
+    def for_dataset(self, dataset: str) -> dict[str, Any]:
+        """`overrides` with the dataset's own `dataset_overrides` on top."""
+        mine = self.dataset_overrides.get(dataset) or {}
+        if not isinstance(mine, dict):
+            raise ConfigError(f"dataset_overrides.{dataset}: expected a mapping")
+        return {**self.overrides, **mine}
+
+    @property
+    def keys(self) -> list[str]:
+        return [p.key for p in self.space]
 
 
 def _param(key: str, raw: Any, where: str, base: ExperimentConfig) -> Param:
@@ -85,58 +116,36 @@ def _param(key: str, raw: Any, where: str, base: ExperimentConfig) -> Param:
     return Param(key, dist, low, high)
 
 
-def load_search(name_or_path: str, base: ExperimentConfig) -> SearchConfig:
+def search_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if not path.suffix:
         path = CONF_DIR / "search" / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown search {name_or_path!r}: no {path} (known: {known_names('search')})")
+    return path
+
+
+def load_search(name_or_path: str, base: ExperimentConfig) -> SearchConfig:
+    """Load and validate a search file against the experiment it will tune; `overrides` of the
+    result already hold the dataset's own `dataset_overrides`."""
+    path = search_path(name_or_path)
     raw = read_yaml(path)
     where = f"{path}:"
-    known = {"num_samples", "max_epochs", "grace_period", "reduction_factor", "folds", "overrides",
-             "dataset_overrides", "space"}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"{where} {sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(known))})")
-    for key in ("num_samples", "max_epochs", "grace_period", "reduction_factor", "folds"):
-        value = raw.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{where} {key}: expected a positive integer, got {value!r}")
-    overrides = raw.get("overrides") or {}
-    per_dataset = raw.get("dataset_overrides") or {}
-    if not isinstance(overrides, dict) or not isinstance(per_dataset, dict):
-        raise ConfigError(f"{where} overrides/dataset_overrides: expected a mapping")
-    mine = per_dataset.get(base.dataset) or {}
-    if not isinstance(mine, dict):
-        raise ConfigError(f"{where} dataset_overrides.{base.dataset}: expected a mapping")
-    overrides = {**overrides, **mine}
+    space_raw = raw.pop("space", None) or {}
+    if "name" in raw:
+        raise ConfigError(f"{where} name: unknown key (the file name is the search's name)")
+    cfg = from_dict(SearchConfig, {**raw, "name": path.stem}, where)
     try:
+        overrides = cfg.for_dataset(base.dataset)
         with_overrides = base.replace(overrides)
     except ConfigError as exc:
         raise ConfigError(f"{where} overrides: {exc}") from None
-    space_raw = raw.get("space") or {}
     if not isinstance(space_raw, dict):
         raise ConfigError(f"{where} space: expected a mapping of dotted keys to distributions")
     space = tuple(_param(k, v, f"{where} space.{k}", with_overrides) for k, v in space_raw.items())
-    return SearchConfig(
-        name=path.stem,
-        num_samples=raw.get("num_samples", 20),
-        max_epochs=raw.get("max_epochs"),
-        grace_period=raw.get("grace_period", 5),
-        reduction_factor=raw.get("reduction_factor", 2),
-        folds=raw.get("folds"),
-        overrides=overrides,
-        space=space,
-    )
+    return dataclasses.replace(cfg, overrides=overrides, space=space)
 
 
 def initial_point(search: SearchConfig, cfg: ExperimentConfig) -> dict[str, Any]:
     """The experiment's own values of the searched keys (Optuna evaluates them first)."""
-    flat = cfg.to_dict()
-    point = {}
-    for p in search.space:
-        node: Any = flat
-        for part in p.key.split("."):
-            node = node[part]
-        point[p.key] = node
-    return point
+    return {p.key: cfg.value(p.key) for p in search.space}

@@ -11,26 +11,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from cfcml.config import PROJECT_ROOT
 
-DEFAULT_RUNS_DIR = PROJECT_ROOT / "runs"
 LOGGED_PREFIXES = ("train_", "val_", "cv_")
 
 
-def default_tracking_uri(runs_dir: Path = DEFAULT_RUNS_DIR) -> str:
+def default_tracking_uri(runs_dir: Path) -> str:
     """`MLFLOW_TRACKING_URI` if set, else a SQLite store under the project's runs/ folder."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
@@ -87,28 +83,8 @@ def log_figure(client: MlflowClient, run_id: str, fig: Any, name: str) -> None:
     plt.close(fig)
 
 
-# Set when the user interrupts a search (Ctrl-C). Tune handles the signal itself, stops the
-# trials and saves its state, then returns as if done; the driver must know not to go on to the
-# final model. Module-level because a restored Tuner brings its own copy of the callback.
-INTERRUPTED = threading.Event()
-
-
 class SearchTracker(Callback):
     """Tune callback mirroring trials into nested MLflow runs."""
-
-    def setup(self, **info: Any) -> None:
-        """Runs after Tune installed its SIGINT handler: chain ours in front of it."""
-        INTERRUPTED.clear()
-        if threading.current_thread() is not threading.main_thread():
-            return
-        tune_handler = signal.getsignal(signal.SIGINT)
-
-        def handler(signum: int, frame: Any) -> None:
-            INTERRUPTED.set()
-            if callable(tune_handler):
-                tune_handler(signum, frame)
-
-        signal.signal(signal.SIGINT, handler)
 
     def __init__(self, tracking_uri: str, exp_id: str, parent_run_id: str, search_key: str,
                  metric: str, classes: list[str], task: str):
@@ -118,10 +94,17 @@ class SearchTracker(Callback):
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._last_epoch: dict[str, int] = {}
         self._best: dict[str, tuple[float, str | None]] = {}  # trial id -> (score, checkpoint path)
+        self._client: MlflowClient | None = None
 
     @property
     def client(self) -> MlflowClient:
-        return MlflowClient(self.tracking_uri)
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune saves its callbacks with the experiment state: leave the client out."""
+        return {**self.__dict__, "_client": None}
 
     def _run_for(self, trial: Any) -> str:
         tid = trial.trial_id
@@ -198,19 +181,16 @@ class SearchTracker(Callback):
         client.set_terminated(run_id, status)
 
     def _log_plots(self, client: MlflowClient, run_id: str, checkpoint_path: str) -> None:
-        from ray.train import Checkpoint
-
         from cfcml.metrics import plot_confusion, plot_roc
         from cfcml.training import frame_probs
-        from tuning.trainer import METRICS_FILE, OOF_FILE
+        from tuning.checkpoints import METRICS_FILE, OOF_FILE, open_checkpoint
 
-        with Checkpoint(checkpoint_path).as_directory() as d:
-            oof_path = Path(d) / OOF_FILE
-            if not oof_path.exists():
+        with open_checkpoint(checkpoint_path) as ckpt:
+            oof = ckpt.oof()
+            if oof is None:
                 return
-            oof = pd.read_csv(oof_path)
-            client.log_artifact(run_id, str(oof_path), "predictions")
-            client.log_artifact(run_id, str(Path(d) / METRICS_FILE), "predictions")
+            client.log_artifact(run_id, str(ckpt.file(OOF_FILE)), "predictions")
+            client.log_artifact(run_id, str(ckpt.file(METRICS_FILE)), "predictions")
         probs = frame_probs(oof, self.classes)
         labels = oof["label"].to_numpy()
         log_figure(client, run_id, plot_roc(labels, probs, self.classes), "plots/roc_oof.png")

@@ -147,7 +147,8 @@ def read_derm7pt(root: Path, spec: DatasetSpec, report: ValidationReport, **_: o
             continue
         rows.append({"patient_id": pid, "label_name": cls if cls is not None else raw,
                      "split": split_of[i], "origin": f"{meta_rel} row {i}",
-                     **{f"path_{m.name}": _join(spec.source.image_dir, row[c]) for m, c in zip(spec.modalities, path_cols)},
+                     **{f"path_{m.name}": _join(spec.source.image_dir, row[c])
+                        for m, c in zip(spec.modalities, path_cols)},
                      **_field_values(row, spec)})
 
     # images without a table row: files under the image folder that no meta row references
@@ -226,7 +227,8 @@ def read_manifest(root: Path, spec: DatasetSpec, report: ValidationReport, *, cs
             split = "test" if value == "test" else "dev"
         rows.append({"patient_id": pid, "label_name": cls if cls is not None else raw, "split": split,
                      "origin": f"{csv_rel} row {i + 2}",
-                     **{f"path_{m.name}": _join(spec.source.image_dir, row[c]) for m, c in zip(spec.modalities, path_cols)},
+                     **{f"path_{m.name}": _join(spec.source.image_dir, row[c])
+                        for m, c in zip(spec.modalities, path_cols)},
                      **_field_values(row, spec)})
     records = _finish(rows, spec, unchecked)
     if not split_col and not records.empty:

@@ -28,7 +28,9 @@ CACHE_VERSION = 1
 def cache_settings(spec: DatasetSpec) -> dict[str, Any]:
     return {"version": CACHE_VERSION, "dtype": np.dtype(CACHE_DTYPE).name,
             "modalities": {m.name: {"size": list(m.size), "channels": m.channels} for m in spec.modalities},
-            "intensity": {"mode": spec.intensity.mode, "clip": None if spec.intensity.clip is None else list(spec.intensity.clip), "scale": spec.intensity.scale}}
+            "intensity": {"mode": spec.intensity.mode,
+                          "clip": None if spec.intensity.clip is None else list(spec.intensity.clip),
+                          "scale": spec.intensity.scale}}
 
 
 def cache_dir_for(out_dir: Path, spec: DatasetSpec) -> Path:

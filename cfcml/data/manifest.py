@@ -3,7 +3,7 @@
 `<out>/manifest.parquet` has one row per patient: patient_id, label (class index), label_name,
 split ("dev" | "test"), fold (0..K-1 for dev, -1 for test), path_<modality> (relative to the
 dataset root), then the clinical fields (numeric: float, NaN = missing; categorical: text, None =
-missing). The prepare record (spec, root, folds, seed, counts, fingerprint) rides in the Parquet
+missing). The prepare record (spec, root, folds, fold seed, counts, fingerprint) rides in the Parquet
 metadata, so the manifest file alone is the atomic commit point of a prepare run; `prepare.json`
 beside it is a human-readable copy.
 """
@@ -117,8 +117,9 @@ class PreparedDataset:
         return int(self.info["folds"])
 
     @property
-    def seed(self) -> int:
-        return int(self.info["seed"])
+    def fold_seed(self) -> int:
+        """The seed the folds were drawn with (older manifests call it "seed")."""
+        return int(self.info.get("fold_seed", self.info.get("seed", 0)))
 
     @property
     def fingerprint(self) -> str:

@@ -1,4 +1,4 @@
-"""prepare: raw layout -> validated manifest + preprocessed cache (DESIGN.md section 2, step 1).
+"""prepare: raw layout -> validated manifest + preprocessed cache (docs/architecture.md, stage 1).
 
 Order matters: read and validate everything first (all problems reported together, nothing
 written), then build the cache, then write the manifest atomically. A failed or interrupted run
@@ -20,31 +20,31 @@ from cfcml.data.spec import DatasetSpec, load_dataset_spec, spec_to_dict
 from cfcml.data.validation import DatasetValidationError, ValidationReport, default_workers, validate_records
 
 
-def validate_dataset(dataset: str, root: Path, spec: DatasetSpec, *, folds: int = 5, seed: int = 0,
+def validate_dataset(root: Path, spec: DatasetSpec, *, folds: int = 5, fold_seed: int = 0,
                      csv: Path | None = None, workers: int | None = None
                      ) -> tuple[pd.DataFrame | None, ValidationReport]:
-    """Read `root` with the `dataset` adapter and validate it: (records, report)."""
-    if dataset not in ADAPTERS:
-        raise ValueError(f"unknown dataset adapter {dataset!r}; known: {', '.join(ADAPTERS)}")
+    """Read `root` with the adapter of the spec's `source.layout` and validate it: (records, report)."""
     root = Path(root).resolve()
     report = ValidationReport(spec.name, root)
     if not root.is_dir():
         report.add("missing_folder", "dataset root does not exist", file=str(root))
         return None, report
-    records = ADAPTERS[dataset](root, spec, report, csv=csv, seed=seed)
+    records = ADAPTERS[spec.source.layout](root, spec, report, csv=csv, seed=fold_seed)
     validate_records(records, spec, root, folds, report, workers=workers or default_workers())
     return records, report
 
 
 def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = None, *, folds: int = 5,
-                    seed: int = 0, image_size: tuple[int, ...] | None = None, spec: str | Path | None = None,
+                    fold_seed: int = 0, image_size: tuple[int, ...] | None = None, spec: str | Path | None = None,
                     csv: str | Path | None = None, workers: int | None = None, progress: bool = False,
                     log: Callable[[str], None] | None = None) -> PreparedDataset:
     """Validate `root`, build the cache and write `<out>/manifest.parquet` (default out:
     `<root>/prepared`). Raises DatasetValidationError carrying the full report on any problem.
 
-    dataset: adapter name (men, derm7pt, manifest); spec: dataset YAML (default: the adapter's
-    conf/datasets/<dataset>.yaml; required for manifest).
+    dataset: a dataset config name (conf/datasets/<dataset>.yaml) or a dataset YAML path; its
+    `source.layout` picks the adapter. spec: a dataset YAML that replaces it ("manifest" + spec is
+    the older spelling of a custom dataset). fold_seed: seeds the cross-validation folds (and a
+    manifest hold-out); recorded in the manifest.
     """
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
@@ -55,25 +55,25 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     ds_spec = load_dataset_spec(spec or dataset, image_size)
     workers = workers or default_workers()
 
-    records, report = validate_dataset(dataset, root, ds_spec, folds=folds, seed=seed,
+    records, report = validate_dataset(root, ds_spec, folds=folds, fold_seed=fold_seed,
                                        csv=Path(csv) if csv else None, workers=workers)
     if not report.ok:
         raise DatasetValidationError(report)
     t_valid = time.perf_counter() - t0
     log(f"validated {len(records)} patients in {t_valid:.1f}s")
 
-    manifest = build_manifest(records, ds_spec, folds, seed)
+    manifest = build_manifest(records, ds_spec, folds, fold_seed)
     cache_dir = cache_dir_for(out_dir, ds_spec)
     stats = build_cache(manifest, ds_spec, root, cache_dir, workers=workers, progress=progress)
     info = {
-        "dataset": dataset,
+        "dataset": ds_spec.source.layout,
         "spec_name": ds_spec.name,
         "spec": spec_to_dict(ds_spec),
         "root": str(root),
         "cache_dir": cache_dir.relative_to(out_dir).as_posix(),
         "image_size": {m.name: list(m.size) for m in ds_spec.modalities},
         "folds": folds,
-        "seed": seed,
+        "fold_seed": fold_seed,
         "counts": _counts(manifest, ds_spec.classes),
         "fingerprint": fingerprint(manifest, root, ds_spec),
         "cache": stats,
@@ -100,7 +100,7 @@ def summary(prepared: PreparedDataset) -> str:
     info = prepared.info
     lines = [f"prepared {info['spec_name']} ({info['dataset']} adapter) from {info['root']}",
              f"  output {prepared.out_dir}  cache {prepared.cache_dir.name}  fingerprint {info['fingerprint']}",
-             f"  image size {info['image_size']}  folds {info['folds']} (seed {info['seed']})"]
+             f"  image size {info['image_size']}  folds {info['folds']} (fold seed {prepared.fold_seed})"]
     for split, counts in info["counts"]["split"].items():
         lines.append(f"  {split:<5} {sum(counts.values()):>5} patients  {counts}")
     for k, counts in info["counts"]["fold"].items():

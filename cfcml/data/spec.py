@@ -106,8 +106,14 @@ class LabelGroup:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """Where the adapter finds things in the raw layout."""
+    """Where the adapter finds things in the raw layout.
 
+    layout: which adapter reads the raw data (cfcml.data.adapters): "men" (class folders of NIfTI
+    volumes + a clinical CSV), "derm7pt" (the release's meta.csv + split index files) or "manifest"
+    (any CSV with one row per patient).
+    """
+
+    layout: Literal["men", "derm7pt", "manifest"] = "manifest"
     table: str = ""  # MEN: clinical CSV; Derm7pt: meta CSV; manifest: default CSV (root-relative)
     id_column: str = "patient_id"
     image_dir: str = ""  # table layouts: folder (root-relative) the image path columns are relative to

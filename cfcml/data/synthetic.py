@@ -1,7 +1,7 @@
 """Synthetic MEN and Derm7pt datasets, written in exactly the layouts of the real data.
 
 The real cohorts cannot be downloaded here, so these generators write small stand-ins that the
-same adapters read (DESIGN.md section 5): gzipped NIfTI volumes in the MEN folder layout with a
+same adapters read (docs/datasets.md): gzipped NIfTI volumes in the MEN folder layout with a
 clinical CSV, and JPEG photos with ``meta/meta.csv`` and split index files in the Derm7pt release
 layout. Everything is drawn from ``numpy.random.default_rng`` seeded by ``seed``, so one seed gives
 the same CSV bytes and the same voxel/pixel arrays on every run.

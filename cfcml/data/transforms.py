@@ -157,7 +157,8 @@ def build_augment(spec: DatasetSpec) -> Callable[[dict], dict] | None:
     return Compose(steps) if steps else None
 
 
-def apply_augment(transform: Callable[[dict], dict], stacked: torch.Tensor, channels: Sequence[int]) -> list[torch.Tensor]:
+def apply_augment(transform: Callable[[dict], dict], stacked: torch.Tensor,
+                  channels: Sequence[int]) -> list[torch.Tensor]:
     """Augment one sample's stacked images [sum(channels), *spatial] (modified in place) and split
     them back per modality: contiguous float32 tensors [C_m, *spatial]."""
     out = transform({KEY: stacked})[KEY]

@@ -71,7 +71,9 @@ class DatasetValidationError(Exception):
 
 
 def is_missing(value: object, spec: DatasetSpec) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() in spec.missing_values
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    return str(value).strip() in spec.missing_values
 
 
 def parse_numeric(value: object, spec: DatasetSpec) -> float | None:

@@ -1,6 +1,6 @@
 """The CFCML network: image encoders + tabular tokenizer -> coarse stage (MG-CIE) -> classifier.
 
-DESIGN.md section 3. The fine stage (relationship mining) is a loss on the pooled per-modality
+docs/model.md, "The network". The fine stage (relationship mining) is a loss on the pooled per-modality
 features this module returns, see `cfcml.losses`. Baselines and ablations share this module:
 
 - variant "cfcml": all modalities, coarse stage with the multi-granularity / CIE switches;

@@ -38,7 +38,7 @@ def derm_root(derm_base: Path, tmp_path: Path) -> Path:
 def men_prepared(men_base: Path, tmp_path_factory: pytest.TempPathFactory):
     from cfcml.data.prepare import prepare_dataset
 
-    return prepare_dataset("men", men_base, tmp_path_factory.mktemp("men_out"), folds=FOLDS, seed=0,
+    return prepare_dataset("men", men_base, tmp_path_factory.mktemp("men_out"), folds=FOLDS, fold_seed=0,
                            image_size=MEN_SIZE, workers=2)
 
 
@@ -46,5 +46,5 @@ def men_prepared(men_base: Path, tmp_path_factory: pytest.TempPathFactory):
 def derm_prepared(derm_base: Path, tmp_path_factory: pytest.TempPathFactory):
     from cfcml.data.prepare import prepare_dataset
 
-    return prepare_dataset("derm7pt", derm_base, tmp_path_factory.mktemp("derm_out"), folds=FOLDS, seed=0,
+    return prepare_dataset("derm7pt", derm_base, tmp_path_factory.mktemp("derm_out"), folds=FOLDS, fold_seed=0,
                            image_size=DERM_SIZE, workers=2)

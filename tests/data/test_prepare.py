@@ -85,10 +85,12 @@ def test_folds_are_stable_for_a_seed_and_independent_of_row_order() -> None:
 
 
 def test_same_seed_same_manifest(men_base: Path, men_prepared, tmp_path: Path) -> None:
-    again = prepare_dataset("men", men_base, tmp_path / "again", folds=FOLDS, seed=0, image_size=MEN_SIZE, workers=2)
+    again = prepare_dataset("men", men_base, tmp_path / "again", folds=FOLDS, fold_seed=0, image_size=MEN_SIZE,
+                            workers=2)
     pd.testing.assert_frame_equal(again.manifest, men_prepared.manifest)
     assert again.fingerprint == men_prepared.fingerprint
-    other = prepare_dataset("men", men_base, tmp_path / "other", folds=FOLDS, seed=1, image_size=MEN_SIZE, workers=2)
+    other = prepare_dataset("men", men_base, tmp_path / "other", folds=FOLDS, fold_seed=1, image_size=MEN_SIZE,
+                            workers=2)
     assert other.fingerprint != men_prepared.fingerprint
 
 
@@ -129,7 +131,8 @@ def test_optional_numeric_field_may_be_missing(men_root: Path, tmp_path: Path) -
     df.to_csv(men_root / "clinical.csv", index=False)
     prepared = prepare_dataset("men", men_root, tmp_path / "out", folds=FOLDS, image_size=MEN_SIZE, workers=2)
     m = prepared.manifest.set_index("patient_id")
-    assert np.isnan(m.at[df.loc[0, "patient_id"], "oedema_area"]) and np.isnan(m.at[df.loc[1, "patient_id"], "adc_value"])
+    assert np.isnan(m.at[df.loc[0, "patient_id"], "oedema_area"])
+    assert np.isnan(m.at[df.loc[1, "patient_id"], "adc_value"])
 
 
 def test_cli_prepares_and_prints_a_summary(derm_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -176,8 +179,8 @@ def test_manifest_adapter_with_split_column(men_root: Path, men_prepared, tmp_pa
 
 def test_manifest_adapter_holds_out_a_seeded_stratified_test_split(men_root: Path, tmp_path: Path) -> None:
     spec = _manifest_dataset(men_root, with_split=False)
-    a = prepare_dataset("manifest", men_root, tmp_path / "a", spec=spec, folds=2, seed=3, image_size=MEN_SIZE, workers=2)
-    b = prepare_dataset("manifest", men_root, tmp_path / "b", spec=spec, folds=2, seed=3, image_size=MEN_SIZE, workers=2)
+    a, b = (prepare_dataset("manifest", men_root, tmp_path / name, spec=spec, folds=2, fold_seed=3,
+                            image_size=MEN_SIZE, workers=2) for name in ("a", "b"))
     test = a.test_frame()
     assert set(test["patient_id"]) == set(b.test_frame()["patient_id"])
     assert 2 <= len(test) <= 5 and test["label_name"].nunique() == 3  # 20% of 18, every class

@@ -60,7 +60,8 @@ def _bad(tmp_path: Path, edit) -> str:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d["fields"][2].update(kind="num"), "fields[2].kind: expected one of ['numeric', 'categorical'], got 'num'"),
+    (lambda d: d["fields"][2].update(kind="num"),
+     "fields[2].kind: expected one of ['numeric', 'categorical'], got 'num'"),
     (lambda d: d.update(colour="red"), "colour: unknown key"),
     (lambda d: d["augment"]["flip"].update(prob=1.5), "augment.flip.prob: must be in [0, 1]"),
     (lambda d: d["augment"]["flip"].update(axes=[0, 3]), "augment.flip.axes"),

@@ -87,7 +87,8 @@ def test_wrong_dimensionality(men_root: Path, tmp_path: Path) -> None:
 def test_wrong_channel_count(men_root: Path, tmp_path: Path) -> None:
     f = patient_dir(men_root) / "adc_bbox.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((16, 16, 6, 2), np.int16), np.eye(4)), f)
-    report = expect_problems("men", men_root, tmp_path / "out", [("wrong_channels", f"{f.parent.name}/adc_bbox.nii.gz")])
+    report = expect_problems("men", men_root, tmp_path / "out",
+                             [("wrong_channels", f"{f.parent.name}/adc_bbox.nii.gz")])
     assert "2 channel(s)" in report.render()
 
 
@@ -143,8 +144,10 @@ def test_label_folder_outside_class_list(men_root: Path, tmp_path: Path) -> None
 
 def test_unknown_category_value(men_root: Path, tmp_path: Path) -> None:
     pid = patient_dir(men_root).name
-    edit_csv(men_root / "clinical.csv", lambda df: df.assign(location=np.where(df["patient_id"] == pid, "7", df["location"])))
-    report = expect_problems("men", men_root, tmp_path / "out", [("unknown_category", pid), ("unknown_category", "location")])
+    edit_csv(men_root / "clinical.csv",
+             lambda df: df.assign(location=np.where(df["patient_id"] == pid, "7", df["location"])))
+    report = expect_problems("men", men_root, tmp_path / "out",
+                             [("unknown_category", pid), ("unknown_category", "location")])
     assert "'7'" in report.render()
 
 
@@ -152,7 +155,8 @@ def test_unknown_category_value(men_root: Path, tmp_path: Path) -> None:
 def test_non_numeric_value(men_root: Path, tmp_path: Path, value: str) -> None:
     pid = patient_dir(men_root, "Grade_2_invasion").name
     edit_csv(men_root / "clinical.csv", lambda df: df.assign(age=np.where(df["patient_id"] == pid, value, df["age"])))
-    expect_problems("men", men_root, tmp_path / "out", [("bad_numeric", pid), ("bad_numeric", "age"), ("bad_numeric", value)])
+    expect_problems("men", men_root, tmp_path / "out",
+                    [("bad_numeric", pid), ("bad_numeric", "age"), ("bad_numeric", value)])
 
 
 @pytest.mark.parametrize("value", ["", "NaN", "NA"])
@@ -282,7 +286,8 @@ def test_derm_path_escaping_the_root(derm_root: Path, tmp_path: Path) -> None:
 
 def test_derm_duplicate_case_num(derm_root: Path, tmp_path: Path) -> None:
     a, b = task_row(derm_root, "clark"), task_row(derm_root, "melanoma")
-    meta = edit_meta(derm_root, lambda m: m.__setitem__("case_num", m["case_num"].where(m.index != b, m.at[a, "case_num"])))
+    meta = edit_meta(derm_root,
+                     lambda m: m.__setitem__("case_num", m["case_num"].where(m.index != b, m.at[a, "case_num"])))
     expect_problems("derm7pt", derm_root, tmp_path / "out", [("duplicate_id", meta.at[a, "case_num"])])
 
 
@@ -291,7 +296,8 @@ def test_derm_bad_split_indexes(derm_root: Path, tmp_path: Path) -> None:
     train = pd.read_csv(derm_root / "meta" / "train_indexes.csv")
     pd.concat([train, test_idx.iloc[[0]], pd.DataFrame({"indexes": [99999]})]).to_csv(
         derm_root / "meta" / "train_indexes.csv", index=False)
-    report = expect_problems("derm7pt", derm_root, tmp_path / "out", [("bad_split", "99999"), ("bad_split", "already listed")])
+    report = expect_problems("derm7pt", derm_root, tmp_path / "out",
+                             [("bad_split", "99999"), ("bad_split", "already listed")])
     assert all(p.file and "indexes.csv" in p.file for p in report.problems)
 
 
@@ -302,7 +308,8 @@ def test_cli_exits_nonzero_with_the_full_report(men_root: Path, tmp_path: Path, 
 
     p = patient_dir(men_root)
     (p / "t2_bbox.nii.gz").unlink()
-    edit_csv(men_root / "clinical.csv", lambda df: df.assign(age=np.where(df["patient_id"] == p.name, "old", df["age"])))
+    edit_csv(men_root / "clinical.csv",
+             lambda df: df.assign(age=np.where(df["patient_id"] == p.name, "old", df["age"])))
     out = tmp_path / "out"
     code = main(["--dataset", "men", "--root", str(men_root), "--out", str(out), "--folds", "3",
                  "--image-size", *map(str, MEN_SIZE)])

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from probes import E2E_SIZE
 
 from cfcml.config import load_experiment
 from cfcml.data.synthetic import make_men
-from probes import E2E_SIZE
 
 
 @pytest.fixture(scope="session")
@@ -20,17 +20,17 @@ def men_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def men_prepared(men_raw: Path):
     from cfcml.data.prepare import prepare_dataset
 
-    return prepare_dataset("men", men_raw, folds=2, seed=0, image_size=E2E_SIZE)
+    return prepare_dataset("men", men_raw, folds=2, fold_seed=0, image_size=E2E_SIZE)
 
 
 @pytest.fixture(scope="session")
-def tiny_experiment() -> dict:
+def tiny_experiment():
     """The smoke search's tiny model on the e2e image size."""
     from tuning.space import load_search
 
     base = load_experiment("men")
     search = load_search("smoke", base)
-    return base.replace({**search.overrides, "train.image_size": list(E2E_SIZE), "train.folds": 2}).to_dict()
+    return base.replace({**search.overrides, "train.image_size": list(E2E_SIZE), "train.folds": 2})
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +47,8 @@ def ray_local(_ray_session):
     """A local Ray of 2 CPUs, started once and reused (a test may shut it down for its own cluster)."""
     import ray
 
-    from tuning.search import LOCAL_RAY_ENV
+    from tuning.ray_runtime import local_init_kwargs
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": LOCAL_RAY_ENV},
-                 log_to_driver=False)
+        ray.init(**local_init_kwargs(num_cpus=2))
     return ray

@@ -16,11 +16,10 @@ def sync_probe_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from cfcml.config import ExperimentConfig, from_dict
     from cfcml.data.manifest import PreparedDataset
     from cfcml.training import CrossValidation, Split
 
-    cfg = from_dict(ExperimentConfig, config["experiment"], "experiment")
+    cfg = config["experiment"]
     prepared = PreparedDataset.load(config["prepared_dir"])
     cv = CrossValidation(prepared, [Split(*prepared.fold_frames(0))], cfg)
     worst = {"param": 0.0, "bank": 0.0}
@@ -49,12 +48,11 @@ def sync_probe_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def run_probe(prepared_dir: str, experiment: dict[str, Any], storage: str, name: str) -> dict[str, Any]:
+def run_probe(prepared_dir: str, experiment: Any, storage: str, name: str) -> dict[str, Any]:
+    import probes
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    import probes
 
     cloudpickle.register_pickle_by_value(probes)
     trainer = TorchTrainer(

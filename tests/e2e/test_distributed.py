@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from probes import run_probe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -23,7 +22,7 @@ def test_two_workers_across_two_nodes(men_prepared, tiny_experiment, tmp_path: P
     import ray
     from ray.cluster_utils import Cluster
 
-    from tuning.search import LOCAL_RAY_ENV
+    from tuning.ray_runtime import LOCAL_RAY_ENV
 
     if ray.is_initialized():
         ray.shutdown()

@@ -13,12 +13,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def test_search_never_reads_test_split(ray_local, men_raw: Path, tmp_path: Path) -> None:
-    from cfcml.data.prepare import prepare_dataset
-
     from probes import E2E_SIZE
 
+    from cfcml.data.prepare import prepare_dataset
+
     raw = Path(shutil.copytree(men_raw, tmp_path / "men"))
-    prepared = prepare_dataset("men", raw, tmp_path / "prepared", folds=2, seed=0, image_size=E2E_SIZE)
+    prepared = prepare_dataset("men", raw, tmp_path / "prepared", folds=2, fold_seed=0, image_size=E2E_SIZE)
     test = prepared.test_frame()
     assert len(test) > 0
     for pid in test["patient_id"]:

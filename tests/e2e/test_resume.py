@@ -6,27 +6,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray.train import Checkpoint
 
-from tuning.trainer import CHECKPOINT_FILE, fit
+from tuning.checkpoints import open_checkpoint
+from tuning.trainer import TrainJob, fit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def _state(result) -> dict:
-    with Checkpoint(result.checkpoint.path).as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    with open_checkpoint(result.checkpoint.path) as ckpt:
+        return ckpt.state()
 
 
 def test_trial_resumes_from_its_last_checkpoint(ray_local, men_prepared, tiny_experiment, tmp_path: Path) -> None:
-    experiment = {**tiny_experiment, "loss": {**tiny_experiment["loss"], "momentum": 0.5}}
-    config = {"experiment": experiment, "prepared_dir": str(men_prepared.out_dir)}
-    first = fit({**config, "max_epochs": 1}, name="trial", storage_path=str(tmp_path), metric="cv_macro_auc")
+    experiment = tiny_experiment.replace({"loss.momentum": 0.5})
+    first = fit(TrainJob(experiment, str(men_prepared.out_dir), 1), name="trial", storage_path=str(tmp_path),
+                metric="cv_macro_auc")
     s1 = _state(first)
     assert s1["epoch"] == 1 and len(s1["folds"]) == 2
 
     # Same run name and storage: Ray Train restores its checkpoint, the loop continues at epoch 2.
-    second = fit({**config, "max_epochs": 2}, name="trial", storage_path=str(tmp_path), metric="cv_macro_auc")
+    second = fit(TrainJob(experiment, str(men_prepared.out_dir), 2), name="trial", storage_path=str(tmp_path),
+                 metric="cv_macro_auc")
     s2 = _state(second)
     assert s2["epoch"] == 2
     for f1, f2 in zip(s1["folds"], s2["folds"]):

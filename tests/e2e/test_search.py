@@ -49,7 +49,8 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     (final,) = _runs(client, exp.experiment_id, "final")
     for key in ("test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_macro_auc"):
         assert key in final.data.metrics, key
-    assert final.data.metrics["test_accuracy_ci_low"] <= final.data.metrics["test_accuracy"] <= final.data.metrics["test_accuracy_ci_high"]
+    m = final.data.metrics
+    assert m["test_accuracy_ci_low"] <= m["test_accuracy"] <= m["test_accuracy_ci_high"]
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/cfcml-men/latest")

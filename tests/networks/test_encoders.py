@@ -1,4 +1,4 @@
-"""Image encoders: the four stage grids of DESIGN.md section 3, and local pretrained weights."""
+"""Image encoders: the four stage grids of docs/model.md, and local pretrained weights."""
 from __future__ import annotations
 
 import dataclasses

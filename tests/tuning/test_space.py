@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cfcml.config import ConfigError, load_experiment
-from tuning.search import parse_set
+from tuning.run import parse_set
 from tuning.space import initial_point, load_search
 
 
@@ -49,8 +49,10 @@ def test_smoke_dataset_overrides_pick_the_dataset(base):
     ("space:\n  loss.tau_sam: {dist: gaussian, low: 0.1, high: 1}\n", r"space.loss.tau_sam.dist"),
     ("space:\n  loss.tau_sam: {dist: loguniform, low: 0.5, high: 0.1}\n", r"space.loss.tau_sam: need 0 < low < high"),
     ("space:\n  loss.tau_sam: {dist: loguniform, low: 0.0, high: 0.1}\n", r"space.loss.tau_sam"),
-    ("space:\n  loss.tau_same: {dist: uniform, low: 0.1, high: 0.2}\n", r"space.loss.tau_same: .*tau_same: unknown key"),
-    ("space:\n  loss.momentum: {dist: uniform, low: 0.5, high: 1.5, step: 1}\n", r"space.loss.momentum.step: unknown key"),
+    ("space:\n  loss.tau_same: {dist: uniform, low: 0.1, high: 0.2}\n",
+     r"space.loss.tau_same: .*tau_same: unknown key"),
+    ("space:\n  loss.momentum: {dist: uniform, low: 0.5, high: 1.5, step: 1}\n",
+     r"space.loss.momentum.step: unknown key"),
     ("space:\n  model.variant: {dist: choice, values: []}\n", r"space.model.variant"),
     ("overrides: {model.dim: -4}\n", r"overrides: .*model.dim: must be > 0"),
 ])

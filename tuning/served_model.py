@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cfcml.config import PROJECT_ROOT
+from cfcml.config import PROJECT_ROOT, ExperimentConfig
+from tuning.checkpoints import FoldWeights
 
 BUNDLE_STATE = "models.pt"
 BUNDLE_META = "bundle.json"
@@ -42,7 +43,7 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         self.spec = spec_from_dict(meta["spec"], "model bundle spec")
         self.root = meta["root"]
         cfg = from_dict(ExperimentConfig, meta["experiment"], "model bundle experiment")
-        states = torch.load(bundle / BUNDLE_STATE, map_location="cpu", weights_only=False)
+        states = torch.load(bundle / BUNDLE_STATE, map_location="cpu", weights_only=True)
         self.members = []
         for state in states:
             model = build_model(self.spec, cfg.model)
@@ -54,23 +55,20 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         from torch.utils.data import DataLoader
 
         from cfcml.data.dataset import RawDataset
+        from cfcml.predict import predict_proba
 
         frame = model_input.reset_index(drop=True).copy()
         missing = [c for c in input_columns(self.spec) if c not in frame.columns and c != "patient_id"]
         if missing:
-            raise ValueError(f"input rows lack column(s) {missing}; expected manifest rows with {input_columns(self.spec)}")
+            raise ValueError(f"input rows lack column(s) {missing}; "
+                             f"expected manifest rows with {input_columns(self.spec)}")
         if "label" not in frame:
             frame["label"] = 0  # unused at inference
         root = Path((params or {}).get("root") or self.root)
         probs = np.zeros((len(frame), len(self.spec.classes)))
         for model, normalizer in self.members:
             loader = DataLoader(RawDataset(frame, self.spec, root, normalizer), batch_size=8)
-            out = []
-            with torch.no_grad():
-                for batch in loader:
-                    logits = model(batch["images"], batch["num"], batch["num_missing"], batch["cat"]).logits
-                    out.append(torch.softmax(logits.float(), 1).numpy())
-            probs += np.concatenate(out) / len(self.members)
+            probs += predict_proba(model, loader, "cpu", len(self.spec.classes)) / len(self.members)
         return pd.DataFrame(probs, columns=list(self.spec.classes))
 
 
@@ -79,12 +77,13 @@ def log_and_register(
     tracking_uri: str,
     run_id: str,
     prepared: Any,
-    experiment: dict[str, Any],
-    states: list[dict[str, Any]],
+    experiment: ExperimentConfig,
+    members: list[FoldWeights],
     model_name: str,
     tags: dict[str, str],
 ) -> Any:
-    """Log the bundle as a pyfunc model on `run_id` and register it as `model_name`."""
+    """Log the bundle (`members`: one network per fold, averaged) as a pyfunc model on `run_id`
+    and register it as `model_name`."""
     from mlflow.models import infer_signature
 
     from cfcml.data.spec import spec_to_dict
@@ -95,9 +94,9 @@ def log_and_register(
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
         bundle.mkdir()
-        torch.save(states, bundle / BUNDLE_STATE)
+        torch.save([{"model": m.model, "normalizer": m.normalizer} for m in members], bundle / BUNDLE_STATE)
         (bundle / BUNDLE_META).write_text(json.dumps({
-            "spec": spec_to_dict(spec), "experiment": experiment, "root": str(prepared.root),
+            "spec": spec_to_dict(spec), "experiment": experiment.to_dict(), "root": str(prepared.root),
         }, default=str))
         probe = CFCMLModel()  # the example's output, through exactly what serving will run
         probe.load_context(type("Ctx", (), {"artifacts": {"bundle": str(bundle)}})())
@@ -110,7 +109,7 @@ def log_and_register(
                 artifacts={"bundle": str(bundle)},
                 signature=signature,
                 input_example=example,
-                code_paths=[str(PROJECT_ROOT / "cfcml"), str(PROJECT_ROOT / "pipelines")],
+                code_paths=[str(PROJECT_ROOT / "cfcml"), str(PROJECT_ROOT / "tuning")],
                 registered_model_name=model_name,
             )
     client = mlflow.MlflowClient(tracking_uri)

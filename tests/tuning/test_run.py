@@ -1,0 +1,90 @@
+"""SearchRun: one precedence (command line > search file > experiment file > defaults), resolved
+once; the fold seed and fold count belong to the prepared data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cfcml.config import ConfigError
+from cfcml.data.prepare import prepare_dataset
+from cfcml.data.synthetic import make_men
+from tuning.outcome import SearchOutcome, TrialResult
+from tuning.prepared import load_or_prepare
+from tuning.run import SearchRun
+from tuning.search import build_run, parse_args
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_each_level_overrides_the_one_below(tmp_path: Path) -> None:
+    search = write(tmp_path, "max_epochs: 7\nfolds: 3\nnum_samples: 4\n"
+                             "overrides: {train.batch_size: 4, model.dim: 64}\n"
+                             "dataset_overrides: {men: {model.dim: 32}}\n")
+    run = SearchRun.build("men", search)
+    t = run.experiment.train
+    assert (t.epochs, t.folds, t.batch_size) == (7, 3, 4)  # search file over experiment file (100, 5, 8)
+    assert run.experiment.model.dim == 32  # dataset_overrides over overrides
+    assert run.experiment.loss.w_cp == 0.24  # experiment file (the public MEN weights)
+    assert run.experiment.optim.step_size == 5 and run.num_samples == 4 and run.max_epochs == 7
+    run = SearchRun.build("men", search, max_epochs=9, folds=4, num_samples=2, seed=3,
+                          overrides={"train.epochs": 8, "train.batch_size": 2, "model.dim": 16})
+    t = run.experiment.train
+    assert (t.epochs, t.folds, t.batch_size, t.seed) == (9, 4, 2, 3)  # a flag beats --set of the same key
+    assert run.experiment.model.dim == 16 and run.num_samples == 2
+    assert run.name == "men-s" and run.search_dir == run.runs_dir / "ray" / "men-s"
+
+
+def test_command_line_maps_onto_the_run() -> None:
+    args = parse_args(["--dataset", "men", "--search", "smoke", "--image-size", "32", "32", "8", "--set",
+                       "loss.fine=false", "--folds", "3", "--fold-seed", "5", "--no-final", "--verbose"])
+    run = build_run(args)
+    assert run.experiment.train.image_size == (32, 32, 8) and not run.experiment.loss.fine
+    assert run.experiment.train.folds == 3 and run.fold_seed == 5 and not run.final and run.verbose
+    assert run.experiment.train.seed == 0  # --seed not given: the experiment's
+
+
+def test_bad_values_name_their_key() -> None:
+    with pytest.raises(ConfigError, match=r"train.folds: cross-validation needs at least 2 folds"):
+        SearchRun.build("men", "smoke", folds=1)
+    with pytest.raises(ConfigError, match=r"model.dimm: unknown key"):
+        SearchRun.build("men", "smoke", overrides={"model.dimm": 3})
+    with pytest.raises(ConfigError, match="--num-samples"):
+        SearchRun.build("men", "smoke", num_samples=0)
+
+
+def test_max_failures_is_in_the_search_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "train.max_failures" in capsys.readouterr().out
+
+
+def test_prepared_folder_keeps_its_folds_and_fold_seed(tmp_path: Path) -> None:
+    root = make_men(tmp_path / "men", patients=12, seed=0, size=(16, 16, 4))
+    prepared = prepare_dataset("men", root, folds=2, fold_seed=7, image_size=(16, 16, 4))
+    assert prepared.fold_seed == 7 and prepared.info["fold_seed"] == 7
+    again = load_or_prepare("men", prepared.out_dir, folds=2, fold_seed=None, image_size=None)
+    assert again.fold_seed == 7  # not given: the folder's own
+    with pytest.raises(ConfigError, match=r"fold seed 7, not 1.*--fold-seed 1"):
+        load_or_prepare("men", prepared.out_dir, folds=2, fold_seed=1, image_size=None)
+    with pytest.raises(ConfigError, match=r"train.folds: 3 folds wanted.*prepared with 2"):
+        load_or_prepare("men", prepared.out_dir, folds=3, fold_seed=None, image_size=None)
+    with pytest.raises(ConfigError, match=r"--data-root: no dataset at"):
+        load_or_prepare("men", tmp_path / "nowhere", folds=2, fold_seed=None, image_size=None)
+
+
+def test_outcome_round_trips_with_typed_trials(tmp_path: Path) -> None:
+    run = SearchRun.build("men", "smoke")
+    good = TrialResult("a", params={"loss.tau_sam": 0.1}, score=0.8, epoch=2, metrics={"cv_macro_auc": 0.8},
+                       experiment=run.experiment.replace({"loss.tau_sam": 0.1}))
+    outcome = SearchOutcome("men", "cv_macro_auc", [TrialResult("b", error="boom"), good,
+                                                    TrialResult("c", score=0.7, epoch=1)],
+                            str(tmp_path), "prep", "sqlite:///x.db", "1", "run", ["loss.tau_sam"])
+    back = SearchOutcome.load(outcome.save())
+    assert back == outcome
+    assert back.best.trial_id == "a" and back.best.experiment.loss.tau_sam == 0.1
+    assert not back.trials[0].scored

@@ -1,0 +1,217 @@
+"""The search driver: Ray Tune + Optuna (TPE) + ASHA over lockstep cross-validation folds.
+
+`run_search` takes a resolved `SearchRun` and a prepared dataset, owns the search's MLflow parent
+run and its state file, runs the Tuner (or restores it with `run.resume`) and returns the
+`SearchOutcome`. Ray must be running (`tuning.ray_runtime.ray_session`). The final model is the
+caller's next step (`tuning.final`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cfcml.data.manifest import PreparedDataset
+from tuning.outcome import OUTCOME_FILE, SearchOutcome, TrialResult
+from tuning.run import SearchRun
+
+STATE_FILE = "cfcml_search.json"
+
+
+class SearchInterrupted(RuntimeError):
+    """The user stopped the search; its state is saved for --resume."""
+
+
+@dataclass
+class SearchState:
+    """What a resumed search must find again: written when the search starts."""
+
+    parent_run_id: str
+    tracking_uri: str
+    experiment_id: str
+
+    @classmethod
+    def load(cls, search_dir: Path) -> SearchState | None:
+        path = search_dir / STATE_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(data["parent_run_id"], data["tracking_uri"], data["experiment_id"])
+
+    def save(self, search_dir: Path) -> None:
+        search_dir.mkdir(parents=True, exist_ok=True)
+        (search_dir / STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+
+def trial_concurrency(run: SearchRun) -> int:
+    """How many trials fit on the cluster at once, from its CPUs and GPUs."""
+    import ray
+
+    res = ray.cluster_resources()
+    t = run.experiment.train
+    fits = [res.get("CPU", 1) // max(t.workers * t.cpus_per_worker, 1e-9)]
+    if t.gpus_per_worker > 0:
+        fits.append(res.get("GPU", 0) // (t.workers * t.gpus_per_worker))
+    return max(int(min(fits)), 1)
+
+
+def run_trial(config: dict[str, Any], *, run: SearchRun, prepared_dir: str, metric: str) -> None:
+    """One Tune trial: the sampled values (`config`, dotted keys) over the search's experiment,
+    trained on all folds by a Ray Train TorchTrainer."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tuning.trainer import TrainJob, fit
+
+    trial_id = tune.get_context().get_trial_id()
+    job = TrainJob(run.experiment.replace(dict(config)), prepared_dir, run.max_epochs)
+    fit(job, name=f"trial_{trial_id}", storage_path=str(run.storage / "train"), metric=metric,
+        callbacks=[TuneReportCallback()])
+
+
+def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, metric: str) -> SearchState:
+    from mlflow.tracking import MlflowClient
+
+    from tuning.tracking import experiment_id, git_commit, log_params, write_json_artifact
+
+    client = MlflowClient(tracking_uri)
+    artifacts = run.runs_dir / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
+    exp_id = experiment_id(client, run.dataset, artifacts)
+    commit = git_commit()
+    parent = client.create_run(exp_id, run_name=run.name, tags={
+        "cfcml.kind": "search", "cfcml.search": str(run.search_dir), "cfcml.dataset": run.dataset,
+        "cfcml.dataset_fingerprint": prepared.fingerprint, "mlflow.source.git.commit": commit,
+    })
+    state = SearchState(parent.info.run_id, tracking_uri, exp_id)
+    state.save(run.search_dir)
+    t = run.experiment.train
+    log_params(client, state.parent_run_id, {
+        "search": run.search.name, "num_samples": run.num_samples, "max_epochs": run.max_epochs,
+        "folds": t.folds, "fold_seed": prepared.fold_seed, "seed": t.seed, "metric": metric,
+        "dataset_fingerprint": prepared.fingerprint, "git_commit": commit, "workers": t.workers,
+        "gpus_per_worker": t.gpus_per_worker,
+    })
+    write_json_artifact(client, state.parent_run_id, {
+        "search": {k: v for k, v in asdict(run.search).items() if k != "space"},
+        "space": [asdict(p) for p in run.search.space],
+        "experiment": run.experiment.to_dict(),
+    }, "search_config.json")
+    return state
+
+
+def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
+    """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tuning.ray_runtime import scoped_env
+    from tuning.space import initial_point
+    from tuning.tracking import SearchTracker, default_tracking_uri, log_metrics, write_json_artifact
+
+    spec = prepared.spec
+    metric = f"cv_{spec.selection_metric}"
+    state = SearchState.load(run.search_dir) if run.resume else None
+    if state is None:
+        state = _start_parent(run, prepared, run.tracking_uri or default_tracking_uri(run.runs_dir), metric)
+    client = MlflowClient(state.tracking_uri)
+    client.update_run(state.parent_run_id, status="RUNNING")
+
+    trainable = tune.with_parameters(run_trial, run=run, prepared_dir=str(prepared.out_dir), metric=metric)
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # the TorchTrainer's workers hold the CPUs
+    tracker = SearchTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, str(run.search_dir),
+                            metric, list(spec.classes), spec.task)
+    if run.resume and tune.Tuner.can_restore(str(run.search_dir)):
+        tuner = tune.Tuner.restore(str(run.search_dir), trainable=trainable, resume_errored=True)
+    else:
+        searcher = OptunaSearch(
+            metric=metric, mode="max", seed=run.experiment.train.seed,
+            points_to_evaluate=[initial_point(run.search, run.experiment)] if run.search.space else None,
+        )
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=run.max_epochs,
+                                  grace_period=min(run.search.grace_period, run.max_epochs),
+                                  reduction_factor=run.search.reduction_factor)
+        reporter = tune.CLIReporter(
+            metric_columns={"epoch": "epoch", metric: metric, "train_loss": "train_loss"},
+            parameter_columns=run.search.keys, max_report_frequency=15, sort_by_metric=True,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={p.key: p.tune_domain() for p in run.search.space},
+            tune_config=tune.TuneConfig(
+                metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
+                num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run),
+            ),
+            run_config=tune.RunConfig(name=run.name, storage_path=str(run.storage), callbacks=[tracker],
+                                      progress_reporter=reporter, verbose=1),
+        )
+    with scoped_env(RAY_AIR_NEW_OUTPUT="0"):  # Tune's classic table reporter (the CLIReporter above)
+        results = tuner.fit()
+    finished = finished_trials(run.search_dir)
+    if finished < run.num_samples:
+        # Ctrl-C: Tune saved its state (unfinished trials as they were), stopped them and returned.
+        client.set_terminated(state.parent_run_id, "KILLED")
+        raise SearchInterrupted(f"search {run.name!r} interrupted with {finished} of {run.num_samples} trials "
+                                f"finished; continue it with the same command plus --resume")
+    outcome = SearchOutcome(
+        dataset=run.dataset, metric=metric, trials=collect_trials(results, metric, run),
+        search_dir=str(run.search_dir), prepared_dir=str(prepared.out_dir), tracking_uri=state.tracking_uri,
+        experiment_id=state.experiment_id, parent_run_id=state.parent_run_id, searched=run.search.keys,
+    )
+    outcome.save(run.search_dir / OUTCOME_FILE)
+    best = outcome.best
+    if best:
+        log_metrics(client, state.parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
+        client.set_tag(state.parent_run_id, "cfcml.best_trial", best.trial_id)
+        write_json_artifact(client, state.parent_run_id, best.to_dict(), "best_configuration.json")
+    client.set_terminated(state.parent_run_id, "FINISHED" if best else "FAILED")
+    return outcome
+
+
+def finished_trials(search_dir: Path) -> int:
+    """Trials that ended (completed, stopped by ASHA or failed) in the saved experiment state.
+
+    The state Tune saves when it returns is the one `--resume` continues from; after a Ctrl-C it
+    still shows the interrupted trials unfinished (Tune marks them terminated in memory only).
+    """
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(search_dir)).trials
+    return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+
+
+def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResult]:
+    """Per trial: its best epoch by the CV metric (validation folds only, never the test split)."""
+    import pandas as pd
+
+    trials = []
+    for result in results:
+        df = result.metrics_dataframe
+        trial_id = str((result.metrics or {}).get("trial_id") or Path(result.path).name)
+        if df is None or metric not in df or df[metric].dropna().empty:
+            trials.append(TrialResult(trial_id=trial_id, error=str(result.error)))
+            continue
+        ties = df[df[metric] == df[metric].max()]
+        row = ties.iloc[0]  # the earliest best epoch: the final model trains that long
+        # Ray Train keeps the best-scoring checkpoint; among tied epochs, take one that survived.
+        paths = ties.get("checkpoint_path", pd.Series(dtype=object)).tolist()
+        checkpoint = next((p for p in reversed(paths) if isinstance(p, str) and ("://" in p or Path(p).exists())), None)
+        params = {key: result.config.get(key) for key in run.search.keys}
+        trials.append(TrialResult(
+            trial_id=str(row.get("trial_id", trial_id)),
+            params=params,
+            score=float(row[metric]),
+            epoch=int(row["epoch"]),
+            epochs_run=int(df["epoch"].max()),
+            wall_s=float(df["time_total_s"].iloc[-1]),
+            compute_s=float(df["time_compute_s"].iloc[-1]),
+            checkpoint_path=checkpoint,
+            metrics={k: float(v) for k, v in row.items()
+                     if isinstance(k, str) and k.startswith(("cv_", "val_", "train_"))
+                     and isinstance(v, (int, float)) and not isinstance(v, bool)},
+            history=[{"epoch": int(e), metric: float(v)} for e, v in zip(df["epoch"], df[metric])],
+            experiment=run.experiment.replace(params),
+        ))
+    return trials

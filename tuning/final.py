@@ -1,0 +1,127 @@
+"""The final stage of a search: retrain the best configuration on all development data, test it
+once, register it (or register the best trial's fold ensemble without testing).
+
+Choice: one model retrained on all development data (not the fold ensemble), for as many
+epochs as the best trial's best CV epoch, so that model selection stays on validation folds and
+the final model has seen every development patient. The held-out test split is read here and
+only here, once, after training; metrics come with bootstrap 95% confidence intervals. The model
+is registered as `cfcml-<dataset>` with its CV and test metrics.
+
+`register_cv_ensemble` registers the best trial's fold ensemble instead (`search.py --no-final`):
+no test evaluation happens then.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cfcml.data.manifest import PreparedDataset
+from tuning.outcome import SearchOutcome, TrialResult
+
+
+def _child_run(client: Any, outcome: SearchOutcome, kind: str) -> tuple[str, bool]:
+    """The search's `kind` run (final / cv-ensemble): reused if it exists. Returns (run id, done)."""
+    from tuning.tracking import find_run
+
+    run_id = find_run(client, outcome.experiment_id, **{"cfcml.search": outcome.search_dir, "cfcml.kind": kind})
+    if run_id is not None:
+        done = client.get_run(run_id).data.tags.get("cfcml.registered_version") is not None
+        return run_id, done
+    run = client.create_run(outcome.experiment_id, run_name=kind, tags={
+        "mlflow.parentRunId": outcome.parent_run_id, "cfcml.search": outcome.search_dir, "cfcml.kind": kind,
+    })
+    return run.info.run_id, False
+
+
+def _cv_tags(best: TrialResult, metric: str) -> dict[str, str]:
+    tags = {k: f"{v:.4f}" for k, v in best.metrics.items() if k.startswith("cv_")}
+    tags.update({"selection_metric": metric, "best_trial": best.trial_id, "best_epoch": str(best.epoch)})
+    return tags
+
+
+def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: str | Path) -> dict[str, Any]:
+    """Retrain `outcome.best` on all development rows, test once, register. Idempotent: a search
+    whose final model is registered already is left alone."""
+    from mlflow.tracking import MlflowClient
+
+    from cfcml.config import flatten_dict
+    from cfcml.metrics import bootstrap_ci, plot_confusion, plot_roc
+    from cfcml.training import frame_probs
+    from tuning.checkpoints import TEST_FILE, open_checkpoint
+    from tuning.served_model import log_and_register
+    from tuning.tracking import log_figure, log_metrics, log_params
+    from tuning.trainer import TrainJob, fit
+
+    best = outcome.best
+    if best is None or best.experiment is None:
+        print("no best configuration: nothing to retrain")
+        return {}
+    client = MlflowClient(outcome.tracking_uri)
+    run_id, done = _child_run(client, outcome, "final")
+    if done:
+        print(f"final model already trained and registered (run {run_id}); nothing to do")
+        return {"run_id": run_id}
+    print(f"\n=== final model: best configuration retrained on all {len(prepared.dev_frame())} development "
+          f"patients for {best.epoch} epochs, then tested once on {len(prepared.test_frame())} held-out patients ===")
+    log_params(client, run_id, {**flatten_dict(best.experiment.to_dict()), "final_epochs": best.epoch})
+    job = TrainJob(best.experiment, str(prepared.out_dir), best.epoch, final=True)
+    result = fit(job, name=f"final_{Path(outcome.search_dir).name}_{best.trial_id}",
+                 storage_path=str(Path(storage) / "train"), metric=None)
+    with open_checkpoint(result.checkpoint.path) as ckpt:
+        test = ckpt.test_predictions()
+        client.log_artifact(run_id, str(ckpt.file(TEST_FILE)), "predictions")
+        (weights,) = ckpt.fold_weights()
+    spec = prepared.spec
+    probs = frame_probs(test, spec.classes)
+    labels = test["label"].to_numpy()
+    ci = bootstrap_ci(spec.task, labels, probs, n_boot=1000, seed=0)
+    values = {}
+    for name, (point, low, high) in ci.items():
+        values.update({f"test_{name}": point, f"test_{name}_ci_low": low, f"test_{name}_ci_high": high})
+    log_metrics(client, run_id, {**values, **{k: v for k, v in best.metrics.items() if k.startswith("cv_")}})
+    log_figure(client, run_id, plot_roc(labels, probs, list(spec.classes)), "plots/roc_test.png")
+    log_figure(client, run_id, plot_confusion(labels, probs, list(spec.classes)), "plots/confusion_test.png")
+
+    print(f"test metrics ({len(labels)} patients, bootstrap 95% CI, 1000 resamples):")
+    for name, (point, low, high) in ci.items():
+        print(f"  {name:20s} {point:7.4f}  [{low:.4f}, {high:.4f}]")
+    tags = {**_cv_tags(best, outcome.metric), "stage": "final",
+            **{f"test_{k}": f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for k, v in ci.items()}}
+    info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,
+                            experiment=best.experiment, members=[weights],
+                            model_name=f"cfcml-{outcome.dataset}", tags=tags)
+    client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
+    client.set_terminated(run_id, "FINISHED")
+    print(f"registered cfcml-{outcome.dataset} version {info.registered_model_version}: "
+          f"mlflow.pyfunc.load_model('models:/cfcml-{outcome.dataset}/{info.registered_model_version}')")
+    return {"run_id": run_id, "test": ci, "version": info.registered_model_version}
+
+
+def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> dict[str, Any]:
+    """Register the best trial's fold models (best CV epoch) as one averaged ensemble."""
+    from mlflow.tracking import MlflowClient
+
+    from tuning.checkpoints import open_checkpoint
+    from tuning.served_model import log_and_register
+    from tuning.tracking import log_metrics
+
+    best = outcome.best
+    if best is None or not best.checkpoint_path or best.experiment is None:
+        print("no best checkpoint: nothing to register")
+        return {}
+    client = MlflowClient(outcome.tracking_uri)
+    run_id, done = _child_run(client, outcome, "cv-ensemble")
+    if done:
+        return {"run_id": run_id}
+    with open_checkpoint(best.checkpoint_path) as ckpt:
+        members = ckpt.fold_weights()
+    log_metrics(client, run_id, {k: v for k, v in best.metrics.items() if k.startswith("cv_")})
+    info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,
+                            experiment=best.experiment, members=members,
+                            model_name=f"cfcml-{outcome.dataset}",
+                            tags={**_cv_tags(best, outcome.metric), "stage": "cv-ensemble"})
+    client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
+    client.set_terminated(run_id, "FINISHED")
+    print(f"registered the best trial's {len(members)}-fold ensemble as cfcml-{outcome.dataset} "
+          f"version {info.registered_model_version}")
+    return {"run_id": run_id, "version": info.registered_model_version}

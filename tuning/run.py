@@ -1,0 +1,135 @@
+"""`SearchRun`: everything one search needs, resolved once from the YAML files and the command line.
+
+Precedence, lowest first (each setting has one owner after this):
+
+1. the dataclass defaults of `cfcml.config`;
+2. the experiment file `conf/experiments/<dataset>.yaml`;
+3. the search file `conf/search/<search>.yaml`: its `overrides:`, its `dataset_overrides.<dataset>`,
+   and its budget keys `max_epochs` (-> `train.epochs`) and `folds` (-> `train.folds`);
+4. the command line: `--set KEY=VALUE` pairs, then the dedicated flags (`--max-epochs`, `--folds`,
+   `--seed`, `--image-size`, `--workers`, ...), which are shorthands for `--set` of one key.
+
+After that `experiment.train.epochs` is the epoch budget of every trial and `experiment.train.folds`
+the number of folds; nothing else is consulted. The number of trials is the search file's
+`num_samples` unless `--num-samples` is given. The fold seed is not an experiment setting: it
+belongs to the prepared dataset (recorded in its manifest), see `tuning.prepared`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cfcml.config import PROJECT_ROOT, ConfigError, ExperimentConfig, load_experiment
+from tuning.space import SearchConfig, load_search
+
+DEFAULT_RUNS_DIR = PROJECT_ROOT / "runs"
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE pairs; values are read as YAML (numbers, lists, true/false, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.pretrained=/weights/swin_t.pt")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def resolve_experiment(dataset: str, search: SearchConfig, cli: dict[str, Any]) -> ExperimentConfig:
+    """Experiment file <- search file <- command line (`cli`: dotted keys), validated once."""
+    base = load_experiment(dataset)
+    from_search = dict(search.overrides)
+    if search.max_epochs is not None:
+        from_search["train.epochs"] = search.max_epochs
+    if search.folds is not None:
+        from_search["train.folds"] = search.folds
+    return base.replace({**from_search, **cli})
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    """A search, fully resolved. Build it with `SearchRun.build`."""
+
+    dataset: str  # conf/datasets/<dataset>.yaml and conf/experiments/<dataset>.yaml
+    search: SearchConfig
+    experiment: ExperimentConfig  # every trial's base configuration (the searched keys vary)
+    data_root: Path  # a raw dataset folder, or a prepared one (holding manifest.parquet)
+    runs_dir: Path  # Ray results, checkpoints, the default MLflow store
+    name: str
+    num_samples: int
+    fold_seed: int | None = None  # None: the prepared dataset's own (0 when preparing anew)
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or a SQLite store in runs_dir
+    address: str | None = None  # a Ray cluster; None: a local Ray
+    resume: bool = False
+    final: bool = True  # retrain the best configuration, test it once, register it
+    verbose: bool = False  # Ray's own worker and per-epoch log lines on the console
+
+    @property
+    def max_epochs(self) -> int:
+        return self.experiment.train.epochs
+
+    @property
+    def storage(self) -> Path:
+        """Ray's storage: the search folder and every trial's Ray Train run live below it."""
+        return self.runs_dir / "ray"
+
+    @property
+    def search_dir(self) -> Path:
+        return self.storage / self.name
+
+    @classmethod
+    def build(
+        cls,
+        dataset: str,
+        search: str = "default",
+        *,
+        data_root: str | Path | None = None,
+        runs_dir: str | Path | None = None,
+        name: str | None = None,
+        num_samples: int | None = None,
+        max_epochs: int | None = None,
+        folds: int | None = None,
+        seed: int | None = None,
+        fold_seed: int | None = None,
+        image_size: list[int] | tuple[int, ...] | None = None,
+        workers: int | None = None,
+        cpus_per_worker: float | None = None,
+        gpus_per_worker: float | None = None,
+        overrides: dict[str, Any] | None = None,
+        tracking_uri: str | None = None,
+        address: str | None = None,
+        resume: bool = False,
+        final: bool = True,
+        verbose: bool = False,
+    ) -> SearchRun:
+        """Resolve a search from its names and the command line's values (None = not given).
+
+        Raises ConfigError naming the file and key (or flag) of the first bad value.
+        """
+        search_cfg = load_search(search, load_experiment(dataset))
+        flags = {"train.epochs": max_epochs, "train.folds": folds, "train.seed": seed,
+                 "train.image_size": list(image_size) if image_size else None, "train.workers": workers,
+                 "train.cpus_per_worker": cpus_per_worker, "train.gpus_per_worker": gpus_per_worker}
+        cli = {**(overrides or {}), **{k: v for k, v in flags.items() if v is not None}}
+        experiment = resolve_experiment(dataset, search_cfg, cli)
+        if num_samples is not None and num_samples < 1:
+            raise ConfigError(f"--num-samples: expected a positive integer, got {num_samples}")
+        return cls(
+            dataset=dataset,
+            search=search_cfg,
+            experiment=experiment,
+            data_root=Path(data_root or PROJECT_ROOT / "data" / dataset).resolve(),
+            runs_dir=Path(runs_dir or DEFAULT_RUNS_DIR).resolve(),
+            name=name or f"{dataset}-{search_cfg.name}",
+            num_samples=num_samples or search_cfg.num_samples,
+            fold_seed=fold_seed,
+            tracking_uri=tracking_uri,
+            address=address,
+            resume=resume,
+            final=final,
+            verbose=verbose,
+        )
