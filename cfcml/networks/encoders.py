@@ -8,6 +8,9 @@
   /8p for patch size p, as the stage outputs of a standard Swin-T).
 
 Both work for 2D and 3D inputs and accept local pretrained weights; nothing is downloaded.
+
+Every encoder passes its last stage map through `cam_tap`, an identity module: the one layer name
+(`encoders.<m>.cam_tap`) that Grad-CAM hooks to explain a prediction, whatever the encoder.
 """
 from __future__ import annotations
 
@@ -60,12 +63,14 @@ class MambaResEncoder(nn.Module):
             prev = ch
         self.stages = nn.ModuleList(blocks)
         self.out_channels = tuple(chans)
+        self.cam_tap = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
+        feats[-1] = self.cam_tap(feats[-1])
         return feats
 
 
@@ -93,6 +98,7 @@ class SwinEncoder(nn.Module):
         self.swin.layers4[0].downsample = None
         w = cfg.encoder_width
         self.out_channels = (w, 2 * w, 4 * w, 8 * w)
+        self.cam_tap = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.swin.pos_drop(self.swin.patch_embed(x)).movedim(1, -1)  # [B, *grid, C]
@@ -103,6 +109,7 @@ class SwinEncoder(nn.Module):
             feats.append(F.layer_norm(x, x.shape[-1:]).movedim(-1, 1))  # [B, C, *grid]
             if layer.downsample is not None:
                 x = layer.downsample(x)
+        feats[-1] = self.cam_tap(feats[-1])
         return feats
 
 

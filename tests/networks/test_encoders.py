@@ -149,3 +149,14 @@ def test_pretrained_unusable_file_is_a_config_error(tmp_path, content):
         torch.save(torch.zeros(3), path)
     with pytest.raises(ConfigError, match=r"model\.pretrained.*weights\.pt"):
         build_encoder(dataclasses.replace(MAMBA_TINY, pretrained=str(path)), 3, 1)
+
+
+@pytest.mark.parametrize("cfg,dims,size", [(SWIN_SMALL, 2, (64, 64)), (MAMBA_TINY, 3, (32, 32, 8))])
+def test_every_encoder_passes_its_last_stage_through_the_cam_tap(cfg, dims, size):
+    """Grad-CAM hooks `cam_tap`: it must see the stage-4 map, channels first."""
+    enc = build_encoder(cfg, dims, 1).eval()
+    seen = []
+    enc.cam_tap.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        feats = enc(torch.randn(1, 1, *size))
+    assert len(seen) == 1 and seen[0] is feats[-1] and seen[0].shape[1] == enc.out_channels[-1]
