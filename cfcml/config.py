@@ -182,6 +182,10 @@ class TrainConfig:
             out-of-memory kill), each from the last checkpoint; 0 fails the trial at once.
         image_size: overrides the dataset's preprocessed image size (tiny demos), 2 or 3 sizes.
         seed: seeds weights, batch order and augmentation (not the folds: see the fold seed).
+        selection_metric: the validation metric that selects trials and epochs (ASHA, the best
+            trial, the final model's epoch count), one of `cfcml.metrics.metric_names` of the task,
+            e.g. macro_auc, balanced_accuracy, auc; None = the dataset's `selection_metric`. AUCs
+            judge rankings; balanced accuracy judges the argmax decisions (docs/evaluation.md).
     """
 
     epochs: int = 100
@@ -196,6 +200,7 @@ class TrainConfig:
     max_failures: int = 2
     image_size: tuple[int, ...] | None = None
     seed: int = 0
+    selection_metric: str | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "workers")

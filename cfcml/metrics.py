@@ -1,8 +1,8 @@
 """Evaluation metrics of the public code (docs/evaluation.md), bootstrap CIs and plots.
 
 Two tasks:
-- "multiclass" (MEN): accuracy, per-class accuracy (recall) "acc_class_<i>", weighted and macro
-  F1, macro one-vs-rest AUC;
+- "multiclass" (MEN): accuracy, per-class accuracy (recall) "acc_class_<i>", balanced accuracy
+  (their mean over the classes present), weighted and macro F1, macro one-vs-rest AUC;
 - "binary" (Derm7pt, positive class = index 1): sensitivity, specificity, accuracy, G-mean,
   balanced accuracy, AUPRC (average precision), AUC.
 
@@ -30,6 +30,32 @@ from sklearn.metrics import (
 )
 
 TASKS = ("multiclass", "binary")
+
+
+def selection_key(task: str, num_classes: int, dataset_metric: str, override: str | None = None) -> str:
+    """"cv_<metric>": the mean validation metric over folds that model selection maximises.
+
+    override: `train.selection_metric` (None: the dataset's). Raises ConfigError for a name the
+    task does not have.
+    """
+    from cfcml.config import ConfigError
+
+    name = override or dataset_metric
+    known = metric_names(task, num_classes)
+    if name not in known:
+        key = "train.selection_metric" if override else "selection_metric (dataset spec)"
+        raise ConfigError(f"{name!r} is not a {task} metric (known: {', '.join(known)})", key)
+    return f"cv_{name}"
+
+
+def metric_names(task: str, num_classes: int) -> tuple[str, ...]:
+    """The names `compute_metrics` returns for `task` (what a selection metric may be)."""
+    if task == "multiclass":
+        return ("accuracy", *(f"acc_class_{k}" for k in range(num_classes)), "balanced_accuracy",
+                "f1_weighted", "f1_macro", "macro_auc")
+    if task == "binary":
+        return ("sensitivity", "specificity", "accuracy", "g_mean", "balanced_accuracy", "auprc", "auc")
+    raise ValueError(f"task must be one of {TASKS}; got {task!r}")
 
 
 def _validate(task: str, y_true, probs) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +103,9 @@ def compute_metrics(task: str, y_true, probs) -> dict[str, float]:
     if task == "multiclass":
         out = {"accuracy": float(accuracy_score(y, pred))}
         out |= {f"acc_class_{k}": float(recall[k]) for k in range(C)}
+        with warnings.catch_warnings():  # a class absent from y_true: sklearn warns, the mean skips it
+            warnings.simplefilter("ignore")
+            out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
         out["f1_weighted"] = float(f1_score(y, pred, average="weighted", zero_division=0))
         out["f1_macro"] = float(f1_score(y, pred, average="macro", zero_division=0))
         aucs = [_binary_auc(y == k, p[:, k]) for k in range(C)]
@@ -138,6 +167,9 @@ def _weighted_metrics(task: str, y: np.ndarray, p: np.ndarray, w: np.ndarray) ->
             seen = (support + predicted) > 0  # sklearn's macro F1 averages over labels seen
             out = {"accuracy": accuracy}
             out |= {f"acc_class_{k}": recall[:, k] for k in range(C)}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out["balanced_accuracy"] = np.nanmean(recall, axis=1)
             out["f1_weighted"] = (f1 * support).sum(1) / total
             out["f1_macro"] = (f1 * seen).sum(1) / seen.sum(1)
             aucs = np.stack([_weighted_ranking(y == k, p[:, k], w)[0] for k in range(C)], axis=1)

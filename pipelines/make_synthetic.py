@@ -14,7 +14,7 @@ import time
 
 import pandas as pd
 
-from cfcml.data.synthetic import LATENTS_FILE, make_derm7pt, make_men
+from cfcml.data.synthetic import LATENTS_FILE, SIGNALS, make_derm7pt, make_men
 from tuning import cli_args
 
 DEFAULTS = {  # patients, size (the public code trains on 128x128x24 volumes / 224x224 photos)
@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--vary-size", action="store_true",
                         help="jitter each volume/photo size by ~10%%, like real crops")
+    parser.add_argument("--signal", choices=SIGNALS, default="split",
+                        help="split: each modality carries part of the class (fusion helps); interaction: "
+                             "a class depends on image and table jointly, no modality alone carries it")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a dataset already generated in --out")
     args = parser.parse_args(argv)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = make(args.data_root, patients=args.patients, seed=args.seed, size=args.image_size,
                    test_fraction=args.test_fraction, vary_size=args.vary_size,
-                   overwrite=args.overwrite, progress=args.patients >= PROGRESS_FROM)
+                   overwrite=args.overwrite, progress=args.patients >= PROGRESS_FROM, signal=args.signal)
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     latents = pd.read_csv(out / LATENTS_FILE)
     counts = pd.crosstab(latents["label"], latents["split"], margins=True, margins_name="total")
     size = "x".join(map(str, args.image_size)) + (" (jittered)" if args.vary_size else "")
-    print(f"wrote synthetic {args.dataset} to {out} in {seconds:.1f}s (seed {args.seed}, size {size})")
+    print(f"wrote synthetic {args.dataset} to {out} in {seconds:.1f}s "
+          f"(seed {args.seed}, size {size}, {args.signal} signal)")
     print(counts.to_string())
     if args.dataset == "men":
         print(f"  {out}/<train|test>/<class>/<patient>/{{t1_bbox,t2_bbox,adc_bbox}}.nii.gz")

@@ -10,7 +10,8 @@ from sklearn.metrics import roc_auc_score
 
 from cfcml.metrics import _weighted_metrics, bootstrap_ci, compute_metrics, plot_confusion, plot_roc
 
-MULTICLASS_KEYS = {"accuracy", "acc_class_0", "acc_class_1", "acc_class_2", "f1_weighted", "f1_macro", "macro_auc"}
+MULTICLASS_KEYS = {"accuracy", "acc_class_0", "acc_class_1", "acc_class_2", "balanced_accuracy", "f1_weighted",
+                   "f1_macro", "macro_auc"}
 BINARY_KEYS = {"sensitivity", "specificity", "accuracy", "g_mean", "balanced_accuracy", "auprc", "auc"}
 
 
@@ -44,6 +45,7 @@ def test_multiclass_hand_values():
     out = compute_metrics("multiclass", y, probs)
     assert out["accuracy"] == pytest.approx(4 / 6)
     assert [out[f"acc_class_{k}"] for k in range(3)] == pytest.approx([0.5, 1.0, 0.5])
+    assert out["balanced_accuracy"] == pytest.approx(2 / 3)  # mean of the class recalls
     f1 = [2 * 1 / (2 * 1 + 1 + 1), 2 * 2 / (2 * 2 + 1 + 0), 2 * 1 / (2 * 1 + 0 + 1)]  # 2tp / (2tp + fp + fn)
     assert out["f1_macro"] == pytest.approx(np.mean(f1))
     assert out["f1_weighted"] == pytest.approx(np.mean(f1))  # equal supports
@@ -156,3 +158,11 @@ def test_plots_return_figures(tmp_path, C):
     assert len(legend) == (1 if C == 2 else C) and all("AUC" in t for t in legend)
     counts = sorted(int(t.get_text()) for t in conf.axes[0].texts)
     assert sum(counts) == 30 and len(counts) == C * C
+
+
+@pytest.mark.parametrize("task,C", [("multiclass", 3), ("binary", 2)])
+def test_metric_names_are_what_compute_metrics_returns(task, C):
+    from cfcml.metrics import metric_names
+
+    y = np.arange(6) % C
+    assert tuple(compute_metrics(task, y, one_hot_probs(y, C))) == metric_names(task, C)

@@ -112,7 +112,7 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     from tuning.tracking import SearchTracker, default_tracking_uri, log_metrics, write_json_artifact
 
     spec = prepared.spec
-    metric = f"cv_{spec.selection_metric}"
+    metric = run.metric(spec)
     state = SearchState.load(run.search_dir) if run.resume else None
     if state is None:
         state = _start_parent(run, prepared, run.tracking_uri or default_tracking_uri(run.runs_dir), metric)

@@ -64,7 +64,7 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
     print(f"\n=== final model: best configuration retrained on all {len(prepared.dev_frame())} development "
           f"patients for {best.epoch} epochs, then tested once on {len(prepared.test_frame())} held-out patients ===")
     log_params(client, run_id, {**flatten_dict(best.experiment.to_dict()), "final_epochs": best.epoch})
-    job = TrainJob(best.experiment, str(prepared.out_dir), best.epoch, final=True)
+    job = TrainJob(best.experiment, str(prepared.out_dir), best.epoch, final=True, predict_test=True)
     result = fit(job, name=f"final_{Path(outcome.search_dir).name}_{best.trial_id}",
                  storage_path=str(Path(storage) / "train"), metric=None)
     with open_checkpoint(result.checkpoint.path) as ckpt:

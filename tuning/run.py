@@ -72,6 +72,14 @@ class SearchRun:
     def max_epochs(self) -> int:
         return self.experiment.train.epochs
 
+    def metric(self, spec: Any) -> str:
+        """The selection metric ("cv_<name>") on a dataset with `spec`; ConfigError if the task has
+        no such metric (train.selection_metric, else the dataset's)."""
+        from cfcml.metrics import selection_key
+
+        return selection_key(spec.task, len(spec.classes), spec.selection_metric,
+                             self.experiment.train.selection_metric)
+
     @property
     def storage(self) -> Path:
         """Ray's storage: the search folder and every trial's Ray Train run live below it."""

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         t = run.experiment.train
         prepared = load_or_prepare(run.dataset, run.data_root, folds=t.folds, fold_seed=run.fold_seed,
                                    image_size=t.image_size)
+        run.metric(prepared.spec)  # a selection metric the task lacks fails here, before Ray starts
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

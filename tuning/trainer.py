@@ -24,13 +24,19 @@ from cfcml.config import ExperimentConfig
 @dataclass(frozen=True)
 class TrainJob:
     """One Ray Train run: `experiment` trained on the folds of the dataset prepared in
-    `prepared_dir` for up to `max_epochs` (a CV trial), or, with `final`, on all development rows,
-    after which it predicts the held-out test split once (the final model)."""
+    `prepared_dir` for up to `max_epochs` (a CV trial), or, with `final`, on all development rows
+    (the final model).
+
+    predict_test: after the last epoch, and only then, predict the held-out test split once (the
+    final model; a comparison's fold ensemble, whose K fold models' probabilities are averaged).
+    Never set by a search trial: tuning and model selection do not see the test split.
+    """
 
     experiment: ExperimentConfig
     prepared_dir: str
     max_epochs: int
     final: bool = False
+    predict_test: bool = False
 
 
 def _quiet_report_log() -> None:
@@ -83,11 +89,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         compute_s += time.perf_counter() - t0
         metrics.update(time_compute_s=compute_s, time_setup_s=t_ready - t_start, resumed_from_epoch=resumed_from)
         test = None
-        if job.final and cv.epoch == job.max_epochs:
-            # The one look at the held-out test split, after training has ended.
-            fold = cv.folds[0]
+        if job.predict_test and cv.epoch == job.max_epochs:
+            # The one look at the held-out test split, after training has ended: every fold's
+            # model (one for a final model) with its own normaliser, probabilities averaged.
             frame = prepared.test_frame()
-            probs = cv.predict(fold, prepared.dataset(frame, fold.normalizer))
+            probs = sum(cv.predict(f, prepared.dataset(frame, f.normalizer)) for f in cv.folds) / len(cv.folds)
             test = prediction_frame(frame, probs, prepared.spec.classes)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

@@ -33,6 +33,17 @@ How the class signal is split between images and table (so that fusion can beat 
   Rows of other diagnoses (basal cell carcinoma, seborrheic keratosis, ...) are mixed in, as in
   the release, for the adapter to exclude.
 
+With ``signal="interaction"`` a class depends on the image and the table jointly, an interaction no
+single modality carries (what crossmodal attention exists to learn):
+
+* **MEN**: Grade 1 when ``image_latent == table_latent`` (both 0 or both 1, a fair coin), Grade 2
+  with invasion when (1, 0), without invasion when (0, 1). Whether a patient is Grade 1 is then
+  independent of either latent alone (an exclusive or); each modality alone only tells the two
+  Grade 2 classes apart.
+* **Derm7pt**: MEL when ``image_latent != table_latent`` (``image_latent`` a fair coin), so
+  neither view alone says anything about the class; both views are drawn with less noise
+  (``N(0, 0.35)``) so that the pair is readable.
+
 The latents are written to ``<out>/_synthetic_latents.csv``, outside the dataset layout proper:
 adapters and training never read it; it exists for tests and for sanity checks of the generator.
 """
@@ -114,9 +125,17 @@ DERM_SEVEN_POINT = {
 DERM_SPLITS = ("train", "valid", "test")
 DERM_IMAGE_NOISE = 0.7
 DERM_TABLE_NOISE = 0.7
+DERM_INTERACTION_NOISE = 0.35
+
+SIGNALS = ("split", "interaction")  # how the class signal is spread over the modalities
 
 
 # --- shared helpers ---------------------------------------------------------------------------
+def _check_signal(signal: str) -> None:
+    if signal not in SIGNALS:
+        raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
+
+
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
@@ -194,15 +213,18 @@ def _check_size(size: Sequence[int], dims: int, name: str) -> tuple[int, ...]:
 
 
 # --- MEN --------------------------------------------------------------------------------------
-def men_latents(patients: int = 60, seed: int = 0, test_fraction: float = 0.2) -> pd.DataFrame:
+def men_latents(patients: int = 60, seed: int = 0, test_fraction: float = 0.2,
+                signal: str = "split") -> pd.DataFrame:
     """The cohort plan: one row per patient with id, split, class and the latents of each modality.
 
     Columns: patient_id, split, label, image_latent, table_latent, image_signal, table_signal
-    (``*_signal`` = latent + noise, what the renderer actually shows). Sorted by patient_id.
+    (``*_signal`` = latent + noise, what the renderer actually shows), signal (the mode). Sorted
+    by patient_id. ``signal``: "split" or "interaction" (see the module docstring).
     """
     if patients < len(MEN_CLASSES):
         raise ValueError(f"MEN needs at least {len(MEN_CLASSES)} patients, got {patients}")
     _check_fraction("test_fraction", test_fraction)
+    _check_signal(signal)
     rng = np.random.default_rng([seed, 0])
     labels, splits = [], []
     for cls, n in zip(MEN_CLASSES, _class_counts(patients, MEN_CLASS_WEIGHTS)):
@@ -212,10 +234,13 @@ def men_latents(patients: int = 60, seed: int = 0, test_fraction: float = 0.2) -
     order = rng.permutation(patients)  # ids carry no class information
     labels = np.asarray(labels)[order]
     splits = np.asarray(splits)[order]
-    image_latent = (labels != "Grade_1").astype(int)
-    table_latent = np.where(labels == "Grade_2_invasion", 1,
-                            np.where(labels == "Grade_2_noninvasion", 0,
-                                     rng.integers(0, 2, patients)))
+    coin = rng.integers(0, 2, patients)
+    if signal == "split":
+        image_latent = (labels != "Grade_1").astype(int)
+        table_latent = np.where(labels == "Grade_2_invasion", 1, np.where(labels == "Grade_2_noninvasion", 0, coin))
+    else:  # Grade 1 iff the latents agree
+        image_latent = np.where(labels == "Grade_1", coin, (labels == "Grade_2_invasion").astype(int))
+        table_latent = np.where(labels == "Grade_1", coin, (labels == "Grade_2_noninvasion").astype(int))
     return pd.DataFrame({
         "patient_id": [f"MEN_{i + 1:04d}" for i in range(patients)],
         "split": splits,
@@ -224,6 +249,7 @@ def men_latents(patients: int = 60, seed: int = 0, test_fraction: float = 0.2) -
         "table_latent": table_latent,
         "image_signal": np.round(image_latent + rng.normal(0, MEN_IMAGE_NOISE, patients), 4),
         "table_signal": np.round(table_latent + rng.normal(0, MEN_TABLE_NOISE, patients), 4),
+        "signal": signal,
     })
 
 
@@ -303,17 +329,18 @@ def _save_nifti(volume: np.ndarray, path: Path) -> None:
 def make_men(out: Path, patients: int = 60, seed: int = 0,
              size: tuple[int, int, int] = (32, 32, 8), test_fraction: float = 0.2, *,
              vary_size: bool = False, missing_fraction: float = 0.0, overwrite: bool = False,
-             progress: bool = False) -> Path:
+             progress: bool = False, signal: str = "split") -> Path:
     """Write a synthetic MEN cohort under ``out`` in the public code's layout; returns ``out``.
 
     ``<out>/<train|test>/<class>/<patient>/{t1_bbox,t2_bbox,adc_bbox}.nii.gz`` (int16, [H, W, D]
     = ``size``, or jittered by ~10% per patient with ``vary_size``), ``<out>/clinical.csv`` and
     ``<out>/_synthetic_latents.csv``. ``missing_fraction`` blanks that share of adc_value,
-    tumour_area and oedema_area cells, as real clinical exports have gaps.
+    tumour_area and oedema_area cells, as real clinical exports have gaps. ``signal``: "split"
+    or "interaction" (module docstring).
     """
     size = _check_size(size, 3, "MEN")
     _check_fraction("missing_fraction", missing_fraction)
-    plan = men_latents(patients, seed, test_fraction)
+    plan = men_latents(patients, seed, test_fraction, signal)
     out = _prepare_out(out, [*MEN_SPLITS, MEN_CLINICAL_FILE, LATENTS_FILE], overwrite)
     clinical = _men_clinical(plan, np.random.default_rng([seed, 1]), missing_fraction)
     rows = zip(plan.itertuples(index=False), clinical["tumour_area"])
@@ -338,13 +365,16 @@ def _pick(rng: np.random.Generator, table: dict[str, float], n: int) -> np.ndarr
 
 
 def derm7pt_latents(patients: int = 80, seed: int = 0, test_fraction: float = 0.2, *,
-                    valid_fraction: float = 0.2, other_cases: int | None = None) -> pd.DataFrame:
+                    valid_fraction: float = 0.2, other_cases: int | None = None,
+                    signal: str = "split") -> pd.DataFrame:
     """The case plan, one row per meta.csv row in order (row index = position).
 
     ``patients`` counts the NEV + MEL cases; ``other_cases`` (default 10% of ``patients``, at
     least 1) rows of other diagnoses are mixed in. Columns: case_num, diagnosis, label
-    (NEV / MEL / other), split (train / valid / test), image_signal, table_signal.
+    (NEV / MEL / other), split (train / valid / test), image_signal, table_signal, signal.
+    ``signal``: "split" or "interaction" (module docstring).
     """
+    _check_signal(signal)
     if patients < len(DERM_CLASSES):
         raise ValueError(f"Derm7pt needs at least {len(DERM_CLASSES)} NEV/MEL cases, got {patients}")
     _check_fraction("test_fraction", test_fraction)
@@ -371,14 +401,22 @@ def derm7pt_latents(patients: int = 80, seed: int = 0, test_fraction: float = 0.
     labels, diagnosis, splits = labels[order], diagnosis[order], splits[order]
     n = len(labels)
     y = (labels == "MEL").astype(float)
-    y[labels == "other"] = rng.uniform(0.0, 0.6, (labels == "other").sum())
+    if signal == "split":  # two noisy views of the class
+        y[labels == "other"] = rng.uniform(0.0, 0.6, (labels == "other").sum())
+        image, table = y, y
+        noise = (DERM_IMAGE_NOISE, DERM_TABLE_NOISE)
+    else:  # MEL iff the views disagree; other diagnoses: two independent coins
+        image = rng.integers(0, 2, n).astype(float)
+        table = np.where(labels == "other", rng.integers(0, 2, n), np.abs(image - y))
+        noise = (DERM_INTERACTION_NOISE, DERM_INTERACTION_NOISE)
     return pd.DataFrame({
         "case_num": np.arange(1, n + 1),
         "diagnosis": diagnosis,
         "label": labels,
         "split": splits,
-        "image_signal": np.round(y + rng.normal(0, DERM_IMAGE_NOISE, n), 4),
-        "table_signal": np.round(y + rng.normal(0, DERM_TABLE_NOISE, n), 4),
+        "image_signal": np.round(image + rng.normal(0, noise[0], n), 4),
+        "table_signal": np.round(table + rng.normal(0, noise[1], n), 4),
+        "signal": signal,
     })
 
 
@@ -505,7 +543,7 @@ def _derm_photo(rng: np.random.Generator, shape: tuple[int, int], signal: float,
 def make_derm7pt(out: Path, patients: int = 80, seed: int = 0, size: tuple[int, int] = (64, 64),
                  test_fraction: float = 0.2, *, valid_fraction: float = 0.2,
                  other_cases: int | None = None, vary_size: bool = False,
-                 overwrite: bool = False, progress: bool = False) -> Path:
+                 overwrite: bool = False, progress: bool = False, signal: str = "split") -> Path:
     """Write a synthetic Derm7pt release under ``out``; returns ``out``.
 
     ``<out>/meta/meta.csv`` (one row per case, release columns and vocabularies),
@@ -516,7 +554,7 @@ def make_derm7pt(out: Path, patients: int = 80, seed: int = 0, size: tuple[int, 
     """
     size = _check_size(size, 2, "Derm7pt")
     plan = derm7pt_latents(patients, seed, test_fraction, valid_fraction=valid_fraction,
-                           other_cases=other_cases)
+                           other_cases=other_cases, signal=signal)
     out = _prepare_out(out, ["meta", "images", LATENTS_FILE], overwrite)
     meta = _derm_table(plan, np.random.default_rng([seed, 1]))
     for i, row in enumerate(tqdm(meta.itertuples(index=False), total=len(meta),

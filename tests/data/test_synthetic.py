@@ -147,6 +147,29 @@ def test_men_needs_both_modalities_for_three_classes() -> None:
     assert acc_both < 1.0  # noise: neither the fusion nor a single modality is perfect
 
 
+def _with_products(x: np.ndarray) -> np.ndarray:
+    return np.column_stack([x, x[:, :1] * x[:, 1:]])
+
+
+@pytest.mark.parametrize("latents,positive", [
+    (lambda: men_latents(patients=600, seed=0, signal="interaction"), "Grade_1"),
+    (lambda: derm7pt_latents(patients=600, seed=0, signal="interaction"), "MEL"),
+])
+def test_interaction_mode_class_needs_both_modalities_jointly(latents, positive) -> None:
+    """No single modality carries the class (an exclusive or of the two latents); together they do."""
+    plan = latents()
+    plan = plan[plan["label"] != "other"]
+    y = (plan["label"] == positive).to_numpy()
+    def auc(x: np.ndarray) -> float:
+        return roc_auc_score(y, LogisticRegression(max_iter=1000).fit(x, y).decision_function(x))
+
+    for column in ("image_signal", "table_signal"):
+        one = plan[[column]].to_numpy()
+        assert auc(np.column_stack([one, one ** 2])) < 0.58, column
+    assert auc(_with_products(plan[["image_signal", "table_signal"]].to_numpy())) > 0.9
+    assert set(plan["signal"]) == {"interaction"}
+
+
 # --- Derm7pt ----------------------------------------------------------------------------------
 def test_derm7pt_layout_vocabularies_and_photos(tmp_path: Path) -> None:
     root = make_derm7pt(tmp_path / "derm", patients=10, seed=2, size=(20, 28))

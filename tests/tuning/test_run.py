@@ -88,3 +88,14 @@ def test_outcome_round_trips_with_typed_trials(tmp_path: Path) -> None:
     assert back == outcome
     assert back.best.trial_id == "a" and back.best.experiment.loss.tau_sam == 0.1
     assert not back.trials[0].scored
+
+
+def test_selection_metric_is_configurable_and_checked() -> None:
+    from cfcml.data.spec import load_dataset_spec
+
+    spec = load_dataset_spec("men")
+    assert SearchRun.build("men", "smoke").metric(spec) == "cv_macro_auc"
+    run = SearchRun.build("men", "smoke", overrides={"train.selection_metric": "balanced_accuracy"})
+    assert run.metric(spec) == "cv_balanced_accuracy"
+    with pytest.raises(ConfigError, match=r"train.selection_metric: 'auc' is not a multiclass metric"):
+        SearchRun.build("men", "smoke", overrides={"train.selection_metric": "auc"}).metric(spec)
