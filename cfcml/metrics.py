@@ -222,6 +222,32 @@ def bootstrap_ci(
     return out
 
 
+def paired_bootstrap_diff(
+    task: str, y_true, probs_a, probs_b, metric: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """metric(a) - metric(b) on the same patients, with a paired percentile bootstrap CI.
+
+    Each resample draws patients with replacement and scores both prediction sets on that same
+    resample, so the CI reflects the difference between the models, not the spread of the cohort.
+    Returns (difference, low, high); NaN bounds when no resample defines the metric.
+    """
+    y, a = _validate(task, y_true, probs_a)
+    _, b = _validate(task, y_true, probs_b)
+    if a.shape != b.shape:
+        raise ValueError(f"probs_a and probs_b differ in shape: {a.shape} vs {b.shape}")
+    point = compute_metrics(task, y, a)[metric] - compute_metrics(task, y, b)[metric]
+    N = len(y)
+    idx = np.random.default_rng(seed).integers(0, N, size=(n_boot, N))
+    counts = np.bincount((idx + N * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * N)
+    w = counts.reshape(n_boot, N).astype(np.float64)
+    diff = _weighted_metrics(task, y, a, w)[metric] - _weighted_metrics(task, y, b, w)[metric]
+    diff = diff[~np.isnan(diff)]
+    if len(diff) == 0:
+        return float(point), float("nan"), float("nan")
+    low, high = np.percentile(diff, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(point), float(low), float(high)
+
+
 # ---- plots --------------------------------------------------------------------------------
 
 

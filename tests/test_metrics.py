@@ -166,3 +166,18 @@ def test_metric_names_are_what_compute_metrics_returns(task, C):
 
     y = np.arange(6) % C
     assert tuple(compute_metrics(task, y, one_hot_probs(y, C))) == metric_names(task, C)
+
+
+def test_paired_bootstrap_difference_is_centred_on_the_difference_and_zero_for_equal_models():
+    from cfcml.metrics import paired_bootstrap_diff
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    good = np.clip(y + rng.normal(0, 0.6, 300), -2, 3)
+    bad = np.clip(y + rng.normal(0, 1.5, 300), -2, 3)
+    to_probs = lambda s: np.stack([1 - 1 / (1 + np.exp(-s)), 1 / (1 + np.exp(-s))], 1)  # noqa: E731
+    diff, low, high = paired_bootstrap_diff("binary", y, to_probs(good), to_probs(bad), "auc", n_boot=400)
+    want = compute_metrics("binary", y, to_probs(good))["auc"] - compute_metrics("binary", y, to_probs(bad))["auc"]
+    assert diff == pytest.approx(want) and 0 < low < diff < high
+    same = paired_bootstrap_diff("binary", y, to_probs(good), to_probs(good), "auc", n_boot=50)
+    assert same == (0.0, 0.0, 0.0)  # paired: identical models differ by exactly nothing in every resample

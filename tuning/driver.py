@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cfcml.config import TrainConfig
 from cfcml.data.manifest import PreparedDataset
 from tuning.outcome import OUTCOME_FILE, SearchOutcome, TrialResult
 from tuning.run import SearchRun
@@ -44,12 +45,11 @@ class SearchState:
         (search_dir / STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
 
 
-def trial_concurrency(run: SearchRun) -> int:
-    """How many trials fit on the cluster at once, from its CPUs and GPUs."""
+def trial_concurrency(t: TrainConfig) -> int:
+    """How many trials with `t`'s Ray Train workers fit on the cluster at once (CPUs and GPUs)."""
     import ray
 
     res = ray.cluster_resources()
-    t = run.experiment.train
     fits = [res.get("CPU", 1) // max(t.workers * t.cpus_per_worker, 1e-9)]
     if t.gpus_per_worker > 0:
         fits.append(res.get("GPU", 0) // (t.workers * t.gpus_per_worker))
@@ -142,7 +142,7 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
             param_space={p.key: p.tune_domain() for p in run.search.space},
             tune_config=tune.TuneConfig(
                 metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
-                num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run),
+                num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run.experiment.train),
             ),
             run_config=tune.RunConfig(name=run.name, storage_path=str(run.storage), callbacks=[tracker],
                                       progress_reporter=reporter, verbose=1),

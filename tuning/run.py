@@ -39,6 +39,18 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def cli_overrides(overrides: dict[str, Any] | None = None, **flags: Any) -> dict[str, Any]:
+    """`--set` pairs, then the dedicated flags (None = not given), as dotted experiment keys."""
+    keys = {"max_epochs": "train.epochs", "folds": "train.folds", "seed": "train.seed",
+            "image_size": "train.image_size", "workers": "train.workers",
+            "cpus_per_worker": "train.cpus_per_worker", "gpus_per_worker": "train.gpus_per_worker"}
+    unknown = set(flags) - set(keys)
+    if unknown:
+        raise TypeError(f"unknown flag(s) {sorted(unknown)}")
+    given = {keys[k]: (list(v) if k == "image_size" else v) for k, v in flags.items() if v is not None}
+    return {**(overrides or {}), **given}
+
+
 def resolve_experiment(dataset: str, search: SearchConfig, cli: dict[str, Any]) -> ExperimentConfig:
     """Experiment file <- search file <- command line (`cli`: dotted keys), validated once."""
     base = load_experiment(dataset)
@@ -119,10 +131,8 @@ class SearchRun:
         Raises ConfigError naming the file and key (or flag) of the first bad value.
         """
         search_cfg = load_search(search, load_experiment(dataset))
-        flags = {"train.epochs": max_epochs, "train.folds": folds, "train.seed": seed,
-                 "train.image_size": list(image_size) if image_size else None, "train.workers": workers,
-                 "train.cpus_per_worker": cpus_per_worker, "train.gpus_per_worker": gpus_per_worker}
-        cli = {**(overrides or {}), **{k: v for k, v in flags.items() if v is not None}}
+        cli = cli_overrides(overrides, max_epochs=max_epochs, folds=folds, seed=seed, image_size=image_size,
+                            workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
         experiment = resolve_experiment(dataset, search_cfg, cli)
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"--num-samples: expected a positive integer, got {num_samples}")

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuning.final import register_cv_ensemble, train_final
     from tuning.ray_runtime import ray_session
     from tuning.report import print_summary
+    from tuning.search_report import write_report
 
     with ray_session(run.address, verbose=run.verbose):
         try:
@@ -94,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         print_summary(outcome, time.time() - t_start)
         if run.final:
-            train_final(prepared, outcome, storage=run.storage)
+            final = train_final(prepared, outcome, storage=run.storage)
         else:
             register_cv_ensemble(prepared, outcome)
+            final = None
+    report = write_report(outcome, prepared, run.search, final)
+    print(f"\nreport: {report} (also on the parent run)")
     print(f"\nMLflow: {outcome.tracking_uri}  (experiment cfcml-{run.dataset}, parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         mlflow_bin = Path(sys.executable).parent / "mlflow"

@@ -84,16 +84,24 @@ def log_figure(client: MlflowClient, run_id: str, fig: Any, name: str) -> None:
 
 
 class SearchTracker(Callback):
-    """Tune callback mirroring trials into nested MLflow runs."""
+    """Tune callback mirroring trials into nested MLflow runs.
+
+    kind: the `cfcml.kind` tag of the trial runs; name_keys: trial config keys that name a run
+    (default "trial-<id>"); plots_from: the out-of-fold plots of a finished trial come from its
+    "best" epoch by `metric` (a search) or its "last" epoch (a fixed-budget comparison).
+    """
 
     def __init__(self, tracking_uri: str, exp_id: str, parent_run_id: str, search_key: str,
-                 metric: str, classes: list[str], task: str):
+                 metric: str, classes: list[str], task: str, *, kind: str = "trial",
+                 name_keys: tuple[str, ...] = (), plots_from: str = "best"):
         self.tracking_uri = tracking_uri
         self.exp_id, self.parent, self.search_key = exp_id, parent_run_id, search_key
         self.metric, self.classes, self.task = metric, classes, task
+        self.kind, self.name_keys, self.plots_from = kind, name_keys, plots_from
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._last_epoch: dict[str, int] = {}
         self._best: dict[str, tuple[float, str | None]] = {}  # trial id -> (score, checkpoint path)
+        self._last: dict[str, str] = {}  # trial id -> latest checkpoint path
         self._client: MlflowClient | None = None
 
     @property
@@ -113,9 +121,10 @@ class SearchTracker(Callback):
         client = self.client
         run_id = find_run(client, self.exp_id, **{"cfcml.search": self.search_key, "cfcml.trial_id": tid})
         if run_id is None:
-            run = client.create_run(self.exp_id, run_name=f"trial-{tid}", tags={
+            name = "-".join(str(trial.config.get(k)) for k in self.name_keys) or f"trial-{tid}"
+            run = client.create_run(self.exp_id, run_name=name, tags={
                 "mlflow.parentRunId": self.parent, "cfcml.search": self.search_key,
-                "cfcml.trial_id": tid, "cfcml.kind": "trial",
+                "cfcml.trial_id": tid, "cfcml.kind": self.kind,
             })
             run_id = run.info.run_id
             self._last_epoch[tid] = 0
@@ -139,6 +148,8 @@ class SearchTracker(Callback):
         if isinstance(restored, dict):
             self._log_epoch(trial.trial_id, run_id, restored, timestamp)
         self._log_epoch(trial.trial_id, run_id, result, timestamp)
+        if result.get("checkpoint_path"):
+            self._last[trial.trial_id] = result["checkpoint_path"]
         score = result.get(self.metric)
         if isinstance(score, (int, float)) and math.isfinite(score):
             best = self._best.get(trial.trial_id)
@@ -173,11 +184,12 @@ class SearchTracker(Callback):
         best = self._best.get(trial.trial_id)
         if best is not None:
             client.set_tag(run_id, "cfcml.best_cv_score", f"{best[0]:.6g}")
-            if best[1]:
-                try:
-                    self._log_plots(client, run_id, best[1])
-                except Exception as exc:  # a missing plot must not fail the search
-                    client.set_tag(run_id, "cfcml.plot_error", repr(exc)[:500])
+        source = best[1] if best is not None and self.plots_from == "best" else self._last.get(trial.trial_id)
+        if source:
+            try:
+                self._log_plots(client, run_id, source)
+            except Exception as exc:  # a missing plot must not fail the search
+                client.set_tag(run_id, "cfcml.plot_error", repr(exc)[:500])
         client.set_terminated(run_id, status)
 
     def _log_plots(self, client: MlflowClient, run_id: str, checkpoint_path: str) -> None:

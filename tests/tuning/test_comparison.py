@@ -1,0 +1,87 @@
+"""Comparison plan and statistics: variants on one base, a tuned variant from a finished search,
+mean and sd over seeds, the fold-ensemble test with CIs and paired differences against cfcml."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cfcml.config import ConfigError
+from tuning.comparison import VARIANTS, ComparisonResult, aggregate, markdown, plan_comparison
+from tuning.outcome import SearchOutcome, TrialResult
+
+
+def test_default_plan_has_every_variant_but_the_tuned_one_on_the_search_budget(tmp_path: Path) -> None:
+    plan = plan_comparison("men", tmp_path, search="smoke", runs_dir=tmp_path, max_epochs=3)
+    assert list(plan.variants) == [v for v in VARIANTS if v != "cfcml_tuned"]
+    base = plan.variants["cfcml"]
+    assert base.train.epochs == 3 and base.train.folds == 2 and base.model.dim == 32  # smoke overrides, CLI
+    assert plan.variants["no_fine"].loss.fine is False and plan.variants["no_cie"].model.cie is False
+    assert plan.variants["no_mg"].model.multi_granularity is False
+    for name in ("image_only", "tabular_only", "late_concat"):  # plain baselines: cross-entropy only
+        assert plan.variants[name].model.variant == name and plan.variants[name].loss.fine is False
+    assert plan.seeds == (0, 1, 2) and plan.out_dir == tmp_path.resolve() / "compare" / "men-smoke"
+
+
+def test_tuned_variant_takes_the_best_trials_searched_values(tmp_path: Path) -> None:
+    folder = tmp_path / "ray" / "men-smoke"
+    folder.mkdir(parents=True)
+    best = TrialResult("t1", params={"loss.w_cp": 0.011, "loss.tau_sam": 0.3}, score=0.9, epoch=2)
+    SearchOutcome("men", "cv_macro_auc", [TrialResult("t0", score=0.5), best], str(folder), "p", "u", "1",
+                  "r", ["loss.w_cp", "loss.tau_sam"]).save()
+    plan = plan_comparison("men", tmp_path, search="smoke", runs_dir=tmp_path, from_search="men-smoke",
+                           variants="cfcml_tuned,image_only", seeds=1)
+    assert list(plan.variants) == ["cfcml", "cfcml_tuned", "image_only"]  # cfcml always: the reference
+    tuned = plan.variants["cfcml_tuned"]
+    assert tuned.loss.w_cp == 0.011 and tuned.loss.tau_sam == 0.3
+    assert tuned.model == plan.variants["cfcml"].model  # the comparison's own model and budget
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"variants": "cfcml,bogus"}, r"--variants: unknown variant\(s\) \['bogus'\]"),
+    ({"variants": "cfcml_tuned"}, r"--variants: cfcml_tuned needs a finished search"),
+    ({"from_search": "nope"}, r"--from-search: no finished search"),
+    ({"seeds": 0}, r"--seeds: expected a positive integer"),
+])
+def test_bad_plans_name_the_flag(tmp_path: Path, kwargs, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        plan_comparison("men", tmp_path, runs_dir=tmp_path, **kwargs)
+
+
+def _probs(y: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    logits = np.eye(3)[y] * 2 + rng.normal(0, noise, (len(y), 3))
+    e = np.exp(logits)
+    return e / e.sum(1, keepdims=True)
+
+
+def test_aggregate_averages_seeds_and_ensembles_the_test_split() -> None:
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    trials = []
+    for seed, auc in ((0, 0.8), (1, 0.9)):
+        trials.append({"variant": "cfcml", "seed": seed, "metrics": {"cv_macro_auc": auc, "epoch": 3},
+                       "test_probs": _probs(y, 1.0, rng)})
+        trials.append({"variant": "no_fine", "seed": seed, "metrics": {"cv_macro_auc": auc - 0.1},
+                       "test_probs": _probs(y, 3.0, rng)})
+    out = aggregate(trials, "multiclass", ["a", "b", "c"], y, ["cfcml", "no_fine", "late_concat"], n_boot=200)
+    cfcml, no_fine, missing = out
+    assert cfcml.cv["macro_auc"] == pytest.approx(0.85) and cfcml.cv_sd["macro_auc"] == pytest.approx(0.05)
+    assert "epoch" not in cfcml.cv
+    np.testing.assert_allclose(cfcml.test_probs, (trials[0]["test_probs"] + trials[2]["test_probs"]) / 2)
+    point, low, high = cfcml.test["macro_auc"]
+    assert low <= point <= high and "balanced_accuracy" in cfcml.test
+    assert cfcml.diff_vs_cfcml is None
+    diff = no_fine.diff_vs_cfcml
+    assert diff[0] == pytest.approx(no_fine.test["macro_auc"][0] - point) and diff[1] <= diff[0] <= diff[2]
+    assert missing.seeds_done == 0 and missing.test_probs is None and missing.diff_vs_cfcml is None
+
+    result = ComparisonResult("men", "cv_macro_auc", "macro_auc", "multiclass", ["a", "b", "c"], out, y, None,
+                              3, 2, 2)
+    text = markdown(result)
+    assert "| cfcml | 0.850 ± 0.050 |" in text and "test recall: a / b / c" in text
+    data = result.to_json()
+    assert set(data["variants"]) == {"cfcml", "no_fine", "late_concat"}
+    assert "diff_vs_cfcml" not in data["variants"]["cfcml"]
+    assert set(data["variants"]["no_fine"]["diff_vs_cfcml"]) == {"auc_diff", "ci_low", "ci_high"}
+    assert data["variants"]["cfcml"]["test"]["macro_auc"] == pytest.approx(point, abs=1e-6)

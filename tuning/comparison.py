@@ -1,0 +1,394 @@
+"""What a configuration buys: CFCML against its published defaults, its ablations and baselines.
+
+Every variant trains on the same folds, with the same seeds and the same epoch budget, as Ray Tune
+trials (one per variant and seed, as many at once as the cluster holds; each a Ray Train run like a
+search trial). Nothing is selected: every model is taken at the end of its budget.
+
+- CV: each trial's mean validation metric over folds at its last epoch (`cv_*`), then the mean
+  and standard deviation over seeds;
+- test: the fold ensemble (the K fold models of every seed, K x S models, probabilities averaged)
+  predicts the held-out test split once per variant, after training; bootstrap 95% CIs over
+  patients, and the paired bootstrap difference of the AUC against `cfcml` (both variants scored
+  on the same resampled patients).
+
+Variants (docs/evaluation.md): `cfcml` (the experiment file's settings, the published defaults),
+`cfcml_tuned` (the searched values of a finished search's best trial on this comparison's model
+and budget), the ablations `no_mg`, `no_cie`, `no_fine` (one part of CFCML removed each), and the
+baselines `image_only`, `tabular_only`, `late_concat` (plain models trained with cross-entropy).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cfcml.config import ConfigError, ExperimentConfig
+from cfcml.data.manifest import PreparedDataset
+
+ABLATIONS = {
+    "no_mg": {"model.multi_granularity": False},
+    "no_cie": {"model.cie": False},
+    "no_fine": {"loss.fine": False},
+}
+BASELINES = {
+    "image_only": {"model.variant": "image_only", "loss.fine": False},
+    "tabular_only": {"model.variant": "tabular_only", "loss.fine": False},
+    "late_concat": {"model.variant": "late_concat", "loss.fine": False},
+}
+VARIANTS = ("cfcml", "cfcml_tuned", *ABLATIONS, *BASELINES)
+
+
+def auc_metric(task: str) -> str:
+    return "macro_auc" if task == "multiclass" else "auc"
+
+
+def headline_metrics(task: str, num_classes: int) -> list[str]:
+    """What every report shows: the ranking (AUC), the decisions (balanced accuracy) and the
+    recall of every class."""
+    recalls = [f"acc_class_{k}" for k in range(num_classes)] if task == "multiclass" else ["specificity", "sensitivity"]
+    return [auc_metric(task), "balanced_accuracy", *recalls]
+
+
+@dataclass(frozen=True)
+class ComparisonPlan:
+    """Everything a comparison needs, resolved (see `plan_comparison`)."""
+
+    dataset: str
+    name: str
+    variants: dict[str, ExperimentConfig]  # name -> configuration (the seed is set per trial)
+    seeds: tuple[int, ...]
+    data_root: Path
+    runs_dir: Path
+    out_dir: Path
+    fold_seed: int | None = None
+    tracking_uri: str | None = None
+    address: str | None = None
+    verbose: bool = False
+    from_search: str | None = None
+
+    @property
+    def base(self) -> ExperimentConfig:
+        return next(iter(self.variants.values()))
+
+    @property
+    def max_epochs(self) -> int:
+        return self.base.train.epochs
+
+
+def variant_configs(base: ExperimentConfig, names: list[str],
+                    tuned: dict[str, Any] | None) -> dict[str, ExperimentConfig]:
+    """The configuration of each named variant on top of `base` (the published defaults)."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown} (known: {', '.join(VARIANTS)})", "--variants")
+    if "cfcml_tuned" in names and tuned is None:
+        raise ConfigError("cfcml_tuned needs a finished search: pass --from-search NAME", "--variants")
+    out = {}
+    for name in names:
+        overrides = {**ABLATIONS, **BASELINES}.get(name, {})
+        out[name] = base.replace(tuned if name == "cfcml_tuned" else overrides)
+    return out
+
+
+def plan_comparison(dataset: str, data_root: str | Path | None = None, *, variants: str | None = None,
+                    from_search: str | None = None, seeds: int = 3, folds: int | None = None,
+                    max_epochs: int | None = None, search: str | None = None, runs_dir: str | Path | None = None,
+                    tracking_uri: str | None = None, out: str | Path | None = None, fold_seed: int | None = None,
+                    image_size: list[int] | None = None, overrides: dict[str, Any] | None = None,
+                    address: str | None = None, verbose: bool = False, name: str | None = None) -> ComparisonPlan:
+    """Resolve a comparison with the search's precedence (`tuning.run`): command line > the search
+    file given by `search` (its overrides and budget) > experiment file > defaults."""
+    from cfcml.config import PROJECT_ROOT, load_experiment
+    from tuning.outcome import OUTCOME_FILE, SearchOutcome
+    from tuning.run import DEFAULT_RUNS_DIR, cli_overrides, resolve_experiment
+    from tuning.space import SearchConfig, load_search
+
+    if seeds < 1:
+        raise ConfigError(f"expected a positive integer, got {seeds}", "--seeds")
+    search_cfg = load_search(search, load_experiment(dataset)) if search else SearchConfig(name="experiment")
+    base = resolve_experiment(dataset, search_cfg, cli_overrides(overrides, max_epochs=max_epochs, folds=folds,
+                                                                 image_size=image_size))
+    runs = Path(runs_dir or DEFAULT_RUNS_DIR).resolve()
+    tuned = None
+    if from_search:
+        path = runs / "ray" / from_search / OUTCOME_FILE
+        if not path.is_file():
+            raise ConfigError(f"no finished search at {path.parent} ({OUTCOME_FILE} missing)", "--from-search")
+        best = SearchOutcome.load(path).best
+        if best is None:
+            raise ConfigError(f"search {from_search!r} has no scored trial", "--from-search")
+        tuned = dict(best.params)
+    names = [v.strip() for v in variants.split(",")] if variants else \
+        [v for v in VARIANTS if v != "cfcml_tuned" or tuned is not None]
+    if "cfcml" not in names:
+        names.insert(0, "cfcml")  # every difference is measured against it
+    name = name or f"{dataset}-{search_cfg.name}"
+    return ComparisonPlan(
+        dataset=dataset, name=name, variants=variant_configs(base, names, tuned), seeds=tuple(range(seeds)),
+        data_root=Path(data_root or PROJECT_ROOT / "data" / dataset).resolve(), runs_dir=runs,
+        out_dir=Path(out).resolve() if out else runs / "compare" / name,
+        fold_seed=fold_seed, tracking_uri=tracking_uri, address=address, verbose=verbose, from_search=from_search,
+    )
+
+
+# --------------------------------------------------------------------------------------- trials
+
+
+def compare_trial(config: dict[str, Any], *, plan: ComparisonPlan, prepared_dir: str) -> None:
+    """One Tune trial: one variant with one seed on all folds, then its fold ensemble on the test
+    split (after the last epoch)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tuning.trainer import TrainJob, fit
+
+    cfg = plan.variants[config["variant"]].replace({"train.seed": int(config["seed"])})
+    job = TrainJob(cfg, prepared_dir, plan.max_epochs, predict_test=True)
+    fit(job, name=f"compare_{plan.name}_{tune.get_context().get_trial_id()}",
+        storage_path=str(plan.runs_dir / "ray" / "train"), metric=None, callbacks=[TuneReportCallback()])
+
+
+@dataclass
+class VariantResult:
+    name: str
+    cv: dict[str, float] = field(default_factory=dict)  # mean over seeds of the last epoch's cv_*
+    cv_sd: dict[str, float] = field(default_factory=dict)
+    test: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # point, CI low, high
+    test_probs: np.ndarray | None = None  # [N_test, C], the K x S fold-ensemble average
+    diff_vs_cfcml: tuple[float, float, float] | None = None  # AUC difference, CI low, high
+    seeds_done: int = 0
+
+
+@dataclass
+class ComparisonResult:
+    dataset: str
+    metric: str  # the dataset's selection metric
+    auc: str  # the AUC metric the differences are taken on
+    task: str
+    classes: list[str]
+    variants: list[VariantResult]
+    y_test: np.ndarray
+    oracle: dict[str, Any] | None
+    epochs: int
+    folds: int
+    seeds: int
+    run_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        def clean(v: float) -> float | None:
+            return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
+
+        variants = {}
+        for v in self.variants:
+            entry: dict[str, Any] = {
+                "cv": {k: clean(x) for k, x in v.cv.items()},
+                "cv_sd": {k: clean(x) for k, x in v.cv_sd.items()},
+                "test": {k: clean(x[0]) for k, x in v.test.items()},
+                "test_ci": {k: [clean(x[1]), clean(x[2])] for k, x in v.test.items()},
+                "seeds": v.seeds_done,
+            }
+            if v.diff_vs_cfcml is not None:
+                d = v.diff_vs_cfcml
+                entry["diff_vs_cfcml"] = {"auc_diff": clean(d[0]), "ci_low": clean(d[1]), "ci_high": clean(d[2])}
+            variants[v.name] = entry
+        return {"dataset": self.dataset, "metric": self.metric, "auc_metric": self.auc, "classes": self.classes,
+                "epochs": self.epochs, "folds": self.folds, "seeds": self.seeds, "n_test": int(len(self.y_test)),
+                "test_evaluation": f"fold ensemble: the {self.folds} fold models of each of {self.seeds} seeds, "
+                                   f"probabilities averaged, at the last of {self.epochs} epochs",
+                "variants": variants, "oracle": self.oracle}
+
+
+def aggregate(trials: list[dict[str, Any]], task: str, classes: list[str], y_test: np.ndarray,
+              order: list[str], n_boot: int = 1000) -> list[VariantResult]:
+    """trials: {"variant", "seed", "metrics" (last epoch), "test_probs" [N, C]} per finished trial."""
+    from cfcml.metrics import bootstrap_ci, paired_bootstrap_diff
+
+    auc = auc_metric(task)
+    out = []
+    for name in order:
+        mine = [t for t in trials if t["variant"] == name]
+        result = VariantResult(name, seeds_done=len(mine))
+        if mine:
+            keys = [k for k in mine[0]["metrics"] if k.startswith("cv_")]
+            for k in keys:
+                values = np.array([t["metrics"].get(k, np.nan) for t in mine], dtype=float)
+                result.cv[k[3:]] = float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
+                result.cv_sd[k[3:]] = float(np.nanstd(values)) if not np.isnan(values).all() else math.nan
+            result.test_probs = np.mean([t["test_probs"] for t in mine], axis=0)
+            result.test = bootstrap_ci(task, y_test, result.test_probs, n_boot=n_boot, seed=0)
+        out.append(result)
+    reference = next((v for v in out if v.name == "cfcml" and v.test_probs is not None), None)
+    for v in out:
+        if reference is not None and v is not reference and v.test_probs is not None:
+            v.diff_vs_cfcml = paired_bootstrap_diff(task, y_test, v.test_probs, reference.test_probs, auc,
+                                                    n_boot=n_boot, seed=0)
+    return out
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown(result: ComparisonResult) -> str:
+    auc = result.auc
+    recalls = headline_metrics(result.task, len(result.classes))[2:]
+    recall_names = ([f"{c}" for c in result.classes] if result.task == "multiclass"
+                    else [f"{result.classes[0]} (spec.)", f"{result.classes[1]} (sens.)"])
+    lines = [
+        f"# Comparison on {result.dataset}",
+        "",
+        f"{result.folds}-fold CV, {result.seeds} seed(s), {result.epochs} epochs, no selection (last epoch). "
+        f"CV: mean ± sd over seeds of the mean validation metric over folds. Test ({len(result.y_test)} patients): "
+        f"the fold ensemble of all folds and seeds, once per variant, bootstrap 95% CI; "
+        f"Δ{auc}: paired bootstrap against `cfcml` on the same patients.",
+        "",
+        f"| variant | CV {auc} | CV bal. acc. | test {auc} [95% CI] | test bal. acc. [95% CI] | "
+        f"test recall: {' / '.join(recall_names)} | Δ{auc} vs cfcml [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in result.variants:
+        t = v.test
+        diff = "—" if v.diff_vs_cfcml is None else \
+            f"{v.diff_vs_cfcml[0]:+.3f} [{v.diff_vs_cfcml[1]:+.3f}, {v.diff_vs_cfcml[2]:+.3f}]"
+        lines.append(
+            f"| {v.name} | {_fmt(v.cv.get(auc))} ± {_fmt(v.cv_sd.get(auc))} "
+            f"| {_fmt(v.cv.get('balanced_accuracy'))} ± {_fmt(v.cv_sd.get('balanced_accuracy'))} "
+            f"| {_fmt(t.get(auc, (math.nan,) * 3)[0])} [{_fmt(t.get(auc, (math.nan,) * 3)[1])}, "
+            f"{_fmt(t.get(auc, (math.nan,) * 3)[2])}] "
+            f"| {_fmt(t.get('balanced_accuracy', (math.nan,) * 3)[0])} "
+            f"[{_fmt(t.get('balanced_accuracy', (math.nan,) * 3)[1])}, "
+            f"{_fmt(t.get('balanced_accuracy', (math.nan,) * 3)[2])}] "
+            f"| {' / '.join(_fmt(t.get(r, (math.nan,))[0], 2) for r in recalls)} | {diff} |")
+    if result.oracle:
+        o = result.oracle
+        lines.append(f"| *oracle* (generator latents) | {_fmt(o['cv'].get(auc))} | "
+                     f"{_fmt(o['cv'].get('balanced_accuracy'))} | {_fmt(o['test'].get(auc))} | "
+                     f"{_fmt(o['test'].get('balanced_accuracy'))} | | |")
+        lines += ["", f"Oracle: logistic regression on the generator's latent signals ({', '.join(o['features'])}), "
+                      "same folds; read by this report only, never by training."]
+    return "\n".join(lines) + "\n"
+
+
+def figures(result: ComparisonResult) -> dict[str, Any]:
+    from tuning.plots import plot_metric_bars, plot_roc_overlay
+
+    probs = {v.name: v.test_probs for v in result.variants if v.test_probs is not None}
+    if result.oracle and result.oracle.get("test_probs") is not None:
+        probs["oracle"] = np.asarray(result.oracle["test_probs"])
+    rows = [{"name": v.name, "test": v.test, "cv": v.cv, "cv_sd": v.cv_sd} for v in result.variants]
+    reference = None
+    if result.oracle:
+        reference = {k: result.oracle["test"].get(k) for k in (result.auc, "balanced_accuracy")}
+    return {
+        "roc_test.png": plot_roc_overlay(result.y_test, probs, f"{result.dataset}: test ROC (fold ensembles)"),
+        "metric_bars.png": plot_metric_bars(rows, [result.auc, "balanced_accuracy"], reference,
+                                            f"{result.dataset}: test (bars, 95% CI) and CV (dots, ± sd)"),
+    }
+
+
+def write_outputs(result: ComparisonResult, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "comparison.md", out_dir / "comparison.json"]
+    paths[0].write_text(markdown(result))
+    data = result.to_json()
+    if data["oracle"]:
+        data["oracle"] = {k: v for k, v in data["oracle"].items() if k != "test_probs"}
+    paths[1].write_text(json.dumps(data, indent=1))
+    for fname, fig in figures(result).items():
+        fig.savefig(out_dir / fname, dpi=110)
+        paths.append(out_dir / fname)
+    return paths
+
+
+# --------------------------------------------------------------------------------------- driver
+
+
+def run_comparison(plan: ComparisonPlan, prepared: PreparedDataset) -> ComparisonResult:
+    """Train every variant x seed as Ray trials, aggregate, write the outputs and a `comparison`
+    MLflow run. Ray must be running (`tuning.ray_runtime.ray_session`)."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from cfcml.metrics import selection_key
+    from cfcml.oracle import oracle_scores
+    from cfcml.training import frame_probs
+    from tuning.checkpoints import open_checkpoint
+    from tuning.driver import trial_concurrency
+    from tuning.ray_runtime import scoped_env
+    from tuning.tracking import SearchTracker, default_tracking_uri, experiment_id, git_commit, log_metrics, log_params
+
+    spec = prepared.spec
+    metric = selection_key(spec.task, len(spec.classes), spec.selection_metric, plan.base.train.selection_metric)
+    tracking_uri = plan.tracking_uri or default_tracking_uri(plan.runs_dir)
+    client = MlflowClient(tracking_uri)
+    artifacts = plan.runs_dir / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
+    exp_id = experiment_id(client, plan.dataset, artifacts)
+    run_id = client.create_run(exp_id, run_name=f"comparison {plan.name}", tags={
+        "cfcml.kind": "comparison", "cfcml.dataset": plan.dataset, "cfcml.dataset_fingerprint": prepared.fingerprint,
+        "mlflow.source.git.commit": git_commit(), "cfcml.search": f"compare/{plan.name}",
+    }).info.run_id
+    log_params(client, run_id, {"variants": ",".join(plan.variants), "seeds": len(plan.seeds),
+                                "epochs": plan.max_epochs, "folds": prepared.folds, "fold_seed": prepared.fold_seed,
+                                "from_search": plan.from_search or "", "metric": metric})
+
+    trainable = tune.with_parameters(compare_trial, plan=plan, prepared_dir=str(prepared.out_dir))
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
+    tracker = SearchTracker(tracking_uri, exp_id, run_id, f"compare/{plan.name}", metric, list(spec.classes),
+                            spec.task, kind="comparison-trial", name_keys=("variant", "seed"), plots_from="last")
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"variant": tune.grid_search(list(plan.variants)), "seed": tune.grid_search(list(plan.seeds))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=trial_concurrency(plan.base.train)),
+        run_config=tune.RunConfig(name=f"compare-{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=str(plan.runs_dir / "ray"),
+                                  callbacks=[tracker], verbose=1),
+    )
+    with scoped_env(RAY_AIR_NEW_OUTPUT="0"):
+        results = tuner.fit()
+
+    test = prepared.test_frame()  # read once, after every model has finished training
+    trials, failed = [], []
+    for r in results:
+        df = r.metrics_dataframe
+        paths = [] if df is None or "checkpoint_path" not in df else [p for p in df["checkpoint_path"] if p]
+        if r.error or not paths:
+            failed.append(f"{r.config.get('variant')} seed {r.config.get('seed')}: {r.error or 'no checkpoint'}")
+            continue
+        with open_checkpoint(paths[-1]) as ckpt:
+            probs = frame_probs(ckpt.test_predictions(), spec.classes)
+            trials.append({"variant": r.config["variant"], "seed": r.config["seed"], "metrics": ckpt.metrics(),
+                           "test_probs": probs})
+    for message in failed:
+        print(f"trial failed: {message}")
+    y_test = test["label"].to_numpy()
+    oracle = oracle_scores(prepared)
+    result = ComparisonResult(
+        dataset=plan.dataset, metric=metric, auc=auc_metric(spec.task), task=spec.task,
+        classes=list(spec.classes), variants=aggregate(trials, spec.task, list(spec.classes), y_test,
+                                                       list(plan.variants)),
+        y_test=y_test, epochs=plan.max_epochs, folds=prepared.folds, seeds=len(plan.seeds), run_id=run_id,
+        oracle=None if oracle is None else {"features": oracle.features, "cv": oracle.cv,
+                                            "test": {k: v[0] for k, v in oracle.test.items()},
+                                            "test_ci": {k: [v[1], v[2]] for k, v in oracle.test.items()},
+                                            "test_probs": oracle.test_probs},
+    )
+    paths = write_outputs(result, plan.out_dir)
+    values = {}
+    for v in result.variants:
+        values.update({f"{v.name}.cv_{k}": x for k, x in v.cv.items()})
+        values.update({f"{v.name}.test_{k}": x[0] for k, x in v.test.items()})
+        if v.diff_vs_cfcml:
+            values[f"{v.name}.diff_{result.auc}"] = v.diff_vs_cfcml[0]
+    log_metrics(client, run_id, values)
+    for path in paths:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, "FINISHED" if not failed else "FAILED")
+    return result
