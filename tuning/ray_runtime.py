@@ -33,6 +33,26 @@ def local_init_kwargs(num_cpus: int | None = None, verbose: bool = False) -> dic
     return kwargs
 
 
+def quiet_logs(verbose: bool) -> None:
+    """The console shows the progress table, one line per finished trial and the summaries; the
+    libraries' own INFO lines (Ray's start banner with its colour codes, Tune's state-file notes,
+    MLflow's database set-up, Optuna's study notes) only with --verbose. Warnings always show."""
+    import logging
+    import warnings
+
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("ray", "ray.tune", "ray.train", "ray.data", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(level)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    except ImportError:
+        pass
+    if not verbose:  # a resumed trial re-reports its restored epoch once; TPE uses final values only
+        warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step")
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False) -> Iterator[Any]:
     """Ray for the duration of the block: joins `address` (a cluster, "auto") or starts a local Ray,
@@ -40,15 +60,19 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, verb
 
     verbose: forward the workers' logs to this console (Ray Train's per-epoch lines among them).
     """
+    import logging
+
     import ray
 
+    quiet_logs(verbose)
     if ray.is_initialized():
         yield ray
         return
+    level = logging.INFO if verbose else logging.WARNING
     if address:
-        ray.init(address=address, log_to_driver=verbose)
+        ray.init(address=address, log_to_driver=verbose, logging_level=level)
     else:
-        ray.init(**local_init_kwargs(num_cpus, verbose))
+        ray.init(**local_init_kwargs(num_cpus, verbose), logging_level=level)
     try:
         yield ray
     finally:

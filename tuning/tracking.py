@@ -181,6 +181,7 @@ class SearchTracker(Callback):
     def _finish(self, trial: Any, status: str) -> None:
         run_id = self._run_for(trial)
         client = self.client
+        print(self._finish_line(trial, status), flush=True)
         best = self._best.get(trial.trial_id)
         if best is not None:
             client.set_tag(run_id, "cfcml.best_cv_score", f"{best[0]:.6g}")
@@ -191,6 +192,17 @@ class SearchTracker(Callback):
             except Exception as exc:  # a missing plot must not fail the search
                 client.set_tag(run_id, "cfcml.plot_error", repr(exc)[:500])
         client.set_terminated(run_id, status)
+
+    def _finish_line(self, trial: Any, status: str) -> str:
+        """One console line per finished trial."""
+        name = "-".join(str(trial.config.get(k)) for k in self.name_keys) or trial.trial_id
+        last = trial.last_result or {}
+        epochs = last.get("epoch", self._last_epoch.get(trial.trial_id, 0))
+        best = self._best.get(trial.trial_id)
+        if status != "FINISHED":
+            return f"trial {name} failed after {epochs} epoch(s); see {getattr(trial, 'local_path', '') or 'its logs'}"
+        score = f"best {self.metric} {best[0]:.4f}" if best else f"no {self.metric}"
+        return f"trial {name} finished: {score}, {epochs} epoch(s), {last.get('time_total_s', 0.0):.0f} s"
 
     def _log_plots(self, client: MlflowClient, run_id: str, checkpoint_path: str) -> None:
         from cfcml.metrics import plot_confusion, plot_roc
