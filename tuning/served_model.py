@@ -7,12 +7,24 @@ The pyfunc takes a DataFrame of manifest rows, reads and preprocesses the images
 `prepare` does, normalises the table with the training statistics shipped inside the model,
 and returns class probabilities; its signature describes those columns. A fold ensemble (the
 best trial's K models, each with its own fold's normaliser) averages probabilities.
+
+Confinement: a served model opens the files its input rows name, so a caller must not be able to
+name any file. Every image path is resolved (symlinks followed) under ONE data root: the one
+recorded at registration, or the one the server's operator sets in `$CFCML_DATA_ROOT`; a request
+cannot choose it (the model takes no parameters). A path that escapes the root (`..`, an
+absolute path elsewhere, a symlink pointing out) is refused, naming the row, before any image is
+read. `CFCMLModel.predict` always runs this check, so no caller (REST server, `mlflow.pyfunc`,
+`pipelines/predict.py`) can skip it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -25,51 +37,234 @@ from tuning.checkpoints import FoldWeights
 
 BUNDLE_STATE = "models.pt"
 BUNDLE_META = "bundle.json"
+ROOT_ENV = "CFCML_DATA_ROOT"  # the operator's override of the registered data root (server side)
+MAX_LISTED = 20  # problems listed in one InputError; the rest are counted
+
+
+def build_network(spec: Any, model_cfg: Any, state: dict[str, Any]) -> torch.nn.Module:
+    """The trained network in eval mode: built for `spec` and loaded with `state`. Built without
+    `model.pretrained`: the state holds every weight, and the pretrained file need not exist
+    where the model is served."""
+    from cfcml.networks import build_model
+
+    model = build_model(spec, dataclasses.replace(model_cfg, pretrained=None))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class InputError(ValueError):
+    """Input rows the model refuses. Each problem names the row (position and patient id), the
+    column and the offending path or value; `problems` holds them all."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            listed = self.problems[:MAX_LISTED]
+            more = len(self.problems) - len(listed)
+            message = f"{len(self.problems)} problems in the input rows:\n  " + "\n  ".join(listed)
+            message += f"\n  ... and {more} more" if more else ""
+        super().__init__(message)
 
 
 def input_columns(spec: Any) -> list[str]:
     return ["patient_id"] + [f"path_{m.name}" for m in spec.modalities] + [f.name for f in spec.fields]
 
 
+def data_root(registered: str | Path) -> Path:
+    """The folder every image path must resolve inside: `$CFCML_DATA_ROOT` when the operator sets
+    it (e.g. the data moved since registration), else the root recorded at registration."""
+    return Path(os.environ.get(ROOT_ENV) or registered).expanduser().resolve()
+
+
+def row_name(frame: pd.DataFrame, i: int) -> str:
+    """'row <index label> (patient <id>)' for the i-th row: what every error calls a row."""
+    label = frame.index[i]
+    name = f"{frame.index.name or 'row'} {label}"
+    if "patient_id" in frame.columns and not _blank(frame["patient_id"].iloc[i]):
+        name += f" (patient {str(frame['patient_id'].iloc[i])!r})"
+    return name
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def check_rows(model_input: pd.DataFrame, spec: Any, root: str | Path) -> tuple[pd.DataFrame, list[list[Path]]]:
+    """The one check every prediction starts with, before any image is read. Returns the input
+    columns typed the way the normaliser reads them (numeric float, the spec's missing tokens and
+    blanks -> NaN; categorical text, missing -> None) and, per row and modality, the absolute
+    image path resolved (symlinks followed) inside `root`.
+
+    InputError naming the missing columns; or listing every row (position and patient id) whose
+    value is not a number or not a category, or whose image path is blank, escapes `root` (`..`,
+    an absolute path elsewhere, a symlink pointing out) or names no file. Already typed rows (a
+    manifest) pass unchanged; text rows (a CSV read as text, JSON) are converted."""
+    needed = [c for c in input_columns(spec) if c != "patient_id"]
+    missing = [c for c in needed if c not in model_input.columns]
+    if missing:
+        raise InputError([f"input rows lack column(s) {missing}; expected manifest rows with the columns "
+                          f"{input_columns(spec)}"])
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise InputError([f"the data root {root} does not exist; set ${ROOT_ENV} on the server to the folder "
+                          f"the image paths are relative to"])
+    frame = model_input[[c for c in input_columns(spec) if c in model_input.columns]].copy()
+    files, path_problems = _confine_paths(frame, spec, root)
+    problems = _type_fields(frame, spec) + path_problems
+    if problems:
+        raise InputError([message for _, message in sorted(problems, key=lambda p: p[0])])  # by row
+    return frame, files
+
+
+def _type_fields(frame: pd.DataFrame, spec: Any) -> list[tuple[int, str]]:
+    """Type the clinical columns of `frame` in place; (row position, problem) for each bad value."""
+    from cfcml.data.validation import is_missing, parse_numeric
+
+    problems = []
+    for f in spec.fields:
+        values: list[Any] = []
+        for i, value in enumerate(frame[f.name].tolist()):
+            if is_missing(value, spec) or pd.isna(value):
+                values.append(float("nan") if f.kind == "numeric" else None)
+            elif f.kind == "numeric":
+                try:
+                    values.append(parse_numeric(value, spec))
+                except (TypeError, ValueError):
+                    problems.append((i, f"{row_name(frame, i)}, column {f.name!r}: {value!r} is not a finite number"))
+                    values.append(float("nan"))
+            else:
+                # JSON and CSV readers turn category "1" into 1 or 1.0: compare as the spec's text
+                text = str(value).strip()
+                if text not in f.categories and isinstance(value, float) and value.is_integer():
+                    text = str(int(value))
+                if text not in f.categories:
+                    problems.append((i, f"{row_name(frame, i)}, column {f.name!r}: {value!r} is not one of "
+                                        f"{list(f.categories)}"))
+                values.append(text)
+        frame[f.name] = pd.Series(values, index=frame.index, dtype=float if f.kind == "numeric" else object)
+    return problems
+
+
+def _confine_paths(frame: pd.DataFrame, spec: Any, root: Path) -> tuple[list[list[Path]], list[tuple[int, str]]]:
+    """Every image path of `frame` resolved inside `root` (per row, per modality), and (row
+    position, problem) for each blank, escaping or missing one. Nothing is read."""
+    from cfcml.data.validation import check_path
+
+    files: list[list[Path]] = []
+    problems = []
+    for i in range(len(frame)):
+        row = []
+        for m in spec.modalities:
+            column = f"path_{m.name}"
+            rel = frame[column].iloc[i]
+            where = f"{row_name(frame, i)}, column {column!r}"
+            if _blank(rel):
+                problems.append((i, f"{where}: no {m.name} image given"))
+                continue
+            try:  # the same check prepare applies to a dataset (its `path_escape` problem)
+                path = check_path(root, str(rel))
+            except ValueError as exc:
+                problems.append((i, f"{where}: {exc}; refused"))
+                continue
+            except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
+                problems.append((i, f"{where}: path {str(rel)!r} cannot be resolved ({exc}); refused"))
+                continue
+            if not path.is_file():
+                problems.append((i, f"{where}: {m.name} image {str(rel)!r} is not a file under {root}"))
+                continue
+            row.append(path)
+        files.append(row)
+    return files, problems
+
+
+def _confined_dataset(frame: pd.DataFrame, spec: Any, root: Path, files: list[list[Path]], names: list[str],
+                      normalizer: Any) -> Any:
+    """A RawDataset over `frame` that reads the absolute `files` `check_rows` confined to `root`
+    (not the rows' paths again) and names the row and file when one cannot be decoded."""
+    from cfcml.data.dataset import RawDataset
+    from cfcml.data.images import ImageError, preprocess, read_image
+
+    class ConfinedRawDataset(RawDataset):
+        def _load(self, i: int) -> list[np.ndarray]:
+            arrays = []
+            for m, path in zip(self.spec.modalities, files[i]):
+                try:
+                    arrays.append(preprocess(read_image(path, m), m, self.spec.intensity))
+                except (ImageError, OSError) as exc:
+                    raise InputError([f"{names[i]}, column 'path_{m.name}': cannot read {m.name} image "
+                                      f"{path}: {exc}"]) from None
+            return arrays
+
+    return ConfinedRawDataset(frame, spec, root, normalizer)
+
+
 class CFCMLModel(mlflow.pyfunc.PythonModel):
+    """The served model. After loading: `spec`, `experiment`, `root` (the registered data root),
+    `members` (network, normaliser) pairs."""
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path) -> CFCMLModel:
+        """The model straight from a bundle folder (`write_bundle`), without MLflow."""
+        model = cls()
+        model.load_context(SimpleNamespace(artifacts={"bundle": str(bundle)}))
+        return model
+
     def load_context(self, context: Any) -> None:
         from cfcml.config import ExperimentConfig, from_dict
         from cfcml.data.normalize import TabularNormalizer
         from cfcml.data.spec import spec_from_dict
-        from cfcml.networks import build_model
 
         bundle = Path(context.artifacts["bundle"])
         meta = json.loads((bundle / BUNDLE_META).read_text())
         self.spec = spec_from_dict(meta["spec"], "model bundle spec")
         self.root = meta["root"]
-        cfg = from_dict(ExperimentConfig, meta["experiment"], "model bundle experiment")
+        self.experiment = from_dict(ExperimentConfig, meta["experiment"], "model bundle experiment")
         states = torch.load(bundle / BUNDLE_STATE, map_location="cpu", weights_only=True)
-        self.members = []
-        for state in states:
-            model = build_model(self.spec, cfg.model)
-            model.load_state_dict(state["model"])
-            model.eval()
-            self.members.append((model, TabularNormalizer.from_state(self.spec, state["normalizer"])))
+        self.members = [(build_network(self.spec, self.experiment.model, state["model"]),
+                         TabularNormalizer.from_state(self.spec, state["normalizer"])) for state in states]
+
+    @property
+    def data_root(self) -> Path:
+        return data_root(self.root)
+
+    def check_input(self, model_input: pd.DataFrame) -> tuple[pd.DataFrame, list[list[Path]]]:
+        """(typed rows, confined absolute image paths) or InputError; `predict` starts with this."""
+        return check_rows(model_input, self.spec, self.data_root)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from torch.utils.data import DataLoader
 
-        from cfcml.data.dataset import RawDataset
         from cfcml.predict import predict_proba
 
-        frame = model_input.reset_index(drop=True).copy()
-        missing = [c for c in input_columns(self.spec) if c not in frame.columns and c != "patient_id"]
-        if missing:
-            raise ValueError(f"input rows lack column(s) {missing}; "
-                             f"expected manifest rows with {input_columns(self.spec)}")
-        if "label" not in frame:
-            frame["label"] = 0  # unused at inference
-        root = Path((params or {}).get("root") or self.root)
+        if params:  # the root in particular: a request must not choose which folder is read
+            raise InputError([f"this model takes no parameters (got {sorted(params)}); image paths are resolved "
+                              f"under the data root fixed at registration or ${ROOT_ENV} on the server"])
+        root = self.data_root  # read once per call: every file below was confined to this one
+        frame, files = check_rows(model_input, self.spec, root)
+        names = [row_name(frame, i) for i in range(len(frame))]
         probs = np.zeros((len(frame), len(self.spec.classes)))
         for model, normalizer in self.members:
-            loader = DataLoader(RawDataset(frame, self.spec, root, normalizer), batch_size=8)
+            loader = DataLoader(_confined_dataset(frame, self.spec, root, files, names, normalizer), batch_size=8)
             probs += predict_proba(model, loader, "cpu", len(self.spec.classes)) / len(self.members)
-        return pd.DataFrame(probs, columns=list(self.spec.classes))
+        return pd.DataFrame(probs, columns=list(self.spec.classes), index=frame.index)
+
+
+def write_bundle(directory: str | Path, *, spec: Any, experiment: ExperimentConfig, members: list[FoldWeights],
+                 root: str | Path) -> Path:
+    """Write the model bundle into `directory`: the member weights (tensors only, so they load with
+    `weights_only=True`) and bundle.json (spec, experiment, and `root`: the only folder the model
+    reads images from, unless the serving operator sets $CFCML_DATA_ROOT)."""
+    from cfcml.data.spec import spec_to_dict
+
+    bundle = Path(directory)
+    bundle.mkdir(parents=True, exist_ok=True)
+    torch.save([{"model": m.model, "normalizer": m.normalizer} for m in members], bundle / BUNDLE_STATE)
+    (bundle / BUNDLE_META).write_text(json.dumps({
+        "spec": spec_to_dict(spec), "experiment": experiment.to_dict(), "root": str(Path(root).resolve()),
+    }, default=str))
+    return bundle
 
 
 def log_and_register(
@@ -81,27 +276,23 @@ def log_and_register(
     members: list[FoldWeights],
     model_name: str,
     tags: dict[str, str],
+    pip_requirements: list[str] | None = None,
 ) -> Any:
     """Log the bundle (`members`: one network per fold, averaged) as a pyfunc model on `run_id`
-    and register it as `model_name`."""
-    from mlflow.models import infer_signature
+    and register it as `model_name`. The bundle records `prepared.root` as the data root.
 
-    from cfcml.data.spec import spec_to_dict
+    pip_requirements: the model's requirements; None lets MLflow infer them (it imports the model
+    in a subprocess, about 20 s)."""
+    from mlflow.models import infer_signature
 
     spec = prepared.spec
     example = prepared.dev_frame()[input_columns(spec)].head(2).reset_index(drop=True)
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "bundle"
-        bundle.mkdir()
-        torch.save([{"model": m.model, "normalizer": m.normalizer} for m in members], bundle / BUNDLE_STATE)
-        (bundle / BUNDLE_META).write_text(json.dumps({
-            "spec": spec_to_dict(spec), "experiment": experiment.to_dict(), "root": str(prepared.root),
-        }, default=str))
-        probe = CFCMLModel()  # the example's output, through exactly what serving will run
-        probe.load_context(type("Ctx", (), {"artifacts": {"bundle": str(bundle)}})())
-        output = probe.predict(None, example)
-        signature = infer_signature(example, output, params={"root": str(prepared.root)})
+        bundle = write_bundle(Path(tmp) / "bundle", spec=spec, experiment=experiment, members=members,
+                              root=prepared.root)
+        output = CFCMLModel.from_bundle(bundle).predict(None, example)  # exactly what serving will run
+        signature = infer_signature(example, output)  # no params: a request cannot pick the data root
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -111,6 +302,7 @@ def log_and_register(
                 input_example=example,
                 code_paths=[str(PROJECT_ROOT / "cfcml"), str(PROJECT_ROOT / "tuning")],
                 registered_model_name=model_name,
+                pip_requirements=pip_requirements,
             )
     client = mlflow.MlflowClient(tracking_uri)
     version = info.registered_model_version

@@ -1,0 +1,217 @@
+"""The served model reads only files under its data root: the root fixed at registration or the
+operator's $CFCML_DATA_ROOT, never one a request chooses. Real bundle, real tiny network, real
+NIfTI files; one test goes through a real MLflow pyfunc."""
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cfcml.config import load_experiment
+from cfcml.data.prepare import prepare_dataset
+from cfcml.data.synthetic import make_men
+from cfcml.networks import build_model
+from tuning.checkpoints import FoldWeights
+from tuning.served_model import (
+    ROOT_ENV,
+    CFCMLModel,
+    InputError,
+    input_columns,
+    write_bundle,
+)
+from tuning.space import load_search
+
+SIZE = (32, 32, 8)  # the smallest volume the tiny encoder takes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core box OpenMP spinning makes each op ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory):
+    raw = make_men(tmp_path_factory.mktemp("served") / "men", patients=12, seed=0, size=SIZE)
+    return prepare_dataset("men", raw, folds=2, fold_seed=0, image_size=SIZE, workers=1)
+
+
+@pytest.fixture(scope="module")
+def bundle(prepared, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = load_experiment("men")
+    experiment = base.replace({**load_search("smoke", base).overrides, "train.image_size": list(SIZE)})
+    torch.manual_seed(0)
+    network = build_model(prepared.spec, experiment.model)
+    normalizer = prepared.fit_normalizer(prepared.dev_frame())
+    return write_bundle(tmp_path_factory.mktemp("bundle") / "bundle", spec=prepared.spec, experiment=experiment,
+                        members=[FoldWeights(network.state_dict(), normalizer.state_dict())], root=prepared.root)
+
+
+@pytest.fixture(scope="module")
+def served(bundle: Path) -> CFCMLModel:
+    return CFCMLModel.from_bundle(bundle)
+
+
+@pytest.fixture
+def rows(prepared) -> pd.DataFrame:
+    return prepared.test_frame()[input_columns(prepared.spec)]
+
+
+@pytest.fixture(autouse=True)
+def no_operator_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ROOT_ENV, raising=False)
+
+
+def outside_file(prepared, tmp_path: Path) -> Path:
+    """A real, readable NIfTI volume outside the data root."""
+    target = tmp_path / "outside" / "secret.nii.gz"
+    target.parent.mkdir()
+    shutil.copy(prepared.root / prepared.test_frame()["path_t1"].iloc[0], target)
+    return target
+
+
+def test_rows_with_relative_paths_under_the_root_get_probabilities(served, rows) -> None:
+    rows.index = [10, 11, 12][: len(rows)]
+    probs = served.predict(None, rows)
+    assert list(probs.columns) == list(served.spec.classes)
+    assert list(probs.index) == list(rows.index)  # aligned with the caller's rows
+    np.testing.assert_allclose(probs.to_numpy().sum(1), 1.0, rtol=1e-5)
+
+
+def test_a_dotdot_path_is_refused_naming_row_patient_column_and_path(served, rows) -> None:
+    rows.loc[1, "path_t2"] = "../../../../etc/passwd"
+    pid = rows.loc[1, "patient_id"]
+    with pytest.raises(InputError, match=rf"^row 1 \(patient '{pid}'\), column 'path_t2': path "
+                                         rf"'\.\./\.\./\.\./\.\./etc/passwd' escapes the dataset root "):
+        served.predict(None, rows)
+
+
+def test_an_absolute_path_elsewhere_is_refused_even_to_a_real_image(served, rows, prepared, tmp_path) -> None:
+    secret = outside_file(prepared, tmp_path)
+    rows.loc[0, "path_adc"] = str(secret)
+    with pytest.raises(InputError, match=r"row 0 .*column 'path_adc': path '.*secret\.nii\.gz' escapes"):
+        served.predict(None, rows)
+    rows.loc[0, "path_adc"] = "/etc/passwd"
+    with pytest.raises(InputError, match="escapes the dataset root"):
+        served.predict(None, rows)
+
+
+def test_a_symlink_pointing_out_of_the_root_is_refused_one_pointing_inside_is_read(served, rows, prepared,
+                                                                                  tmp_path) -> None:
+    secret = outside_file(prepared, tmp_path)
+    links = prepared.root / f"links-{tmp_path.name}"
+    links.mkdir()
+    (links / "out.nii.gz").symlink_to(secret)
+    (links / "in.nii.gz").symlink_to(prepared.root / rows.loc[0, "path_t1"])
+    good = served.predict(None, rows)
+
+    rows.loc[0, "path_t1"] = f"{links.name}/in.nii.gz"
+    np.testing.assert_allclose(served.predict(None, rows).to_numpy(), good.to_numpy(), rtol=1e-6)
+    rows.loc[0, "path_t1"] = f"{links.name}/out.nii.gz"
+    with pytest.raises(InputError, match=rf"row 0 .*column 'path_t1': path '{links.name}/out\.nii\.gz' escapes"):
+        served.predict(None, rows)
+
+
+def test_every_refused_row_is_listed_before_any_image_is_read(served, rows, prepared, tmp_path) -> None:
+    # row 0's image is truncated: had the model started reading, that would be the error
+    broken = prepared.root / f"broken-{tmp_path.name}.nii.gz"
+    data = (prepared.root / rows.loc[0, "path_t1"]).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    rows = rows.astype(object)
+    rows.loc[0, "path_t1"] = broken.name
+    rows.loc[1, "path_t2"] = "../x.nii.gz"
+    rows.loc[2, "path_adc"] = "nope/missing.nii.gz"
+    rows.loc[2, "age"] = "old"
+    with pytest.raises(InputError) as err:
+        served.predict(None, rows)
+    assert len(err.value.problems) == 3
+    assert err.value.problems[0].startswith("row 1 ") and "escapes the dataset root" in err.value.problems[0]
+    assert err.value.problems[1].startswith("row 2 ") and "'age': 'old' is not a finite number" in str(err.value)
+    assert "'path_adc': adc image 'nope/missing.nii.gz' is not a file under" in err.value.problems[2]
+
+
+def test_an_unreadable_image_names_the_row_and_the_file(served, rows, prepared, tmp_path) -> None:
+    broken = prepared.root / f"truncated-{tmp_path.name}.nii.gz"
+    data = (prepared.root / rows.loc[2, "path_t2"]).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    rows.loc[2, "path_t2"] = broken.name
+    pid = rows.loc[2, "patient_id"]
+    with pytest.raises(InputError, match=rf"^row 2 \(patient '{pid}'\), column 'path_t2': cannot read t2 image "
+                                         rf".*{broken.name}: file is truncated"):
+        served.predict(None, rows)
+
+
+def test_missing_columns_are_named(served, rows) -> None:
+    with pytest.raises(InputError, match=r"lack column\(s\) \['path_adc', 'age'\]"):
+        served.predict(None, rows.drop(columns=["path_adc", "age"]))
+
+
+def test_text_values_are_typed_by_the_spec_and_bad_ones_named(served, rows) -> None:
+    as_text = rows.astype(str).replace("nan", "")  # what a CSV read as text holds
+    np.testing.assert_allclose(served.predict(None, as_text).to_numpy(), served.predict(None, rows).to_numpy(),
+                               rtol=1e-6)
+    as_text.loc[1, "location"] = "7"
+    with pytest.raises(InputError, match=r"^row 1 .*column 'location': '7' is not one of \['1', '2', '3'\]"):
+        served.predict(None, as_text)
+
+
+def test_a_request_cannot_choose_the_root(served, rows, prepared, tmp_path) -> None:
+    rows.loc[0, "path_t1"] = str(outside_file(prepared, tmp_path))
+    with pytest.raises(InputError, match="takes no parameters"):
+        served.predict(None, rows, params={"root": "/"})
+
+
+def test_the_operators_env_var_moves_the_root_and_confines_to_the_new_one(served, rows, prepared, tmp_path,
+                                                                         monkeypatch) -> None:
+    moved = Path(shutil.copytree(prepared.root, tmp_path / "moved", ignore=shutil.ignore_patterns("prepared")))
+    expected = served.predict(None, rows).to_numpy()
+    monkeypatch.setenv(ROOT_ENV, str(moved))
+    assert served.data_root == moved.resolve()
+    np.testing.assert_allclose(served.predict(None, rows).to_numpy(), expected, rtol=1e-6)
+    rows.loc[0, "path_t1"] = str(prepared.root / rows.loc[0, "path_t1"])  # the registered root is outside now
+    with pytest.raises(InputError, match="escapes the dataset root"):
+        served.predict(None, rows)
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path / "absent"))
+    with pytest.raises(InputError, match=rf"data root .*absent does not exist; set \${ROOT_ENV}"):
+        served.predict(None, rows)
+
+
+def test_a_bundle_holding_pickled_code_is_refused_without_running_it(bundle, tmp_path) -> None:
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = Path(shutil.copytree(bundle, tmp_path / "evil"))
+    torch.save([{"model": Payload(), "normalizer": {}}], evil / "models.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        CFCMLModel.from_bundle(evil)
+    assert not marker.exists()
+
+
+def test_the_mlflow_pyfunc_has_no_parameters_and_enforces_the_root(bundle, rows, prepared, tmp_path) -> None:
+    from mlflow.models import infer_signature
+
+    served = CFCMLModel.from_bundle(bundle)
+    signature = infer_signature(rows, served.predict(None, rows))
+    mlflow.pyfunc.save_model(tmp_path / "model", python_model=CFCMLModel(), artifacts={"bundle": str(bundle)},
+                             signature=signature, input_example=rows.head(2), pip_requirements=["torch", "mlflow"])
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    assert model.metadata.signature.params is None
+    np.testing.assert_allclose(model.predict(rows).to_numpy().sum(1), 1.0, rtol=1e-5)
+    rows.loc[1, "path_t1"] = str(outside_file(prepared, tmp_path))
+    with pytest.raises(InputError, match=r"row 1 .*escapes the dataset root"):
+        model.predict(rows)
+    # MLflow drops params the signature lacks (with a warning): a "root" sent along changes nothing
+    with pytest.raises(InputError, match=r"row 1 .*escapes the dataset root"):
+        model.predict(rows, params={"root": "/"})
