@@ -1,0 +1,171 @@
+"""Class probabilities for a CSV of manifest rows, with a registered, logged or saved CFCML model.
+
+    python pipelines/predict.py --model models:/cfcml-men/latest --rows rows.csv --out preds.csv
+    python pipelines/predict.py --model runs:/<run id>/model --rows rows.csv --out preds.csv
+    python pipelines/predict.py --model path/to/model --rows rows.csv --out preds.csv --data-root /data/men
+
+`--rows` holds the model's input columns: patient_id, path_<modality> (relative to the data root)
+and the clinical fields (blank or one of the dataset's missing tokens = missing). `--out` gets
+patient_id, prob_<class> for every class and the predicted class. Image paths resolve under the
+data root recorded when the model was registered (or `--data-root` / $CFCML_DATA_ROOT); a path
+that leaves it is refused: the model itself enforces this, whoever calls it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cfcml.config import PROJECT_ROOT
+from tuning import cli_args
+
+EXIT_USAGE = 2
+
+
+class PredictError(Exception):
+    """A problem the user can fix; printed as one `error:` line, exit status 2."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True,
+                   help="models:/<name>/<version|alias|latest>, runs:/<run id>/model, or a local model folder")
+    p.add_argument("--rows", required=True, type=Path, help="CSV of manifest rows (the model's input columns)")
+    p.add_argument("--out", required=True, type=Path, help="CSV to write: patient_id, prob_<class>..., predicted")
+    cli_args.add_data_root(p, help="folder the image paths are relative to (default: the data root recorded at "
+                                   "registration; the same as setting $CFCML_DATA_ROOT)")
+    p.add_argument("--runs-dir", type=Path, default=PROJECT_ROOT / "runs",
+                   help="where the default MLflow store lives (<runs-dir>/mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ (default: "
+                                          "$MLFLOW_TRACKING_URI or <runs-dir>/mlflow.db)")
+    p.add_argument("--batch-rows", type=int, default=32, help="rows per model call (the progress bar's step)")
+    return p.parse_args(argv)
+
+
+def load_model(uri: str, tracking_uri: str | None, runs_dir: Path) -> tuple[Any, Any]:
+    """(pyfunc model, its CFCMLModel) from a models:/ or runs:/ URI or a local folder."""
+    import mlflow
+
+    if not uri.startswith(("models:/", "runs:/")) and "://" not in uri:  # a local model folder
+        path = Path(uri).expanduser()
+        if not (path / "MLmodel").is_file():
+            raise PredictError(f"model folder {path} not found (no {path / 'MLmodel'})")
+        where = str(path.resolve())
+        uri = str(path.resolve())
+    else:
+        from tuning.tracking import default_tracking_uri
+
+        tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
+        mlflow.set_tracking_uri(tracking_uri)
+        where = f"{uri} (tracking URI {tracking_uri})"
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # MlflowException, OSError, ...: one line, not a traceback
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PredictError(f"model {where} not found or not loadable: {detail}") from None
+    python_model = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
+    if not hasattr(python_model, "check_input"):
+        raise PredictError(f"model {where} is not a CFCML model (no CFCML pyfunc inside)")
+    return model, python_model
+
+
+def read_rows(path: Path, spec: Any) -> Any:
+    """The CSV as text (categories stay "1", not 1.0; blanks stay blank); the served model types
+    the values by the spec. The index is the file's line number: every error names it."""
+    import pandas as pd
+
+    from tuning.served_model import input_columns
+
+    if not path.is_file():
+        raise PredictError(f"rows file {path} does not exist")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise PredictError(f"cannot read {path} as CSV: {exc}") from None
+    missing = [c for c in input_columns(spec) if c not in frame.columns]
+    if missing:
+        raise PredictError(f"{path} lacks column(s) {missing}; the model needs {input_columns(spec)}")
+    frame.index = pd.RangeIndex(2, len(frame) + 2, name=f"{path.name} line")  # line 1 is the header
+    return frame
+
+
+def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int) -> Any:
+    """prob_<class> per row and the predicted class, through the model's own `predict` (which
+    confines every path); the whole file is checked before the first image is read."""
+    import numpy as np
+    import pandas as pd
+    from tqdm import tqdm
+
+    classes = list(python_model.spec.classes)
+    typed, _ = python_model.check_input(frame)  # every bad row at once, before any model work
+    parts = []
+    with tqdm(total=len(typed), desc="predicting", unit="row", disable=None) as bar:
+        for start in range(0, len(typed), batch_rows):
+            chunk = typed.iloc[start:start + batch_rows]
+            parts.append(model.predict(chunk))
+            bar.update(len(chunk))
+    probs = pd.concat(parts) if parts else pd.DataFrame(columns=classes, dtype=float)
+    out = pd.DataFrame({"patient_id": typed["patient_id"].to_numpy()})
+    for c in classes:
+        out[f"prob_{c}"] = probs[c].to_numpy()
+    out["predicted"] = [classes[i] for i in np.argmax(probs[classes].to_numpy(), axis=1)] if len(out) else []
+    return out
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str | None) -> Iterator[None]:
+    """`name` set to `value` for the block (unset for None), then as it was: main() may run
+    inside another process (tests, a notebook)."""
+    before = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.batch_rows < 1:
+        print("error: --batch-rows must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    from mlflow.exceptions import MlflowException
+
+    from tuning.served_model import ROOT_ENV, InputError
+
+    # --data-root is the operator's override, read by the model as a server reads $CFCML_DATA_ROOT
+    root = str(args.data_root.resolve()) if args.data_root is not None else os.environ.get(ROOT_ENV)
+    try:
+        if not args.rows.is_file():  # before the model loads: the quick mistake first
+            raise PredictError(f"rows file {args.rows} does not exist")
+        with _environ(ROOT_ENV, root):
+            model, python_model = load_model(args.model, args.tracking_uri, args.runs_dir)
+            frame = read_rows(args.rows, python_model.spec)
+            print(f"{len(frame)} rows from {args.rows}; images under {python_model.data_root}")
+            out = predict_rows(model, python_model, frame, args.batch_rows)
+    except (PredictError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MlflowException as exc:  # the input schema check MLflow runs before the model
+        print(f"error: the rows do not match the model's input schema: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    out.to_csv(tmp, index=False)
+    os.replace(tmp, args.out)  # a failed run leaves no half-written predictions
+    print(f"wrote {len(out)} predictions to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

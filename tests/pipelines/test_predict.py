@@ -1,0 +1,190 @@
+"""pipelines/predict.py: a CSV of manifest rows -> a CSV of class probabilities, with a model
+registered in a real MLflow store (SQLite in tmp), a run's model or a local model folder; every
+refusal is one `error:` line naming the row, exit status 2, and no output file."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cfcml.config import PROJECT_ROOT, load_experiment
+from cfcml.data.prepare import prepare_dataset
+from cfcml.data.synthetic import make_men
+from cfcml.networks import build_model
+from pipelines.predict import main
+from tuning.checkpoints import FoldWeights
+from tuning.served_model import ROOT_ENV, input_columns, log_and_register
+from tuning.space import load_search
+
+SIZE = (32, 32, 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core box OpenMP spinning makes each op ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny real network registered as cfcml-men version 1 in a fresh SQLite store."""
+    tmp = tmp_path_factory.mktemp("predict")
+    raw = make_men(tmp / "men", patients=12, seed=0, size=SIZE)
+    prepared = prepare_dataset("men", raw, folds=2, fold_seed=0, image_size=SIZE, workers=1)
+    base = load_experiment("men")
+    experiment = base.replace({**load_search("smoke", base).overrides, "train.image_size": list(SIZE)})
+    torch.manual_seed(0)
+    network = build_model(prepared.spec, experiment.model)
+    normalizer = prepared.fit_normalizer(prepared.dev_frame())
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment("cfcml-men", artifact_location=(tmp / "artifacts").as_uri())
+    run_id = client.create_run(exp_id, run_name="final").info.run_id
+    log_and_register(tracking_uri=uri, run_id=run_id, prepared=prepared, experiment=experiment,
+                     members=[FoldWeights(network.state_dict(), normalizer.state_dict())],
+                     model_name="cfcml-men", tags={"stage": "test"},
+                     pip_requirements=["torch", "mlflow"])  # skip MLflow's ~20 s requirement inference
+    rows = tmp / "rows.csv"
+    prepared.test_frame()[input_columns(prepared.spec)].to_csv(rows, index=False)
+    return {"uri": uri, "run_id": run_id, "prepared": prepared, "rows": rows}
+
+
+@pytest.fixture(autouse=True)
+def no_operator_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ROOT_ENV, raising=False)
+
+
+def predict(registered: dict, rows: Path, out: Path, *extra: str, model: str = "models:/cfcml-men/latest") -> int:
+    return main(["--model", model, "--tracking-uri", registered["uri"], "--rows", str(rows), "--out", str(out),
+                 *extra])
+
+
+def edited(registered: dict, tmp_path: Path, **cells: tuple[int, str]) -> Path:
+    """A copy of the rows CSV with cells changed: column=(data row, text)."""
+    frame = pd.read_csv(registered["rows"], dtype=str, keep_default_na=False)
+    for column, (row, value) in cells.items():
+        frame.loc[row, column] = value
+    path = tmp_path / "edited.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def refused(capsys: pytest.CaptureFixture, out: Path) -> str:
+    assert not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ")
+    return err
+
+
+def test_a_registered_model_writes_probabilities_and_the_predicted_class(registered, tmp_path) -> None:
+    out = tmp_path / "preds" / "preds.csv"
+    assert predict(registered, registered["rows"], out) == 0
+    preds = pd.read_csv(out, dtype={"patient_id": str})
+    classes = list(registered["prepared"].spec.classes)
+    assert list(preds.columns) == ["patient_id", *[f"prob_{c}" for c in classes], "predicted"]
+    test = registered["prepared"].test_frame()
+    assert list(preds["patient_id"]) == list(test["patient_id"])
+    probs = preds[[f"prob_{c}" for c in classes]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    assert list(preds["predicted"]) == [classes[i] for i in probs.argmax(1)]
+    # the same numbers as the model called from Python on the manifest rows
+    mlflow.set_tracking_uri(registered["uri"])
+    direct = mlflow.pyfunc.load_model("models:/cfcml-men/1").predict(test[input_columns(registered["prepared"].spec)])
+    np.testing.assert_allclose(probs, direct.to_numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["run", "folder"])
+def test_a_runs_uri_and_a_local_model_folder_give_the_same_predictions(registered, tmp_path, kind) -> None:
+    assert predict(registered, registered["rows"], tmp_path / "a.csv") == 0
+    model = f"runs:/{registered['run_id']}/model"
+    if kind == "folder":
+        mlflow.set_tracking_uri(registered["uri"])
+        model = mlflow.artifacts.download_artifacts(model, dst_path=str(tmp_path / "local"))
+    assert predict(registered, registered["rows"], tmp_path / "b.csv", model=model) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+
+
+def test_a_path_escaping_the_root_is_refused_naming_the_line_and_patient(registered, tmp_path, capsys) -> None:
+    rows = edited(registered, tmp_path, path_t1=(1, "../../../../etc/passwd"))
+    out = tmp_path / "preds.csv"
+    assert predict(registered, rows, out) == 2
+    pid = registered["prepared"].test_frame()["patient_id"].iloc[1]
+    assert refused(capsys, out) == (
+        f"error: edited.csv line 3 (patient '{pid}'), column 'path_t1': path '../../../../etc/passwd' escapes the "
+        f"dataset root {registered['prepared'].root}; refused")
+
+
+def test_an_unreadable_image_is_named_with_its_line_and_file(registered, tmp_path, capsys) -> None:
+    root = registered["prepared"].root
+    test = registered["prepared"].test_frame()
+    broken = root / f"truncated-{tmp_path.name}.nii.gz"
+    data = (root / test["path_adc"].iloc[0]).read_bytes()
+    broken.write_bytes(data[: len(data) // 3])
+    out = tmp_path / "preds.csv"
+    assert predict(registered, edited(registered, tmp_path, path_adc=(0, broken.name)), out) == 2
+    err = refused(capsys, out)
+    assert err.startswith(f"error: edited.csv line 2 (patient '{test['patient_id'].iloc[0]}'), column 'path_adc': "
+                          f"cannot read adc image {broken}: file is truncated")
+
+
+def test_missing_columns_are_named(registered, tmp_path, capsys) -> None:
+    rows = tmp_path / "rows.csv"
+    pd.read_csv(registered["rows"]).drop(columns=["path_t2", "sex"]).to_csv(rows, index=False)
+    out = tmp_path / "preds.csv"
+    assert predict(registered, rows, out) == 2
+    assert refused(capsys, out).startswith(f"error: {rows} lacks column(s) ['path_t2', 'sex']; the model needs")
+
+
+def test_blank_and_missing_token_values_are_predicted_as_missing(registered, tmp_path) -> None:
+    rows = edited(registered, tmp_path, adc_value=(0, ""), tumour_area=(1, "NA"), location=(2, ""))
+    assert predict(registered, rows, tmp_path / "preds.csv") == 0
+    assert len(pd.read_csv(tmp_path / "preds.csv")) == len(registered["prepared"].test_frame())
+
+
+def test_the_operators_data_root_replaces_the_registered_one(registered, tmp_path, capsys) -> None:
+    root = registered["prepared"].root
+    moved = Path(shutil.copytree(root, tmp_path / "moved", ignore=shutil.ignore_patterns("prepared", "*-*")))
+    assert predict(registered, registered["rows"], tmp_path / "a.csv") == 0
+    assert predict(registered, registered["rows"], tmp_path / "b.csv", "--data-root", str(moved)) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+    assert f"images under {moved}" in capsys.readouterr().out
+    # under the new root, the registered one is "elsewhere"
+    first = registered["prepared"].test_frame()["path_t1"].iloc[0]
+    out = tmp_path / "c.csv"
+    assert predict(registered, edited(registered, tmp_path, path_t1=(0, str(root / first))), out,
+                   "--data-root", str(moved)) == 2
+    assert "escapes the dataset root" in refused(capsys, out)
+
+
+@pytest.mark.parametrize("model,message", [
+    ("models:/cfcml-nope/1", "error: model models:/cfcml-nope/1 (tracking URI sqlite:///"),
+    ("no/such/folder", "error: model folder no/such/folder not found"),
+])
+def test_an_unknown_model_is_one_line(registered, tmp_path, capsys, model, message) -> None:
+    out = tmp_path / "preds.csv"
+    assert predict(registered, registered["rows"], out, model=model) == 2
+    err = refused(capsys, out)
+    assert err.startswith(message) and "\n" not in err
+
+
+def test_a_missing_rows_file_is_one_line(registered, tmp_path, capsys) -> None:
+    out = tmp_path / "preds.csv"
+    assert predict(registered, tmp_path / "absent.csv", out) == 2
+    assert refused(capsys, out) == f"error: rows file {tmp_path / 'absent.csv'} does not exist"
+
+
+def test_the_script_runs_from_a_checkout_without_path_edits() -> None:
+    done = subprocess.run([sys.executable, "pipelines/predict.py", "--help"], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--model" in done.stdout and "--data-root" in done.stdout
