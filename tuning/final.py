@@ -91,10 +91,25 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
                             experiment=best.experiment, members=[weights],
                             model_name=f"cfcml-{outcome.dataset}", tags=tags)
     client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
-    client.set_terminated(run_id, "FINISHED")
     print(f"registered cfcml-{outcome.dataset} version {info.registered_model_version}: "
           f"mlflow.pyfunc.load_model('models:/cfcml-{outcome.dataset}/{info.registered_model_version}')")
+    _explain(client, run_id, prepared, best, weights)
+    client.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, "test": ci, "version": info.registered_model_version}
+
+
+def _explain(client: Any, run_id: str, prepared: PreparedDataset, best: TrialResult, weights: Any) -> None:
+    """Grad-CAM and field-occlusion figures of the registered final model on a few of the test
+    patients it was just evaluated on (tuning/explain.py). Only for looking: they select nothing.
+    A failure is reported and tagged on the run, never raised: the model is registered already."""
+    try:
+        from tuning.explain import ARTIFACT_DIR, log_explanations
+
+        names = log_explanations(client, run_id, prepared, best.experiment, weights, prepared.test_frame())
+        print(f"explanations: {len(names)} files under {ARTIFACT_DIR}/ on the final run")
+    except Exception as exc:
+        client.set_tag(run_id, "cfcml.explain_error", f"{type(exc).__name__}: {exc}"[:500])
+        print(f"warning: explanations failed ({type(exc).__name__}: {exc}); the registered model is unaffected")
 
 
 def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> dict[str, Any]:

@@ -51,6 +51,12 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
         assert key in final.data.metrics, key
     m = final.data.metrics
     assert m["test_accuracy_ci_low"] <= m["test_accuracy"] <= m["test_accuracy_ci_high"]
+    # Grad-CAM per test patient (up to 2 per class) and the fields' occlusion, on the final run
+    assert "cfcml.explain_error" not in final.data.tags
+    explained = {a.path for a in client.list_artifacts(final.info.run_id, "explanations")}
+    assert {"explanations/table_fields.png", "explanations/table_fields.csv"} <= explained
+    patients = men_prepared.test_frame().groupby("label").head(2)["patient_id"]
+    assert {f"explanations/{pid}.png" for pid in patients} <= explained
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/cfcml-men/latest")
