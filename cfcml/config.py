@@ -120,6 +120,9 @@ class LossConfig:
         w_cls, w_sam, w_up, w_cp: term weights, >= 0 (public MEN values 1 / 0.06 / 0.04 / 0.24).
         tau_sam, tau_up, tau_cp: temperatures, > 0 (public value 0.07).
         momentum: prototype EMA in [0, 1); 0 is the paper's per-batch prototypes.
+        class_weights: "none" (plain cross-entropy, the paper's) or "balanced" (each class's
+            cross-entropy weighted by N / (C * N_c) from the training fold's counts, so a minority
+            class counts as much as the majority; docs/evaluation.md, "Decisions").
     """
 
     fine: bool = True
@@ -131,6 +134,7 @@ class LossConfig:
     tau_up: float = 0.07
     tau_cp: float = 0.07
     momentum: float = 0.0
+    class_weights: Literal["none", "balanced"] = "none"
 
     def __post_init__(self) -> None:
         _positive(self, "tau_sam", "tau_up", "tau_cp")
@@ -362,6 +366,24 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_config(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config YAML; `extends: NAME` (a file of the same folder, without .yaml) is read first and
+    this file's keys are deep-merged over it (a list, such as `fields:`, replaces the base's).
+    The identity keys `name` and `dataset` are not inherited: a file is named after itself."""
+    path = Path(path)
+    data = read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    parent = path.parent / f"{base}.yaml"
+    if not isinstance(base, str) or not parent.is_file():
+        raise ConfigError(f"{path}: extends: no config {base!r} in {path.parent}")
+    if parent.resolve() in _seen:
+        raise ConfigError(f"{path}: extends: a cycle through {parent}")
+    inherited = {k: v for k, v in read_config(parent, (*_seen, path.resolve())).items() if k not in ("name", "dataset")}
+    return deep_merge(inherited, data)
+
+
 def known_names(kind: str) -> str:
     """The config names available under conf/<kind>/, for error messages."""
     return ", ".join(sorted(p.stem for p in (CONF_DIR / kind).glob("*.yaml"))) or "none"
@@ -374,6 +396,6 @@ def load_experiment(dataset: str, overrides: dict[str, Any] | None = None) -> Ex
         path = CONF_DIR / "experiments" / f"{dataset}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown dataset {dataset!r}: no {path} (known: {known_names('experiments')})")
-    data = read_yaml(path)
+    data = read_config(path)
     data.setdefault("dataset", path.stem)
     return from_dict(ExperimentConfig, deep_merge(data, overrides or {}), f"{path}:")

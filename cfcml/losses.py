@@ -225,11 +225,21 @@ class CFCMLLoss(nn.Module):
     (built from its own shard of the batch).
     """
 
-    def __init__(self, num_modalities: int, num_classes: int, dim: int, **settings: Any):
+    def __init__(self, num_modalities: int, num_classes: int, dim: int, *,
+                 class_counts: Sequence[int] | None = None, **settings: Any):
         """settings: any `cfcml.config.LossConfig` field (w_cls, w_sam, w_up, w_cp, tau_sam, tau_up,
-        tau_cp, momentum, fine), checked by LossConfig; the rest keep LossConfig's defaults."""
+        tau_cp, momentum, fine, class_weights), checked by LossConfig; the rest keep LossConfig's
+        defaults. class_counts: training samples per class, required by class_weights="balanced"."""
         super().__init__()
         cfg = LossConfig(**settings)
+        weight = torch.ones(num_classes)
+        if cfg.class_weights == "balanced":
+            if class_counts is None or len(class_counts) != num_classes:
+                raise ValueError(f"class_weights='balanced' needs class_counts for {num_classes} classes")
+            counts = torch.as_tensor(class_counts, dtype=torch.float32)
+            # N / (C * N_c); a class without training samples gets weight 0 (it never appears as a target)
+            weight = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros(()))
+        self.register_buffer("ce_weight", weight, persistent=False)  # recomputed from the fold, not stored
         self.config = cfg
         self.num_classes = num_classes
         self.weights = {"ce": cfg.w_cls, "sam": cfg.w_sam, "up": cfg.w_up, "cp": cfg.w_cp}
@@ -239,8 +249,9 @@ class CFCMLLoss(nn.Module):
         self._cache: tuple[Tensor, Tensor, Tensor] | None = None  # prototypes of the last train forward
 
     @classmethod
-    def from_config(cls, cfg: LossConfig, *, num_modalities: int, num_classes: int, dim: int) -> CFCMLLoss:
-        return cls(num_modalities, num_classes, dim, **dataclasses.asdict(cfg))
+    def from_config(cls, cfg: LossConfig, *, num_modalities: int, num_classes: int, dim: int,
+                    class_counts: Sequence[int] | None = None) -> CFCMLLoss:
+        return cls(num_modalities, num_classes, dim, class_counts=class_counts, **dataclasses.asdict(cfg))
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}, taus={self.taus}, fine={self.fine}"
@@ -251,7 +262,7 @@ class CFCMLLoss(nn.Module):
         if logits.dim() != 2 or logits.shape[1] != C:
             raise ValueError(f"logits: expected [B, {C}]; got {tuple(logits.shape)}")
         labels = _check_labels(labels, logits.shape[0], C)
-        ce = F.cross_entropy(logits, labels)
+        ce = F.cross_entropy(logits, labels, weight=self.ce_weight.to(logits.dtype))
         loss = self.weights["ce"] * ce
         out = {"ce": ce.detach()}
         if not self.fine:

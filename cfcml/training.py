@@ -119,8 +119,10 @@ class CrossValidation:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = DistributedDataParallel(model, device_ids=ids)
+        counts = np.bincount(split.train["label"].to_numpy(), minlength=len(self.spec.classes))
         criterion = CFCMLLoss.from_config(cfg.loss, num_modalities=model.num_modalities,
-                                          num_classes=len(self.spec.classes), dim=cfg.model.dim).to(self.device)
+                                          num_classes=len(self.spec.classes), dim=cfg.model.dim,
+                                          class_counts=counts.tolist()).to(self.device)
         optimizer = make_optimizer(model, cfg.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.optim))
         # Statistics from the training part only: validation values never shape the inputs.

@@ -291,3 +291,16 @@ def test_loss_from_config_uses_every_setting():
     loss_fn = CFCMLLoss.from_config(cfg, num_modalities=2, num_classes=3, dim=D)
     assert loss_fn.config == cfg and not loss_fn.fine and loss_fn.weights["ce"] == 2.0
     assert loss_fn.taus[0] == 0.2 and loss_fn.bank.momentum == 0.3
+
+
+def test_balanced_class_weights_make_every_class_count_alike():
+    logits, labels = torch.randn(8, 3), torch.tensor([0, 0, 0, 0, 0, 0, 1, 2])
+    counts = [6, 1, 1]
+    loss_fn = CFCMLLoss(2, 3, D, fine=False, class_weights="balanced", class_counts=counts)
+    torch.testing.assert_close(loss_fn.ce_weight, torch.tensor([8 / 18, 8 / 3, 8 / 3]))
+    per_sample = F.cross_entropy(logits, labels, reduction="none")
+    w = loss_fn.ce_weight[labels]
+    torch.testing.assert_close(loss_fn(logits, torch.randn(8, 2, D), labels)["loss"], (w * per_sample).sum() / w.sum())
+    assert "ce_weight" not in loss_fn.state_dict()  # recomputed from the training fold, never stored
+    with pytest.raises(ValueError, match="class_counts"):
+        CFCMLLoss(2, 3, D, class_weights="balanced")

@@ -102,6 +102,7 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
 
 def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C."""
+    import optuna
     from mlflow.tracking import MlflowClient
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -126,8 +127,10 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     if run.resume and tune.Tuner.can_restore(str(run.search_dir)):
         tuner = tune.Tuner.restore(str(run.search_dir), trainable=trainable, resume_errored=True)
     else:
+        sampler = optuna.samplers.RandomSampler(seed=run.experiment.train.seed) \
+            if run.search.searcher == "random" else optuna.samplers.TPESampler(seed=run.experiment.train.seed)
         searcher = OptunaSearch(
-            metric=metric, mode="max", seed=run.experiment.train.seed,
+            metric=metric, mode="max", sampler=sampler,
             points_to_evaluate=[initial_point(run.search, run.experiment)] if run.search.space else None,
         )
         scheduler = ASHAScheduler(time_attr="epoch", max_t=run.max_epochs,
@@ -211,7 +214,8 @@ def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResul
             metrics={k: float(v) for k, v in row.items()
                      if isinstance(k, str) and k.startswith(("cv_", "val_", "train_"))
                      and isinstance(v, (int, float)) and not isinstance(v, bool)},
-            history=[{"epoch": int(e), metric: float(v)} for e, v in zip(df["epoch"], df[metric])],
+            history=[{"epoch": int(e), metric: float(v), "timestamp": float(ts)}
+                     for e, v, ts in zip(df["epoch"], df[metric], df["timestamp"])],
             experiment=run.experiment.replace(params),
         ))
     return trials

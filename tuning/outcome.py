@@ -30,7 +30,7 @@ class TrialResult:
     compute_s: float = 0.0  # time in training and validation; wall_s - compute_s is start-up overhead
     checkpoint_path: str | None = None  # that epoch's checkpoint, when Ray Train kept it
     metrics: dict[str, float] = field(default_factory=dict)  # cv_*, val_*_fold<k>, train_* at `epoch`
-    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, the metric
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, the metric, timestamp
     experiment: ExperimentConfig | None = None  # the full configuration the trial trained
     error: str | None = None
 

@@ -3,6 +3,7 @@
 A search config looks like
 
     num_samples: 20            # trials
+    searcher: tpe              # or random (the baseline)
     max_epochs: 60             # per trial (ASHA's max_t); becomes the experiment's train.epochs
     grace_period: 5            # epochs before ASHA may stop a trial
     reduction_factor: 2
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cfcml.config import CONF_DIR, ConfigError, ExperimentConfig, from_dict, known_names, read_yaml
 
@@ -59,6 +60,8 @@ class SearchConfig:
         overrides: experiment overrides (dotted keys) for every dataset.
         dataset_overrides: per dataset name, more overrides applied after `overrides`.
         space: the searched keys (filled from the file's `space:` mapping).
+        searcher: "tpe" (Optuna's TPE, the default) or "random" (Optuna's random sampler, the
+            baseline benchmarks/bench_search.py measures TPE against); ASHA stops trials either way.
     """
 
     name: str = ""
@@ -70,6 +73,7 @@ class SearchConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     dataset_overrides: dict[str, Any] = field(default_factory=dict)
     space: tuple[Param, ...] = ()
+    searcher: Literal["tpe", "random"] = "tpe"
 
     def __post_init__(self) -> None:
         for key in ("num_samples", "max_epochs", "grace_period", "reduction_factor", "folds"):

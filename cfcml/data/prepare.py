@@ -34,12 +34,19 @@ def validate_dataset(root: Path, spec: DatasetSpec, *, folds: int = 5, fold_seed
     return records, report
 
 
+def default_prepared_name(spec: DatasetSpec) -> str:
+    """"prepared" for a layout's own config (men, derm7pt), "prepared-<name>" for another config
+    of the same raw data (e.g. derm7pt_public), so that the two never overwrite each other."""
+    return "prepared" if spec.name == spec.source.layout else f"prepared-{spec.name}"
+
+
 def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = None, *, folds: int = 5,
                     fold_seed: int = 0, image_size: tuple[int, ...] | None = None, spec: str | Path | None = None,
                     csv: str | Path | None = None, workers: int | None = None, progress: bool = False,
                     log: Callable[[str], None] | None = None) -> PreparedDataset:
     """Validate `root`, build the cache and write `<out>/manifest.parquet` (default out:
-    `<root>/prepared`). Raises DatasetValidationError carrying the full report on any problem.
+    `<root>/prepared`, or `<root>/prepared-<spec name>` for a config that is not the layout's
+    own). Raises DatasetValidationError carrying the full report on any problem.
 
     dataset: a dataset config name (conf/datasets/<dataset>.yaml) or a dataset YAML path; its
     `source.layout` picks the adapter. spec: a dataset YAML that replaces it ("manifest" + spec is
@@ -49,10 +56,10 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
     root = Path(root).resolve()
-    out_dir = Path(out).resolve() if out else root / "prepared"
     if spec is None and dataset == "manifest":
         raise ValueError("the manifest adapter needs a dataset YAML (spec=... / --spec PATH)")
     ds_spec = load_dataset_spec(spec or dataset, image_size)
+    out_dir = Path(out).resolve() if out else root / default_prepared_name(ds_spec)
     workers = workers or default_workers()
 
     records, report = validate_dataset(root, ds_spec, folds=folds, fold_seed=fold_seed,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cfcml.config import CONF_DIR, ConfigError, from_dict, read_yaml
+from cfcml.config import CONF_DIR, ConfigError, from_dict, read_config
 
 # Manifest columns the pipeline owns; a clinical field or modality may not shadow them.
 RESERVED_COLUMNS = ("patient_id", "label", "label_name", "split", "fold")
@@ -178,7 +178,7 @@ def load_dataset_spec(name_or_path: str | Path, image_size: tuple[int, ...] | No
     """Load and validate a dataset spec; `image_size` overrides the preprocessed size of every
     modality with that many dimensions (e.g. (32, 32, 8) for tiny demos)."""
     path = spec_path(name_or_path)
-    data = read_yaml(path)
+    data = read_config(path)
     data.setdefault("name", path.stem)
     return spec_from_dict(data, str(path), image_size)
 

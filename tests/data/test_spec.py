@@ -30,11 +30,29 @@ def test_derm7pt_spec() -> None:
     assert spec.task == "binary" and spec.selection_metric == "auc" and spec.classes == ("NEV", "MEL")
     assert [(m.name, m.dims, m.channels, m.size) for m in spec.modalities] == [
         ("clinic", 2, 3, (224, 224)), ("derm", 2, 3, (224, 224))]
-    assert len(spec.fields) == 5 and not spec.numeric_fields
+    # the honest default leaves out the fields recorded with or after the diagnosis
+    assert [f.name for f in spec.fields] == ["elevation", "location", "sex"] and not spec.numeric_fields
     assert spec.class_of("reed or spitz nevus") == "NEV" and spec.class_of("melanoma (in situ)") == "MEL"
     assert spec.class_of("lentigo") is None and "lentigo" in spec.source.ignored_labels
     aug = spec.augment
     assert aug.flip and aug.rotate90 and aug.shift_scale_rotate and aug.brightness_contrast
+
+
+def test_derm7pt_public_adds_the_leaky_fields_and_inherits_the_rest() -> None:
+    public, honest = load_dataset_spec("derm7pt_public"), load_dataset_spec("derm7pt")
+    assert public.name == "derm7pt_public" and public.source == honest.source and public.augment == honest.augment
+    assert {f.name for f in public.fields} - {f.name for f in honest.fields} == {
+        "management", "level_of_diagnostic_difficulty"}
+
+
+def test_extends_names_a_file_of_the_same_folder(tmp_path) -> None:
+    (tmp_path / "child.yaml").write_text("extends: nowhere\n")
+    with pytest.raises(ConfigError, match="extends: no config 'nowhere'"):
+        load_dataset_spec(tmp_path / "child.yaml")
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_dataset_spec(tmp_path / "a.yaml")
 
 
 def test_image_size_override() -> None:
