@@ -3,9 +3,13 @@
     .venv/bin/python -m benchmarks.bench_model [--repeats 3] [--only men_public ...] [--device cpu]
 
 Configurations come from the shipped experiment and dataset configs (conf/), so the figures follow
-them: `men_public` (3 volumes 128x128x24, mamba_resnet width 16, Mamba in all stages, D 128,
-latents 48/16), `derm7pt_public` (2 photos 224x224, one shared Swin-T: width 96, depths 2,2,6,2,
-patch 4, window 7, latents 32/24) and `men_tiny` (32x32x8, width 4, the size the tests use).
+them: `men_public` (3 volumes 128x128x24, the public res_mamba encoder: width 16, 3 blocks a layer,
+Mamba layers in stages 2-4, D 128, latents 48/16), `derm7pt_public` (2 photos 224x224, one shared
+Swin-T: width 96, depths 2,2,6,2, patch 4, window 7, latents 32/24), `men_tiny` (32x32x8, the smoke
+search's tiny model: width 4, 2 blocks, Mamba in stages 3-4, the size the tests use), and the earlier
+mamba_resnet encoder for comparison: `men_tiny_mamba_resnet` (width 4, Mamba in stages 3-4, the old
+smoke model) and `men_public_mamba_resnet` (width 16, Mamba in all four stages, the old MEN default;
+minutes a step on 2 CPU cores).
 Each timing is one optimiser-free training step (zero grads, forward, CFCMLLoss, backward): the
 median over `--repeats` runs after one warm-up run. Other processes on the machine skew CPU
 figures, so the thread count and the load average are printed with them.
@@ -27,12 +31,16 @@ from cfcml.losses import CFCMLLoss
 from cfcml.networks import build_model
 
 BATCH = 2
+TINY = {"dim": 32, "latents_img": 4, "latents_tab": 4}
 CONFIGS = {  # name -> (dataset, image size override, model overrides)
-    "men_tiny": ("men", (32, 32, 8), {"encoder_width": 4, "mixer_stages": (3, 4), "dim": 32,
-                                      "latents_img": 4, "latents_tab": 4}),
+    "men_tiny": ("men", (32, 32, 8), {"encoder_width": 4, "encoder_blocks": 2, "mixer_stages": (3, 4), **TINY}),
+    "men_tiny_mamba_resnet": ("men", (32, 32, 8), {"encoder": "mamba_resnet", "encoder_width": 4,
+                                                   "mixer_stages": (3, 4), **TINY}),
     "derm7pt_public": ("derm7pt", None, {}),
     "men_public": ("men", None, {}),
+    "men_public_mamba_resnet": ("men", None, {"encoder": "mamba_resnet", "mixer_stages": (1, 2, 3, 4)}),
 }
+DEFAULT = ["men_tiny", "men_tiny_mamba_resnet", "derm7pt_public", "men_public"]
 
 
 def make_batch(spec, batch: int, device: torch.device) -> tuple[list[torch.Tensor], ...]:
@@ -93,7 +101,7 @@ def bench(name: str, repeats: int, device: torch.device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=DEFAULT)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ def _non_negative(section: Any, *names: str) -> None:
             raise ConfigError(f"must be >= 0, got {value!r}", name)
 
 
+# model.scan's values (the Literal below spells them again for from_dict's type check)
+SCANS = ("auto", "sequential", "pscan", "chunked", "mamba_ssm")
+
 # Each section checks its own values in __post_init__, so a config built in code (tests, scripts)
 # is held to the same rules as one loaded from YAML.
 
@@ -58,9 +62,17 @@ class ModelConfig:
     Args:
         variant: "cfcml" (all modalities, coarse stage), "image_only", "tabular_only" (the coarse
             stage over a subset of modalities) or "late_concat" (last stage pooled, concatenated).
-        encoder: "mamba_resnet" (3D/2D residual CNN with Mamba mixers) or "swin" (MONAI Swin).
-        encoder_width: mamba_resnet stem channels (stages double it); swin embedding width.
-        mixer_stages: mamba_resnet stages (1..4) with a global Mamba mixer.
+        encoder: "res_mamba" (the public MEN encoder: residual CNN, shared four-order Mamba layers),
+            "mamba_resnet" (this platform's earlier residual CNN with bidirectional Mamba mixers) or
+            "swin" (MONAI Swin); all take 2D or 3D images.
+        encoder_width: res_mamba / mamba_resnet stem channels (stages double it); swin embedding width.
+        encoder_blocks: res_mamba basic blocks per residual layer, >= 1 (public: 3).
+        mixer_stages: stages with a Mamba mixer; res_mamba: 2..4 (its stem has none; needs
+            encoder_blocks >= 2), mamba_resnet: 1..4.
+        mamba_d_state, mamba_d_conv, mamba_expand: res_mamba's Mamba blocks (public: 16, 4, 2).
+        scan: the selective scan: "auto" (mamba_ssm or chunked on CUDA, pscan on CPU),
+            "sequential", "pscan", "chunked" or "mamba_ssm" (needs the mamba-ssm package and CUDA);
+            cfcml/networks/scan.py, docs/gpu.md.
         swin_depths, swin_heads: blocks and attention heads of the four Swin layers.
         swin_patch: Swin patch size; 4 turns 224x224 photos into 56/28/14/7 token grids.
         swin_window: Swin window size.
@@ -75,9 +87,14 @@ class ModelConfig:
     """
 
     variant: Literal["cfcml", "image_only", "tabular_only", "late_concat"] = "cfcml"
-    encoder: Literal["mamba_resnet", "swin"] = "mamba_resnet"
+    encoder: Literal["res_mamba", "mamba_resnet", "swin"] = "res_mamba"
     encoder_width: int = 16
-    mixer_stages: tuple[int, ...] = (1, 2, 3, 4)
+    encoder_blocks: int = 3
+    mixer_stages: tuple[int, ...] = (2, 3, 4)
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    scan: Literal["auto", "sequential", "pscan", "chunked", "mamba_ssm"] = "auto"
     swin_depths: tuple[int, ...] = (2, 2, 6, 2)
     swin_heads: tuple[int, ...] = (3, 6, 12, 24)
     swin_patch: int = 2
@@ -93,11 +110,23 @@ class ModelConfig:
     cie: bool = True
 
     def __post_init__(self) -> None:
-        _positive(self, "encoder_width", "swin_patch", "swin_window", "dim", "latents_img", "latents_tab", "heads")
+        _positive(self, "encoder_width", "encoder_blocks", "mamba_d_state", "mamba_d_conv", "mamba_expand",
+                  "swin_patch", "swin_window", "dim", "latents_img", "latents_tab", "heads")
         if self.dim % self.heads:
             raise ConfigError(f"dim {self.dim} is not divisible by {self.heads} heads", "heads")
         if not set(self.mixer_stages) <= {1, 2, 3, 4}:
             raise ConfigError(f"stages are numbered 1..4, got {self.mixer_stages}", "mixer_stages")
+        if self.encoder == "res_mamba":
+            if 1 in self.mixer_stages:
+                raise ConfigError("res_mamba's stem (stage 1) has no Mamba layer; use stages 2..4", "mixer_stages")
+            if self.mixer_stages and self.encoder_blocks < 2:
+                raise ConfigError("res_mamba's Mamba layer acts in a layer's blocks 2.., so mixer_stages "
+                                  f"{list(self.mixer_stages)} need at least 2 blocks", "encoder_blocks")
+        if self.scan not in SCANS:
+            raise ConfigError(f"expected one of {list(SCANS)}, got {self.scan!r}", "scan")
+        if self.scan == "mamba_ssm" and importlib.util.find_spec("mamba_ssm") is None:
+            raise ConfigError("the mamba_ssm scan needs the mamba-ssm package (pip install mamba-ssm, on a CUDA "
+                              "machine); use auto, chunked or pscan", "scan")
         if len(self.swin_depths) != 4 or len(self.swin_heads) != 4:
             raise ConfigError("need 4 entries each", "swin_depths")
         if not 0.0 <= self.dropout < 1.0:
@@ -181,7 +210,15 @@ class TrainConfig:
         loader_workers: torch DataLoader worker processes per Ray Train worker.
         workers: Ray Train (DDP) workers per trial.
         cpus_per_worker, gpus_per_worker: Ray resources of each worker.
-        amp: bfloat16 autocast, used only on GPU.
+        amp: bfloat16 autocast, used only on GPU. Off by default: on an H100 it bought nothing for
+            MEN at batch 8 (0.30 s vs 0.28 s a step) and slowed Derm7pt at batch 8 (0.21 vs 0.15 s);
+            it lowers memory (docs/gpu.md). The scan and the loss run in float32 either way.
+        tf32: on GPU, TF32 tensor cores for float32 matrix products (cuDNN convolutions use them
+            by default already); about 10 bits of mantissa, as cuDNN's convolutions.
+        channels_last: on GPU, weights and images in channels-last memory order.
+        compile: on GPU, torch.compile the training network (minutes of compilation per model:
+            129 s for Derm7pt on an H100; pays only for long runs).
+        prefetch_factor: batches each loader worker keeps ready (used when loader_workers > 0).
         max_failures: restarts of a trial's Ray Train workers after a crash (a preempted node, an
             out-of-memory kill), each from the last checkpoint; 0 fails the trial at once.
         image_size: overrides the dataset's preprocessed image size (tiny demos), 2 or 3 sizes.
@@ -200,14 +237,18 @@ class TrainConfig:
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    amp: bool = True
+    amp: bool = False
+    tf32: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    prefetch_factor: int = 2
     max_failures: int = 2
     image_size: tuple[int, ...] | None = None
     seed: int = 0
     selection_metric: str | None = None
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "workers")
+        _positive(self, "epochs", "batch_size", "workers", "prefetch_factor")
         _non_negative(self, "loader_workers", "cpus_per_worker", "gpus_per_worker", "max_failures")
         if self.folds < 2:
             raise ConfigError(f"cross-validation needs at least 2 folds, got {self.folds}", "folds")

@@ -23,7 +23,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def cfg():
     return load_experiment("men").replace({
-        "model": {"encoder_width": 4, "mixer_stages": [4], "dim": 32, "latents_img": 4, "latents_tab": 4},
+        "model": {"encoder_width": 4, "encoder_blocks": 2, "mixer_stages": [4], "dim": 32, "latents_img": 4,
+                  "latents_tab": 4},
         "train": {"batch_size": 6, "folds": 2}, "loss": {"momentum": 0.5},
     })
 

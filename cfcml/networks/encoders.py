@@ -1,13 +1,17 @@
-"""Image encoders returning four stages of feature maps, chosen by name.
+"""Image encoders returning four stages of feature maps, chosen by name (`model.encoder`).
 
-- `mamba_resnet`: a residual CNN (MONAI residual units) whose blocks end in a bidirectional Mamba
-  mixer over the flattened token grid, as the public MEN code does. The mixer is `mambapy`'s
-  pure-PyTorch selective scan, so it runs on CPU; nothing CUDA-only is needed.
+- `res_mamba` (cfcml/networks/res_mamba.py): the public CFCML code's MEN encoder, a residual CNN
+  whose layers share a four-order Mamba layer; the MEN default.
+- `mamba_resnet`: this platform's earlier MEN encoder, kept as an option: MONAI residual units with
+  instance norm, each stage in `mixer_stages` ending in a bidirectional Mamba mixer (d_state 8).
+  Not the public encoder; cheaper per block, but with stage 1 in `mixer_stages` its mixer over the
+  largest grid dominates a step (docs/gpu.md).
 - `swin`: MONAI's Swin transformer (2D photos or 3D volumes); the four stages are the outputs of
   its four layers' transformer blocks, taken before each layer's patch merging (grids /p, /2p, /4p,
   /8p for patch size p, as the stage outputs of a standard Swin-T).
 
-Both work for 2D and 3D inputs and accept local pretrained weights; nothing is downloaded.
+All work for 2D and 3D inputs and accept local pretrained weights; nothing is downloaded. The Mamba
+blocks of both CNNs run the selective scan chosen by `model.scan` (cfcml/networks/scan.py).
 
 Every encoder passes its last stage map through `cam_tap`, an identity module: the one layer name
 (`encoders.<m>.cam_tap`) that Grad-CAM hooks to explain a prediction, whatever the encoder.
@@ -20,21 +24,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mambapy.mamba import MambaBlock, MambaConfig
 from monai.networks.blocks import ResidualUnit
 from monai.networks.nets.swin_unetr import SwinTransformer, compute_mask, get_window_size
 from torch import nn
 
 from cfcml.config import ConfigError, ModelConfig
+from cfcml.networks.mamba import Mamba
+from cfcml.networks.res_mamba import ResMambaEncoder
 
 
 class MambaMixer(nn.Module):
     """Global token mixing: x + Mamba(norm(x)) scanned both ways over the flattened grid."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, scan: str = "auto"):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
-        self.mamba = MambaBlock(MambaConfig(d_model=channels, n_layers=1, d_state=8))
+        # mambapy's MambaBlock until the scan became selectable: same layer names and maths
+        self.mamba = Mamba(channels, d_state=8, scan=scan)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, *grid]
         b, c = x.shape[:2]
@@ -47,7 +53,7 @@ class MambaMixer(nn.Module):
 class MambaResEncoder(nn.Module):
     """Stem (stride 2, w channels) then stages of 2w, 4w, 8w channels, each stride 2."""
 
-    def __init__(self, dims: int, in_channels: int, width: int, mixer_stages: tuple[int, ...]):
+    def __init__(self, dims: int, in_channels: int, width: int, mixer_stages: tuple[int, ...], scan: str = "auto"):
         super().__init__()
         chans = [width, 2 * width, 4 * width, 8 * width]
         blocks = []
@@ -58,7 +64,7 @@ class MambaResEncoder(nn.Module):
                              norm="instance", act="leakyrelu"),
             ]
             if stage in mixer_stages:
-                layers.append(MambaMixer(ch))
+                layers.append(MambaMixer(ch, scan))
             blocks.append(nn.Sequential(*layers))
             prev = ch
         self.stages = nn.ModuleList(blocks)
@@ -131,8 +137,11 @@ def _swin_blocks(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def build_encoder(cfg: ModelConfig, dims: int, in_channels: int) -> nn.Module:
     if dims not in (2, 3):
         raise ConfigError(f"image modality dims must be 2 or 3, got {dims}")
-    if cfg.encoder == "mamba_resnet":
-        enc: nn.Module = MambaResEncoder(dims, in_channels, cfg.encoder_width, cfg.mixer_stages)
+    if cfg.encoder == "res_mamba":
+        enc: nn.Module = ResMambaEncoder(dims, in_channels, cfg.encoder_width, cfg.encoder_blocks, cfg.mixer_stages,
+                                         cfg.mamba_d_state, cfg.mamba_d_conv, cfg.mamba_expand, cfg.scan)
+    elif cfg.encoder == "mamba_resnet":
+        enc = MambaResEncoder(dims, in_channels, cfg.encoder_width, cfg.mixer_stages, cfg.scan)
     elif cfg.encoder == "swin":
         enc = SwinEncoder(dims, in_channels, cfg)
     else:  # guarded by the config's Literal, kept for direct callers
@@ -168,7 +177,8 @@ def load_pretrained(encoder: nn.Module, path: str | Path) -> None:
             for candidate in (name, f"swin.{name}" if name else None):
                 if candidate in own and own[candidate].shape == value.shape:
                     matched[candidate] = value
-    if not matched:
+    # Scalar buffers (BatchNorm's num_batches_tracked) match any checkpoint with batch norm: not a match.
+    if not any(value.dim() > 0 for value in matched.values()):
         raise ConfigError(f"model.pretrained: {path} has no parameter matching the encoder")
     if len(matched) < len(own):  # e.g. an ImageNet Swin without this model's extra layers
         warnings.warn(f"model.pretrained: {path} provided {len(matched)} of the encoder's {len(own)} tensors; "

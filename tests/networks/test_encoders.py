@@ -8,12 +8,14 @@ import torch
 
 from cfcml.config import ConfigError, ModelConfig
 from cfcml.networks import CFCML, ImageInput
-from cfcml.networks.encoders import MambaMixer, build_encoder
+from cfcml.networks.encoders import MambaMixer, MambaResEncoder, build_encoder
 
 # Small widths: the grids depend on strides and patch size only.
 SWIN_SMALL = ModelConfig(encoder="swin", encoder_width=12, swin_depths=(1, 1, 1, 1),
                          swin_heads=(3, 3, 3, 3), swin_patch=4, swin_window=7)
-MAMBA_TINY = ModelConfig(encoder_width=4, mixer_stages=(3, 4), dim=16, latents_img=4, latents_tab=4)
+MAMBA_TINY = ModelConfig(encoder_width=4, encoder_blocks=2, mixer_stages=(3, 4), dim=16, latents_img=4, latents_tab=4)
+OLD_TINY = ModelConfig(encoder="mamba_resnet", encoder_width=4, mixer_stages=(3, 4), dim=16, latents_img=4,
+                       latents_tab=4)
 
 
 def stage_shapes(enc, x):
@@ -21,13 +23,26 @@ def stage_shapes(enc, x):
         return [tuple(f.shape) for f in enc(x)]
 
 
-def test_men_mamba_resnet_public_grids():
-    """MEN public encoder (width 16, Mamba in every stage) on a 128x128x24 volume."""
+def test_men_default_encoder_public_grids():
+    """MEN default (res_mamba, the public encoder) on a 128x128x24 volume: 64x64x12 .. 8x8x2."""
     torch.manual_seed(0)
     enc = build_encoder(ModelConfig(), dims=3, in_channels=1).eval()
+    assert type(enc).__name__ == "ResMambaEncoder"
     assert enc.out_channels == (16, 32, 64, 128)
     assert stage_shapes(enc, torch.randn(1, 1, 128, 128, 24)) == [
         (1, 16, 64, 64, 12), (1, 32, 32, 32, 6), (1, 64, 16, 16, 3), (1, 128, 8, 8, 2),
+    ]
+
+
+def test_mamba_resnet_by_name_keeps_its_grids():
+    """The earlier encoder, by name: same stage strides and channels (a smaller volume keeps it quick)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder="mamba_resnet", mixer_stages=(1, 2, 3, 4))
+    enc = build_encoder(cfg, dims=3, in_channels=1).eval()
+    assert isinstance(enc, MambaResEncoder) and enc.out_channels == (16, 32, 64, 128)
+    assert sum(isinstance(m, MambaMixer) for m in enc.modules()) == 4
+    assert stage_shapes(enc, torch.randn(1, 1, 64, 64, 16)) == [
+        (1, 16, 32, 32, 8), (1, 32, 16, 16, 4), (1, 64, 8, 8, 2), (1, 128, 4, 4, 1),
     ]
 
 
@@ -56,6 +71,7 @@ def test_swin_3d_grids():
     # 64x64, patch 4: the last grid is 2x2 (a 1x1 grid would starve its position bias of gradient)
     (dataclasses.replace(SWIN_SMALL, swin_depths=(1, 1, 2, 1)), 2, (64, 64)),
     (MAMBA_TINY, 3, (32, 32, 8)),
+    (OLD_TINY, 3, (32, 32, 8)),
 ])
 def test_every_encoder_parameter_gets_a_gradient(cfg, dims, size):
     """No dead layer: DDP (find_unused_parameters=False) fails on parameters without a gradient,
@@ -113,8 +129,7 @@ def test_pretrained_weights_load_into_every_encoder(tmp_path):
     # without the file the encoders are freshly initialised, i.e. different
     torch.manual_seed(2)
     fresh = build_men_tiny(MAMBA_TINY)
-    assert not torch.equal(fresh.encoders[0].stages[0][0].conv.unit0.conv.weight,
-                           model.encoders[0].stages[0][0].conv.unit0.conv.weight)
+    assert not torch.equal(fresh.encoders[0].stem[0].weight, model.encoders[0].stem[0].weight)
 
 
 def test_pretrained_swin_checkpoint_with_wrapper_prefixes(tmp_path):
@@ -151,7 +166,8 @@ def test_pretrained_unusable_file_is_a_config_error(tmp_path, content):
         build_encoder(dataclasses.replace(MAMBA_TINY, pretrained=str(path)), 3, 1)
 
 
-@pytest.mark.parametrize("cfg,dims,size", [(SWIN_SMALL, 2, (64, 64)), (MAMBA_TINY, 3, (32, 32, 8))])
+@pytest.mark.parametrize("cfg,dims,size", [(SWIN_SMALL, 2, (64, 64)), (MAMBA_TINY, 3, (32, 32, 8)),
+                                          (OLD_TINY, 3, (32, 32, 8))])
 def test_every_encoder_passes_its_last_stage_through_the_cam_tap(cfg, dims, size):
     """Grad-CAM hooks `cam_tap`: it must see the stage-4 map, channels first."""
     enc = build_encoder(cfg, dims, 1).eval()

@@ -21,7 +21,7 @@ MEN_NUM, MEN_CATS, MEN_CLASSES = 4, (3, 2), 3
 DERM_IMAGES = (ImageInput(2, 3, (64, 64)),) * 2
 DERM_NUM, DERM_CATS, DERM_CLASSES = 0, (3, 3, 9, 2, 3), 2
 
-MEN_TINY = ModelConfig(encoder_width=4, mixer_stages=(3, 4), dim=32, latents_img=4, latents_tab=4)
+MEN_TINY = ModelConfig(encoder_width=4, encoder_blocks=2, mixer_stages=(3, 4), dim=32, latents_img=4, latents_tab=4)
 DERM_TINY = ModelConfig(encoder="swin", encoder_width=12, swin_depths=(1, 1, 1, 1), swin_heads=(3, 3, 3, 3),
                         swin_patch=4, swin_window=7, share_encoder=True, dim=32, latents_img=4, latents_tab=4)
 SETUPS = {
@@ -85,14 +85,14 @@ def features(model: CFCML, batch: Batch):
 # --- shapes ------------------------------------------------------------------------------------
 
 PUBLIC = {  # public image sizes from the dataset specs; small widths (grids don't depend on them)
-    "men": ModelConfig(encoder_width=4, mixer_stages=(3, 4), dim=16, latents_img=4, latents_tab=4),
+    "men": ModelConfig(encoder_width=4, encoder_blocks=2, mixer_stages=(3, 4), dim=16, latents_img=4, latents_tab=4),
     "derm7pt": dataclasses.replace(DERM_TINY, dim=16),
 }
 
 
 SPECS = {  # dataset -> (public image size, tiny image size, numeric fields, categories per field, classes)
     "men": ((128, 128, 24), (32, 32, 8), 4, [3, 2], 3),
-    "derm7pt": ((224, 224), (64, 64), 0, [3, 3, 9, 2, 3], 2),
+    "derm7pt": ((224, 224), (64, 64), 0, [3, 9, 2], 2),  # without the leaky management / difficulty fields
 }
 
 
@@ -306,6 +306,8 @@ def test_full_model_overfits_24_samples():
 
 
 def test_too_small_volume_for_mamba_resnet_is_a_config_error():
-    """16x16x8 leaves one voxel at stride 16, where instance norm cannot train."""
+    """16x16x8 leaves one voxel at stride 16, where instance norm cannot train (res_mamba's batch
+    norm can, with more than one sample a batch)."""
     with pytest.raises(ConfigError, match="too small"):
-        CFCML((ImageInput(3, 1, (16, 16, 8)),) * 3, MEN_NUM, MEN_CATS, MEN_CLASSES, MEN_TINY)
+        CFCML((ImageInput(3, 1, (16, 16, 8)),) * 3, MEN_NUM, MEN_CATS, MEN_CLASSES,
+              dataclasses.replace(MEN_TINY, encoder="mamba_resnet"))
