@@ -69,14 +69,68 @@ def frame_probs(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     return frame[[f"prob_{c}" for c in classes]].to_numpy()
 
 
-def make_optimizer(model: CFCML, cfg: OptimConfig) -> torch.optim.Adam:
+def make_optimizer(model: CFCML, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.Adam:
+    """Adam over two groups (the image encoders may learn at `encoder_lr_mult` times the rate).
+
+    `fused` (default: when the parameters are on CUDA) updates all parameters in one kernel instead
+    of a few per tensor; on CPU the default stays the for-each implementation.
+    """
     enc = model.encoder_parameters()
     enc_ids = {id(p) for p in enc}
     rest = [p for p in model.parameters() if id(p) not in enc_ids]
     groups = [{"params": rest, "lr": cfg.lr}]
     if enc:
         groups.append({"params": enc, "lr": cfg.lr * cfg.encoder_lr_mult})
-    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if fused is None:
+        fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def largest_batch(step: Callable[[int], Any], start: int, budget_bytes: int | None = None) -> int:
+    """The largest of start, start/2, start/4, ..., 1 for which `step(batch)` runs within memory.
+
+    `step(b)` runs one training step (forward, loss, backward) on b samples. A batch does not fit
+    when the step raises a CUDA out-of-memory error or, with `budget_bytes`, when the step needs more:
+    on CUDA its peak allocated memory, on CPU the bytes of the tensors autograd kept for the backward
+    pass (the activations, which grow with the batch). Raises the last error when even 1 does not fit.
+    """
+    if start < 1:
+        raise ValueError(f"start must be >= 1, got {start}")
+    batch = start
+    while True:
+        try:
+            used = _step_memory(step, batch)
+            if budget_bytes is None or used <= budget_bytes:
+                return batch
+            error: BaseException = torch.cuda.OutOfMemoryError(
+                f"batch {batch} needs {used / 2**20:.1f} MiB, over the budget of {budget_bytes / 2**20:.1f} MiB")
+        except torch.cuda.OutOfMemoryError as exc:
+            error = exc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the failed batch's blocks back before the next try
+        if batch == 1:
+            raise error
+        batch //= 2
+
+
+def _step_memory(step: Callable[[int], Any], batch: int) -> int:
+    """Bytes a step needs: CUDA peak allocation when CUDA is in use, else autograd's saved tensors."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(batch)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(batch)
+    return sum(saved.values())
 
 
 def lr_factor(epoch: int, cfg: OptimConfig) -> float:
@@ -84,6 +138,11 @@ def lr_factor(epoch: int, cfg: OptimConfig) -> float:
     if epoch < cfg.warmup_epochs:
         return (epoch + 1) / cfg.warmup_epochs
     return cfg.gamma ** ((epoch - cfg.warmup_epochs) // cfg.step_size)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x in channels-last memory order: channels_last for 2D images, channels_last_3d for volumes."""
+    return x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
 
 
 def _world() -> tuple[int, int]:
@@ -137,8 +196,12 @@ class CrossValidation:
     def _train_loader(self, train_set: CachedDataset, labels: np.ndarray, k: int) -> DataLoader:
         t = self.cfg.train
         per_rank = max(t.batch_size // self.world, 1)
-        common = dict(num_workers=t.loader_workers, pin_memory=self.device.type == "cuda",
-                      persistent_workers=t.loader_workers > 0)
+        # Pinned host memory makes the host-to-device copies asynchronous (ModelInputs.from_batch
+        # copies with non_blocking); workers stay alive across epochs and keep batches queued ahead.
+        common: dict[str, Any] = dict(num_workers=t.loader_workers, pin_memory=self.device.type == "cuda",
+                                      persistent_workers=t.loader_workers > 0)
+        if t.loader_workers > 0:
+            common["prefetch_factor"] = t.prefetch_factor
         if t.balanced_sampler:
             sampler = ClassBalancedBatchSampler(
                 labels, per_rank, seed=t.seed + k, num_replicas=self.world, rank=self.rank
@@ -155,18 +218,43 @@ class CrossValidation:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
+    def _prepare_step(self, fold: Fold) -> None:
+        """Once per fold, before its first step: the CUDA-only step options of `train` (docs/gpu.md)."""
+        if getattr(fold, "step_ready", False):
+            return
+        t = self.cfg.train
+        if self.device.type == "cuda":
+            if t.tf32:  # TF32 tensor cores for float32 matmuls too (cuDNN convolutions use them already)
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv kernels once
+            dims = {m.dims for m in self.spec.modalities}
+            if t.channels_last and len(dims) == 1:  # one memory order for every conv weight
+                fold.model.to(memory_format=torch.channels_last_3d if dims == {3} else torch.channels_last)
+            if t.compile:
+                fold.net = torch.compile(fold.net)
+        fold.step_ready = True  # type: ignore[attr-defined]
+
     def train_epoch(self, k: int) -> dict[str, float]:
         fold = self.folds[k]
+        self._prepare_step(fold)
         fold.net.train()
         fold.criterion.train()
         loader = fold.train_loader
-        sampler = loader.sampler if loader.batch_sampler is None else loader.batch_sampler
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-        sums: dict[str, float] = {}
+        # A DataLoader given batch_size wraps its sampler in a BatchSampler (no set_epoch): reshuffle
+        # whichever of the two has one, or every epoch would repeat the first epoch's order.
+        for sampler in (loader.sampler, loader.batch_sampler):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
+        channels_last = self.cfg.train.channels_last and self.device.type == "cuda"
+        # Loss sums stay on the device, in float64 (the precision of the Python floats they replace),
+        # and are read once per epoch: no host synchronisation per step.
+        sums: dict[str, torch.Tensor] = {}
         steps = 0
         for batch in fold.train_loader:
             inputs = ModelInputs.from_batch(batch, self.device)
+            if channels_last:
+                inputs.images = [_channels_last(x) for x in inputs.images]
             y = batch["label"].to(self.device, non_blocking=True)
             with self._autocast():
                 out = inputs(fold.net)
@@ -179,10 +267,12 @@ class CrossValidation:
             if self.step_hook is not None:
                 self.step_hook(k, fold)
             for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+                v = value.detach().to(torch.float64)
+                sums[key] = sums[key] + v if key in sums else v
             steps += 1
         fold.scheduler.step()
-        return {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+        means = torch.stack(list(sums.values())).tolist() if sums else []
+        return {f"train_{key}": v / max(steps, 1) for key, v in zip(sums, means)}
 
     def _sync_bank(self, criterion: CFCMLLoss) -> None:
         """Average the prototype banks over ranks after each step (each rank saw its own shard),
