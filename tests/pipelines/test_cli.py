@@ -42,9 +42,10 @@ def test_train_final_finds_the_named_or_the_newest_search_of_the_dataset(tmp_pat
 
 
 @pytest.mark.parametrize("script", ["pipelines/make_synthetic.py", "pipelines/prepare.py",
-                                    "pipelines/train_final.py", "tuning/search.py"])
+                                    "pipelines/train_final.py", "pipelines/predict.py", "tuning/search.py",
+                                    "tuning/compare.py"])
 def test_scripts_run_from_a_checkout_without_path_edits(script):
     out = subprocess.run([sys.executable, script, "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "--data-root" in out.stdout or "--runs-dir" in out.stdout
+    assert "--data-root" in out.stdout or "--runs-dir" in out.stdout or "--model" in out.stdout
