@@ -6,7 +6,7 @@ Configurations come from the shipped experiment and dataset configs (conf/), so 
 them: `men_public` (3 volumes 128x128x24, the public res_mamba encoder: width 16, 3 blocks a layer,
 Mamba layers in stages 2-4, D 128, latents 48/16), `derm7pt_public` (2 photos 224x224, one shared
 Swin-T: width 96, depths 2,2,6,2, patch 4, window 7, latents 32/24), `men_tiny` (32x32x8, the smoke
-search's tiny model: width 4, 2 blocks, Mamba in stages 3-4, the size the tests use), and the earlier
+search's tiny MEN model: width 2, 2 blocks a layer, a Mamba layer in stage 4; the e2e tests' size), and the earlier
 mamba_resnet encoder for comparison: `men_tiny_mamba_resnet` (width 4, Mamba in stages 3-4, the old
 smoke model) and `men_public_mamba_resnet` (width 16, Mamba in all four stages, the old MEN default;
 minutes a step on 2 CPU cores).
@@ -33,7 +33,7 @@ from cfcml.networks import build_model
 BATCH = 2
 TINY = {"dim": 32, "latents_img": 4, "latents_tab": 4}
 CONFIGS = {  # name -> (dataset, image size override, model overrides)
-    "men_tiny": ("men", (32, 32, 8), {"encoder_width": 4, "encoder_blocks": 2, "mixer_stages": (3, 4), **TINY}),
+    "men_tiny": ("men", (32, 32, 8), {"encoder_width": 2, "encoder_blocks": 2, "mixer_stages": (4,), **TINY}),
     "men_tiny_mamba_resnet": ("men", (32, 32, 8), {"encoder": "mamba_resnet", "encoder_width": 4,
                                                    "mixer_stages": (3, 4), **TINY}),
     "derm7pt_public": ("derm7pt", None, {}),
