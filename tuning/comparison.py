@@ -335,6 +335,9 @@ def run_comparison(plan: ComparisonPlan, prepared: PreparedDataset) -> Compariso
         "cfcml.kind": "comparison", "cfcml.dataset": plan.dataset, "cfcml.dataset_fingerprint": prepared.fingerprint,
         "mlflow.source.git.commit": git_commit(), "cfcml.search": f"compare/{plan.name}",
     }).info.run_id
+    from tuning.tracking import log_provenance  # issue 10: the shared source tags + dataset input
+
+    log_provenance(client, run_id, prepared)
     log_params(client, run_id, {"variants": ",".join(plan.variants), "seeds": len(plan.seeds),
                                 "epochs": plan.max_epochs, "folds": prepared.folds, "fold_seed": prepared.fold_seed,
                                 "from_search": plan.from_search or "", "metric": metric})

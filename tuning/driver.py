@@ -18,6 +18,7 @@ from tuning.outcome import OUTCOME_FILE, SearchOutcome, TrialResult
 from tuning.run import SearchRun
 
 STATE_FILE = "cfcml_search.json"
+STATE_SAVE_PERIOD_S = "1"  # Tune's experiment state, see run_search
 
 
 class SearchInterrupted(RuntimeError):
@@ -71,20 +72,28 @@ def run_trial(config: dict[str, Any], *, run: SearchRun, prepared_dir: str, metr
 
 
 def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, metric: str) -> SearchState:
+    """Create the search's parent run and write the state file. A parent run of this search that
+    never got its parameters (the driver was killed between creating it and writing the state file)
+    is reused rather than duplicated; a finished one (a search folder deleted to start over) is not."""
     from mlflow.tracking import MlflowClient
 
-    from tuning.tracking import experiment_id, git_commit, log_params, write_json_artifact
+    from tuning.tracking import experiment_id, find_run, git_commit, log_params, log_provenance, write_json_artifact
 
     client = MlflowClient(tracking_uri)
     artifacts = run.runs_dir / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
     exp_id = experiment_id(client, run.dataset, artifacts)
     commit = git_commit()
-    parent = client.create_run(exp_id, run_name=run.name, tags={
-        "cfcml.kind": "search", "cfcml.search": str(run.search_dir), "cfcml.dataset": run.dataset,
-        "cfcml.dataset_fingerprint": prepared.fingerprint, "mlflow.source.git.commit": commit,
-    })
-    state = SearchState(parent.info.run_id, tracking_uri, exp_id)
+    parent_id = find_run(client, exp_id, **{"cfcml.search": str(run.search_dir), "cfcml.kind": "search"})
+    if parent_id is not None and "search" in client.get_run(parent_id).data.params:
+        parent_id = None
+    if parent_id is None:
+        parent_id = client.create_run(exp_id, run_name=run.name, tags={
+            "cfcml.kind": "search", "cfcml.search": str(run.search_dir), "cfcml.dataset": run.dataset,
+            "cfcml.dataset_fingerprint": prepared.fingerprint, "mlflow.source.git.commit": commit,
+        }).info.run_id
+    state = SearchState(parent_id, tracking_uri, exp_id)
     state.save(run.search_dir)
+    log_provenance(client, state.parent_run_id, prepared)
     t = run.experiment.train
     log_params(client, state.parent_run_id, {
         "search": run.search.name, "num_samples": run.num_samples, "max_epochs": run.max_epochs,
@@ -110,7 +119,7 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
 
     from tuning.ray_runtime import scoped_env
     from tuning.space import initial_point
-    from tuning.tracking import SearchTracker, default_tracking_uri, log_metrics, write_json_artifact
+    from tuning.tracking import SearchTracker, dataset_entity, default_tracking_uri, log_metrics, write_json_artifact
 
     spec = prepared.spec
     metric = run.metric(spec)
@@ -123,7 +132,7 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     trainable = tune.with_parameters(run_trial, run=run, prepared_dir=str(prepared.out_dir), metric=metric)
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # the TorchTrainer's workers hold the CPUs
     tracker = SearchTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, str(run.search_dir),
-                            metric, list(spec.classes), spec.task)
+                            metric, list(spec.classes), spec.task, dataset=dataset_entity(prepared))
     if run.resume and tune.Tuner.can_restore(str(run.search_dir)):
         tuner = tune.Tuner.restore(str(run.search_dir), trainable=trainable, resume_errored=True)
     else:
@@ -150,7 +159,11 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
             run_config=tune.RunConfig(name=run.name, storage_path=str(run.storage), callbacks=[tracker],
                                       progress_reporter=reporter, verbose=1),
         )
-    with scoped_env(RAY_AIR_NEW_OUTPUT="0"):  # Tune's classic table reporter (the CLIReporter above)
+    # RAY_AIR_NEW_OUTPUT=0: Tune's classic table reporter (the CLIReporter above).
+    # TUNE_GLOBAL_CHECKPOINT_S: save the experiment state (what --resume continues from) every
+    # second rather than every 10 s or more, so a driver killed outright (SIGKILL, a lost node)
+    # leaves a state that knows the trials that had finished.
+    with scoped_env(RAY_AIR_NEW_OUTPUT="0", TUNE_GLOBAL_CHECKPOINT_S=STATE_SAVE_PERIOD_S):
         results = tuner.fit()
     finished = finished_trials(run.search_dir)
     if finished < run.num_samples:

@@ -19,9 +19,10 @@ from cfcml.data.manifest import PreparedDataset
 from tuning.outcome import SearchOutcome, TrialResult
 
 
-def _child_run(client: Any, outcome: SearchOutcome, kind: str) -> tuple[str, bool]:
-    """The search's `kind` run (final / cv-ensemble): reused if it exists. Returns (run id, done)."""
-    from tuning.tracking import find_run
+def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: PreparedDataset) -> tuple[str, bool]:
+    """The search's `kind` run (final / cv-ensemble): reused if it exists, with its source tags and
+    the prepared dataset as input. Returns (run id, done)."""
+    from tuning.tracking import find_run, log_provenance
 
     run_id = find_run(client, outcome.experiment_id, **{"cfcml.search": outcome.search_dir, "cfcml.kind": kind})
     if run_id is not None:
@@ -30,6 +31,7 @@ def _child_run(client: Any, outcome: SearchOutcome, kind: str) -> tuple[str, boo
     run = client.create_run(outcome.experiment_id, run_name=kind, tags={
         "mlflow.parentRunId": outcome.parent_run_id, "cfcml.search": outcome.search_dir, "cfcml.kind": kind,
     })
+    log_provenance(client, run.info.run_id, prepared)
     return run.info.run_id, False
 
 
@@ -49,7 +51,7 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
     from cfcml.training import frame_probs
     from tuning.checkpoints import TEST_FILE, open_checkpoint
     from tuning.served_model import log_and_register
-    from tuning.tracking import log_figure, log_metrics, log_params
+    from tuning.tracking import TrainRunTracker, log_figure, log_metrics, log_params
     from tuning.trainer import TrainJob, fit
 
     best = outcome.best
@@ -57,7 +59,7 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
         print("no best configuration: nothing to retrain")
         return {}
     client = MlflowClient(outcome.tracking_uri)
-    run_id, done = _child_run(client, outcome, "final")
+    run_id, done = _child_run(client, outcome, "final", prepared)
     if done:
         print(f"final model already trained and registered (run {run_id}); nothing to do")
         return {"run_id": run_id}
@@ -66,7 +68,8 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
     log_params(client, run_id, {**flatten_dict(best.experiment.to_dict()), "final_epochs": best.epoch})
     job = TrainJob(best.experiment, str(prepared.out_dir), best.epoch, final=True, predict_test=True)
     result = fit(job, name=f"final_{Path(outcome.search_dir).name}_{best.trial_id}",
-                 storage_path=str(Path(storage) / "train"), metric=None)
+                 storage_path=str(Path(storage) / "train"), metric=None,
+                 callbacks=[TrainRunTracker(outcome.tracking_uri, run_id)])  # per-epoch loss, system metrics
     with open_checkpoint(result.checkpoint.path) as ckpt:
         test = ckpt.test_predictions()
         client.log_artifact(run_id, str(ckpt.file(TEST_FILE)), "predictions")
@@ -125,7 +128,7 @@ def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> d
         print("no best checkpoint: nothing to register")
         return {}
     client = MlflowClient(outcome.tracking_uri)
-    run_id, done = _child_run(client, outcome, "cv-ensemble")
+    run_id, done = _child_run(client, outcome, "cv-ensemble", prepared)
     if done:
         return {"run_id": run_id}
     with open_checkpoint(best.checkpoint_path) as ckpt:

@@ -59,6 +59,8 @@ def build_run(args: argparse.Namespace) -> SearchRun:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tuning.driver import SearchState
+    from tuning.preflight import check_storage
     from tuning.prepared import load_or_prepare
 
     args = parse_args(argv)
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                               f"continue it, or --name to start a new one")
         if run.resume and not run.search_dir.exists():
             raise ConfigError(f"--resume: no search named {run.name!r} under {run.storage}")
+        # Where results go, before the data is prepared and Ray starts (a resumed search keeps its store).
+        state = SearchState.load(run.search_dir) if run.resume else None
+        check_storage(run.runs_dir, state.tracking_uri if state else run.tracking_uri)
         t = run.experiment.train
         prepared = load_or_prepare(run.dataset, run.data_root, folds=t.folds, fold_seed=run.fold_seed,
                                    image_size=t.image_size)
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuning.ray_runtime import ray_session
     from tuning.report import print_summary
     from tuning.search_report import write_report
+    from tuning.tracking import ui_url
 
     with ray_session(run.address, verbose=run.verbose):
         try:
@@ -105,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.tracking_uri.startswith("sqlite:"):
         mlflow_bin = Path(sys.executable).parent / "mlflow"
         print(f"Open the UI with:  {mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui --host 127.0.0.1 "
-              f"--backend-store-uri {outcome.tracking_uri}   (then http://127.0.0.1:5000)")
+              f"--backend-store-uri {outcome.tracking_uri}\n   then {ui_url(outcome.experiment_id)}")
+    elif outcome.tracking_uri.startswith(("http://", "https://")):
+        print(f"Runs: {ui_url(outcome.experiment_id, outcome.tracking_uri.rstrip('/'))}")
     return 0
 
 

@@ -5,51 +5,137 @@ Everything is logged from the driver through `MlflowClient` (no global active ru
 running anywhere on a cluster need no access to the tracking server. Runs are found again by
 tags (`cfcml.search`, `cfcml.trial_id`) and metric steps already logged are skipped, so resuming
 or re-running a search never duplicates a run or a metric point.
+
+What the MLflow UI shows besides metrics: the experiment is tagged as a model-training one
+(`mlflow.experimentKind`), every run carries its source (`mlflow.source.*`: entry point, git
+commit, branch; `mlflow.user`) and the prepared dataset as an MLflow dataset input (name,
+fingerprint as digest, the prepared folder as source, the manifest's columns as schema, rows per
+split and fold as profile), and trials and the final run get per-epoch system metrics measured on
+their Ray Train worker (`system/...`, the names of MLflow's own system metrics monitor; see
+`tuning.trainer.SystemMetrics`).
 """
 from __future__ import annotations
 
+import functools
+import getpass
 import json
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
 from ray.tune import Callback
 
 from cfcml.config import PROJECT_ROOT
+from cfcml.data.manifest import PreparedDataset
+from tuning.preflight import tracking_uri_choice
 
-LOGGED_PREFIXES = ("train_", "val_", "cv_")
+LOGGED_PREFIXES = ("train_", "val_", "cv_", "system/")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind (not GenAI)
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
     """`MLFLOW_TRACKING_URI` if set, else a SQLite store under the project's runs/ folder."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
+    uri, what = tracking_uri_choice(None, runs_dir)
+    if what == "--runs-dir":
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def git_commit() -> str:
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags for runs this process creates: the entry point that ran, the git commit
+    (and branch, remote, whether tracked files had uncommitted changes) and the user."""
+    argv0 = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else Path("python")
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        name = str(argv0.relative_to(PROJECT_ROOT))
+    except ValueError:
+        name = argv0.name
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = os.environ.get("USER", "unknown")
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": name, "mlflow.user": user,
+            "mlflow.source.git.commit": git_commit()}
+    branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        tags["mlflow.source.git.branch"] = branch
+    remote = _git("remote", "get-url", "origin")
+    if remote:
+        tags["mlflow.source.git.repoURL"] = remote
+    if tags["mlflow.source.git.commit"] != "unknown":
+        tags["cfcml.git_dirty"] = "true" if _git("status", "--porcelain", "--untracked-files=no") else "false"
+    return tags
+
+
+def dataset_entity(prepared: PreparedDataset, name: str | None = None) -> Dataset:
+    """The prepared dataset as an MLflow dataset: its fingerprint as digest, the prepared folder as
+    source, the manifest's columns as schema and the rows of each split and validation fold as
+    profile (counts only: no rows are read for it)."""
+    from mlflow.types import ColSpec, Schema
+
+    manifest = prepared.manifest
+    kinds = {"i": "long", "u": "long", "f": "double", "b": "boolean"}
+    schema = Schema([ColSpec(kinds.get(dtype.kind, "string"), str(col)) for col, dtype in manifest.dtypes.items()])
+    dev = manifest[manifest["split"] == "dev"]
+    profile: dict[str, Any] = {"num_rows": len(manifest), "dev_rows": len(dev),
+                               "test_rows": int((manifest["split"] == "test").sum()),
+                               "classes": len(prepared.spec.classes), "folds": prepared.folds,
+                               "fold_seed": prepared.fold_seed}
+    profile.update({f"fold_{k}_validation_rows": int((dev["fold"] == k).sum()) for k in range(prepared.folds)})
+    return Dataset(name=name or prepared.spec.name, digest=prepared.fingerprint, source_type="local",
+                   source=json.dumps({"uri": str(prepared.out_dir)}),
+                   schema=json.dumps({"mlflow_colspec": schema.to_dict()}), profile=json.dumps(profile))
+
+
+def log_provenance(client: MlflowClient, run_id: str, dataset: Dataset | PreparedDataset,
+                   context: str = "training") -> None:
+    """Tag `run_id` with its source (`source_tags`) and log `dataset` as its input (used in
+    `context`). Idempotent: MLflow keeps one input per run and dataset."""
+    if isinstance(dataset, PreparedDataset):
+        dataset = dataset_entity(dataset)
+    client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in source_tags().items()])
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
 
 def experiment_id(client: MlflowClient, dataset: str, artifact_root: Path | None) -> str:
+    """The dataset's experiment (`cfcml-<dataset>`), created on first use, tagged as a model-training
+    experiment unless someone set its kind already."""
     name = f"cfcml-{dataset}"
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = (artifact_root / name).resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def ui_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs page in the MLflow UI, in its machine-learning view (MLflow 3's UI
+    opens on its GenAI view unless told otherwise; the choice is then remembered by the browser)."""
+    return f"{host}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def find_run(client: MlflowClient, exp_id: str, **tags: str) -> str | None:
@@ -88,16 +174,18 @@ class SearchTracker(Callback):
 
     kind: the `cfcml.kind` tag of the trial runs; name_keys: trial config keys that name a run
     (default "trial-<id>"); plots_from: the out-of-fold plots of a finished trial come from its
-    "best" epoch by `metric` (a search) or its "last" epoch (a fixed-budget comparison).
+    "best" epoch by `metric` (a search) or its "last" epoch (a fixed-budget comparison);
+    dataset: logged as each new trial run's input (`dataset_entity`), with the source tags.
     """
 
     def __init__(self, tracking_uri: str, exp_id: str, parent_run_id: str, search_key: str,
                  metric: str, classes: list[str], task: str, *, kind: str = "trial",
-                 name_keys: tuple[str, ...] = (), plots_from: str = "best"):
+                 name_keys: tuple[str, ...] = (), plots_from: str = "best", dataset: Dataset | None = None):
         self.tracking_uri = tracking_uri
         self.exp_id, self.parent, self.search_key = exp_id, parent_run_id, search_key
         self.metric, self.classes, self.task = metric, classes, task
         self.kind, self.name_keys, self.plots_from = kind, name_keys, plots_from
+        self.dataset = dataset
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._last_epoch: dict[str, int] = {}
         self._best: dict[str, tuple[float, str | None]] = {}  # trial id -> (score, checkpoint path)
@@ -128,6 +216,8 @@ class SearchTracker(Callback):
             })
             run_id = run.info.run_id
             self._last_epoch[tid] = 0
+            if self.dataset is not None:
+                log_provenance(client, run_id, self.dataset)
         else:  # resumed: continue the same run after the last epoch it holds
             client.update_run(run_id, status="RUNNING")
             history = client.get_metric_history(run_id, "epoch")
@@ -147,6 +237,11 @@ class SearchTracker(Callback):
         restored = result.get("restored")
         if isinstance(restored, dict):
             self._log_epoch(trial.trial_id, run_id, restored, timestamp)
+        skipped = result.get("checkpoints_skipped")
+        if skipped:  # a damaged checkpoint the restarted trial passed over for an older one
+            for message in skipped:
+                print(f"warning: trial {trial.trial_id}: {message}", flush=True)
+            self.client.set_tag(run_id, "cfcml.checkpoint_skipped", "; ".join(map(str, skipped))[:5000])
         self._log_epoch(trial.trial_id, run_id, result, timestamp)
         if result.get("checkpoint_path"):
             self._last[trial.trial_id] = result["checkpoint_path"]
@@ -219,6 +314,42 @@ class SearchTracker(Callback):
         labels = oof["label"].to_numpy()
         log_figure(client, run_id, plot_roc(labels, probs, self.classes), "plots/roc_oof.png")
         log_figure(client, run_id, plot_confusion(labels, probs, self.classes), "plots/confusion_oof.png")
+
+
+class TrainRunTracker(UserCallback):
+    """Ray Train callback logging every epoch a `TorchTrainer` reports (rank 0's `train_*`,
+    `system/*` and `epoch`) to one MLflow run, each epoch once: the final model's run.
+
+    Ray Train calls it on its controller, which runs on the driver's node (so it reaches the
+    tracking server as the driver does). A restarted worker group re-sends the epoch it restored
+    (`restored`); epochs the run holds already are skipped, so a restart or a rerun adds no point.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._last_epoch: int | None = None
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if not metrics:
+            return
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        if self._last_epoch is None:
+            history = self._client.get_metric_history(self.run_id, "epoch")
+            self._last_epoch = int(max((m.value for m in history), default=0))
+        values = metrics[0]
+        restored = values.get("restored")
+        for epoch_values in ([restored] if isinstance(restored, dict) else []) + [values]:
+            epoch = int(epoch_values.get("epoch", 0))
+            if epoch <= self._last_epoch:
+                continue
+            logged = {k: v for k, v in epoch_values.items() if k.startswith(LOGGED_PREFIXES)}
+            log_metrics(self._client, self.run_id, {**logged, "epoch": epoch}, step=epoch)
+            self._last_epoch = epoch
 
 
 def write_json_artifact(client: MlflowClient, run_id: str, data: Any, name: str) -> None:

@@ -17,6 +17,10 @@ def _runs(client: MlflowClient, exp_id: str, kind: str):
     return client.search_runs([exp_id], filter_string=f"tags.`cfcml.kind` = '{kind}'")
 
 
+def _inputs(run) -> list[tuple[str, str]]:
+    return [(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs]
+
+
 def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
@@ -31,6 +35,10 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     assert parent.data.params["seed"] == "0" and parent.data.params["folds"] == "2"
     assert "mlflow.source.git.commit" in parent.data.tags
     assert parent.info.status == "FINISHED"
+    # what the MLflow UI shows: a model-training experiment; every run's source and dataset
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    dataset = [("men", men_prepared.fingerprint)]
+    assert _inputs(parent) == dataset
 
     trials = _runs(client, exp.experiment_id, "trial")
     assert len(trials) == 2
@@ -43,6 +51,10 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
         assert [m.step for m in history] == list(range(1, len(history) + 1))  # one point per epoch
         arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
         assert {"plots/roc_oof.png", "plots/confusion_oof.png"} <= arts
+        assert _inputs(run) == dataset and run.data.tags["mlflow.source.git.commit"] != "unknown"
+        for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == \
+                [m.step for m in history], key  # measured on the trial's worker, every epoch
     # The public code's values are the first point Optuna evaluates.
     assert any(r.data.params["loss.tau_sam"] == "0.07" and r.data.params["loss.w_cp"] == "0.24" for r in trials)
 
@@ -51,6 +63,11 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
         assert key in final.data.metrics, key
     m = final.data.metrics
     assert m["test_accuracy_ci_low"] <= m["test_accuracy"] <= m["test_accuracy_ci_high"]
+    assert _inputs(final) == dataset and "mlflow.source.git.commit" in final.data.tags
+    final_epochs = int(final.data.params["final_epochs"])
+    for key in ("train_loss", "system/cpu_utilization_percentage", "system/process_memory_rss_megabytes"):
+        assert sorted(m.step for m in client.get_metric_history(final.info.run_id, key)) == \
+            list(range(1, final_epochs + 1)), key
     # Grad-CAM per test patient (up to 2 per class) and the fields' occlusion, on the final run
     assert "cfcml.explain_error" not in final.data.tags
     explained = {a.path for a in client.list_artifacts(final.info.run_id, "explanations")}
@@ -75,6 +92,8 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     assert len(client.search_runs([exp.experiment_id])) == n_runs
     assert len(client.get_metric_history(trials[0].info.run_id, "cv_macro_auc")) == n_points
     assert len(client.search_model_versions("name = 'cfcml-men'")) == 1  # still just one version
+    assert all(_inputs(r) == dataset for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(
+        "cfcml.kind") in ("search", "trial", "final"))  # one dataset input each, not one per attempt
 
     # Without --resume an existing search name is refused rather than overwritten.
     assert search_main(args) == 2
