@@ -34,13 +34,13 @@ def test_interrupt_then_resume(ray_local, men_prepared, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
             "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--num-samples", "2",
-            "--max-epochs", "40", "--folds", "2", "--no-final"]
+            "--max-epochs", "8", "--folds", "2", "--no-final"]
     proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "tuning" / "search.py"), *args],
                             cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 400
-        while _epochs_logged(uri) < 3 and proc.poll() is None and time.time() < deadline:
-            time.sleep(1)
+        while _epochs_logged(uri) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
         assert proc.poll() is None, f"the search ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does
         _, err = proc.communicate(timeout=300)

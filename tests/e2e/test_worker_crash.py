@@ -1,0 +1,69 @@
+"""A Ray Train worker process killed in the middle of a trial (SIGKILL to its pid, what the OOM
+killer or a lost node does): Ray Train restarts the worker group from the trial's last checkpoint
+(train.max_failures), the search finishes with every trial, and MLflow holds each epoch once."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from observe import epochs_logged, result_rows, runs, steps
+
+from tuning.search import main as search_main
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+EPOCHS = 3
+
+
+def _kill_a_worker_after_an_epoch(uri: str, done: threading.Event, killed: dict) -> None:
+    """Wait until the trial has logged an epoch, then SIGKILL its live Ray Train worker."""
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 400
+    while not done.is_set() and time.time() < deadline:
+        logged = max((epoch for epoch, _ in epochs_logged(uri).values()), default=0)
+        if logged >= 1:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers and workers[0].pid:
+                killed.update(pid=workers[0].pid, epochs_logged=logged)
+                os.kill(workers[0].pid, signal.SIGKILL)
+                return
+        time.sleep(0.2)
+
+
+def test_a_killed_train_worker_restarts_from_the_last_checkpoint_and_the_search_completes(
+        ray_local, men_prepared, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs_dir = tmp_path / "runs"
+    args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
+            "--runs-dir", str(runs_dir), "--tracking-uri", uri, "--num-samples", "1",
+            "--max-epochs", str(EPOCHS), "--folds", "2", "--no-final", "--set", "train.max_failures=1"]
+    done, killed = threading.Event(), {}
+    killer = threading.Thread(target=_kill_a_worker_after_an_epoch, args=(uri, done, killed), daemon=True)
+    killer.start()
+    try:
+        code = search_main(args)
+    finally:
+        done.set()
+        killer.join(timeout=10)
+    assert killed, "the trial finished before a worker could be killed"
+    assert code == 0
+
+    (trial,) = runs(uri, "trial")
+    assert trial.info.status == "FINISHED"
+    client = MlflowClient(uri)
+    for key in ("cv_macro_auc", "train_loss_fold0", "system/cpu_utilization_percentage"):
+        assert steps(client, trial.info.run_id, key) == list(range(1, EPOCHS + 1)), key  # each epoch exactly once
+
+    (rows,) = result_rows(runs_dir / "ray" / "men-smoke").values()
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    assert rows[0]["resumed_from_epoch"] == 0
+    # the restarted worker group continued from the newest checkpoint, which is at least as new as
+    # the last epoch MLflow had when the worker died (a report reaches the driver after its checkpoint)
+    restarts = {r["resumed_from_epoch"] for r in rows} - {0}
+    assert len(restarts) == 1 and restarts.pop() >= killed["epochs_logged"], (rows, killed)
