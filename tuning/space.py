@@ -13,6 +13,9 @@ A search config looks like
     space:                     # dotted experiment keys -> distribution
       loss.tau_sam: {dist: loguniform, low: 0.02, high: 0.5}
 
+A search file may start from another with `extends: NAME` (conf/search/NAME.yaml): its keys are
+merged over that file's.
+
 The experiment's own values for the searched keys (the public code's settings) are the first
 point Optuna evaluates. How these settings combine with the experiment file and the command line
 is `tuning.run`'s job (one documented precedence).
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cfcml.config import CONF_DIR, ConfigError, ExperimentConfig, from_dict, known_names, read_yaml
+from cfcml.config import CONF_DIR, ConfigError, ExperimentConfig, from_dict, known_names, read_config
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 
@@ -133,7 +136,7 @@ def load_search(name_or_path: str, base: ExperimentConfig) -> SearchConfig:
     """Load and validate a search file against the experiment it will tune; `overrides` of the
     result already hold the dataset's own `dataset_overrides`."""
     path = search_path(name_or_path)
-    raw = read_yaml(path)
+    raw = read_config(path)
     where = f"{path}:"
     space_raw = raw.pop("space", None) or {}
     if "name" in raw:
