@@ -120,10 +120,11 @@ def check_tracking_uri(uri: str, what: str = "--tracking-uri", timeout: float = 
         raise ConfigError(f"{what} {uri}: HTTP {status} for {CHECK_ENDPOINT}; is this an MLflow tracking server?")
 
 
-def check_storage(runs_dir: Path, tracking_uri: str | None, timeout: float = 5.0) -> str:
+def check_storage(runs_dir: Path, tracking_uri: str | None, timeout: float = 5.0, source: str | None = None) -> str:
     """Check `runs_dir` and the tracking store a command will use; returns that store's URI.
-    Raises ConfigError with one line naming the flag, the folder or URI and the reason."""
+    Raises ConfigError with one line naming the flag (or `source`: where `tracking_uri` came from,
+    e.g. a resumed search's state file), the folder or URI and the reason."""
     check_runs_dir(runs_dir)
     uri, what = tracking_uri_choice(tracking_uri, runs_dir)
-    check_tracking_uri(uri, what, timeout)
+    check_tracking_uri(uri, source if tracking_uri and source else what, timeout)
     return uri

@@ -59,7 +59,7 @@ def build_run(args: argparse.Namespace) -> SearchRun:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuning.driver import SearchState
+    from tuning.driver import STATE_FILE, SearchState
     from tuning.preflight import check_storage
     from tuning.prepared import load_or_prepare
 
@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--resume: no search named {run.name!r} under {run.storage}")
         # Where results go, before the data is prepared and Ray starts (a resumed search keeps its store).
         state = SearchState.load(run.search_dir) if run.resume else None
-        check_storage(run.runs_dir, state.tracking_uri if state else run.tracking_uri)
+        if state is not None:
+            check_storage(run.runs_dir, state.tracking_uri, source=f"{run.search_dir / STATE_FILE}: tracking_uri")
+        else:
+            check_storage(run.runs_dir, run.tracking_uri)
         t = run.experiment.train
         prepared = load_or_prepare(run.dataset, run.data_root, folds=t.folds, fold_seed=run.fold_seed,
                                    image_size=t.image_size)

@@ -118,3 +118,16 @@ def test_writable_folders_pass_and_leave_nothing_behind(tmp_path: Path) -> None:
     assert check_storage(tmp_path / "runs", f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}") == \
         f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_search_names_the_state_file_its_unreachable_store_came_from(raw_men: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    from tuning.driver import STATE_FILE, SearchState
+
+    search_dir = tmp_path / "runs" / "ray" / "men-smoke"
+    uri = f"http://127.0.0.1:{_refused_port()}"
+    SearchState("run-id", uri, "1").save(search_dir)
+    assert search_main(_search(raw_men, tmp_path / "runs", "--resume")) == 2
+    assert capsys.readouterr().err.startswith(f"error: {search_dir / STATE_FILE}: tracking_uri {uri}: MLflow "
+                                              f"tracking server unreachable")
+    assert not (raw_men / "prepared").exists()
