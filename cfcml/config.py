@@ -422,7 +422,17 @@ def read_config(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if parent.resolve() in _seen:
         raise ConfigError(f"{path}: extends: a cycle through {parent}")
     inherited = {k: v for k, v in read_config(parent, (*_seen, path.resolve())).items() if k not in ("name", "dataset")}
-    return deep_merge(inherited, data)
+    return _merge_files(inherited, data)
+
+
+def _merge_files(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Nested mappings merged key by key, keys taken literally (a search file's `overrides:` holds
+    dotted keys such as "model.dim" that must stay as written)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge_files(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
 
 
 def known_names(kind: str) -> str:

@@ -41,11 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"final step of the search at {outcome_file.parent}")
 
+    from cfcml.config import ConfigError
     from cfcml.data.manifest import PreparedDataset
     from tuning.final import train_final
+    from tuning.preflight import check_storage
     from tuning.ray_runtime import ray_session
 
     outcome = SearchOutcome.load(outcome_file)
+    try:
+        check_storage(args.runs_dir, outcome.tracking_uri, source=f"{outcome_file}: tracking_uri")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     prepared = PreparedDataset.load(outcome.prepared_dir)
     with ray_session(args.address, verbose=args.verbose):
         train_final(prepared, outcome, storage=storage)

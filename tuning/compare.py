@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from tuning.comparison import markdown, plan_comparison
+    from tuning.preflight import check_storage
     from tuning.prepared import load_or_prepare
 
     args = parse_args(argv)
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             folds=args.folds, max_epochs=args.max_epochs, search=args.search, runs_dir=args.runs_dir,
             tracking_uri=args.tracking_uri, out=args.out, fold_seed=args.fold_seed, image_size=args.image_size,
             overrides=parse_set(args.set), address=args.address, verbose=args.verbose, name=args.name)
+        check_storage(plan.runs_dir, plan.tracking_uri)  # before the data is prepared or Ray starts
         t = plan.base.train
         prepared = load_or_prepare(plan.dataset, plan.data_root, folds=t.folds, fold_seed=plan.fold_seed,
                                    image_size=t.image_size)

@@ -111,6 +111,6 @@ def plot_importance(importance: Mapping[str, float]) -> Figure:
     ax = fig.add_subplot()
     names = list(importance)[::-1]
     ax.barh([n.split(".")[-1] for n in names], [importance[n] for n in names], color="tab:green")
-    ax.set(xlabel="importance (fANOVA, share of the score's variance)", title="Parameter importance")
+    ax.set(xlabel="importance (Optuna's default evaluator, normalised)", title="Parameter importance")
     fig.tight_layout()
     return fig

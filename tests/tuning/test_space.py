@@ -64,7 +64,7 @@ def test_bad_search_configs_name_file_and_key(tmp_path, base, text, match):
 
 
 def test_unknown_search_name_lists_the_known_ones(base):
-    with pytest.raises(ConfigError, match=r"unknown search 'nope'.*known: default, smoke"):
+    with pytest.raises(ConfigError, match=r"unknown search 'nope'.*known: default, demo, smoke"):
         load_search("nope", base)
 
 
