@@ -17,9 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	@test -d $(DEMO) || $(BIN)/python pipelines/make_synthetic.py --dataset men --data-root $(DEMO) --patients 60 --image-size 32 32 8
-	$(BIN)/python tuning/search.py --dataset men --search smoke --data-root $(DEMO) \
-		--num-samples 3 --max-epochs 12 --name demo-$$(date +%Y%m%d-%H%M%S)
+	@test -d $(DEMO) || $(BIN)/python pipelines/make_synthetic.py --dataset men --data-root $(DEMO) --patients 150 --image-size 32 32 8
+	$(BIN)/python tuning/search.py --dataset men --search demo --data-root $(DEMO) --name demo-$$(date +%Y%m%d-%H%M%S)
 
 # Lint: ruff with the rule set in pyproject.toml ([tool.ruff.lint]).
 lint: install
