@@ -291,7 +291,7 @@ class CrossValidation:
         """Class probabilities [N, C] for `dataset`, computed across ranks and gathered."""
         idx = list(range(self.rank, len(dataset), self.world))
         loader = DataLoader(Subset(dataset, idx), batch_size=self.cfg.train.batch_size,
-                            num_workers=self.cfg.train.loader_workers)
+                            num_workers=self.cfg.train.loader_workers, pin_memory=self.device.type == "cuda")
         local = predict_proba(fold.model, loader, self.device, len(self.spec.classes), self._autocast)
         if self.world == 1:
             return local

@@ -1,4 +1,4 @@
-"""Network tests run torch on one intra-op thread."""
+"""Every test runs torch on one intra-op thread (the Ray workers of e2e tests set their own)."""
 from __future__ import annotations
 
 import pytest
