@@ -1,4 +1,4 @@
-"""The one prediction path: probabilities in input order, the model's mode left as it was."""
+"""cfcml/predict.py, the one prediction path: probabilities in input order, the model's mode left as it was."""
 from __future__ import annotations
 
 import numpy as np
