@@ -25,7 +25,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 bench: install
 	$(BIN)/python -m benchmarks.bench_losses

@@ -27,6 +27,7 @@ photos) so that the script is tested on CPU, and says so. Run time is capped by 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import resource
 import sys
@@ -136,7 +137,7 @@ def prepare(dataset: str, sizes: dict[str, Any], root: Path, tiny: bool):
 
 
 def bare_step(prepared, cfg: ExperimentConfig, device: torch.device, batch: int, warmup: int, steps: int,
-              count_flops: bool) -> dict[str, float]:
+              count_flops: bool, profile: bool = False) -> dict[str, float]:
     """samples/s of the platform's training step on one device-resident batch (no loader)."""
     torch.manual_seed(0)
     cfg = cfg.replace({"train.batch_size": batch})
@@ -161,8 +162,29 @@ def bare_step(prepared, cfg: ExperimentConfig, device: torch.device, batch: int,
     seconds = time.perf_counter() - start
     if not all(v == v for v in stats.values()):
         raise FloatingPointError(f"non-finite training loss: {stats}")
+    if profile:
+        profile_steps(cv, fold, data, device)
     return {"step_s": seconds / steps, "samples_s": batch * steps / seconds, "peak": peak_bytes(device),
             "flops": flops}
+
+
+def profile_steps(cv: CrossValidation, fold, data: dict[str, Any], device: torch.device, steps: int = 2) -> None:
+    """Where a step's time goes: torch.profiler's operators by self time, and kernels per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fold.train_loader = Repeat(data, steps)
+    with profile(activities=activities) as prof:
+        cv.train_epoch(0)
+        sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=15, max_name_column_width=50), flush=True)
+    if device.type == "cuda":
+        on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # kernels, not ops
+        kernels = sum(e.count for e in on_gpu)
+        busy = sum(e.self_device_time_total for e in on_gpu) / 1e3 / steps
+        print(f"profile: {kernels / steps:.0f} CUDA kernels a step, {busy:.0f} ms of GPU time a step", flush=True)
 
 
 def epoch_row(prepared, cfg: ExperimentConfig, device: torch.device, batch: int, workers: int) -> dict[str, float]:
@@ -195,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers of the run_epoch rows (CUDA)")
     parser.add_argument("--max-batch", action="store_true", help="add a row at the largest batch that fits")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (minutes to compile)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of the fp32 step")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip rows once this much time is spent")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -231,19 +254,23 @@ def main(argv: list[str] | None = None) -> int:
             prepared = prepare(dataset, size, Path(tmp), tiny)
             print(f"{dataset:<8} {'(synthetic data + prepare)':<30} {'':>5} {time.perf_counter() - t0:>7.1f}s",
                   flush=True)
-            rows: list[tuple[str, dict[str, Any], Any]] = [("fp32", {}, None)]
+            # The fp32 step and the loader-fed epoch first: they answer "how fast, and does the
+            # loader keep up" even when --budget-s cuts the optional rows after them.
+            rows: list[tuple[str, dict[str, Any], Any]] = [
+                ("fp32", {}, None), (f"run_epoch ({args.workers if not tiny else 0} workers)", {}, "epoch")]
             if not args.quick:
                 rows += [("bf16 autocast", {"train.amp": True}, None),
                          ("bf16 + channels_last", {"train.amp": True, "train.channels_last": True}, None)]
                 if dataset == "men":
                     for scan in ("pscan", "chunked", "mamba_ssm"):
-                        if scan != resolve_scan("auto", device) and not (scan == "mamba_ssm" and tiny):
+                        if scan == "mamba_ssm" and importlib.util.find_spec("mamba_ssm") is None:
+                            print(f"{dataset:<8} {'fp32, scan mamba_ssm':<30} skipped: mamba-ssm is not installed")
+                        elif scan != resolve_scan("auto", device) and not (scan == "mamba_ssm" and tiny):
                             rows.append((f"fp32, scan {scan}", {"model.scan": scan}, None))
-                if args.compile:
-                    rows.append(("fp32 + torch.compile", {"train.compile": True}, None))
                 if args.max_batch:
                     rows.append(("largest batch (fp32)", {}, "max"))
-            rows.append((f"run_epoch ({args.workers if not tiny else 0} workers)", {}, "epoch"))
+                if args.compile:
+                    rows.append(("fp32 + torch.compile", {"train.compile": True}, None))
             flops = float("nan")
             for label, options, kind in rows:
                 if time.perf_counter() - began > args.budget_s:
@@ -258,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         if kind == "max":
                             row_batch = find_max_batch(prepared, cfg, device, batch)
                         r = bare_step(prepared, cfg, device, row_batch, warmup, steps,
-                                      count_flops=label == "fp32")
+                                      count_flops=label == "fp32", profile=args.profile and label == "fp32")
                         if label == "fp32":
                             flops = r["flops"]
                 except torch.cuda.OutOfMemoryError:
@@ -286,7 +313,7 @@ def find_max_batch(prepared, cfg: ExperimentConfig, device: torch.device, start:
     def step(b: int) -> None:
         bare_step(prepared, cfg, device, b, warmup=1, steps=1, count_flops=False)
 
-    found = largest_batch(step, 16 * start)
+    found = largest_batch(step, 16 * start, device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return found

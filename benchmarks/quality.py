@@ -1,16 +1,17 @@
 """Quality benchmark: `compare.py` on synthetic MEN and Derm7pt, the table written into README.md.
 
-    python -m benchmarks.quality                  # about 20 minutes on 2 CPU cores
+    python -m benchmarks.quality                  # about 30 minutes on 2 CPU cores
     python -m benchmarks.quality --quick          # a few minutes: fewer patients, epochs and seeds
 
 Four comparisons, each on the same folds, seeds and epoch budget for every variant (see
-tuning/comparison.py), with the smoke search's small model (conf/search/smoke.yaml) so that it fits
-a laptop:
+tuning/comparison.py), with the demo search's small model (conf/search/demo.yaml: the smoke model
+with D=64) so that it fits a laptop:
 
 1. MEN, class signal split between images (Grade 1 vs 2) and table (invasion): every variant;
 2. MEN, interaction mode (Grade 1 iff the image and table latents agree: no modality alone
-   carries it): CFCML, its fine-stage and CIE ablations and the baselines that could not learn it;
-3. Derm7pt with the honest clinical fields (no `management` or `level_of_diagnostic_difficulty`);
+   carries it): CFCML, its fine-stage ablation and the baselines that could not learn it;
+3. Derm7pt with the honest clinical fields (no `management` or `level_of_diagnostic_difficulty`):
+   the same variants;
 4. Derm7pt with the public code's fields (`derm7pt_public`): how much test AUC the two leaky
    fields carry.
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, object, float]]:
         if not root.exists():
             make(root, seed=1, **kwargs)
         roots[name] = root
-    some = "cfcml,no_fine,no_cie,image_only,tabular_only,late_concat"
+    some = "cfcml,no_fine,image_only,tabular_only,late_concat"
     runs = [  # (title, dataset config, data, variants)
         ("MEN, split signal", "men", "men", None),
         ("MEN, interaction signal", "men", "men_interaction", some),
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, object, float]]:
             size = derm_size if dataset.startswith("derm") else men_size
             prepared = prepare_dataset(dataset, roots[data], folds=args.folds, fold_seed=0, image_size=size)
             plan = plan_comparison(dataset, prepared.out_dir, variants=variants, seeds=args.seeds, folds=args.folds,
-                                   max_epochs=args.epochs, search="smoke", runs_dir=work / "runs",
+                                   max_epochs=args.epochs, search=args.search, runs_dir=work / "runs",
                                    name=f"quality-{data}-{dataset}", out=work / "compare" / f"{data}-{dataset}")
             print(f"\n=== {title}: {', '.join(plan.variants)} x {args.seeds} seeds x {args.folds} folds x "
                   f"{args.epochs} epochs ===", flush=True)
@@ -88,7 +89,7 @@ def readme_section(results, args: argparse.Namespace, seconds: float) -> str:
     lines = [START, "", f"Measured {dt.date.today().isoformat()} on {machine()} by `python -m benchmarks.quality"
              f"{' --quick' if args.quick else ''}` in {seconds / 60:.0f} min: synthetic cohorts from "
              f"`pipelines/make_synthetic.py` (seed 1; MEN {args.men_patients} patients at 32x32x8, Derm7pt "
-             f"{args.derm_patients} cases at 64x64), the smoke search's small model, {args.folds}-fold CV, "
+             f"{args.derm_patients} cases at 64x64), the `{args.search}` search's small model, {args.folds}-fold CV, "
              f"{args.seeds} seeds, {args.epochs} epochs, no model selection.", ""]
     for title, result, secs in results:
         body = markdown(result).split("\n", 2)[2]  # drop the per-comparison heading
@@ -122,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--derm-patients", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--seeds", type=int)
-    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--folds", type=int, default=2)
+    p.add_argument("--search", default="demo", help="search file whose model overrides apply (conf/search/NAME.yaml)")
     p.add_argument("--work", type=Path, default=PROJECT_ROOT / "runs" / "quality")
     p.add_argument("--no-readme", action="store_true", help="print the section instead of writing README.md")
     args = p.parse_args(argv)
     defaults = dict(men_patients=60, derm_patients=80, epochs=4, seeds=1) if args.quick else \
-        dict(men_patients=150, derm_patients=160, epochs=20, seeds=2)
+        dict(men_patients=150, derm_patients=160, epochs=12, seeds=2)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -86,20 +86,26 @@ def make_optimizer(model: CFCML, cfg: OptimConfig, fused: bool | None = None) ->
     return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def largest_batch(step: Callable[[int], Any], start: int, budget_bytes: int | None = None) -> int:
+def largest_batch(step: Callable[[int], Any], start: int, budget_bytes: int | None = None,
+                  device: torch.device | str | None = None) -> int:
     """The largest of start, start/2, start/4, ..., 1 for which `step(batch)` runs within memory.
 
     `step(b)` runs one training step (forward, loss, backward) on b samples. A batch does not fit
     when the step raises a CUDA out-of-memory error or, with `budget_bytes`, when the step needs more:
     on CUDA its peak allocated memory, on CPU the bytes of the tensors autograd kept for the backward
     pass (the activations, which grow with the batch). Raises the last error when even 1 does not fit.
+
+    Args:
+        device: where `step` runs ("cuda", "cuda:1", "cpu"); decides how its memory is measured.
+            Default: CUDA when it is available. A CPU step on a machine with a GPU must say "cpu".
     """
     if start < 1:
         raise ValueError(f"start must be >= 1, got {start}")
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     batch = start
     while True:
         try:
-            used = _step_memory(step, batch)
+            used = _step_memory(step, batch, device)
             if budget_bytes is None or used <= budget_bytes:
                 return batch
             error: BaseException = torch.cuda.OutOfMemoryError(
@@ -113,15 +119,15 @@ def largest_batch(step: Callable[[int], Any], start: int, budget_bytes: int | No
         batch //= 2
 
 
-def _step_memory(step: Callable[[int], Any], batch: int) -> int:
-    """Bytes a step needs: CUDA peak allocation when CUDA is in use, else autograd's saved tensors."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+def _step_memory(step: Callable[[int], Any], batch: int, device: torch.device) -> int:
+    """Bytes a step needs: its peak CUDA allocation on a CUDA device, else autograd's saved tensors."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         step(batch)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
     saved = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -150,11 +150,11 @@ def test_largest_batch_halves_until_a_real_step_fits_the_memory_budget():
     assert need[8] > need[4] * 1.5  # activations grow with the batch
     step.tried.clear()
     budget = (need[4] + need[8]) // 2
-    assert largest_batch(step, 32, budget_bytes=budget) == 4
+    assert largest_batch(step, 32, budget_bytes=budget, device="cpu") == 4
     assert step.tried == [32, 16, 8, 4]
     assert largest_batch(step, 6) == 6  # no budget, no out-of-memory error: the first try fits
     with pytest.raises(torch.cuda.OutOfMemoryError, match="budget"):
-        largest_batch(step, 4, budget_bytes=1)
+        largest_batch(step, 4, budget_bytes=1, device="cpu")
     with pytest.raises(ValueError):
         largest_batch(step, 0)
 

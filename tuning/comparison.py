@@ -346,13 +346,17 @@ def run_comparison(plan: ComparisonPlan, prepared: PreparedDataset) -> Compariso
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
     tracker = SearchTracker(tracking_uri, exp_id, run_id, f"compare/{plan.name}", metric, list(spec.classes),
                             spec.task, kind="comparison-trial", name_keys=("variant", "seed"), plots_from="last")
+    # The table of running trials every minute (Tune's default is every 5 s); the tracker prints a
+    # line as each trial finishes.
+    reporter = tune.CLIReporter(metric_columns={"epoch": "epoch", metric: metric},
+                                parameter_columns=["variant", "seed"], max_report_frequency=60)
     tuner = tune.Tuner(
         trainable,
         param_space={"variant": tune.grid_search(list(plan.variants)), "seed": tune.grid_search(list(plan.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=trial_concurrency(plan.base.train)),
         run_config=tune.RunConfig(name=f"compare-{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(plan.runs_dir / "ray"),
-                                  callbacks=[tracker], verbose=1),
+                                  callbacks=[tracker], progress_reporter=reporter, verbose=1),
     )
     with scoped_env(RAY_AIR_NEW_OUTPUT="0"):
         results = tuner.fit()
