@@ -136,8 +136,9 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     if run.resume and tune.Tuner.can_restore(str(run.search_dir)):
         tuner = tune.Tuner.restore(str(run.search_dir), trainable=trainable, resume_errored=True)
     else:
-        sampler = optuna.samplers.RandomSampler(seed=run.experiment.train.seed) \
-            if run.search.searcher == "random" else optuna.samplers.TPESampler(seed=run.experiment.train.seed)
+        seed = run.experiment.train.seed
+        sampler = optuna.samplers.RandomSampler(seed=seed) if run.search.searcher == "random" else \
+            optuna.samplers.TPESampler(seed=seed, n_startup_trials=run.search.tpe_startup_trials(run.num_samples))
         searcher = OptunaSearch(
             metric=metric, mode="max", sampler=sampler,
             points_to_evaluate=[initial_point(run.search, run.experiment)] if run.search.space else None,

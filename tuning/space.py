@@ -4,6 +4,7 @@ A search config looks like
 
     num_samples: 20            # trials
     searcher: tpe              # or random (the baseline)
+    startup_trials: 6          # TPE: random proposals before it models (default: a third of num_samples, 1-10)
     max_epochs: 60             # per trial (ASHA's max_t); becomes the experiment's train.epochs
     grace_period: 5            # epochs before ASHA may stop a trial
     reduction_factor: 2
@@ -65,6 +66,10 @@ class SearchConfig:
         space: the searched keys (filled from the file's `space:` mapping).
         searcher: "tpe" (Optuna's TPE, the default) or "random" (Optuna's random sampler, the
             baseline benchmarks/bench_search.py measures TPE against); ASHA stops trials either way.
+        startup_trials: how many trials TPE proposes at random before it fits its model, >= 1
+            (the published defaults, evaluated first, count as one). None: a third of
+            `num_samples`, between 1 and 10. Optuna's own default is 10, which would leave a
+            search of 10 trials or fewer (the smoke and demo searches) a random search.
     """
 
     name: str = ""
@@ -77,9 +82,10 @@ class SearchConfig:
     dataset_overrides: dict[str, Any] = field(default_factory=dict)
     space: tuple[Param, ...] = ()
     searcher: Literal["tpe", "random"] = "tpe"
+    startup_trials: int | None = None
 
     def __post_init__(self) -> None:
-        for key in ("num_samples", "max_epochs", "grace_period", "reduction_factor", "folds"):
+        for key in ("num_samples", "max_epochs", "grace_period", "reduction_factor", "folds", "startup_trials"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"expected a positive integer, got {value!r}", key)
@@ -94,6 +100,13 @@ class SearchConfig:
     @property
     def keys(self) -> list[str]:
         return [p.key for p in self.space]
+
+    def tpe_startup_trials(self, num_samples: int) -> int:
+        """Random proposals before TPE models the results, for a search of `num_samples` trials
+        (`--num-samples` may differ from the file's); see `startup_trials`."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return max(1, min(10, num_samples // 3))
 
 
 def _param(key: str, raw: Any, where: str, base: ExperimentConfig) -> Param:

@@ -55,6 +55,7 @@ def test_smoke_dataset_overrides_pick_the_dataset(base):
      r"space.loss.momentum.step: unknown key"),
     ("space:\n  model.variant: {dist: choice, values: []}\n", r"space.model.variant"),
     ("overrides: {model.dim: -4}\n", r"overrides: .*model.dim: must be > 0"),
+    ("startup_trials: 0\n", r"startup_trials: expected a positive integer"),
 ])
 def test_bad_search_configs_name_file_and_key(tmp_path, base, text, match):
     path = write(tmp_path, text)
@@ -73,3 +74,18 @@ def test_parse_set_reads_yaml_values():
         "model.pretrained": "/w/swin.pt", "train.image_size": [32, 32, 8], "loss.fine": False}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_set(["no-equals-sign"])
+
+
+@pytest.mark.parametrize("text,num_samples,startup", [
+    ("{}\n", 4, 1),             # the demo search: the defaults, then TPE at once
+    ("{}\n", 8, 2),
+    ("{}\n", 24, 8),            # the default search
+    ("{}\n", 100, 10),          # Optuna's own default is the ceiling
+    ("startup_trials: 5\n", 8, 5),
+])
+def test_tpe_models_within_the_trial_budget(tmp_path, base, text, num_samples, startup):
+    """Optuna's TPE proposes at random for its first 10 trials by default, so a search of 10 trials
+    or fewer would be a random search under TPE's name (bench_search saw identical proposals)."""
+    search = load_search(write(tmp_path, text), base)
+    assert search.tpe_startup_trials(num_samples) == startup
+
