@@ -20,16 +20,6 @@ TINY_MODEL = {"encoder_width": 4, "encoder_blocks": 2, "mixer_stages": [4], "dim
               "latents_tab": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as tests/networks/conftest.py: on a busy 2-core box two OpenMP threads
-    made a tiny epoch 20x slower (2.5 s against 0.085 s a forward)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory):
     root = make_men(tmp_path_factory.mktemp("step") / "men", patients=24, seed=5, size=SIZE)

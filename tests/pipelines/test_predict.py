@@ -26,15 +26,6 @@ from tuning.space import load_search
 SIZE = (32, 32, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core box OpenMP spinning makes each op ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny real network registered as cfcml-men version 1 in a fresh SQLite store."""

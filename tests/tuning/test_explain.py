@@ -38,15 +38,6 @@ MEN_SIZE = (32, 32, 8)
 DERM_SIZE = (64, 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core box OpenMP spinning makes each op ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(dataset: str, size: tuple[int, ...], **overrides):
     base = load_experiment(dataset)
     search = load_search("smoke", base)

@@ -30,15 +30,6 @@ from tuning.space import load_search
 SIZE = (32, 32, 8)  # the smallest volume the tiny encoder takes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core box OpenMP spinning makes each op ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory):
     raw = make_men(tmp_path_factory.mktemp("served") / "men", patients=12, seed=0, size=SIZE)
