@@ -67,11 +67,14 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     if not report.ok:
         raise DatasetValidationError(report)
     t_valid = time.perf_counter() - t0
+    for w in report.warnings:
+        log(f"warning: {w.render()}")
     log(f"validated {len(records)} patients in {t_valid:.1f}s")
 
     manifest = build_manifest(records, ds_spec, folds, fold_seed)
     cache_dir = cache_dir_for(out_dir, ds_spec)
-    stats = build_cache(manifest, ds_spec, root, cache_dir, workers=workers, progress=progress)
+    stats = build_cache(manifest, ds_spec, root, cache_dir, workers=workers, progress=progress,
+                        hashes=report.content_hashes)
     info = {
         "dataset": ds_spec.source.layout,
         "spec_name": ds_spec.name,
@@ -82,7 +85,7 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
         "folds": folds,
         "fold_seed": fold_seed,
         "counts": _counts(manifest, ds_spec.classes),
-        "fingerprint": fingerprint(manifest, root, ds_spec),
+        "fingerprint": fingerprint(manifest, root, ds_spec, report.content_hashes),
         "cache": stats,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": {"validate": round(t_valid, 2), "total": round(time.perf_counter() - t0, 2)},
