@@ -268,3 +268,30 @@ def test_the_same_content_gives_the_same_fingerprint_wherever_it_lies(men_base: 
     a = prepare_dataset("men", men_base, tmp_path / "a", folds=FOLDS, image_size=MEN_SIZE, workers=2)
     b = prepare_dataset("men", copy, tmp_path / "b", folds=FOLDS, image_size=MEN_SIZE, workers=2)
     assert a.fingerprint == b.fingerprint
+
+
+# --- output folder: checked before any image is read ------------------------------------------------
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "manifest is the csv"])
+def test_a_bad_output_folder_is_refused_before_validation(men_root: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture, where: str) -> None:
+    from pipelines.prepare import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    dataset = "men"
+    if where == "manifest is the csv":  # a user's dataset whose CSV sits where prepare writes its manifest
+        dataset = str(_manifest_dataset(men_root, with_split=True))
+        out = tmp_path / "o"
+        out.mkdir()
+        afile = out / "manifest.parquet"
+        (men_root / "cases.csv").rename(afile)
+    else:
+        out = afile if where == "a file" else afile / "out"
+    (men_root / "train" / "Grade_1").rename(men_root / "train" / "Grade_9")  # a dataset problem: not reached
+    before = afile.read_bytes()
+    code = main(["--dataset", dataset, "--data-root", str(men_root), "--out", str(out), "--folds", "3",
+                 "--csv", str(afile)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error: prepare's output") and "\n" not in err, err
+    assert "Grade_9" not in err and afile.read_bytes() == before
