@@ -108,9 +108,10 @@ def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int, out
 
     classes = list(python_model.spec.classes)
     typed, files = python_model.check_input(frame)  # every bad row at once, before any model work
-    inputs = {p.resolve() for row in files for p in row}
-    if out is not None and out.resolve() in inputs:  # (--out was checked against --rows already)
-        raise PredictError(f"--out {out} is one of the input images; it would be overwritten")
+    if out is not None and out.exists():  # (--out was checked against --rows already); links count too
+        st = out.stat()
+        if any((p.stat().st_dev, p.stat().st_ino) == (st.st_dev, st.st_ino) for row in files for p in row):
+            raise PredictError(f"--out {out} is one of the input images; it would be overwritten")
     for warning in check_images(typed, python_model.spec, files):  # prepare's image checks, up front
         print(f"warning: {warning}", file=sys.stderr)
     parts = []

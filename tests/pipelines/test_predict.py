@@ -3,6 +3,7 @@ registered in a real MLflow store (SQLite in tmp), a run's model or a local mode
 refusal is one `error:` line naming the row, exit status 2, and no output file."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -227,13 +228,18 @@ def test_a_bad_out_path_is_refused_before_the_model_loads(registered, tmp_path, 
     assert rows.read_bytes() == before and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_out_naming_an_input_image_is_refused_before_any_prediction(registered, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("link", [False, True])
+def test_out_naming_an_input_image_is_refused_before_any_prediction(registered, tmp_path, capsys, link) -> None:
     root = registered["prepared"].root
     image = root / registered["prepared"].test_frame()["path_t1"].iloc[0]
     before = image.read_bytes()
-    assert predict(registered, registered["rows"], image) == 2
+    out = image
+    if link:  # another name of the same file
+        out = tmp_path / "preds.csv"
+        os.link(image, out)
+    assert predict(registered, registered["rows"], out) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: --out {image} is one of the input images; it would be overwritten"
+    assert err == f"error: --out {out} is one of the input images; it would be overwritten"
     assert image.read_bytes() == before
     assert not list(image.parent.glob("*.tmp")) and not list(image.parent.glob(".*.tmp"))
 
