@@ -196,6 +196,24 @@ def test_an_image_prepare_would_refuse_is_refused_before_any_prediction(register
     assert "predicting" not in err  # refused before the progress bar started
 
 
+def test_a_volume_saturated_by_the_clip_window_is_predicted_with_a_warning_naming_it(registered, tmp_path,
+                                                                                    capsys) -> None:
+    root = registered["prepared"].root
+    test = registered["prepared"].test_frame()
+    src = nib.load(root / test["path_t1"].iloc[1])
+    vol = np.asarray(src.dataobj).astype(np.float32)
+    vol = vol * (1200 / np.percentile(vol[vol != 0], 20))  # about 80% of the tissue above the window's 1200
+    bright = root / f"bright-{tmp_path.name}.nii.gz"
+    nib.save(nib.Nifti1Image(vol, src.affine), bright)
+    out = tmp_path / "preds.csv"
+    assert predict(registered, edited(registered, tmp_path, path_t1=(1, bright.name)), out) == 0
+    err = capsys.readouterr().err
+    share = (vol > 1200).sum() / (vol != 0).sum()
+    assert (f"warning: edited.csv line 3 (patient '{test['patient_id'].iloc[1]}'), column 'path_t1': t1 image "
+            f"{bright}: {share:.0%} of the non-zero voxels lie outside the clip window [0, 1200]") in err
+    assert len(pd.read_csv(out)) == len(test)
+
+
 def test_a_volume_stored_mirrored_is_predicted_like_the_original(registered, tmp_path) -> None:
     root = registered["prepared"].root
     test = registered["prepared"].test_frame()
