@@ -95,6 +95,7 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
         "counts": _counts(manifest, ds_spec.classes),
         "fingerprint": fingerprint(manifest, root, ds_spec, report.content_hashes),
         "cache": stats,
+        "warnings": [w.render() for w in report.warnings],  # e.g. clip saturation, for the record
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": {"validate": round(t_valid, 2), "total": round(time.perf_counter() - t0, 2)},
     }

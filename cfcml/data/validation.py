@@ -68,6 +68,7 @@ class ValidationReport:
             return f"{self.dataset} at {self.root}: no problems found"
         lines = [f"{self.dataset} at {self.root}: {len(self.problems)} problem(s) found, nothing was written"]
         lines += [f"  {p.render()}" for p in self.problems]
+        lines += [f"  warning: {w.render()}" for w in self.warnings]  # (they alone would not stop prepare)
         return "\n".join(lines)
 
 

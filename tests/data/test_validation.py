@@ -1,6 +1,7 @@
 """One test per validation case: the report names the culprit, and no manifest is written."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import unicodedata
@@ -424,6 +425,8 @@ def test_a_volume_saturated_by_the_clip_window_is_warned_with_the_share(men_root
     warned = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1
     assert f"{f.parent.name}/t2_bbox.nii.gz" in warned[0] and f"{share:.0%} of the non-zero voxels" in warned[0]
+    info = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert len(info["warnings"]) == 1 and warned[0] == f"warning: {info['warnings'][0]}"
 
 
 # --- command line --------------------------------------------------------------------------------
