@@ -15,7 +15,8 @@ def load_or_prepare(dataset: str, root: Path, *, folds: int, fold_seed: int | No
     `fold_seed` is given, that fold seed. Otherwise `root` is a raw dataset: it is validated and
     prepared into `<root>/prepared` with `folds` folds drawn with `fold_seed` (default 0).
 
-    Raises ConfigError on a mismatch or a missing folder, DatasetValidationError (the whole
+    Raises ConfigError on a mismatch, a missing folder or an unwritable output folder,
+    DatasetValidationError (the whole
     report) on bad data; both before anything expensive starts.
     """
     from cfcml.data.prepare import prepare_dataset
@@ -34,5 +35,10 @@ def load_or_prepare(dataset: str, root: Path, *, folds: int, fold_seed: int | No
         raise ConfigError(f"--data-root: no dataset at {root}. Generate one with "
                           f"`python pipelines/make_synthetic.py --dataset {dataset} --data-root {root}` "
                           f"or point --data-root at your data")
-    return prepare_dataset(dataset, root, folds=folds, fold_seed=0 if fold_seed is None else fold_seed,
-                           image_size=image_size, progress=True, log=log)
+    from cfcml.outputs import OutputPathError
+
+    try:
+        return prepare_dataset(dataset, root, folds=folds, fold_seed=0 if fold_seed is None else fold_seed,
+                               image_size=image_size, progress=True, log=log)
+    except OutputPathError as exc:  # e.g. <root>/prepared is a file: one line, before any image is read
+        raise ConfigError(f"--data-root: {exc}") from None

@@ -75,6 +75,10 @@ def test_prepared_folder_keeps_its_folds_and_fold_seed(tmp_path: Path) -> None:
         load_or_prepare("men", prepared.out_dir, folds=3, fold_seed=None, image_size=None)
     with pytest.raises(ConfigError, match=r"--data-root: no dataset at"):
         load_or_prepare("men", tmp_path / "nowhere", folds=2, fold_seed=None, image_size=None)
+    raw = make_men(tmp_path / "raw", patients=12, seed=0, size=(16, 16, 4))
+    (raw / "prepared").write_text("not a folder\n")  # where the raw dataset's preparation would go
+    with pytest.raises(ConfigError, match=r"^--data-root: prepare's output folder .*prepared is a file, not a folder$"):
+        load_or_prepare("men", raw, folds=2, fold_seed=None, image_size=(16, 16, 4))
 
 
 def test_outcome_round_trips_with_typed_trials(tmp_path: Path) -> None:

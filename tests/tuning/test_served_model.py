@@ -155,6 +155,27 @@ def test_text_values_are_typed_by_the_spec_and_bad_ones_named(served, rows) -> N
         served.predict(None, as_text)
 
 
+@pytest.mark.parametrize("column, value", [("age", np.nan), ("age", ""), ("sex", None), ("location", "NA")])
+def test_a_missing_value_in_a_required_field_is_refused_as_prepare_refuses_it(served, rows, column, value) -> None:
+    rows[column] = rows[column].astype(object)
+    rows.loc[1, column] = value
+    with pytest.raises(InputError, match=rf"^row 1 .*column '{column}': value .* is missing and field '{column}' "
+                                         rf"is not optional$"):
+        served.predict(None, rows)
+
+
+def test_a_constant_volume_is_refused_naming_the_row_and_file(served, rows, prepared, tmp_path) -> None:
+    import nibabel as nib
+
+    src = nib.load(prepared.root / rows.loc[0, "path_adc"])
+    flat = prepared.root / f"constant-{tmp_path.name}.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(src.shape, 300, np.int16), src.affine), flat)
+    rows.loc[0, "path_adc"] = flat.name
+    with pytest.raises(InputError, match=rf"^row 0 .*column 'path_adc': cannot read adc image .*{flat.name}: "
+                                         rf"every non-zero voxel is 300"):
+        served.predict(None, rows)
+
+
 def test_a_request_cannot_choose_the_root(served, rows, prepared, tmp_path) -> None:
     rows.loc[0, "path_t1"] = str(outside_file(prepared, tmp_path))
     with pytest.raises(InputError, match="takes no parameters"):
