@@ -30,6 +30,25 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    # tl.reduce with our own combine rather than tl.sum (same code on the GPU): tl.sum, tl.sigmoid and
+    # tl.zeros are @jit functions of Triton's standard library, whose flavour (compiled or interpreted)
+    # was fixed when triton was imported; these kernels use only builtins and their own helpers, so
+    # their interpreted flavour works whatever TRITON_INTERPRET was at that import.
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
 def _softplus(x):
     # torch's softplus with its threshold 20 (above it softplus(x) == x in float32)
     return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
@@ -65,7 +84,7 @@ def selective_scan_fwd_kernel(
     A2 = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_mask, other=0.0).to(tl.float32) * LOG2E
     Dskip = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    h = tl.zeros([BD, NP], dtype=tl.float32)
+    h = tl.full([BD, NP], 0.0, tl.float32)
     for i in range(n_tiles):
         if REVERSE:
             k = n_tiles - 1 - i
@@ -90,11 +109,11 @@ def selective_scan_fwd_kernel(
         b = (dt * u)[:, None, :] * Bt[None, :, :]
         acum, hs = tl.associative_scan((a, b), 2, _combine)
         hh = acum * h[:, :, None] + hs  # the states of the tile's tokens
-        y = tl.sum(hh * Ct[None, :, :], axis=1)  # [BD, T]
-        out = (y + Dskip[:, None] * u) * (zz * tl.sigmoid(zz))
+        y = _sum(hh * Ct[None, :, :], axis=1)  # [BD, T]
+        out = (y + Dskip[:, None] * u) * (zz * _sigmoid(zz))
         tl.store(out_ptr + pid_b * s_ob + d[:, None] * s_od + t[None, :] * s_ol, out.to(out_ptr.dtype.element_ty),
                  mask=m2)
-        h = tl.sum(tl.where((j == T - 1)[None, None, :], hh, 0.0), axis=2)
+        h = _sum(tl.where((j == T - 1)[None, None, :], hh, 0.0), axis=2)
 
 
 @triton.jit
@@ -132,10 +151,10 @@ def selective_scan_bwd_kernel(
     A2 = A * LOG2E
     Dskip = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    carry = tl.zeros([BD, NP], dtype=tl.float32)  # dLoss/dh at the first token (scan order) of the later tile
-    dA_acc = tl.zeros([BD, NP], dtype=tl.float32)
-    dD_acc = tl.zeros([BD], dtype=tl.float32)
-    dbias_acc = tl.zeros([BD], dtype=tl.float32)
+    carry = tl.full([BD, NP], 0.0, tl.float32)  # dLoss/dh at the first token (scan order) of the later tile
+    dA_acc = tl.full([BD, NP], 0.0, tl.float32)
+    dD_acc = tl.full([BD], 0.0, tl.float32)
+    dbias_acc = tl.full([BD], 0.0, tl.float32)
     for i in range(n_tiles):
         if REVERSE:
             k = i
@@ -172,23 +191,23 @@ def selective_scan_bwd_kernel(
         b = dtu[:, None, :] * Bt[None, :, :]  # [BD, NP, T]
         acum, hs = tl.associative_scan((tl.exp2(dt[:, None, :] * A2[:, :, None]), b), 2, _combine)
         hh = acum * h0[:, :, None] + hs  # recomputed states
-        y = tl.sum(hh * Ct[None, :, :], axis=1)  # [BD, T]
-        sz = tl.sigmoid(zz)
+        y = _sum(hh * Ct[None, :, :], axis=1)  # [BD, T]
+        sz = _sigmoid(zz)
         dy = g * zz * sz
         dz = g * (y + Dskip[:, None] * u) * sz * (1.0 + zz * (1.0 - sz))
-        dD_acc += tl.sum(dy * u, axis=1)
+        dD_acc += _sum(dy * u, axis=1)
         # the decay that multiplies G[next(t)]: a at the next token in scan order, 0 past the sequence
         dt_n = tl.where(dmask[:, None] & nxt_mask[None, :], _softplus(dl_n + bias[:, None]), 0.0)
         a_n = tl.where(nxt_mask[None, None, :], tl.exp2(dt_n[:, None, :] * A2[:, :, None]), 0.0)
         ga, gb = tl.associative_scan((a_n, dy[:, None, :] * Ct[None, :, :]), 2, _combine, reverse=True)
         G = ga * carry[:, :, None] + gb  # dLoss/dh[t]
         dloga = G * (hh - b)  # dLoss/d(dt A) = G a h[prev]
-        dA_acc += tl.sum(dloga * dt[:, None, :], axis=2)
-        GB = tl.sum(G * Bt[None, :, :], axis=1)  # [BD, T]
-        ddt = tl.sum(dloga * A[:, :, None], axis=1) + GB * u
+        dA_acc += _sum(dloga * dt[:, None, :], axis=2)
+        GB = _sum(G * Bt[None, :, :], axis=1)  # [BD, T]
+        ddt = _sum(dloga * A[:, :, None], axis=1) + GB * u
         du = dt * GB + Dskip[:, None] * dy
-        ddl = tl.where(m2, ddt * tl.sigmoid(pre), 0.0)  # softplus' = sigmoid
-        dbias_acc += tl.sum(ddl, axis=1)
+        ddl = tl.where(m2, ddt * _sigmoid(pre), 0.0)  # softplus' = sigmoid
+        dbias_acc += _sum(ddl, axis=1)
         off = pid_b * Dm * L + d[:, None] * L + t[None, :]  # the [B, D, L] gradients are contiguous
         tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=m2)
         tl.store(ddelta_ptr + off, ddl.to(ddelta_ptr.dtype.element_ty), mask=m2)
@@ -199,9 +218,9 @@ def selective_scan_bwd_kernel(
         # MEN stage-2 size with BD 2), more than the whole rest of the backward's traffic. The price:
         # dB and dC may differ run to run in the last bits (summation order), never more.
         offn = pid_b * N * L + n[:, None] * L + t[None, :]
-        tl.atomic_add(dB_ptr + offn, tl.sum(G * dtu[:, None, :], axis=0), mask=nt_mask)
-        tl.atomic_add(dC_ptr + offn, tl.sum(hh * dy[:, None, :], axis=0), mask=nt_mask)
-        carry = tl.sum(tl.where((j == 0)[None, None, :], G, 0.0), axis=2)
+        tl.atomic_add(dB_ptr + offn, _sum(G * dtu[:, None, :], axis=0), mask=nt_mask)
+        tl.atomic_add(dC_ptr + offn, _sum(hh * dy[:, None, :], axis=0), mask=nt_mask)
+        carry = _sum(tl.where((j == 0)[None, None, :], G, 0.0), axis=2)
     # dA, dD, dbias also sum over b and t: per-(b, channel) partials, summed over b by the caller
     # (deterministic, and only B D N floats)
     tl.store(dA_ptr + pid_b * Dm * N + d[:, None] * N + n[None, :], dA_acc, mask=dn_mask)

@@ -48,9 +48,9 @@ _FWD_CONFIGS = ((4, 4), (8, 4), (8, 8), (16, 8))  # (BD, num_warps)
 _BWD_CONFIGS = ((2, 4), (4, 4), (4, 8), (8, 8))
 
 
-def triton_available() -> bool:
-    """Whether the `triton` package is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+# read once (this module is imported only when the backend is used): a plain bool that torch.compile
+# traces through, where a cached function call would draw a warning
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
@@ -94,7 +94,7 @@ def _kernels(interpret: bool):
 
 def check_can_run(device: torch.device) -> None:
     """Raise ValueError when the triton scan cannot run on `device` (message says what to use instead)."""
-    if not triton_available():
+    if not _TRITON_INSTALLED:
         raise ValueError("the triton scan needs the triton package (pip install triton; CUDA builds of torch "
                          "ship it); use model.scan auto, chunked or pscan")
     if device.type == "cpu" and not interpreting():
@@ -184,9 +184,8 @@ def _bwd_op(g: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tens
 @_bwd_op.register_fake
 def _(g, u, delta, A, B, C, D, z, delta_bias, states, reverse, tile, block_d):
     bsz, dm, L = u.shape
-    return (u.new_empty(bsz, dm, L), delta.new_empty(bsz, dm, L), torch.empty_like(A, memory_format=torch.contiguous_format),
-            B.new_empty(B.shape), C.new_empty(C.shape), torch.empty_like(D, memory_format=torch.contiguous_format),
-            z.new_empty(bsz, dm, L), torch.empty_like(delta_bias, memory_format=torch.contiguous_format))
+    return (u.new_empty(bsz, dm, L), delta.new_empty(bsz, dm, L), A.new_empty(A.shape), B.new_empty(B.shape),
+            C.new_empty(C.shape), D.new_empty(D.shape), z.new_empty(bsz, dm, L), delta_bias.new_empty(delta_bias.shape))
 
 
 def _setup_context(ctx, inputs, output):
