@@ -67,13 +67,15 @@ def test_every_cpu_backend_matches_the_recurrence_forward_and_backward(backend, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["pscan", "chunked", "auto", "mamba_ssm"])
+@pytest.mark.parametrize("backend", ["pscan", "chunked", "auto", "mamba_ssm", "triton"])
 @pytest.mark.parametrize("length,chunk", [(37, 8), (300, None), (4100, None)])
 def test_every_cuda_backend_matches_the_recurrence_forward_and_backward(backend, length, chunk):
     if backend == "mamba_ssm" and not mamba_ssm_available():
         pytest.skip("mamba-ssm is not installed")
-    if backend == "mamba_ssm" and chunk is not None:
-        pytest.skip("the fused kernel has no chunk setting")
+    if backend == "triton" and not scan.triton_available():
+        pytest.skip("triton is not installed")
+    if backend in ("mamba_ssm", "triton") and chunk is not None:
+        pytest.skip("the fused kernels have no chunk setting")
     check_against_recurrence(backend, length, chunk, device="cuda")
 
 

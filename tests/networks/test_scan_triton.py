@@ -73,17 +73,18 @@ def test_triton_scan_matches_the_float64_recurrence_forward_and_backward(interpr
     check(out, grads, ref, ref_grads, tol=1e-5)
 
 
-def strided_inputs(inputs64, dtype=torch.float32):
+def strided_inputs(inputs64, dtype=torch.float32, device="cpu"):
     """The layouts the Mamba block hands over: u and z halves of one [B, L, 2D] projection seen as
     [B, D, L]; delta a transposed [B, L, D]; B and C slices of one [B, L, R + 2N] projection."""
-    u, delta, A, B, C, D, z, bias = inputs64
+    u, delta, A, B, C, D, z, bias = (x.to(device) for x in inputs64)
     bsz, d, length = u.shape
     n = A.shape[1]
     xz = torch.cat([u, z], 1).transpose(1, 2).contiguous().to(dtype).transpose(1, 2)  # [B, 2D, L] view
     u_v, z_v = xz.chunk(2, dim=1)
     delta_v = delta.transpose(1, 2).contiguous().to(dtype).transpose(1, 2)
-    dbc = torch.cat([torch.zeros(bsz, 3, length, dtype=torch.float64), B, C], 1).transpose(1, 2).contiguous()
-    B_v, C_v = dbc.to(dtype).transpose(1, 2)[:, 3:3 + n], dbc.to(dtype).transpose(1, 2)[:, 3 + n:]
+    pad = torch.zeros(bsz, 3, length, dtype=torch.float64, device=device)
+    dbc = torch.cat([pad, B, C], 1).transpose(1, 2).contiguous().to(dtype).transpose(1, 2)  # [B, 3 + 2N, L] view
+    B_v, C_v = dbc[:, 3:3 + n], dbc[:, 3 + n:]
     views = [u_v, delta_v, A.float(), B_v, C_v, D.float(), z_v, bias.float()]
     assert not any(v.is_contiguous() for v in (u_v, delta_v, z_v, B_v, C_v))
     return [v.detach().requires_grad_() for v in views]
@@ -203,7 +204,7 @@ def test_mamba_layers_with_the_triton_scan_match_sequential_outputs_and_gradient
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_triton_scan_on_cuda_matches_chunked_at_the_men_stage3_size(dtype, tol, reverse):
-    """Stage 3 of public MEN at batch 8 (x4 orders... here 8 sequences): 768 tokens, 128 channels, N 16."""
+    """The stage-3 size of public MEN (768 tokens, 128 inner channels, N 16), 8 sequences."""
     inputs64 = make_inputs(8, 128, 16, 768, seed=7, device="cuda")
     ref_in = [x.float().requires_grad_() for x in inputs64]
     ref = selective_scan(*ref_in, backend="chunked", reverse=reverse)
@@ -223,6 +224,6 @@ def test_triton_scan_on_cuda_handles_strided_inputs_and_long_sequences():
     ref = selective_scan(*ref_in, backend="chunked")
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, ref_in, grad_out)
-    inputs = [x.detach().cuda().requires_grad_() for x in strided_inputs(inputs64)]
+    inputs = strided_inputs(inputs64, device="cuda")
     out = selective_scan(*inputs, backend="triton")
     check(out, torch.autograd.grad(out, inputs, grad_out), ref, ref_grads, tol=1e-4)
