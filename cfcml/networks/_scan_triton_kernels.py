@@ -20,7 +20,7 @@ descending positions and scans forwards along j, with no flipped copy of any inp
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: compiled kernels may read no other globals
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _positions(k, j, REVERSE: tl.constexpr, T: tl.constexpr):
 @triton.jit
 def selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
-    Dm, N, L, n_tiles,
+    Dm, N, L, n_tiles: tl.constexpr,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
     s_zb, s_zd, s_zl, s_ob, s_od, s_ol, s_sb, s_sd, s_sn, s_sk,
     REVERSE: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, BD: tl.constexpr,
@@ -120,7 +120,7 @@ def selective_scan_fwd_kernel(
 def selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, g_ptr, states_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    Dm, N, L, n_tiles,
+    Dm, N, L, n_tiles: tl.constexpr,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
     s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_sb, s_sd, s_sn, s_sk,
     REVERSE: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, BD: tl.constexpr,

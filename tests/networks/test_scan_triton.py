@@ -156,9 +156,25 @@ def test_triton_scan_refuses_what_it_cannot_run(monkeypatch):
         selective_scan_triton(*inputs[:3], inputs[3][..., :3], *inputs[4:])
 
 
-def copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> torch.nn.Module:
-    dst.load_state_dict(src.state_dict())
-    return dst
+@pytest.mark.parametrize("kernel,reverse,dtype", [("fwd", False, "bf16"), ("bwd", True, "fp32")])
+def test_the_kernels_compile_for_a_hopper_gpu_without_one(kernel, reverse, dtype):
+    """Triton compiles down to a cubin on the CPU (ptxas ships with it): type errors, globals and
+    unsupported ops that the interpreter lets through fail here. Between the two cases every
+    constexpr branch is compiled."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cfcml.networks.scan_triton import _kernels
+
+    fn = getattr(_kernels(False), f"selective_scan_{kernel}_kernel")
+    fp32_pointers = {"A_ptr", "D_ptr", "bias_ptr", "states_ptr", "dB_ptr", "dC_ptr", "dA_ptr", "dD_ptr", "dbias_ptr"}
+    signature = {name: ("*fp32" if name in fp32_pointers else f"*{dtype}") if name.endswith("_ptr") else "i32"
+                 for name in fn.arg_names}
+    constants = {"REVERSE": reverse, "NP": 16, "T": 32, "BD": 2, "n_tiles": 24}
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4})
+    assert compiled.asm["cubin"]
 
 
 def test_mamba_block_reverse_is_the_block_on_flipped_tokens_for_every_backend(interpret):
