@@ -29,6 +29,7 @@ graphs capture its launches.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -111,6 +112,11 @@ def _npo2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (e.g. cuda:1 from cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for x in tensors for s in x.stride()]
 
@@ -141,11 +147,11 @@ def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
     args = (u, delta, A, B, C, D, z, delta_bias, out, states, dm, N, L, n_tiles,
             *_strides(u, delta, A, B, C, z, out, states))
     meta = {"REVERSE": reverse, "NP": _npo2(N), "T": tile}
-    if block_d:
-        kernel = mod.selective_scan_fwd_kernel
-        kernel[(bsz, triton_cdiv(dm, block_d))](*args, **meta, BD=block_d)
-    else:
-        mod.fwd[lambda m: (bsz, triton_cdiv(dm, m["BD"]))](*args, **meta)
+    with _on(u.device):
+        if block_d:
+            mod.selective_scan_fwd_kernel[(bsz, triton_cdiv(dm, block_d))](*args, **meta, BD=block_d)
+        else:
+            mod.fwd[lambda m: (bsz, triton_cdiv(dm, m["BD"]))](*args, **meta)
     return out, states
 
 
@@ -176,10 +182,11 @@ def _bwd_op(g: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tens
     args = (u, delta, A, B, C, D, z, delta_bias, g, states, du, ddelta, dz, dB, dC, dA, dD, dbias,
             dm, N, L, n_tiles, *_strides(u, delta, A, B, C, z, g, states))
     meta = {"REVERSE": reverse, "NP": _npo2(N), "T": tile}
-    if block_d:
-        mod.selective_scan_bwd_kernel[(bsz, triton_cdiv(dm, block_d))](*args, **meta, BD=block_d)
-    else:
-        mod.bwd[lambda m: (bsz, triton_cdiv(dm, m["BD"]))](*args, **meta)
+    with _on(dev):
+        if block_d:
+            mod.selective_scan_bwd_kernel[(bsz, triton_cdiv(dm, block_d))](*args, **meta, BD=block_d)
+        else:
+            mod.bwd[lambda m: (bsz, triton_cdiv(dm, m["BD"]))](*args, **meta)
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0).to(D.dtype), dz,
             dbias.sum(0).to(delta_bias.dtype))
 
