@@ -16,6 +16,7 @@ belongs to the prepared dataset (recorded in its manifest), see `tuning.prepared
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ from cfcml.config import PROJECT_ROOT, ConfigError, ExperimentConfig, load_exper
 from tuning.space import SearchConfig, load_search
 
 DEFAULT_RUNS_DIR = PROJECT_ROOT / "runs"
+
+# Settings a resumed search may take anew: they decide how fast and where trials run and how often a
+# crashed worker is retried, not what is trained or selected. Every other resolved setting (the
+# experiment, the search file, the trial count, the data by content) must equal the recorded one.
+RESUME_MAY_CHANGE = ("train.max_failures", "train.cpus_per_worker", "train.prefetch_factor")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -91,6 +97,24 @@ class SearchRun:
 
         return selection_key(spec.task, len(spec.classes), spec.selection_metric,
                              self.experiment.train.selection_metric)
+
+    def settings(self, dataset_fingerprint: str) -> dict[str, Any]:
+        """Everything this search resolved to, as plain dotted keys: the dataset (by name and by
+        the prepared data's content fingerprint), the search file's budget and space, the trial
+        count, and every experiment key (`train.*`, `model.*`, `loss.*`, `optim.*`). What
+        `--resume` compares (less `RESUME_MAY_CHANGE`)."""
+        import json
+
+        from cfcml.config import flatten_dict
+
+        search = {k: v for k, v in dataclasses.asdict(self.search).items()
+                  if k not in ("space", "overrides", "dataset_overrides")}  # the overrides are in the experiment
+        out = {"dataset": self.dataset, "dataset_fingerprint": dataset_fingerprint, "num_samples": self.num_samples,
+               **{f"search.{k}": v for k, v in search.items()},
+               **{f"search.space.{p.key}": {"dist": p.dist, "low": p.low, "high": p.high, "values": list(p.values)}
+                  for p in self.search.space},
+               **flatten_dict(self.experiment.to_dict())}
+        return json.loads(json.dumps(out, default=str))  # tuples as lists: equal to what a state file holds
 
     @property
     def storage(self) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from cfcml.config import ConfigError
 from cfcml.data.validation import DatasetValidationError
 from tuning import cli_args
+from tuning.driver import STATE_FILE, SearchState
 from tuning.run import SearchRun, parse_set
 
 
@@ -58,8 +59,26 @@ def build_run(args: argparse.Namespace) -> SearchRun:
     )
 
 
+def check_resume(run: SearchRun, state: SearchState, fingerprint: str) -> None:
+    """A resumed search continues the experiment it started, or nothing: ConfigError naming every
+    resolved setting that differs from the state file's record (both values), before Ray starts.
+    Only `tuning.run.RESUME_MAY_CHANGE` (and --verbose, --address, --no-final) may differ."""
+    source = run.search_dir / STATE_FILE
+    if run.tracking_uri is not None and run.tracking_uri != state.tracking_uri:
+        raise ConfigError(f"--resume: --tracking-uri {run.tracking_uri} is not this search's store "
+                          f"{state.tracking_uri} ({source}); leave --tracking-uri out to resume it")
+    if state.settings is None:
+        print(f"warning: {source} predates recorded settings; resuming without checking that they are unchanged",
+              file=sys.stderr)
+        return
+    changed = state.changed(run.settings(fingerprint))
+    if changed:
+        raise ConfigError(f"--resume: search {run.name!r} was started with other settings ({'; '.join(changed)}); "
+                          f"resume it with the settings it started with (see {source}), or start a new search "
+                          f"with --name")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from tuning.driver import STATE_FILE, SearchState
     from tuning.preflight import check_storage
     from tuning.prepared import load_or_prepare
 
@@ -82,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         prepared = load_or_prepare(run.dataset, run.data_root, folds=t.folds, fold_seed=run.fold_seed,
                                    image_size=t.image_size)
         run.metric(prepared.spec)  # a selection metric the task lacks fails here, before Ray starts
+        if state is not None:
+            check_resume(run, state, prepared.fingerprint)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
