@@ -82,7 +82,7 @@ def run_trial(config: dict[str, Any], *, run: SearchRun, prepared_dir: str, metr
     trial_id = tune.get_context().get_trial_id()
     job = TrainJob(run.experiment.replace(dict(config)), prepared_dir, run.max_epochs)
     fit(job, name=f"trial_{trial_id}", storage_path=str(run.storage / "train"), metric=metric,
-        callbacks=[TuneReportCallback()])
+        callbacks=[TuneReportCallback()], label=f"trial {trial_id}")
 
 
 def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, metric: str) -> SearchState:

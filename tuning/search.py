@@ -124,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{exc}", file=sys.stderr)
             return 130
         print_summary(outcome, time.time() - t_start)
+        if outcome.best is None:  # every trial failed: nothing to retrain, register or report
+            from tuning.tracking import reason_line
+
+            reasons = sorted({reason_line(t.error) for t in outcome.trials})
+            print(f"error: no trial of search {run.name!r} produced a score ({len(outcome.trials)} trial(s) "
+                  f"failed: {'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})", file=sys.stderr)
+            return 1
         if run.final:
             final = train_final(prepared, outcome, storage=run.storage)
         else:
