@@ -84,6 +84,8 @@ class SearchRun:
     address: str | None = None  # a Ray cluster; None: a local Ray
     resume: bool = False
     final: bool = True  # retrain the best configuration, test it once, register it
+    # Grad-CAM figures of test patients on the final run (their images leave with the run): opt-in
+    explain_test_patients: bool = False
     verbose: bool = False  # Ray's own worker and per-epoch log lines on the console
 
     @property
@@ -148,6 +150,7 @@ class SearchRun:
         address: str | None = None,
         resume: bool = False,
         final: bool = True,
+        explain_test_patients: bool = False,
         verbose: bool = False,
     ) -> SearchRun:
         """Resolve a search from its names and the command line's values (None = not given).
@@ -173,5 +176,6 @@ class SearchRun:
             address=address,
             resume=resume,
             final=final,
+            explain_test_patients=explain_test_patients,
             verbose=verbose,
         )

@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli_args.add_runtime(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
     p.add_argument("--no-final", action="store_true", help="skip retraining/testing/registering the best configuration")
+    cli_args.add_explain(p)
     return p.parse_args(argv)
 
 
@@ -55,7 +56,8 @@ def build_run(args: argparse.Namespace) -> SearchRun:
         fold_seed=args.fold_seed, image_size=args.image_size, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         overrides=parse_set(args.set), tracking_uri=args.tracking_uri, address=args.address,
-        resume=args.resume, final=not args.no_final, verbose=args.verbose,
+        resume=args.resume, final=not args.no_final, explain_test_patients=args.explain_test_patients,
+        verbose=args.verbose,
     )
 
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"failed: {'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})", file=sys.stderr)
             return 1
         if run.final:
-            final = train_final(prepared, outcome, storage=run.storage)
+            final = train_final(prepared, outcome, storage=run.storage, explain=run.explain_test_patients)
         else:
             register_cv_ensemble(prepared, outcome)
             final = None

@@ -24,7 +24,7 @@ def _inputs(run) -> list[tuple[str, str]]:
 def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
-            "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--folds", "2"]
+            "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--folds", "2", "--explain-test-patients"]
     assert search_main(args) == 0
 
     client = MlflowClient(uri)

@@ -81,3 +81,15 @@ def test_a_resume_into_another_tracking_store_is_refused(prepared, tmp_path: Pat
                           tracking_uri=f"sqlite:///{tmp_path / 'elsewhere.db'}", resume=True)
     with pytest.raises(ConfigError, match=r"--tracking-uri .*elsewhere.db is not this search's store"):
         check_resume(run, SearchState.load(state_file.parent), prepared.fingerprint)
+
+
+def test_grad_cam_of_test_patients_is_an_explicit_option(prepared, tmp_path: Path) -> None:
+    """Explanations show test patients' images and fields on the final run: off unless asked."""
+    import inspect
+
+    from pipelines.train_final import main as final_main  # noqa: F401  (the flag exists there too)
+    from tuning.final import train_final
+
+    assert not build_run(parse_args(_args(prepared, tmp_path))).explain_test_patients
+    assert build_run(parse_args(_args(prepared, tmp_path, "--explain-test-patients"))).explain_test_patients
+    assert inspect.signature(train_final).parameters["explain"].default is False
