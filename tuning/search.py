@@ -134,7 +134,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"failed: {'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})", file=sys.stderr)
             return 1
         if run.final:
-            final = train_final(prepared, outcome, storage=run.storage, explain=run.explain_test_patients)
+            from cfcml.training import TrainingDiverged
+
+            try:
+                final = train_final(prepared, outcome, storage=run.storage, explain=run.explain_test_patients)
+            except TrainingDiverged as exc:  # the best configuration diverged on all development data
+                print(f"error: final model: {exc}", file=sys.stderr)
+                return 1
         else:
             register_cv_ensemble(prepared, outcome)
             final = None
