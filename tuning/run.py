@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from cfcml.config import PROJECT_ROOT, ConfigError, ExperimentConfig, load_experiment
-from tuning.space import SearchConfig, load_search
+from tuning.space import SearchConfig, check_space, load_search, search_path
 
 DEFAULT_RUNS_DIR = PROJECT_ROOT / "runs"
 
@@ -161,6 +161,8 @@ class SearchRun:
         cli = cli_overrides(overrides, max_epochs=max_epochs, folds=folds, seed=seed, image_size=image_size,
                             workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
         experiment = resolve_experiment(dataset, search_cfg, cli)
+        if cli:  # the space was checked against the search file's experiment; now against the final one
+            check_space(search_cfg.space, experiment, f"{search_path(search)} (with --set and the flags):")
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"--num-samples: expected a positive integer, got {num_samples}")
         return cls(

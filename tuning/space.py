@@ -147,17 +147,21 @@ def _param(key: str, raw: Any, where: str, base: ExperimentConfig) -> Param:
             raise ConfigError(f"{where}: dist: int needs whole-number low and high, "
                               f"got {raw['low']!r}, {raw['high']!r}")
         param = Param(key, dist, low, high)
-    for bound, value in param.bounds():  # every value the search can sample is a valid config
-        try:
-            base.replace({key: value})
-        except (ConfigError, TypeError) as exc:
-            raise ConfigError(f"{where}.{bound}: {value!r} can be sampled but is not a valid {key}: {exc}") from None
     return param
 
 
 def check_space(space: tuple[Param, ...], base: ExperimentConfig, where: str) -> None:
-    """Every searched key at its low bound together, then at its high bound together, is a valid
-    experiment (cross-key checks of the config); each key alone is checked by `_param`."""
+    """Every value the search can sample makes `base` a valid experiment: each key's bounds (or
+    choices) with the other keys at `base`'s values, then every searched key at its low bound
+    together and at its high bound together (the config's cross-key checks). ConfigError naming
+    `where`, the key and the bound. Raised at load and again once the command line is applied."""
+    for param in space:
+        for bound, value in param.bounds():
+            try:
+                base.replace({param.key: value})
+            except (ConfigError, TypeError) as exc:
+                raise ConfigError(f"{where} space.{param.key}.{bound}: {value!r} can be sampled but is not a "
+                                  f"valid {param.key}: {exc}") from None
     numeric = [p for p in space if p.dist != "choice"]
     for bound in ("low", "high"):
         values = {p.key: dict(p.bounds())[bound] for p in numeric}

@@ -120,3 +120,15 @@ def test_tpe_models_within_the_trial_budget(tmp_path, base, text, num_samples, s
     search = load_search(write(tmp_path, text), base)
     assert search.tpe_startup_trials(num_samples) == startup
 
+
+
+def test_the_command_line_is_checked_against_the_space_too(tmp_path):
+    """A --set that makes a sampled value invalid (dim 36 is fine with 4 heads, not with 8) fails
+    when the search is resolved, before Ray starts, naming the bound."""
+    from tuning.run import SearchRun
+
+    path = write(tmp_path, "space:\n  model.dim: {dist: choice, values: [32, 36]}\n")
+    SearchRun.build("men", path)  # 4 heads: both choices divide
+    with pytest.raises(ConfigError, match=r"with --set and the flags\): space.model.dim.values\[1\]: 36 .*"
+                                          r"not divisible by 8 heads"):
+        SearchRun.build("men", path, overrides={"model.heads": 8})
