@@ -212,9 +212,16 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         return model
 
     def load_context(self, context: Any) -> None:
+        import importlib
+
         from cfcml.config import ExperimentConfig, from_dict
         from cfcml.data.normalize import TabularNormalizer
         from cfcml.data.spec import spec_from_dict
+
+        # What `predict` reads images with, imported now: MLflow infers a logged model's requirements
+        # from the modules its loading imports (the placeholder input example cannot be predicted).
+        for module in ("cfcml.data.dataset", "cfcml.predict", "nibabel", "PIL.Image"):
+            importlib.import_module(module)
 
         bundle = Path(context.artifacts["bundle"])
         meta = json.loads((bundle / BUNDLE_META).read_text())
@@ -291,12 +298,17 @@ def placeholder_example(spec: Any) -> pd.DataFrame:
 
 
 class _NoExampleValidation:
-    """MLflow validates a logged input example by predicting on it; the placeholder rows name no
-    real image, so that prediction fails by design. Drop MLflow's warning about it (the bundle was
-    checked on real rows before logging)."""
+    """MLflow predicts on a logged input example, to validate it and to infer requirements; the
+    placeholder rows name no real image, so those predictions fail by design. Drop MLflow's
+    warnings about them (the bundle was checked on real rows before logging, and `load_context`
+    imports every module `predict` needs)."""
+
+    LOGGERS = ("mlflow.models.model", "mlflow.utils.requirements_utils")
 
     def filter(self, record: Any) -> bool:
-        return "Failed to validate serving input example" not in record.getMessage()
+        message = record.getMessage()
+        return not message.startswith(("Failed to validate serving input example",
+                                       "Failed to run predict on input_example"))
 
 
 def log_and_register(
@@ -334,8 +346,8 @@ def log_and_register(
         output = CFCMLModel.from_bundle(bundle).predict(None, real)  # exactly what serving will run
         signature = infer_signature(example, output)  # no params: a request cannot pick the data root
         quiet = _NoExampleValidation()
-        logger = logging.getLogger("mlflow.models.model")
-        logger.addFilter(quiet)
+        for name in quiet.LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
         try:
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
@@ -349,7 +361,8 @@ def log_and_register(
                     pip_requirements=pip_requirements,
                 )
         finally:
-            logger.removeFilter(quiet)
+            for name in quiet.LOGGERS:
+                logging.getLogger(name).removeFilter(quiet)
     client = mlflow.MlflowClient(tracking_uri)
     version = info.registered_model_version
     for key, value in tags.items():

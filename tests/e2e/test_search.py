@@ -84,6 +84,10 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     np.testing.assert_allclose(probs.to_numpy().sum(1), 1.0, rtol=1e-5)
     (version,) = client.search_model_versions("name = 'cfcml-men'")
     assert "cv_macro_auc" in version.tags and "test_accuracy" in version.tags
+    # logged from code (nothing pickled), with inferred requirements
+    local = Path(mlflow.artifacts.download_artifacts("models:/cfcml-men/latest", dst_path=str(tmp_path / "model")))
+    assert "model_code_path" in (local / "MLmodel").read_text() and not list(local.rglob("*.pkl"))
+    assert "mlflow" in (local / "requirements.txt").read_text()
 
     # Re-running the finished search with --resume adds no run, no metric point, no model version.
     n_runs = len(client.search_runs([exp.experiment_id]))
