@@ -32,6 +32,7 @@ class SearchState:
     parent_run_id: str
     tracking_uri: str
     experiment_id: str
+    settings: dict[str, Any] | None = None  # SearchRun.settings: what --resume must find again
 
     @classmethod
     def load(cls, search_dir: Path) -> SearchState | None:
@@ -39,7 +40,20 @@ class SearchState:
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
-        return cls(data["parent_run_id"], data["tracking_uri"], data["experiment_id"])
+        return cls(data["parent_run_id"], data["tracking_uri"], data["experiment_id"], data.get("settings"))
+
+    def changed(self, settings: dict[str, Any]) -> list[str]:
+        """'KEY: RECORDED recorded, NOW now' per resolved setting that differs from the recorded
+        ones, less those a resume may change (`tuning.run.RESUME_MAY_CHANGE`). Empty for a state
+        file written before settings were recorded (nothing to compare)."""
+        from tuning.run import RESUME_MAY_CHANGE
+
+        if self.settings is None:
+            return []
+        missing = "<not set>"
+        return [f"{key}: {self.settings.get(key, missing)!r} recorded, {settings.get(key, missing)!r} now"
+                for key in sorted(set(self.settings) | set(settings))
+                if key not in RESUME_MAY_CHANGE and self.settings.get(key, missing) != settings.get(key, missing)]
 
     def save(self, search_dir: Path) -> None:
         search_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +82,7 @@ def run_trial(config: dict[str, Any], *, run: SearchRun, prepared_dir: str, metr
     trial_id = tune.get_context().get_trial_id()
     job = TrainJob(run.experiment.replace(dict(config)), prepared_dir, run.max_epochs)
     fit(job, name=f"trial_{trial_id}", storage_path=str(run.storage / "train"), metric=metric,
-        callbacks=[TuneReportCallback()])
+        callbacks=[TuneReportCallback()], label=f"trial {trial_id}")
 
 
 def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, metric: str) -> SearchState:
@@ -91,7 +105,7 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
             "cfcml.kind": "search", "cfcml.search": str(run.search_dir), "cfcml.dataset": run.dataset,
             "cfcml.dataset_fingerprint": prepared.fingerprint, "mlflow.source.git.commit": commit,
         }).info.run_id
-    state = SearchState(parent_id, tracking_uri, exp_id)
+    state = SearchState(parent_id, tracking_uri, exp_id, run.settings(prepared.fingerprint))
     state.save(run.search_dir)
     log_provenance(client, state.parent_run_id, prepared)
     t = run.experiment.train

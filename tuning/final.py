@@ -41,9 +41,14 @@ def _cv_tags(best: TrialResult, metric: str) -> dict[str, str]:
     return tags
 
 
-def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: str | Path) -> dict[str, Any]:
+def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: str | Path,
+                explain: bool = False) -> dict[str, Any]:
     """Retrain `outcome.best` on all development rows, test once, register. Idempotent: a search
-    whose final model is registered already is left alone."""
+    whose final model is registered already is left alone.
+
+    explain: also log Grad-CAM and field-occlusion figures of a few test patients on the final run
+    (`--explain-test-patients`). Off by default: those figures show patients' images and clinical
+    fields, and anyone who can read the MLflow store can see them."""
     from mlflow.tracking import MlflowClient
 
     from cfcml.config import flatten_dict
@@ -96,7 +101,8 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
     client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
     print(f"registered cfcml-{outcome.dataset} version {info.registered_model_version}: "
           f"mlflow.pyfunc.load_model('models:/cfcml-{outcome.dataset}/{info.registered_model_version}')")
-    _explain(client, run_id, prepared, best, weights)
+    if explain:
+        _explain(client, run_id, prepared, best, weights)
     client.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, "test": ci, "version": info.registered_model_version}
 

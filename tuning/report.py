@@ -12,6 +12,8 @@ def _fmt(v: Any) -> str:
 
 
 def print_summary(outcome: SearchOutcome, seconds: float) -> None:
+    from tuning.tracking import reason_line  # the one-line verdict of a failed trial
+
     metric = outcome.metric
     trials = outcome.trials
     print(f"\n=== search finished in {seconds:.0f}s: {len(trials)} trials, selection metric {metric} "
@@ -28,7 +30,7 @@ def print_summary(outcome: SearchOutcome, seconds: float) -> None:
             print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
     for t in trials:
         if t.error:
-            print(f"trial {t.trial_id} produced no result: {t.error}")
+            print(f"trial {t.trial_id} produced no result: {reason_line(t.error)}")
     best = outcome.best
     if best is None:
         print("no trial produced a score")

@@ -169,6 +169,34 @@ def log_figure(client: MlflowClient, run_id: str, fig: Any, name: str) -> None:
     plt.close(fig)
 
 
+FAILURE_TAG = "cfcml.failure_reason"  # on a failed trial's run: the error's one-line reason
+
+
+def failure_reason(trial: Any) -> str:
+    """One line saying why a Tune trial failed, from the error Tune recorded for it (its error.txt
+    holds every failure's traceback): see `reason_line`."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    return reason_line(text)
+
+
+def reason_line(text: str) -> str:
+    """The last "training diverged: ..." line of an error text, else its last "SomeError: message"
+    line (a traceback's verdict), else its last line."""
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "training diverged:" in line:
+            return line[line.index("training diverged:"):]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Diverged")) and " " not in head:
+            return line
+    return lines[-1] if lines else "unknown (no error was recorded)"
+
+
 class SearchTracker(Callback):
     """Tune callback mirroring trials into nested MLflow runs.
 
@@ -190,6 +218,7 @@ class SearchTracker(Callback):
         self._last_epoch: dict[str, int] = {}
         self._best: dict[str, tuple[float, str | None]] = {}  # trial id -> (score, checkpoint path)
         self._last: dict[str, str] = {}  # trial id -> latest checkpoint path
+        self._reasons: dict[str, str] = {}  # trial id -> why it failed (FAILURE_TAG)
         self._client: MlflowClient | None = None
 
     @property
@@ -264,6 +293,9 @@ class SearchTracker(Callback):
         self._finish(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reason = failure_reason(trial)
+        self.client.set_tag(self._run_for(trial), FAILURE_TAG, reason[:5000])
+        self.__dict__.setdefault("_reasons", {})[trial.trial_id] = reason  # (a tracker saved before it had one)
         self._finish(trial, "FAILED")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -295,7 +327,9 @@ class SearchTracker(Callback):
         epochs = last.get("epoch", self._last_epoch.get(trial.trial_id, 0))
         best = self._best.get(trial.trial_id)
         if status != "FINISHED":
-            return f"trial {name} failed after {epochs} epoch(s); see {getattr(trial, 'local_path', '') or 'its logs'}"
+            reason = getattr(self, "_reasons", {}).get(trial.trial_id)
+            return (f"trial {name} failed after {epochs} epoch(s): {reason or 'no reason recorded'}; "
+                    f"see {getattr(trial, 'local_path', '') or 'its logs'}")
         score = f"best {self.metric} {best[0]:.4f}" if best else f"no {self.metric}"
         return f"trial {name} finished: {score}, {epochs} epoch(s), {last.get('time_total_s', 0.0):.0f} s"
 

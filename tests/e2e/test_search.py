@@ -24,7 +24,7 @@ def _inputs(run) -> list[tuple[str, str]]:
 def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
-            "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--folds", "2"]
+            "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--folds", "2", "--explain-test-patients"]
     assert search_main(args) == 0
 
     client = MlflowClient(uri)
@@ -84,6 +84,10 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     np.testing.assert_allclose(probs.to_numpy().sum(1), 1.0, rtol=1e-5)
     (version,) = client.search_model_versions("name = 'cfcml-men'")
     assert "cv_macro_auc" in version.tags and "test_accuracy" in version.tags
+    # logged from code (nothing pickled), with inferred requirements
+    local = Path(mlflow.artifacts.download_artifacts("models:/cfcml-men/latest", dst_path=str(tmp_path / "model")))
+    assert "model_code_path" in (local / "MLmodel").read_text() and not list(local.rglob("*.pkl"))
+    assert "mlflow" in (local / "requirements.txt").read_text()
 
     # Re-running the finished search with --resume adds no run, no metric point, no model version.
     n_runs = len(client.search_runs([exp.experiment_id]))

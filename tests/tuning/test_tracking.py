@@ -141,3 +141,26 @@ def test_a_parent_run_left_without_a_state_file_is_reused_not_duplicated(client:
     client.set_terminated(orphan.info.run_id, "FINISHED")
     (run.search_dir / STATE_FILE).unlink()
     assert _start_parent(run, prepared, client.tracking_uri, "cv_macro_auc").parent_run_id != orphan.info.run_id
+
+
+@pytest.mark.parametrize("text,reason", [
+    # a diverged trial: Tune's error.txt, the worker's exception at the end of a Ray traceback
+    ("Failure # 1 (occurred at 2026-01-01)\nray.exceptions.RayTaskError(TrainingDiverged): ray::ImplicitFunc\n"
+     "  File \"x.py\", line 3, in fit\ncfcml.training.TrainingDiverged: training diverged: trial ab12, fold 1, "
+     "epoch 4: non-finite training loss (loss=nan) (lower optim.lr, or check the data)\n",
+     "training diverged: trial ab12, fold 1, epoch 4: non-finite training loss (loss=nan) (lower optim.lr, "
+     "or check the data)"),
+    # any other failure: the traceback's verdict line, the last failure when a trial failed twice
+    ("Failure # 1\nTraceback (most recent call last):\n  File \"a.py\"\nValueError: first\n"
+     "Failure # 2\nTraceback (most recent call last):\n  File \"a.py\", line 1\nRuntimeError: CUDA out of memory\n",
+     "RuntimeError: CUDA out of memory"),
+    ("", "unknown (no error was recorded)"),
+])
+def test_a_failed_trial_gets_a_one_line_reason(tmp_path: Path, text: str, reason: str) -> None:
+    from types import SimpleNamespace
+
+    from tuning.tracking import failure_reason
+
+    (tmp_path / "error.txt").write_text(text)
+    assert failure_reason(SimpleNamespace(error_file=str(tmp_path / "error.txt"))) == reason
+    assert failure_reason(SimpleNamespace(error_file=None)) == "unknown (no error was recorded)"
