@@ -172,8 +172,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from cfcml.data.manifest import PreparedDataset
+    from cfcml.metrics import selection_key
     from cfcml.training import CrossValidation, Split, prediction_frame
     from tuning.checkpoints import restorable, write_checkpoint
+    from tuning.outcome import EpochSelection
 
     t_start = time.perf_counter()
     _quiet_report_log()
@@ -186,6 +188,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         splits = [Split(*prepared.fold_frames(k)) for k in range(prepared.folds)]
     cv = CrossValidation(prepared, splits, cfg, ray.train.torch.get_device())
+    # The running selected score (max over this run's epochs so far), reported with every epoch of
+    # a CV run: what ASHA, Optuna and the best-trial choice act on (tuning.outcome.EpochSelection).
+    spec = prepared.spec
+    selection = None if job.final else EpochSelection(
+        selection_key(spec.task, len(spec.classes), spec.selection_metric, cfg.train.selection_metric))
 
     restored: dict[str, Any] = {}  # the restored epoch's metrics, re-sent with the first report
     skipped: list[str] = []  # damaged checkpoints passed over, reported with the first epoch
@@ -196,6 +203,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if reader is not None:
                 cv.load_state_dict(reader.state(map_location=cv.device))
                 restored = reader.metrics()
+                if selection is not None:  # epochs after the checkpoint are retrained and re-selected
+                    selection.restore(restored)
         for message in skipped:
             print(f"[cfcml] {message}", flush=True)
     resumed_from = cv.epoch
@@ -214,6 +223,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             metrics, oof = cv.run_epoch()
             compute_s += time.perf_counter() - t0
+            if selection is not None:
+                metrics.update(selection.update(metrics))
             metrics.update(time_compute_s=compute_s, time_setup_s=t_ready - t_start, resumed_from_epoch=resumed_from)
             if system is not None:
                 metrics.update(system.epoch())
