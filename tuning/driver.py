@@ -119,16 +119,34 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
     return state
 
 
-def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
-    """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C."""
+def search_algorithms(run: SearchRun, target: str) -> tuple[Any, Any]:
+    """The search's OptunaSearch (TPE, or random) and ASHA scheduler, both maximising `target`
+    (the Tuner's metric too: `selected_key` of the selection metric)."""
     import optuna
-    from mlflow.tracking import MlflowClient
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from tuning.ray_runtime import scoped_env
     from tuning.space import initial_point
+
+    seed = run.experiment.train.seed
+    sampler = optuna.samplers.RandomSampler(seed=seed) if run.search.searcher == "random" else \
+        optuna.samplers.TPESampler(seed=seed, n_startup_trials=run.search.tpe_startup_trials(run.num_samples))
+    searcher = OptunaSearch(
+        metric=target, mode="max", sampler=sampler,
+        points_to_evaluate=[initial_point(run.search, run.experiment)] if run.search.space else None,
+    )
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=run.max_epochs,
+                              grace_period=min(run.search.grace_period, run.max_epochs),
+                              reduction_factor=run.search.reduction_factor)
+    return searcher, scheduler
+
+
+def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
+    """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from tuning.ray_runtime import scoped_env
     from tuning.tracking import SearchTracker, dataset_entity, default_tracking_uri, log_metrics, write_json_artifact
 
     spec = prepared.spec
@@ -150,16 +168,7 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     if run.resume and tune.Tuner.can_restore(str(run.search_dir)):
         tuner = tune.Tuner.restore(str(run.search_dir), trainable=trainable, resume_errored=True)
     else:
-        seed = run.experiment.train.seed
-        sampler = optuna.samplers.RandomSampler(seed=seed) if run.search.searcher == "random" else \
-            optuna.samplers.TPESampler(seed=seed, n_startup_trials=run.search.tpe_startup_trials(run.num_samples))
-        searcher = OptunaSearch(
-            metric=target, mode="max", sampler=sampler,
-            points_to_evaluate=[initial_point(run.search, run.experiment)] if run.search.space else None,
-        )
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=run.max_epochs,
-                                  grace_period=min(run.search.grace_period, run.max_epochs),
-                                  reduction_factor=run.search.reduction_factor)
+        searcher, scheduler = search_algorithms(run, target)
         reporter = tune.CLIReporter(
             metric_columns={"epoch": "epoch", metric: metric, target: target, "train_loss": "train_loss"},
             parameter_columns=run.search.keys, max_report_frequency=15, sort_by_metric=True,

@@ -77,7 +77,8 @@ def _result(tmp_path: Path, rows: list[dict], deleted: tuple[int, ...] = ()) -> 
                       "checkpoint_path": str(path), "timestamp": 1000 + i, "time_total_s": 10.0 * (i + 1),
                       "time_compute_s": 8.0 * (i + 1)})
     df = pd.DataFrame(frame)
-    return Result(metrics={**frame[-1], "config": CONFIG}, checkpoint=None, error=None, path=str(tmp_path), metrics_dataframe=df)
+    return Result(metrics={**frame[-1], "config": CONFIG}, checkpoint=None, error=None, path=str(tmp_path),
+                  metrics_dataframe=df)
 
 
 @pytest.mark.parametrize("scores", [
