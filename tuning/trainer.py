@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from cfcml.data.manifest import PreparedDataset
     from cfcml.metrics import selection_key
-    from cfcml.training import CrossValidation, Split, prediction_frame
+    from cfcml.training import CrossValidation, cv_splits, prediction_frame
     from tuning.checkpoints import restorable, write_checkpoint
     from tuning.outcome import EpochSelection
 
@@ -183,11 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = job.experiment
     torch.set_num_threads(max(int(cfg.train.cpus_per_worker), 1))
     prepared = PreparedDataset.load(job.prepared_dir)
-    if job.final:
-        splits = [Split(prepared.dev_frame(), None)]
-    else:
-        splits = [Split(*prepared.fold_frames(k)) for k in range(prepared.folds)]
-    cv = CrossValidation(prepared, splits, cfg, ray.train.torch.get_device())
+    cv = CrossValidation(prepared, cv_splits(prepared, job.final), cfg, ray.train.torch.get_device())
     # The running selected score (max over this run's epochs so far), reported with every epoch of
     # a CV run: what ASHA, Optuna and the best-trial choice act on (tuning.outcome.EpochSelection).
     spec = prepared.spec
