@@ -96,11 +96,13 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
         return "\n".join(lines + ["No trial produced a score."]) + "\n", figures
 
     last = best.last_epoch_metrics.get(metric)
+    unselected = "The test figures below are the estimate nothing was selected on." if (final or {}).get("test") \
+        else "Only a test evaluation gives an estimate nothing was selected on."
     lines += ["## Best configuration", "",
               f"Trial `{best.trial_id}` at epoch {best.epoch} of {best.epochs_run}: {metric} = {best.score:.4f}, "
               f"**selected** (optimistic: the maximum over its epochs and over the {len(scored)} trials). "
               f"At its last epoch ({best.epochs_run}), not maximised over epochs: {_fmt(last)} (still the best of "
-              "the trials; the test figures below are the estimate nothing was selected on).", "",
+              "the trials). " + unselected, "",
               "| parameter | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in best.params.items()]
     lines += ["", f"### CV metrics of the best trial at its selected epoch {best.epoch}, per validation fold", ""] \
@@ -152,8 +154,8 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
     importance = param_importance(outcome.trials, search)
     lines += ["", "## Parameter importance", ""]
     if isinstance(importance, dict):
-        lines += ["Optuna's default importance evaluator (PED-ANOVA) over the scored trials (each trial at its "
-                  "best epoch):", "",
+        lines += ["Optuna's default importance evaluator (PED-ANOVA) over the scored trials (each trial's "
+                  "selected score, its maximum over epochs):", "",
                   "| parameter | importance |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in importance.items()]
         figures["report/importance.png"] = plot_importance(importance)
