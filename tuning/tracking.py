@@ -273,7 +273,16 @@ class SearchTracker(Callback):
         score = result.get(self.metric)
         if isinstance(score, (int, float)) and math.isfinite(score):
             best = self._best.get(trial.trial_id)
-            if best is None or score >= best[0]:  # ties: the latest epoch, as EpochSelection
+            if "selected_epoch" in result:  # the worker's selection (tuning.outcome.EpochSelection)
+                # this trial's epochs as its lineage: a retrained epoch drops the ones after it
+                epochs = self.__dict__.setdefault("_epochs", {}).setdefault(trial.trial_id, {})
+                epoch = int(result.get("epoch", 0))
+                for stale in [e for e in epochs if e >= epoch]:
+                    del epochs[stale]
+                epochs[epoch] = (float(score), result.get("checkpoint_path"))
+                if result["selected_epoch"] in epochs:
+                    self._best[trial.trial_id] = epochs[result["selected_epoch"]]
+            elif best is None or score >= best[0]:  # ties: the latest epoch, as EpochSelection
                 self._best[trial.trial_id] = (float(score), result.get("checkpoint_path"))
 
     def _log_epoch(self, trial_id: str, run_id: str, values: dict, timestamp: int, retrained: bool = False) -> None:

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from cfcml.data.prepare import prepare_dataset
 from cfcml.data.synthetic import make_men
+from tuning.outcome import EpochSelection
 from tuning.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -143,21 +144,29 @@ def test_a_search_trials_retrained_epochs_win_and_re_sent_ones_add_nothing(clien
                             "multiclass")
     trial = Trial("__fake", config={"loss.w_cp": 0.1}, trial_id="t1", stub=True)
 
-    def report(n: int, auc: float, t: int, **extra: object) -> None:
-        tracker.on_trial_result(0, [trial], trial, {"epoch": n, "cv_macro_auc": auc, "selected_cv_macro_auc": auc,
-                                                    "timestamp": t, **extra})
+    selection = EpochSelection("cv_macro_auc")  # what the trial's worker reports with each epoch
 
-    for n in (1, 2, 3):
-        report(n, 0.5 + n / 10, 100 + n)
+    def report(n: int, auc: float, t: int, **extra: object) -> None:
+        values = {"epoch": n, "cv_macro_auc": auc}
+        values.update(selection.update(values))
+        tracker.on_trial_result(0, [trial], trial, {**values, "timestamp": t, "checkpoint_path": f"c{n}@{t}",
+                                                    **extra})
+
+    for n, auc in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        report(n, auc, 100 + n)
+    assert tracker._best["t1"] == (0.8, "c3@103")
     # epoch 3's checkpoint was damaged: restart from epoch 1, epochs 2 and 3 retrained
-    report(2, 0.61, 103, restored={"epoch": 1, "cv_macro_auc": 0.6})
-    report(3, 0.62, 103)  # in the same second as the discarded epoch 3: still logged after it
-    report(3, 0.62, 104, restored={"epoch": 3, "cv_macro_auc": 0.62})  # a finished run's re-send
+    selection = EpochSelection("cv_macro_auc")
+    selection.restore({"selected_cv_macro_auc": 0.6, "selected_epoch": 1})
+    report(2, 0.55, 103, restored={"epoch": 1, "cv_macro_auc": 0.6})
+    report(3, 0.58, 103)  # in the same second as the discarded epoch 3: still logged after it
+    report(3, 0.58, 104, restored={"epoch": 3, "cv_macro_auc": 0.58})  # a finished run's re-send
     run_id = tracker._runs["t1"]
-    assert _shown(client, run_id, "cv_macro_auc") == {1: 0.6, 2: 0.61, 3: 0.62}
+    assert _shown(client, run_id, "cv_macro_auc") == {1: 0.6, 2: 0.55, 3: 0.58}
     assert len(client.get_metric_history(run_id, "cv_macro_auc")) == 5  # the two discarded points stay
-    assert client.get_run(run_id).data.metrics["cv_macro_auc"] == 0.62
-    assert client.get_run(run_id).data.metrics["selected_cv_macro_auc"] == 0.62
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["cv_macro_auc"] == 0.58 and metrics["selected_cv_macro_auc"] == 0.6
+    assert tracker._best["t1"] == (0.6, "c1@101")  # the trial's plots come from epoch 1, not the discarded 3
 
 
 def test_system_metrics_use_mlflows_own_names_and_stop_with_the_loop() -> None:
