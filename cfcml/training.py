@@ -75,6 +75,14 @@ class Split:
     val: pd.DataFrame | None
 
 
+def cv_splits(prepared: PreparedDataset, final: bool = False) -> list[Split]:
+    """The splits a run trains on: each fold's (training, validation) development rows, or, with
+    `final`, one split of all development rows without validation. Never a test row."""
+    if final:
+        return [Split(prepared.dev_frame(), None)]
+    return [Split(*prepared.fold_frames(k)) for k in range(prepared.folds)]
+
+
 @dataclass
 class Fold:
     model: CFCML

@@ -173,8 +173,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from cfcml.data.manifest import PreparedDataset
-    from cfcml.training import CrossValidation, Split, TrainingDiverged, prediction_frame
+    from cfcml.metrics import selection_key
+    from cfcml.training import CrossValidation, TrainingDiverged, cv_splits, prediction_frame
     from tuning.checkpoints import restorable, write_checkpoint
+    from tuning.outcome import EpochSelection
 
     t_start = time.perf_counter()
     _quiet_report_log()
@@ -182,11 +184,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = job.experiment
     torch.set_num_threads(max(int(cfg.train.cpus_per_worker), 1))
     prepared = PreparedDataset.load(job.prepared_dir)
-    if job.final:
-        splits = [Split(prepared.dev_frame(), None)]
-    else:
-        splits = [Split(*prepared.fold_frames(k)) for k in range(prepared.folds)]
-    cv = CrossValidation(prepared, splits, cfg, ray.train.torch.get_device())
+    cv = CrossValidation(prepared, cv_splits(prepared, job.final), cfg, ray.train.torch.get_device())
+    # The running selected score (max over this run's epochs so far), reported with every epoch of
+    # a CV run: what ASHA, Optuna and the best-trial choice act on (tuning.outcome.EpochSelection).
+    spec = prepared.spec
+    selection = None if job.final else EpochSelection(
+        selection_key(spec.task, len(spec.classes), spec.selection_metric, cfg.train.selection_metric))
 
     restored: dict[str, Any] = {}  # the restored epoch's metrics, re-sent with the first report
     skipped: list[str] = []  # damaged checkpoints passed over, reported with the first epoch
@@ -197,6 +200,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if reader is not None:
                 cv.load_state_dict(reader.state(map_location=cv.device))
                 restored = reader.metrics()
+                if selection is not None:  # epochs after the checkpoint are retrained and re-selected
+                    selection.restore(restored)
         for message in skipped:
             print(f"[cfcml] {message}", flush=True)
     resumed_from = cv.epoch
@@ -223,6 +228,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     _write_failure(config["failure_file"], exc)
                 return
             compute_s += time.perf_counter() - t0
+            if selection is not None:
+                metrics.update(selection.update(metrics))
             metrics.update(time_compute_s=compute_s, time_setup_s=t_ready - t_start, resumed_from_epoch=resumed_from)
             if system is not None:
                 metrics.update(system.epoch())
