@@ -225,6 +225,9 @@ class TrainConfig:
         prefetch_factor: batches each loader worker keeps ready (used when loader_workers > 0).
         max_failures: restarts of a trial's Ray Train workers after a crash (a preempted node, an
             out-of-memory kill), each from the last checkpoint; 0 fails the trial at once.
+        checkpoint_every: a run writes a checkpoint every this many epochs, plus at each epoch
+            that becomes its selected epoch and at its last epoch (`tuning.trainer.CheckpointPolicy`);
+            1 = every epoch. A crash retrains at most this many epochs minus one. Positive.
         image_size: overrides the dataset's preprocessed image size (tiny demos), 2 or 3 sizes.
         seed: seeds weights, batch order and augmentation (not the folds: see the fold seed).
         selection_metric: the validation metric that selects trials and epochs (ASHA, the best
@@ -247,12 +250,13 @@ class TrainConfig:
     compile: bool = False
     prefetch_factor: int = 2
     max_failures: int = 2
+    checkpoint_every: int = 5
     image_size: tuple[int, ...] | None = None
     seed: int = 0
     selection_metric: str | None = None
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "workers", "prefetch_factor")
+        _positive(self, "epochs", "batch_size", "workers", "prefetch_factor", "checkpoint_every")
         _non_negative(self, "loader_workers", "cpus_per_worker", "gpus_per_worker", "max_failures")
         if self.folds < 2:
             raise ConfigError(f"cross-validation needs at least 2 folds, got {self.folds}", "folds")

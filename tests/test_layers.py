@@ -56,3 +56,32 @@ def test_the_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from tuning.search import main\n    import ray.train\n")
     assert offenders(imported(source), ("tuning", "ray")) == ["ray.train", "tuning.search", "tuning.search.main"]
+
+
+def _loaded_after(code: str) -> set[str]:
+    """The top-level packages in sys.modules after `code` runs in a fresh interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    return set(json.loads(out.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("module", ["cfcml.training", "cfcml.networks", "cfcml.predict"])
+def test_the_library_at_run_time_loads_neither_mlflow_nor_ray(module: str) -> None:
+    # MONAI's own __init__ would load monai.handlers, which imports MLflow (cfcml._monai)
+    loaded = _loaded_after(f"import {module}")
+    assert "monai" in loaded or module == "cfcml.predict"
+    assert not loaded & {"mlflow", "ray", "ignite"}, loaded & {"mlflow", "ray", "ignite"}
+
+
+def test_the_trial_actor_builds_a_one_cpu_worker_trainer_without_torch() -> None:
+    # Tune's trial actor imports the trial function's module and builds the trainer; only the
+    # Ray Train workers need torch (tuning.trainer.trainer_class)
+    # (tuning.trial's module, the SearchRun it is given, Tune's report callback, the trainer class)
+    loaded = _loaded_after("import tuning.trial, tuning.run, tuning.trainer, ray.tune.integration.ray_train\n"
+                           "tuning.trainer.trainer_class(1, False)")
+    assert "ray" in loaded and "torch" not in loaded

@@ -26,9 +26,10 @@ from tuning.outcome import (
     selected_key,
 )
 from tuning.run import SearchRun
+from tuning.trial import run_trial
 
 STATE_FILE = "cfcml_search.json"
-STATE_SAVE_PERIOD_S = "1"  # Tune's experiment state, see run_search
+STATE_SAVE_PERIOD_S = "5"  # Tune's experiment state, see run_search
 
 
 class SearchInterrupted(RuntimeError):
@@ -79,20 +80,6 @@ def trial_concurrency(t: TrainConfig) -> int:
     if t.gpus_per_worker > 0:
         fits.append(res.get("GPU", 0) // (t.workers * t.gpus_per_worker))
     return max(int(min(fits)), 1)
-
-
-def run_trial(config: dict[str, Any], *, run: SearchRun, prepared_dir: str, metric: str) -> None:
-    """One Tune trial: the sampled values (`config`, dotted keys) over the search's experiment,
-    trained on all folds by a Ray Train TorchTrainer."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from tuning.trainer import TrainJob, fit
-
-    trial_id = tune.get_context().get_trial_id()
-    job = TrainJob(run.experiment.replace(dict(config)), prepared_dir, run.max_epochs)
-    fit(job, name=f"trial_{trial_id}", storage_path=str(run.storage / "train"), metric=metric,
-        callbacks=[TuneReportCallback()], label=f"trial {trial_id}")
 
 
 def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, metric: str) -> SearchState:
@@ -198,9 +185,12 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
                                       progress_reporter=reporter, verbose=1),
         )
     # RAY_AIR_NEW_OUTPUT=0: Tune's classic table reporter (the CLIReporter above).
-    # TUNE_GLOBAL_CHECKPOINT_S: save the experiment state (what --resume continues from) every
-    # second rather than every 10 s or more, so a driver killed outright (SIGKILL, a lost node)
-    # leaves a state that knows the trials that had finished.
+    # TUNE_GLOBAL_CHECKPOINT_S: save the experiment state (what --resume continues from) at most
+    # every 5 s rather than Tune's automatic 10 s or more, so a driver killed outright (SIGKILL, a
+    # lost node) leaves a state that knows every trial that had finished 5 s before. Tune has no
+    # save-on-trial-end hook; a trial's start-up alone (Ray Train controller, worker, data) takes
+    # longer than 5 s, so the trial after a finished one has not reported an epoch before the
+    # state knows the finished one. Every second (before) cost the driver a save per second.
     with scoped_env(RAY_AIR_NEW_OUTPUT="0", TUNE_GLOBAL_CHECKPOINT_S=STATE_SAVE_PERIOD_S):
         results = tuner.fit()
     finished = finished_trials(run.search_dir)
