@@ -4,9 +4,9 @@ Four measurements, each printed with the machine's load average (on a shared mac
 figures taken close together):
 
 1. Import cost of the two fresh processes a trial starts, in a fresh interpreter each: the trial
-   actor (Tune's trial function module, `tuning.driver`, plus what `tuning.trainer.fit` imports to
-   build its trainer) and the Ray Train worker (`cfcml.training`); wall and CPU seconds, and whether
-   torch / mlflow / ray were imported.
+   actor (the trial function's module, the `SearchRun` it is given, Tune's report callback and
+   what `tuning.trainer.fit` imports to build its trainer for one CPU worker) and the Ray Train
+   worker (`cfcml.training`); wall and CPU seconds, and whether torch / mlflow / ray were imported.
 2. The per-epoch checkpoint cost at the smoke size: `CrossValidation.state_dict()` plus
    `tuning.checkpoints.write_checkpoint` (weights, Adam moments, out-of-fold predictions, hashes).
 3. The fixed cost per trial: the smoke search run one trial at a time (`--max-concurrent 1` is
@@ -29,8 +29,12 @@ import time
 from pathlib import Path
 
 ACTOR_IMPORTS = """
-import tuning.driver
+import tuning.run, ray.tune.integration.ray_train
 import tuning.trainer as t
+try:
+    import tuning.trial  # the trial function's module
+except ImportError:  # the code before issue 16: run_trial lived in tuning.driver
+    import tuning.driver
 if hasattr(t, "trainer_class"):
     t.trainer_class(1, False)
 else:  # the code before issue 16: fit() imported ray.train.torch
@@ -90,7 +94,7 @@ def search_overheads(tmp: Path, samples: int, epochs: int) -> list[dict]:
     from cfcml.data.synthetic import make_men
     from tuning.search import main as search_main
 
-    root = make_men(tmp / "men", patients=60, seed=0, size=(32, 32, 8))
+    root = make_men(tmp / f"men{epochs}", patients=60, seed=0, size=(32, 32, 8))
     runs = tmp / f"runs{epochs}"
     rc = search_main(["--dataset", "men", "--search", "smoke", "--data-root", str(root),
                       "--runs-dir", str(runs), "--num-samples", str(samples), "--max-epochs", str(epochs),
