@@ -77,6 +77,7 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
     is reused rather than duplicated; a finished one (a search folder deleted to start over) is not."""
     from mlflow.tracking import MlflowClient
 
+    from tuning.lifecycle import ends_on_error
     from tuning.tracking import experiment_id, find_run, git_commit, log_params, log_provenance, write_json_artifact
 
     client = MlflowClient(tracking_uri)
@@ -92,42 +93,57 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
             "cfcml.dataset_fingerprint": prepared.fingerprint, "mlflow.source.git.commit": commit,
         }).info.run_id
     state = SearchState(parent_id, tracking_uri, exp_id)
-    state.save(run.search_dir)
-    log_provenance(client, state.parent_run_id, prepared)
-    t = run.experiment.train
-    log_params(client, state.parent_run_id, {
-        "search": run.search.name, "num_samples": run.num_samples, "max_epochs": run.max_epochs,
-        "folds": t.folds, "fold_seed": prepared.fold_seed, "seed": t.seed, "metric": metric,
-        "dataset_fingerprint": prepared.fingerprint, "git_commit": commit, "workers": t.workers,
-        "gpus_per_worker": t.gpus_per_worker,
-    })
-    write_json_artifact(client, state.parent_run_id, {
-        "search": {k: v for k, v in asdict(run.search).items() if k != "space"},
-        "space": [asdict(p) for p in run.search.space],
-        "experiment": run.experiment.to_dict(),
-    }, "search_config.json")
+    with ends_on_error(client, parent_id):  # a failure from here on leaves the run FAILED, not RUNNING
+        state.save(run.search_dir)
+        log_provenance(client, state.parent_run_id, prepared)
+        t = run.experiment.train
+        log_params(client, state.parent_run_id, {
+            "search": run.search.name, "num_samples": run.num_samples, "max_epochs": run.max_epochs,
+            "folds": t.folds, "fold_seed": prepared.fold_seed, "seed": t.seed, "metric": metric,
+            "dataset_fingerprint": prepared.fingerprint, "git_commit": commit, "workers": t.workers,
+            "gpus_per_worker": t.gpus_per_worker,
+        })
+        write_json_artifact(client, state.parent_run_id, {
+            "search": {k: v for k, v in asdict(run.search).items() if k != "space"},
+            "space": [asdict(p) for p in run.search.space],
+            "experiment": run.experiment.to_dict(),
+        }, "search_config.json")
     return state
 
 
 def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
-    """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C."""
-    import optuna
+    """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C.
+    However it ends, the parent run and its trial runs are left FINISHED, FAILED or KILLED with
+    the reason as a tag (`tuning.lifecycle`)."""
     from mlflow.tracking import MlflowClient
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    from tuning.ray_runtime import scoped_env
-    from tuning.space import initial_point
-    from tuning.tracking import SearchTracker, dataset_entity, default_tracking_uri, log_metrics, write_json_artifact
+    from tuning.lifecycle import owned_run
+    from tuning.tracking import default_tracking_uri
 
-    spec = prepared.spec
-    metric = run.metric(spec)
+    metric = run.metric(prepared.spec)
     state = SearchState.load(run.search_dir) if run.resume else None
     if state is None:
         state = _start_parent(run, prepared, run.tracking_uri or default_tracking_uri(run.runs_dir), metric)
     client = MlflowClient(state.tracking_uri)
     client.update_run(state.parent_run_id, status="RUNNING")
+    # The parent run and its trial runs end FINISHED, FAILED or KILLED however this ends.
+    with owned_run(client, state.parent_run_id, children=True):
+        return _run_tuner(run, prepared, state, client, metric)
+
+
+def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, client: Any,
+               metric: str) -> SearchOutcome:
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tuning.lifecycle import end_run
+    from tuning.ray_runtime import scoped_env
+    from tuning.space import initial_point
+    from tuning.tracking import SearchTracker, dataset_entity, log_metrics, write_json_artifact
+
+    spec = prepared.spec
 
     trainable = tune.with_parameters(run_trial, run=run, prepared_dir=str(prepared.out_dir), metric=metric)
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # the TorchTrainer's workers hold the CPUs
@@ -169,7 +185,8 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     finished = finished_trials(run.search_dir)
     if finished < run.num_samples:
         # Ctrl-C: Tune saved its state (unfinished trials as they were), stopped them and returned.
-        client.set_terminated(state.parent_run_id, "KILLED")
+        end_run(client, state.parent_run_id, "KILLED", f"interrupted with {finished} of {run.num_samples} trials "
+                                                      f"finished; --resume continues it")
         raise SearchInterrupted(f"search {run.name!r} interrupted with {finished} of {run.num_samples} trials "
                                 f"finished; continue it with the same command plus --resume")
     outcome = SearchOutcome(
@@ -183,7 +200,10 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
         log_metrics(client, state.parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
         client.set_tag(state.parent_run_id, "cfcml.best_trial", best.trial_id)
         write_json_artifact(client, state.parent_run_id, best.to_dict(), "best_configuration.json")
-    client.set_terminated(state.parent_run_id, "FINISHED" if best else "FAILED")
+    if best:
+        client.set_terminated(state.parent_run_id, "FINISHED")
+    else:
+        end_run(client, state.parent_run_id, "FAILED", "no trial reported a score")
     return outcome
 
 

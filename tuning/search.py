@@ -60,8 +60,9 @@ def build_run(args: argparse.Namespace) -> SearchRun:
 
 def main(argv: list[str] | None = None) -> int:
     from tuning.driver import STATE_FILE, SearchState
-    from tuning.preflight import check_storage
+    from tuning.preflight import check_free_space, check_ray_address, check_storage, model_parameters, search_bytes
     from tuning.prepared import load_or_prepare
+    from tuning.state_files import check_resume_state
 
     args = parse_args(argv)
     t_start = time.time()
@@ -73,15 +74,24 @@ def main(argv: list[str] | None = None) -> int:
         if run.resume and not run.search_dir.exists():
             raise ConfigError(f"--resume: no search named {run.name!r} under {run.storage}")
         # Where results go, before the data is prepared and Ray starts (a resumed search keeps its store).
+        if run.resume:  # state files a full disk or a crash cut short: named, or moved aside
+            check_resume_state(run.search_dir, run.storage / "train", STATE_FILE)
         state = SearchState.load(run.search_dir) if run.resume else None
+        experiment = f"cfcml-{run.dataset}"
         if state is not None:
-            check_storage(run.runs_dir, state.tracking_uri, source=f"{run.search_dir / STATE_FILE}: tracking_uri")
+            check_storage(run.runs_dir, state.tracking_uri, source=f"{run.search_dir / STATE_FILE}: tracking_uri",
+                          experiment=experiment)
         else:
-            check_storage(run.runs_dir, run.tracking_uri)
+            check_storage(run.runs_dir, run.tracking_uri, experiment=experiment)
+        check_ray_address(run.address)
         t = run.experiment.train
         prepared = load_or_prepare(run.dataset, run.data_root, folds=t.folds, fold_seed=run.fold_seed,
                                    image_size=t.image_size)
         run.metric(prepared.spec)  # a selection metric the task lacks fails here, before Ray starts
+        # a resumed search has its finished trials' checkpoints on disk already: room for one more
+        needed = search_bytes(model_parameters(run.experiment, prepared.spec), t.folds,
+                              1 if run.resume else run.num_samples)
+        check_free_space(run.runs_dir, needed)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -91,23 +101,31 @@ def main(argv: list[str] | None = None) -> int:
 
     from tuning.driver import SearchInterrupted, run_search
     from tuning.final import register_cv_ensemble, train_final
+    from tuning.lifecycle import disk_full_message
     from tuning.ray_runtime import ray_session
     from tuning.report import print_summary
     from tuning.search_report import write_report
     from tuning.tracking import ui_url
 
-    with ray_session(run.address, verbose=run.verbose):
-        try:
-            outcome = run_search(run, prepared)
-        except SearchInterrupted as exc:
-            print(f"\n{exc}", file=sys.stderr)
-            return 130
-        print_summary(outcome, time.time() - t_start)
-        if run.final:
-            final = train_final(prepared, outcome, storage=run.storage)
-        else:
-            register_cv_ensemble(prepared, outcome)
-            final = None
+    try:
+        with ray_session(run.address, verbose=run.verbose):
+            try:
+                outcome = run_search(run, prepared)
+            except SearchInterrupted as exc:
+                print(f"\n{exc}", file=sys.stderr)
+                return 130
+            print_summary(outcome, time.time() - t_start)
+            if run.final:
+                final = train_final(prepared, outcome, storage=run.storage)
+            else:
+                register_cv_ensemble(prepared, outcome)
+                final = None
+    except Exception as exc:
+        message = disk_full_message(exc, run.runs_dir, needed)
+        if message is None:
+            raise
+        print(f"\nerror: {message}", file=sys.stderr)  # the runs are FAILED with the reason (tuning.lifecycle)
+        return 1
     report = write_report(outcome, prepared, run.search, final)
     print(f"\nreport: {report} (also on the parent run)")
     print(f"\nMLflow: {outcome.tracking_uri}  (experiment cfcml-{run.dataset}, parent run {outcome.parent_run_id})")
