@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         with ray_session(args.address, verbose=args.verbose):
             train_final(prepared, outcome, storage=storage)
     except Exception as exc:  # the final run is FAILED with the reason (tuning.lifecycle)
-        message = disk_full_message(exc, args.runs_dir)
+        message = disk_full_message(exc, args.runs_dir, next_step="run the same command again")
         if message is None:
             raise
-        print(f"error: {message.replace(' plus --resume', '')}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     return 0
 

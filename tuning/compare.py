@@ -79,11 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         with ray_session(plan.address, verbose=plan.verbose):
             result = run_comparison(plan, prepared)
     except Exception as exc:  # the comparison's runs are FAILED with the reason (tuning.lifecycle)
-        message = disk_full_message(exc, plan.runs_dir)
+        message = disk_full_message(exc, plan.runs_dir, next_step="run it again")
         if message is None:
             raise
-        print(f"error: {message.replace(', then continue with the same command plus --resume', ' and run it again')}",
-              file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     print()
     print(markdown(result))

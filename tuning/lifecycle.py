@@ -122,7 +122,8 @@ def ends_on_error(client: Any, run_id: str) -> Iterator[str]:
         raise
 
 
-def disk_full_message(exc: BaseException, folder: Any, needed: int | None = None) -> str | None:
+def disk_full_message(exc: BaseException, folder: Any, needed: int | None = None,
+                      next_step: str = "continue with the same command plus --resume") -> str | None:
     """One line for a command that stopped on a full disk (None if `exc` is something else): the
     folder, its free space now, the space a run of this size needs, and what to do next."""
     import shutil
@@ -138,4 +139,4 @@ def disk_full_message(exc: BaseException, folder: Any, needed: int | None = None
     cause = next((str(e).splitlines()[0] for e in _chain(exc) if isinstance(e, (OSError, sqlite3.Error))),
                  f"{type(exc).__name__}")
     return (f"the disk holding {Path(folder).absolute()} is full ({cause[:200]}; {free:.0f} MB free now{need}); "
-            f"free space, then continue with the same command plus --resume")
+            f"free space, then {next_step}")
