@@ -165,7 +165,8 @@ def tag_filter(**tags: str) -> str:
         try:
             clauses.append(f"tags.`{key}` = {filter_literal(value)}")
         except ValueError:
-            clauses.append(f"tags.`{key}` LIKE '{str(value).replace(chr(39), '_').replace(chr(34), '_')}'")
+            pattern = str(value).replace("'", "_").replace('"', "_")
+            clauses.append(f"tags.`{key}` LIKE {filter_literal(pattern)}")
     return " and ".join(clauses)
 
 

@@ -9,12 +9,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tuning.search import main as search_main
+from tuning.tracking import tag_filter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def _runs(client: MlflowClient, exp_id: str, kind: str):
-    return client.search_runs([exp_id], filter_string=f"tags.`cfcml.kind` = '{kind}'")
+    return client.search_runs([exp_id], filter_string=tag_filter(**{"cfcml.kind": kind}))
 
 
 def _inputs(run) -> list[tuple[str, str]]:
