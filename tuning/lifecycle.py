@@ -60,7 +60,11 @@ def end_reason(exc: BaseException) -> tuple[str, str]:
         return "KILLED", "interrupted (Ctrl-C)"
     if isinstance(exc, SystemExit):
         return "KILLED", f"exited ({exc.code})"
-    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # Ray passes a callback's or a worker's error on as the text of its traceback: its last line
+    # names the exception that was raised
+    summary = lines[-1] if lines and lines[0].startswith("Traceback") else " ".join(lines[:3])
+    text = f"{type(exc).__name__}: {summary}".strip()
     if is_disk_full(exc):
         text = f"disk full: {text}"
     return "FAILED", text[:1000]

@@ -184,3 +184,14 @@ def test_no_filter_string_in_the_code_takes_a_value_unquoted() -> None:
                  for path in sorted((PROJECT_ROOT / folder).rglob("*.py"))
                  for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == []
+
+
+def test_a_search_named_with_an_apostrophe_under_such_a_runs_dir_finds_its_parent_again(
+        client: MlflowClient, exp_id: str, prepared, tmp_path: Path) -> None:
+    from tuning.driver import _start_parent
+    from tuning.run import SearchRun
+
+    run = SearchRun.build("men", "smoke", data_root=prepared.out_dir, runs_dir=tmp_path / "it's runs",
+                          name="it's mine")
+    orphan = client.create_run(exp_id, tags={"cfcml.kind": "search", "cfcml.search": str(run.search_dir)})
+    assert _start_parent(run, prepared, client.tracking_uri, "cv_macro_auc").parent_run_id == orphan.info.run_id
