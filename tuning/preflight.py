@@ -13,6 +13,12 @@ names the flag (or `MLFLOW_TRACKING_URI`), the folder or URI and the reason, and
   client would otherwise retry for minutes, after the data was prepared and Ray started.
 
 Other stores (databases, Databricks) are left to MLflow.
+
+The same way (one line naming the flag or variable, exit 2, nothing written), the entry points
+also run `check_name` (a search's or comparison's name can be a folder and a filter value),
+`check_experiment` through `check_storage(experiment=...)` (the dataset's experiment is not
+deleted in the store), `check_ray_address` (the cluster of --address or $RAY_ADDRESS answers)
+and, once the data is prepared, `check_free_space` with the estimate of `search_bytes`.
 """
 from __future__ import annotations
 

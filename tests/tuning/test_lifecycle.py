@@ -119,6 +119,7 @@ def test_an_exception_in_the_tracker_at_a_trials_end_fails_the_search_and_ends_e
 
     import ray
     from ray import tune
+    from ray.tune.error import TuneError
 
     from tuning.tracking import SearchTracker, find_run
 
@@ -144,7 +145,7 @@ def test_an_exception_in_the_tracker_at_a_trials_end_fails_the_search_and_ends_e
                            run_config=tune.RunConfig(name="lifecycle", storage_path=str(tmp_path / "ray"),
                                                      callbacks=[tracker], verbose=0))
         t0 = time.time()
-        with pytest.raises(Exception), owned_run(client, parent, children=True):
+        with pytest.raises(TuneError, match="must be in the .active. state"), owned_run(client, parent, children=True):
             tuner.fit()
         assert time.time() - t0 < 55  # the callback's error ended the search; the sleeper did not finish
     finally:
