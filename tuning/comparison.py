@@ -376,6 +376,10 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: Any, run_i
     )
     with scoped_env(RAY_AIR_NEW_OUTPUT="0"):
         results = tuner.fit()
+    from tuning.lifecycle import end_children
+
+    # Ctrl-C: Tune returns with the running trials marked terminated, without the tracker's end of trial
+    end_children(client, exp_id, run_id, "KILLED", "the comparison stopped before this trial ended (Ctrl-C)")
 
     test = prepared.test_frame()  # read once, after every model has finished training
     trials, failed = [], []

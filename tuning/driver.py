@@ -138,7 +138,7 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from tuning.lifecycle import end_run
+    from tuning.lifecycle import end_children, end_run
     from tuning.ray_runtime import scoped_env
     from tuning.space import initial_point
     from tuning.tracking import SearchTracker, dataset_entity, log_metrics, write_json_artifact
@@ -185,8 +185,10 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
     finished = finished_trials(run.search_dir)
     if finished < run.num_samples:
         # Ctrl-C: Tune saved its state (unfinished trials as they were), stopped them and returned.
-        end_run(client, state.parent_run_id, "KILLED", f"interrupted with {finished} of {run.num_samples} trials "
-                                                      f"finished; --resume continues it")
+        reason = f"interrupted with {finished} of {run.num_samples} trials finished; --resume continues it"
+        end_run(client, state.parent_run_id, "KILLED", reason)
+        # Tune marks the interrupted trials terminated without calling the tracker's end of trial
+        end_children(client, state.experiment_id, state.parent_run_id, "KILLED", reason)
         raise SearchInterrupted(f"search {run.name!r} interrupted with {finished} of {run.num_samples} trials "
                                 f"finished; continue it with the same command plus --resume")
     outcome = SearchOutcome(
