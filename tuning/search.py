@@ -19,6 +19,7 @@ from pathlib import Path
 from cfcml.config import ConfigError
 from cfcml.data.validation import DatasetValidationError
 from tuning import cli_args
+from tuning.outcome import SearchOutcome
 from tuning.run import SearchRun, parse_set
 
 
@@ -115,18 +116,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n{exc}", file=sys.stderr)
                 return 130
             print_summary(outcome, time.time() - t_start)
+            stop_on_full_disk(outcome)
             if run.final:
                 final = train_final(prepared, outcome, storage=run.storage)
             else:
                 register_cv_ensemble(prepared, outcome)
                 final = None
+        report = write_report(outcome, prepared, run.search, final)
     except Exception as exc:
         message = disk_full_message(exc, run.runs_dir, needed)
         if message is None:
             raise
         print(f"\nerror: {message}", file=sys.stderr)  # the runs are FAILED with the reason (tuning.lifecycle)
         return 1
-    report = write_report(outcome, prepared, run.search, final)
     print(f"\nreport: {report} (also on the parent run)")
     print(f"\nMLflow: {outcome.tracking_uri}  (experiment cfcml-{run.dataset}, parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
@@ -136,6 +138,25 @@ def main(argv: list[str] | None = None) -> int:
     elif outcome.tracking_uri.startswith(("http://", "https://")):
         print(f"Runs: {ui_url(outcome.experiment_id, outcome.tracking_uri.rstrip('/'))}")
     return 0
+
+
+def stop_on_full_disk(outcome: SearchOutcome) -> None:
+    """Trials that failed on a full disk (their checkpoints could not be written) make the search's
+    result incomplete: its parent run is FAILED with the reason and an OSError(ENOSPC) raised,
+    rather than a final model trained from the trials that happened to fit. --resume reruns them."""
+    import errno
+
+    from mlflow.tracking import MlflowClient
+
+    from tuning.lifecycle import end_run, is_disk_full
+
+    full = next((t.error for t in outcome.trials if t.error and is_disk_full(RuntimeError(t.error))), None)
+    if full is None:
+        return
+    line = next((x.strip() for x in reversed(full.splitlines()) if x.strip()), full)[:300]
+    end_run(MlflowClient(outcome.tracking_uri), outcome.parent_run_id, "FAILED", f"disk full: a trial failed: {line}",
+            only_running=False)
+    raise OSError(errno.ENOSPC, f"a trial could not write to the disk: {line}")
 
 
 if __name__ == "__main__":

@@ -157,3 +157,27 @@ def test_an_exception_in_the_tracker_at_a_trials_end_fails_the_search_and_ends_e
     assert len(survivors) == 1  # the other trial's run, not the deleted one
     assert survivors[0].info.status == "FAILED"
     assert survivors[0].data.tags[END_REASON_TAG].startswith("parent run ended: ")
+
+
+def test_trials_that_failed_on_a_full_disk_fail_the_search_with_one_line(client: MlflowClient, exp_id: str,
+                                                                         tmp_path: Path) -> None:
+    from tuning.outcome import SearchOutcome, TrialResult
+    from tuning.search import stop_on_full_disk
+
+    parent = client.create_run(exp_id).info.run_id
+    client.set_terminated(parent, "FINISHED")  # the driver saw scored trials
+    error = ("Traceback (most recent call last):\n  File \"trainer.py\", line 230, in train_loop_per_worker\n"
+             "OSError: [Errno 28] No space left on device: '/runs/ray/train/trial_ab12cd34/checkpoint_x/state.pt'")
+    outcome = SearchOutcome(dataset="men", metric="cv_macro_auc", search_dir="", prepared_dir="",
+                            tracking_uri=client.tracking_uri, experiment_id=exp_id, parent_run_id=parent,
+                            trials=[TrialResult("a", score=0.7), TrialResult("b", error=error)])
+    with pytest.raises(OSError) as raised:
+        stop_on_full_disk(outcome)
+    assert raised.value.errno == errno.ENOSPC
+    message = disk_full_message(raised.value, tmp_path / "runs", needed=100 * 2**20)
+    assert message.startswith(f"the disk holding {tmp_path / 'runs'} is full ([Errno 28] a trial could not write "
+                              f"to the disk: OSError: [Errno 28] No space left on device: '/runs/ray/train/")
+    assert _status(client, parent) == ("FAILED", "disk full: a trial failed: OSError: [Errno 28] No space left on "
+                                                 "device: '/runs/ray/train/trial_ab12cd34/checkpoint_x/state.pt'")
+    outcome.trials = [TrialResult("a", score=0.7), TrialResult("b", error="ValueError: nan loss")]
+    stop_on_full_disk(outcome)  # other failures are the search's own business
