@@ -60,6 +60,7 @@ def build_run(args: argparse.Namespace) -> SearchRun:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cfcml.data.spec import load_dataset_spec
     from tuning.driver import STATE_FILE, SearchState
     from tuning.preflight import check_free_space, check_ray_address, check_storage, model_parameters, search_bytes
     from tuning.prepared import load_or_prepare
@@ -86,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             check_storage(run.runs_dir, run.tracking_uri, experiment=experiment)
         check_ray_address(run.address)
         t = run.experiment.train
+        # Room for the checkpoints, before the data is prepared (the dataset file's spec at the
+        # search's image size builds the network whose size the estimate needs). A resumed search
+        # has its finished trials' checkpoints on disk already: room for one more.
+        needed = search_bytes(model_parameters(run.experiment, load_dataset_spec(run.dataset, t.image_size)),
+                              t.folds, 1 if run.resume else run.num_samples)
+        check_free_space(run.runs_dir, needed)
         prepared = load_or_prepare(run.dataset, run.data_root, folds=t.folds, fold_seed=run.fold_seed,
                                    image_size=t.image_size)
         run.metric(prepared.spec)  # a selection metric the task lacks fails here, before Ray starts
-        # a resumed search has its finished trials' checkpoints on disk already: room for one more
-        needed = search_bytes(model_parameters(run.experiment, prepared.spec), t.folds,
-                              1 if run.resume else run.num_samples)
-        check_free_space(run.runs_dir, needed)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
