@@ -111,8 +111,9 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
     return state
 
 
-def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
+def run_search(run: SearchRun, prepared: PreparedDataset, callbacks: list | None = None) -> SearchOutcome:
     """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C.
+    `callbacks`: more Tune callbacks (e.g. `tuning.lifecycle.DiskGuard`) for a new search.
     However it ends, the parent run and its trial runs are left FINISHED, FAILED or KILLED with
     the reason as a tag (`tuning.lifecycle`)."""
     from mlflow.tracking import MlflowClient
@@ -128,11 +129,11 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     client.update_run(state.parent_run_id, status="RUNNING")
     # The parent run and its trial runs end FINISHED, FAILED or KILLED however this ends.
     with owned_run(client, state.parent_run_id, children=True):
-        return _run_tuner(run, prepared, state, client, metric)
+        return _run_tuner(run, prepared, state, client, metric, callbacks or [])
 
 
 def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, client: Any,
-               metric: str) -> SearchOutcome:
+               metric: str, callbacks: list) -> SearchOutcome:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -173,7 +174,7 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
                 metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
                 num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run.experiment.train),
             ),
-            run_config=tune.RunConfig(name=run.name, storage_path=str(run.storage), callbacks=[tracker],
+            run_config=tune.RunConfig(name=run.name, storage_path=str(run.storage), callbacks=[tracker, *callbacks],
                                       progress_reporter=reporter, verbose=1),
         )
     # RAY_AIR_NEW_OUTPUT=0: Tune's classic table reporter (the CLIReporter above).

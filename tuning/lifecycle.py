@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+
 END_REASON_TAG = "cfcml.end_reason"
+RESERVE_NAME = ".cfcml-disk-reserve"
+RESERVE_BYTES = 4 * 2**20  # what MLflow's SQLite store needs to record the end of the runs (journal, pages)
+_reserves: list[Path] = []
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = ("no space left on device", "database or disk is full", "disk quota exceeded")
 
@@ -97,6 +105,53 @@ def end_children(client: Any, experiment_id: str, parent_run_id: str, status: st
     return sum(end_run(client, r.info.run_id, status, reason, only_running=False) for r in runs)
 
 
+def reserve_space(folder: Path, size: int = RESERVE_BYTES) -> Path | None:
+    """Hold `size` bytes in a file in `folder` (created) until `release_reserves`: when the disk
+    fills up, releasing it leaves MLflow's store on that disk room to record the runs' end.
+    Returns the file (None if it could not be written: the preflight said why already)."""
+    path = Path(folder) / RESERVE_NAME
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"\0" * size)  # written, not sparse: the blocks are really taken
+    except OSError:
+        path.unlink(missing_ok=True)
+        return None
+    _reserves.append(path)
+    return path
+
+
+def release_reserves() -> None:
+    """Delete the files of `reserve_space` (a full disk ends the runs, or the command ends)."""
+    while _reserves:
+        _reserves.pop().unlink(missing_ok=True)
+
+
+class DiskGuard(Callback):
+    """Tune callback that stops a search whose disk is about to be full: at most once a second it
+    checks the free space of `folder` and raises OSError(ENOSPC) when less than `min_free` bytes
+    (one more checkpoint) are left, before trials and Tune's own state saves fail on it (a full
+    disk otherwise floods the console with tracebacks: every trial's, and Tune's state save every
+    second). The search's owner then ends its runs FAILED and says so in one line; --resume
+    continues once space is freed."""
+
+    def __init__(self, folder: str | Path, min_free: int):
+        self.folder, self.min_free = str(folder), int(min_free)
+        self._checked = 0.0
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._checked < 1.0:
+            return
+        self._checked = time.monotonic()
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError:
+            return
+        if free < self.min_free:
+            raise OSError(errno.ENOSPC, f"{free / 2**20:.0f} MB left under {self.folder}, less than the "
+                                        f"{self.min_free / 2**20:.0f} MB one more checkpoint needs; search stopped")
+
+
 @contextlib.contextmanager
 def owned_run(client: Any, run_id: str, *, children: bool = False) -> Iterator[str]:
     """Own the end of `run_id` for the block (see the module's docstring); yields `run_id`."""
@@ -104,6 +159,8 @@ def owned_run(client: Any, run_id: str, *, children: bool = False) -> Iterator[s
         yield run_id
     except BaseException as exc:
         status, reason = end_reason(exc)
+        if is_disk_full(exc):
+            release_reserves()
         end_run(client, run_id, status, reason)
         if children:
             try:
@@ -122,6 +179,8 @@ def ends_on_error(client: Any, run_id: str) -> Iterator[str]:
     try:
         yield run_id
     except BaseException as exc:
+        if is_disk_full(exc):
+            release_reserves()
         end_run(client, run_id, *end_reason(exc))
         raise
 
@@ -130,9 +189,6 @@ def disk_full_message(exc: BaseException, folder: Any, needed: int | None = None
                       next_step: str = "continue with the same command plus --resume") -> str | None:
     """One line for a command that stopped on a full disk (None if `exc` is something else): the
     folder, its free space now, the space a run of this size needs, and what to do next."""
-    import shutil
-    from pathlib import Path
-
     if not is_disk_full(exc):
         return None
     existing = Path(folder).absolute()

@@ -269,6 +269,11 @@ def model_parameters(experiment: Any, spec: Any) -> int:
         return 0
 
 
+def checkpoint_bytes(parameters: int, folds: int) -> int:
+    """Bytes of one trial checkpoint of `folds` fold states (weights and Adam's two moments)."""
+    return 4 * STATE_COPIES * parameters * max(folds, 1)
+
+
 def search_bytes(parameters: int, folds: int, trials: int) -> int:
     """Bytes a search of `trials` trials on `folds` folds leaves under --runs-dir, estimated: every
     trial keeps CHECKPOINTS_KEPT checkpoints (and writes one more before dropping the oldest) of

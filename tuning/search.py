@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         # Room for the checkpoints, before the data is prepared (the dataset file's spec at the
         # search's image size builds the network whose size the estimate needs). A resumed search
         # has its finished trials' checkpoints on disk already: room for one more.
-        needed = search_bytes(model_parameters(run.experiment, load_dataset_spec(run.dataset, t.image_size)),
-                              t.folds, 1 if run.resume else run.num_samples)
+        parameters = model_parameters(run.experiment, load_dataset_spec(run.dataset, t.image_size))
+        needed = search_bytes(parameters, t.folds, 1 if run.resume else run.num_samples)
         check_free_space(run.runs_dir, needed)
         prepared = load_or_prepare(run.dataset, run.data_root, folds=t.folds, fold_seed=run.fold_seed,
                                    image_size=t.image_size)
@@ -105,16 +105,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from tuning.driver import SearchInterrupted, run_search
     from tuning.final import register_cv_ensemble, train_final
-    from tuning.lifecycle import disk_full_message
+    from tuning.lifecycle import DiskGuard, disk_full_message, release_reserves, reserve_space
+    from tuning.preflight import checkpoint_bytes, tracking_uri_choice
     from tuning.ray_runtime import ray_session
     from tuning.report import print_summary
     from tuning.search_report import write_report
     from tuning.tracking import ui_url
 
+    # Room for MLflow to record the runs' end should the disk fill up (released then), and a
+    # guard that stops the search while one more checkpoint still fits.
+    reserve_space(run.runs_dir)
+    store = tracking_uri_choice(state.tracking_uri if state else run.tracking_uri, run.runs_dir)[0]
+    if store.startswith("sqlite:///") and Path(store[len("sqlite:///"):]).parent != run.runs_dir:
+        reserve_space(Path(store[len("sqlite:///"):]).parent)
+    guard = DiskGuard(run.runs_dir, checkpoint_bytes(parameters, t.folds) + 2**20)
     try:
         with ray_session(run.address, verbose=run.verbose):
             try:
-                outcome = run_search(run, prepared)
+                outcome = run_search(run, prepared, callbacks=[guard])
             except SearchInterrupted as exc:
                 print(f"\n{exc}", file=sys.stderr)
                 return 130
@@ -132,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"\nerror: {message}", file=sys.stderr)  # the runs are FAILED with the reason (tuning.lifecycle)
         return 1
+    finally:
+        release_reserves()
     print(f"\nreport: {report} (also on the parent run)")
     print(f"\nMLflow: {outcome.tracking_uri}  (experiment cfcml-{run.dataset}, parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
@@ -151,12 +161,13 @@ def stop_on_full_disk(outcome: SearchOutcome) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from tuning.lifecycle import end_run, is_disk_full
+    from tuning.lifecycle import end_run, is_disk_full, release_reserves
 
     full = next((t.error for t in outcome.trials if t.error and is_disk_full(RuntimeError(t.error))), None)
     if full is None:
         return
     line = next((x.strip() for x in reversed(full.splitlines()) if x.strip()), full)[:300]
+    release_reserves()
     end_run(MlflowClient(outcome.tracking_uri), outcome.parent_run_id, "FAILED", f"disk full: a trial failed: {line}",
             only_running=False)
     raise OSError(errno.ENOSPC, f"a trial could not write to the disk: {line}")

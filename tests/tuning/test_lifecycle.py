@@ -181,3 +181,33 @@ def test_trials_that_failed_on_a_full_disk_fail_the_search_with_one_line(client:
                                                  "device: '/runs/ray/train/trial_ab12cd34/checkpoint_x/state.pt'")
     outcome.trials = [TrialResult("a", score=0.7), TrialResult("b", error="ValueError: nan loss")]
     stop_on_full_disk(outcome)  # other failures are the search's own business
+
+
+def test_the_disk_guard_stops_a_search_while_one_more_checkpoint_fits(tmp_path: Path) -> None:
+    import shutil
+
+    from tuning.lifecycle import RESERVE_BYTES, DiskGuard, release_reserves, reserve_space
+
+    free = shutil.disk_usage(tmp_path).free
+    DiskGuard(tmp_path, min_free=2**20).on_step_begin(0, [])  # room: nothing happens
+    with pytest.raises(OSError) as raised:
+        DiskGuard(tmp_path, min_free=free + 2**30).on_step_begin(0, [])
+    assert raised.value.errno == errno.ENOSPC and f"under {tmp_path}" in str(raised.value)
+    assert is_disk_full(raised.value)
+
+    reserve = reserve_space(tmp_path / "runs")
+    assert reserve is not None and reserve.stat().st_size == RESERVE_BYTES
+    release_reserves()  # what a full disk (or the command's end) does
+    assert not reserve.exists()
+
+
+def test_a_full_disk_releases_the_reserve_before_ending_the_runs(client: MlflowClient, exp_id: str,
+                                                                 tmp_path: Path) -> None:
+    from tuning.lifecycle import reserve_space
+
+    reserve = reserve_space(tmp_path)
+    run = client.create_run(exp_id).info.run_id
+    with pytest.raises(OSError), owned_run(client, run):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert not reserve.exists()
+    assert _status(client, run)[0] == "FAILED"
