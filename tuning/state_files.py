@@ -10,9 +10,13 @@ first and
   trial then continues from its newest intact checkpoint folder, which the training loop finds by
   itself when Ray Train hands it none (`tuning.trainer`); the snapshot only lists those folders.
   Nothing is deleted: the damaged file stays next to the new one for inspection;
+- moves Tune's state (`tuner.pkl` and the session's state files) into `damaged-<time>/` in the
+  search's folder when its experiment state is damaged (Tune writes it in place, so a full disk
+  can cut it short): nothing can rebuild it, so the search restarts its trials as a new Tune
+  experiment of the same name, continuing the same MLflow parent run; the trials that had finished
+  are trained again and their runs stay as they ended. Said on the console;
 - refuses (ConfigError, one line naming the file) when the damaged file is the search's own state
-  file or Tune's experiment state, which nothing else can replace: the search is then started
-  again under another --name, or the file restored from a backup.
+  file (it names the MLflow parent run): restore it, or start the search under another --name.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from cfcml.config import ConfigError
 
 TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants
 TUNE_STATE_GLOBS = ("experiment_state-*.json", "basic-variant-state-*.json")
+TUNE_SESSION_GLOBS = ("tuner.pkl", "experiment_state-*", "basic-variant-state-*", "search_gen_state-*",
+                      "searcher-state-*")
 # Tune's trial ids: 8 hex digits (a searcher's trials), or 5 hex digits and a 5-digit counter
 TRIAL_ID = re.compile(r"(?<![0-9a-f])([0-9a-f]{5}_\d{5}|[0-9a-f]{8})(?![0-9a-f])")
 
@@ -77,11 +83,20 @@ def check_resume_state(search_dir: Path, train_dir: Path, state_file: str, log=p
     (`repair_train_snapshots`). Returns the snapshots moved aside."""
     search_dir = Path(search_dir)
     own = search_dir / state_file
-    files = ([own] if own.exists() else []) + [p for g in TUNE_STATE_GLOBS for p in sorted(search_dir.glob(g))]
-    for path in files:
+    reason = damaged_json(own) if own.exists() else None
+    if reason:
+        raise ConfigError(f"--resume: {own} is damaged ({reason}); the search cannot continue from it. "
+                          f"Restore that file, or start the search again under another --name")
+    for path in [p for g in TUNE_STATE_GLOBS for p in sorted(search_dir.glob(g))]:
         reason = damaged_json(path)
         if reason:
-            raise ConfigError(f"--resume: {path} is damaged ({reason}); the search cannot continue from it. "
-                              f"Restore that file, or start the search again under another --name")
+            aside = search_dir / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir(exist_ok=True)
+            for g in TUNE_SESSION_GLOBS:
+                for f in search_dir.glob(g):
+                    f.rename(aside / f.name)
+            log(f"warning: {path} is damaged ({reason}); Tune's state moved aside to {aside.name}/: the search "
+                f"restarts its trials (those that had finished are trained again)")
+            break
     runs = [Path(train_dir) / f"trial_{tid}" for tid in trial_ids(search_dir)]
     return repair_train_snapshots([r for r in runs if r.is_dir()], log)

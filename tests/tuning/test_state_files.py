@@ -45,12 +45,33 @@ def test_a_damaged_ray_train_snapshot_is_named_and_moved_aside(damage: str, tmp_
     assert check_resume_state(search_dir, train_dir, "cfcml_search.json", log=said.append) == []  # once
 
 
-@pytest.mark.parametrize("name", ["cfcml_search.json", "experiment_state-2026-11-30_09-00-00.json"])
-def test_a_damaged_search_or_tune_state_is_refused_naming_the_file(name: str, tmp_path: Path) -> None:
+def test_a_damaged_search_state_is_refused_naming_the_file(tmp_path: Path) -> None:
     search_dir, train_dir = _search(tmp_path)
-    (search_dir / name).write_text('{"parent_run_id": "ab')
-    with pytest.raises(ConfigError, match=rf"^--resume: {search_dir / name} is damaged \(JSONDecodeError"):
+    (search_dir / "cfcml_search.json").write_text('{"parent_run_id": "ab')
+    with pytest.raises(ConfigError, match=rf"^--resume: {search_dir / 'cfcml_search.json'} is damaged "
+                                          rf"\(JSONDecodeError"):
         check_resume_state(search_dir, train_dir, "cfcml_search.json")
+
+
+def test_a_damaged_tune_state_is_moved_aside_and_the_search_restarts_its_trials(tmp_path: Path) -> None:
+    from ray.tune import Tuner
+
+    search_dir, train_dir = _search(tmp_path)
+    state = search_dir / "experiment_state-2026-11-30_09-00-00.json"
+    state.write_text('{"trial_data": ["{\\"trial_id')  # cut short mid-save, as a full disk leaves it
+    for name in ("tuner.pkl", "search_gen_state-2026-11-30_09-00-00.json", "searcher-state-2026-11-30_09-00-00.pkl"):
+        (search_dir / name).write_bytes(b"x")
+    assert Tuner.can_restore(str(search_dir))
+    said: list[str] = []
+    check_resume_state(search_dir, train_dir, "cfcml_search.json", log=said.append)
+    assert len(said) == 1 and said[0].startswith(f"warning: {state} is damaged (JSONDecodeError")
+    assert "the search restarts its trials" in said[0]
+    (aside,) = search_dir.glob("damaged-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["experiment_state-2026-11-30_09-00-00.json",
+                                                       "search_gen_state-2026-11-30_09-00-00.json",
+                                                       "searcher-state-2026-11-30_09-00-00.pkl", "tuner.pkl"]
+    assert not Tuner.can_restore(str(search_dir))  # the driver starts a new Tune experiment of that name
+    assert (search_dir / "cfcml_search.json").exists()  # the same MLflow parent run continues
 
 
 def test_search_resume_with_a_damaged_state_file_is_one_line_exit_2(tmp_path: Path,
