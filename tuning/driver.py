@@ -118,7 +118,7 @@ def run_search(run: SearchRun, prepared: PreparedDataset, callbacks: list | None
     the reason as a tag (`tuning.lifecycle`)."""
     from mlflow.tracking import MlflowClient
 
-    from tuning.lifecycle import owned_run
+    from tuning.lifecycle import owned_run, reopen_run
     from tuning.tracking import default_tracking_uri
 
     metric = run.metric(prepared.spec)
@@ -126,7 +126,7 @@ def run_search(run: SearchRun, prepared: PreparedDataset, callbacks: list | None
     if state is None:
         state = _start_parent(run, prepared, run.tracking_uri or default_tracking_uri(run.runs_dir), metric)
     client = MlflowClient(state.tracking_uri)
-    client.update_run(state.parent_run_id, status="RUNNING")
+    reopen_run(client, state.parent_run_id)
     # The parent run and its trial runs end FINISHED, FAILED or KILLED however this ends.
     with owned_run(client, state.parent_run_id, children=True):
         return _run_tuner(run, prepared, state, client, metric, callbacks or [])

@@ -80,7 +80,9 @@ def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: Prepare
     if run_id is not None:
         done = registered_version(client, run_id, f"cfcml-{outcome.dataset}", tags) is not None
         if not done:
-            client.update_run(run_id, status="RUNNING")
+            from tuning.lifecycle import reopen_run
+
+            reopen_run(client, run_id)
         return run_id, done
     run = client.create_run(outcome.experiment_id, run_name=kind, tags={
         "mlflow.parentRunId": outcome.parent_run_id, "cfcml.search": outcome.search_dir, "cfcml.kind": kind,

@@ -200,3 +200,11 @@ def disk_full_message(exc: BaseException, folder: Any, needed: int | None = None
                  f"{type(exc).__name__}")
     return (f"the disk holding {Path(folder).absolute()} is full ({cause[:200]}; {free:.0f} MB free now{need}); "
             f"free space, then {next_step}")
+
+
+def reopen_run(client: Any, run_id: str) -> None:
+    """Set a run that continues (a resumed search, trial or final step) RUNNING again, without the
+    reason it ended last time."""
+    client.update_run(run_id, status="RUNNING")
+    if END_REASON_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, END_REASON_TAG)

@@ -256,7 +256,9 @@ class SearchTracker(Callback):
             if self.dataset is not None:
                 log_provenance(client, run_id, self.dataset)
         else:  # resumed: continue the same run after the last epoch it holds
-            client.update_run(run_id, status="RUNNING")
+            from tuning.lifecycle import reopen_run
+
+            reopen_run(client, run_id)
             history = client.get_metric_history(run_id, "epoch")
             self._last_epoch[tid] = int(max((m.value for m in history), default=0))
         log_params(client, run_id, {k: v for k, v in trial.config.items()})

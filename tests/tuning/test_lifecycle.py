@@ -211,3 +211,16 @@ def test_a_full_disk_releases_the_reserve_before_ending_the_runs(client: MlflowC
         raise OSError(errno.ENOSPC, "No space left on device")
     assert not reserve.exists()
     assert _status(client, run)[0] == "FAILED"
+
+
+def test_a_run_that_continues_is_running_again_without_its_old_reason(client: MlflowClient, exp_id: str) -> None:
+    from tuning.lifecycle import reopen_run
+
+    run = client.create_run(exp_id).info.run_id
+    with pytest.raises(KeyboardInterrupt), owned_run(client, run):
+        raise KeyboardInterrupt
+    reopen_run(client, run)  # --resume
+    assert _status(client, run) == ("RUNNING", None)
+    with owned_run(client, run):
+        pass
+    assert _status(client, run) == ("FINISHED", "completed")
