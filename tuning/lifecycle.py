@@ -13,6 +13,11 @@ With `children=True` the run's child runs (a search's trials, a comparison's var
 still RUNNING end the same way. A run the block ended already (a search interrupted by Ctrl-C is
 KILLED by the driver before it raises) keeps its status. Ending a run is best effort: when the
 store itself is what failed (a full disk), the original error is raised, not the store's.
+`reopen_run` sets a run that continues (--resume) RUNNING again without its old reason.
+
+Full disks: `reserve_space` holds 4 MB that a disk-full error releases first, so that MLflow's
+store on that disk can record the runs' end; `DiskGuard` (a Tune callback) stops a search while
+one more checkpoint still fits; `is_disk_full` and `disk_full_message` recognise and say it.
 """
 from __future__ import annotations
 
