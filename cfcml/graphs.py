@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cfcml.losses import _check_labels
 from cfcml.predict import ModelInputs
@@ -182,3 +182,69 @@ class GraphedStep:
         self.graph, self.losses, self.lrs = graph, losses, lrs
         self.captures += 1
         self.grads = [(p, p.grad) for g in groups for p in g["params"]]
+
+
+class GraphedForward(nn.Module):
+    """An evaluation forward (`model(images, num, num_missing, cat)` under no_grad, eval mode)
+    captured as one CUDA graph for full batches and replayed; anything else runs `model` eagerly.
+
+    Used by validation with `train.cuda_graphs` (cfcml.training.CrossValidation.predict). The
+    first `warmup` full batches run eagerly on a side stream, the next is captured under the
+    caller's autocast state (with autocast's cast cache off inside the capture). Batches of another
+    shape, training mode, grad mode, or a change of autocast state run eagerly; a failed capture
+    warns once and leaves it eager. The output's tensors are the graph's own: the next replay
+    overwrites them (predict_proba copies the probabilities to the host first).
+
+    Args:
+        model: the network, on a CUDA device; its parameters and buffers are read in place, so
+            training between replays is seen by the next replay.
+        batch_size: samples of a full batch, >= 1.
+        warmup: eager full batches before the capture, >= 1.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, warmup: int = 1):
+        super().__init__()
+        if batch_size < 1 or warmup < 1:
+            raise ValueError(f"batch_size and warmup must be >= 1, got {batch_size} and {warmup}")
+        self.model, self.batch_size, self.warmup = model, batch_size, warmup
+        self.warmed, self.replays, self.failed = 0, 0, False
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: list[Tensor] = []
+        self.out: Any = None
+        self.autocast: tuple[bool, torch.dtype] | None = None
+
+    def forward(self, images: list[Tensor], num: Tensor, num_missing: Tensor, cat: Tensor) -> Any:
+        tensors = [*images, num, num_missing, cat]
+        state = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        if (self.failed or self.training or torch.is_grad_enabled() or not num.is_cuda
+                or num.shape[0] != self.batch_size
+                or (self.graph is not None and (state != self.autocast
+                                                or any(a.shape != b.shape for a, b in zip(tensors, self.static))))):
+            return self.model(images, num, num_missing, cat)
+        if self.warmed < self.warmup:
+            self.warmed += 1
+            current = torch.cuda.current_stream(num.device)
+            side = torch.cuda.Stream(num.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                self.model(images, num, num_missing, cat)
+            current.wait_stream(side)
+            return self.model(images, num, num_missing, cat)
+        if self.graph is None:
+            try:
+                self.static = [x.clone(memory_format=torch.preserve_format) for x in tensors]
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    with torch.autocast("cuda", dtype=state[1], enabled=state[0], cache_enabled=False):
+                        self.out = self.model(self.static[:-3], *self.static[-3:])
+                self.graph, self.autocast = graph, state
+            except Exception as exc:  # noqa: BLE001 - warn once, then evaluate eagerly
+                self.failed, self.graph, self.out, self.static = True, None, None, []
+                warnings.warn(f"train.cuda_graphs: capturing the evaluation forward failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); evaluating eagerly", stacklevel=2)
+                return self.model(images, num, num_missing, cat)
+        for dst, src in zip(self.static, tensors):
+            dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        self.replays += 1
+        return self.out

@@ -31,7 +31,7 @@ from cfcml.config import ExperimentConfig, OptimConfig
 from cfcml.data.dataset import CachedDataset, ClassBalancedBatchSampler
 from cfcml.data.manifest import PreparedDataset
 from cfcml.data.normalize import TabularNormalizer
-from cfcml.graphs import GraphedStep
+from cfcml.graphs import GraphedForward, GraphedStep
 from cfcml.losses import CFCMLLoss
 from cfcml.metrics import compute_metrics
 from cfcml.networks import CFCML, build_model
@@ -58,6 +58,7 @@ class Fold:
     val_set: CachedDataset | None
     val: pd.DataFrame | None  # the validation rows (manifest columns)
     graphed: GraphedStep | None = None  # the CUDA-graph step (train.cuda_graphs), set by _prepare_step
+    eval_graphed: GraphedForward | None = None  # and the CUDA-graph validation forward
 
 
 def prediction_frame(rows: pd.DataFrame, probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
@@ -245,6 +246,8 @@ class CrossValidation:
                 fold.net = torch.compile(fold.net)
             if t.cuda_graphs:
                 fold.graphed = self._graphed_step(fold)
+                if fold.graphed is not None:
+                    fold.eval_graphed = GraphedForward(fold.model, t.batch_size)
         fold.step_ready = True  # type: ignore[attr-defined]
 
     def train_epoch(self, k: int) -> dict[str, float]:
@@ -325,7 +328,8 @@ class CrossValidation:
         idx = list(range(self.rank, len(dataset), self.world))
         loader = DataLoader(Subset(dataset, idx), batch_size=self.cfg.train.batch_size,
                             num_workers=self.cfg.train.loader_workers, pin_memory=self.device.type == "cuda")
-        local = predict_proba(fold.model, loader, self.device, len(self.spec.classes), self._autocast)
+        model = fold.eval_graphed if fold.eval_graphed is not None else fold.model
+        local = predict_proba(model, loader, self.device, len(self.spec.classes), self._autocast)
         if self.world == 1:
             return local
         parts: list[Any] = [None] * self.world

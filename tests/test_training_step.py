@@ -243,3 +243,35 @@ def test_cuda_graphs_step_gives_the_eager_losses(prepared, amp):
             assert graphed_stats[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), key
     for a, b in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_graphed_forward_runs_the_model_itself_off_cuda():
+    from cfcml.graphs import GraphedForward
+
+    torch.manual_seed(0)
+    model = CFCML([ImageInput(3, 1, SIZE)], 2, (3,), 2, ModelConfig(**TINY_MODEL)).eval()
+    wrapped = GraphedForward(model, batch_size=2)
+    x = [torch.randn(2, 1, *SIZE)], torch.randn(2, 2), torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 1).long()
+    with torch.no_grad():
+        assert torch.equal(wrapped(*x).logits, model(*x).logits)
+    assert (wrapped.replays, wrapped.graph) == (0, None)
+    with pytest.raises(ValueError):
+        GraphedForward(model, batch_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_validation_gives_the_eager_probabilities(prepared):
+    """10 validation rows at batch 4: warm-up, capture + replay, then the ragged 2 rows eagerly."""
+    probs = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(batch_size=4, cuda_graphs=graphs)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan="chunked"))
+        cv = CrossValidation(prepared, [Split(*prepared.fold_frames(0))], cfg, device="cuda")
+        fold = cv.folds[0]
+        cv._prepare_step(fold)
+        probs.append(cv.predict(fold, fold.val_set))
+        if graphs:
+            assert fold.eval_graphed is not None and fold.eval_graphed.replays == 1
+    assert probs[0].shape == (10, 3)
+    torch.testing.assert_close(torch.from_numpy(probs[1]), torch.from_numpy(probs[0]), rtol=1e-4, atol=1e-5)
