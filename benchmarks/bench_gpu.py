@@ -512,8 +512,6 @@ def plan_rows(dataset: str, args: argparse.Namespace, device: torch.device, tiny
             rows.append((f"run_epoch + cuda graphs ({workers} w)", g, "epoch", batch))
     if args.quick or "step" not in args.sections:
         return rows
-    rows += [("bf16 autocast", {"train.amp": True}, None, batch),
-             ("bf16 + channels_last", {"train.amp": True, "train.channels_last": True}, None, batch)]
     batches = args.batches or [batch]
     auto = resolve_scan("auto", device)
     for b in batches:
@@ -533,6 +531,8 @@ def plan_rows(dataset: str, args: argparse.Namespace, device: torch.device, tiny
                 rows.append((label, {"model.scan": scan}, None, b))
             if graphs and scan in ("triton", "mamba_ssm"):
                 rows.append((f"{label} + cuda graphs", {"model.scan": scan, **g}, None, b))
+    rows += [("bf16 autocast", {"train.amp": True}, None, batch),
+             ("bf16 + channels_last", {"train.amp": True, "train.channels_last": True}, None, batch)]
     if args.max_batch:
         rows.append(("largest batch (fp32)", {}, "max", batch))
     if args.compile:
