@@ -20,6 +20,15 @@ Adam, the prototype bank's update) and replays it with one launch. This follows 
   step an epoch, and dropping it would change what is trained), and every step after a failed
   capture (one warning, then eager to the end).
 
+Memory: every graph keeps a private memory pool for the tensors it allocates (activations,
+gradients). CrossValidation trains K folds in turn on one device, so K graphs with K pools would hold
+K steps' activations at once; instead all graphs of one CrossValidation (every fold's step and
+validation forward) share one pool. That is safe here because no graph reads memory another graph
+wrote: each replay's inputs are static buffers outside the pool (and the parameters, optimiser state
+and prototype bank, also outside it), each replay recomputes its gradients from scratch (captured
+with .grad None), and each replay's outputs (losses, logits) are consumed on the same stream before
+the next replay of any graph. Graphs never run concurrently (one stream).
+
 Values the host would have to read during a step break a capture. The step has none: the loss
 sums stay on the device (cfcml.training), CFCMLLoss counts classes with a one-hot sum instead of
 torch.bincount (which reads the largest label on the host) and skips its label-range check while a
@@ -59,7 +68,9 @@ class GraphedStep:
         num_classes: labels must lie in [0, num_classes) (ValueError naming the bad values).
         device: a CUDA device (ValueError otherwise).
         channels_last: keep the static image buffers in channels-last order (train.channels_last).
-        warmup: eager steps before the first capture, >= 1.
+        warmup: eager full-batch steps before the first capture, >= 1.
+        pool: a memory pool (torch.cuda.graph_pool_handle()) shared with other graphs, e.g. the
+            other folds' steps and the validation forwards (the module docstring says when it is safe).
 
     Call it with a collated batch (host or device tensors): it returns the step's losses, or None
     when the caller must run the step eagerly itself (a batch of another shape, or after a failed
@@ -67,7 +78,7 @@ class GraphedStep:
     """
 
     def __init__(self, step: Step, optimizer: torch.optim.Optimizer, batch_size: int, num_classes: int,
-                 device: torch.device | str, channels_last: bool = False, warmup: int = 2):
+                 device: torch.device | str, channels_last: bool = False, warmup: int = 2, pool: Any = None):
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {self.device}")
@@ -77,7 +88,7 @@ class GraphedStep:
             raise ValueError(f"warmup and batch_size must be >= 1, got {warmup} and {batch_size}")
         self.step, self.optimizer = step, optimizer
         self.batch_size, self.num_classes, self.channels_last = batch_size, num_classes, channels_last
-        self.warmup, self.warmed = warmup, 0
+        self.warmup, self.warmed, self.pool = warmup, 0, pool
         self.failed = False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.lrs: tuple[float, ...] | None = None  # the learning rates baked into the graph
@@ -95,13 +106,13 @@ class GraphedStep:
         labels = tensors[-1]
         if not labels.is_cuda:  # the check the capture skips; on the host it costs no synchronisation
             _check_labels(labels, labels.shape[0], self.num_classes)
-        if self.warmed < self.warmup:
-            self.warmed += 1
-            return self._side_stream_step(tensors)
         if labels.shape[0] != self.batch_size or (
                 self.static is not None and any(a.shape != b.shape for a, b in zip(tensors, self.static))):
             self._eager_since_replay = True
             return None
+        if self.warmed < self.warmup:  # full batches only: cuDNN must have tuned the captured shapes
+            self.warmed += 1
+            return self._side_stream_step(tensors)
         lrs = tuple(float(g["lr"]) for g in self.optimizer.param_groups)
         try:
             self._copy_in(tensors)
@@ -135,11 +146,12 @@ class GraphedStep:
         *images, num, num_missing, cat, labels = tensors
         return ModelInputs(list(images), num, num_missing, cat), labels
 
-    def _to_device(self, x: Tensor, image: bool) -> Tensor:
-        x = x.to(self.device, non_blocking=True)
+    def _to_device(self, x: Tensor, image: bool, own: bool = False) -> Tensor:
+        """x on the device (channels-last images if asked); `own`: never the caller's tensor itself."""
+        y = x.to(self.device, non_blocking=True)
         if image and self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
-        return x
+            y = y.contiguous(memory_format=torch.channels_last_3d if y.dim() == 5 else torch.channels_last)
+        return y.clone(memory_format=torch.preserve_format) if own and y.data_ptr() == x.data_ptr() else y
 
     def _side_stream_step(self, tensors: list[Tensor]) -> dict[str, Tensor]:
         """An ordinary eager step on a side stream (the recipe's warm-up), joined back to the current one."""
@@ -159,7 +171,7 @@ class GraphedStep:
     def _copy_in(self, tensors: list[Tensor]) -> None:
         n_images = len(tensors) - 4
         if self.static is None:
-            self.static = [self._to_device(x, i < n_images) for i, x in enumerate(tensors)]
+            self.static = [self._to_device(x, i < n_images, own=True) for i, x in enumerate(tensors)]
             return
         for dst, src in zip(self.static, tensors):
             dst.copy_(src, non_blocking=True)
@@ -174,7 +186,7 @@ class GraphedStep:
         try:
             graph = torch.cuda.CUDAGraph()
             # thread_local: the DataLoader's pin-memory thread may call CUDA while we capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 losses = self.step(*self._inputs(self.static), False)
         finally:
             for g in groups:
@@ -200,13 +212,14 @@ class GraphedForward(nn.Module):
             training between replays is seen by the next replay.
         batch_size: samples of a full batch, >= 1.
         warmup: eager full batches before the capture, >= 1.
+        pool: a memory pool shared with other graphs (`GraphedStep`).
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, warmup: int = 1):
+    def __init__(self, model: nn.Module, batch_size: int, warmup: int = 1, pool: Any = None):
         super().__init__()
         if batch_size < 1 or warmup < 1:
             raise ValueError(f"batch_size and warmup must be >= 1, got {batch_size} and {warmup}")
-        self.model, self.batch_size, self.warmup = model, batch_size, warmup
+        self.model, self.batch_size, self.warmup, self.pool = model, batch_size, warmup, pool
         self.warmed, self.replays, self.failed = 0, 0, False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: list[Tensor] = []
@@ -234,7 +247,7 @@ class GraphedForward(nn.Module):
             try:
                 self.static = [x.clone(memory_format=torch.preserve_format) for x in tensors]
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     with torch.autocast("cuda", dtype=state[1], enabled=state[0], cache_enabled=False):
                         self.out = self.model(self.static[:-3], *self.static[-3:])
                 self.graph, self.autocast = graph, state

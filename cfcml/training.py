@@ -247,7 +247,7 @@ class CrossValidation:
             if t.cuda_graphs:
                 fold.graphed = self._graphed_step(fold)
                 if fold.graphed is not None:
-                    fold.eval_graphed = GraphedForward(fold.model, t.batch_size)
+                    fold.eval_graphed = GraphedForward(fold.model, t.batch_size, pool=fold.graphed.pool)
         fold.step_ready = True  # type: ignore[attr-defined]
 
     def train_epoch(self, k: int) -> dict[str, float]:
@@ -305,8 +305,11 @@ class CrossValidation:
             reason = "the optimiser is not fused"
         else:
             t = self.cfg.train
+            if getattr(self, "_graph_pool", None) is None:  # one memory pool for all folds' graphs (cfcml/graphs.py)
+                self._graph_pool = torch.cuda.graph_pool_handle()
             return GraphedStep(functools.partial(self._step, fold), fold.optimizer, t.batch_size,
-                               len(self.spec.classes), self.device, channels_last=t.channels_last)
+                               len(self.spec.classes), self.device, channels_last=t.channels_last,
+                               pool=self._graph_pool)
         warnings.warn(f"train.cuda_graphs: {reason}; training eagerly", stacklevel=3)
         return None
 

@@ -218,19 +218,20 @@ def _cuda_step(step: StepOnBatch, batch: int) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("amp", [False, True])
 def test_cuda_graphs_step_gives_the_eager_losses(prepared, amp):
-    """Four epochs of 20 rows at batch 12: the first epoch's two steps are the eager warm-up; then
-    each epoch replays the full batch and runs the ragged 8-row batch eagerly; the step is captured
-    in epoch 2 and again in epoch 3 (the warm-up learning rate changed), not in epoch 4 (it did not).
-    Losses and weights as the eager step's."""
+    """Five epochs of 20 rows at batch 12 (a full batch and a ragged 8-row one, run eagerly): the
+    full batches of epochs 1 and 2 are the eager warm-up; epoch 3 captures and replays; epoch 4
+    captures again (the warm-up learning rate changed) and replays; epoch 5 replays (it did not).
+    Losses as the eager step's, to float32 (bf16 under amp) rounding; weights within a few Adam steps
+    (a near-zero gradient whose sign flips moves a weight by 2 lr either way)."""
     runs = []
     for graphs in (False, True):
         torch.manual_seed(0)
-        cfg = tiny_cfg(batch_size=12, cuda_graphs=graphs, amp=amp)
+        cfg = tiny_cfg(batch_size=12, cuda_graphs=graphs, amp=amp, tf32=False)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0, scan="chunked"),
-                                  optim=dataclasses.replace(cfg.optim, warmup_epochs=3))
+                                  optim=dataclasses.replace(cfg.optim, warmup_epochs=4))
         cv = final_cv(prepared, cfg, device="cuda")
         stats = []
-        for epoch in range(4):
+        for epoch in range(5):
             cv.epoch = epoch
             stats.append(cv.train_epoch(0))
         graphed = cv.folds[0].graphed
@@ -240,9 +241,9 @@ def test_cuda_graphs_step_gives_the_eager_losses(prepared, amp):
     for eager, graphed_stats in zip(runs[0][0], runs[1][0]):
         assert eager.keys() == graphed_stats.keys()
         for key in eager:
-            assert graphed_stats[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), key
+            assert graphed_stats[key] == pytest.approx(eager[key], rel=3e-2 if amp else 1e-3, abs=1e-5), key
     for a, b in zip(runs[0][1], runs[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=5e-3)
 
 
 def test_graphed_forward_runs_the_model_itself_off_cuda():
