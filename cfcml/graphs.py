@@ -135,7 +135,7 @@ class GraphedStep:
         return self.losses
 
     def release(self) -> None:
-        """Drop the graph and its memory pool (the next full batch captures again).
+        """Drop the graph; its memory goes back to the pool (the next full batch captures again).
 
         Call it when tensors the graph reads are replaced, e.g. after optimizer.load_state_dict.
         """
