@@ -49,7 +49,7 @@ def _non_negative(section: Any, *names: str) -> None:
 
 
 # model.scan's values (the Literal below spells them again for from_dict's type check)
-SCANS = ("auto", "sequential", "pscan", "chunked", "mamba_ssm")
+SCANS = ("auto", "sequential", "pscan", "chunked", "mamba_ssm", "triton")
 
 # Each section checks its own values in __post_init__, so a config built in code (tests, scripts)
 # is held to the same rules as one loaded from YAML.
@@ -70,9 +70,10 @@ class ModelConfig:
         mixer_stages: stages with a Mamba mixer; res_mamba: 2..4 (its stem has none; needs
             encoder_blocks >= 2), mamba_resnet: 1..4.
         mamba_d_state, mamba_d_conv, mamba_expand: res_mamba's Mamba blocks (public: 16, 4, 2).
-        scan: the selective scan: "auto" (mamba_ssm or chunked on CUDA, pscan on CPU),
-            "sequential", "pscan", "chunked" or "mamba_ssm" (needs the mamba-ssm package and CUDA);
-            cfcml/networks/scan.py, docs/gpu.md.
+        scan: the selective scan: "auto" (on CUDA mamba_ssm if installed, else triton if installed;
+            chunked otherwise and on CPU), "sequential", "pscan", "chunked", "mamba_ssm" (needs the
+            mamba-ssm package and CUDA) or "triton" (our fused Triton kernels; needs the triton
+            package and CUDA); cfcml/networks/scan.py, docs/gpu.md.
         swin_depths, swin_heads: blocks and attention heads of the four Swin layers.
         swin_patch: Swin patch size; 4 turns 224x224 photos into 56/28/14/7 token grids.
         swin_window: Swin window size.
@@ -94,7 +95,7 @@ class ModelConfig:
     mamba_d_state: int = 16
     mamba_d_conv: int = 4
     mamba_expand: int = 2
-    scan: Literal["auto", "sequential", "pscan", "chunked", "mamba_ssm"] = "auto"
+    scan: Literal["auto", "sequential", "pscan", "chunked", "mamba_ssm", "triton"] = "auto"
     swin_depths: tuple[int, ...] = (2, 2, 6, 2)
     swin_heads: tuple[int, ...] = (3, 6, 12, 24)
     swin_patch: int = 2
@@ -127,6 +128,9 @@ class ModelConfig:
         if self.scan == "mamba_ssm" and importlib.util.find_spec("mamba_ssm") is None:
             raise ConfigError("the mamba_ssm scan needs the mamba-ssm package (pip install mamba-ssm, on a CUDA "
                               "machine); use auto, chunked or pscan", "scan")
+        if self.scan == "triton" and importlib.util.find_spec("triton") is None:
+            raise ConfigError("the triton scan needs the triton package (pip install triton; CUDA builds of torch "
+                              "ship it); use auto, chunked or pscan", "scan")
         if len(self.swin_depths) != 4 or len(self.swin_heads) != 4:
             raise ConfigError("need 4 entries each", "swin_depths")
         if not 0.0 <= self.dropout < 1.0:
@@ -218,6 +222,11 @@ class TrainConfig:
         channels_last: on GPU, weights and images in channels-last memory order.
         compile: on GPU, torch.compile the training network (minutes of compilation per model:
             129 s for Derm7pt on an H100; pays only for long runs).
+        cuda_graphs: on one GPU, capture the whole training step (forward, CFCMLLoss, backward,
+            Adam, prototype bank) as one CUDA graph and replay it: one launch a step instead of
+            thousands. Batches of another shape (a ragged last batch) and data-parallel runs train
+            eagerly; a failed capture warns once and trains eagerly. Changes no number on CPU,
+            where it does nothing. Exclusive with `compile` (docs/gpu.md).
         prefetch_factor: batches each loader worker keeps ready (used when loader_workers > 0).
         max_failures: restarts of a trial's Ray Train workers after a crash (a preempted node, an
             out-of-memory kill), each from the last checkpoint; 0 fails the trial at once.
@@ -241,6 +250,7 @@ class TrainConfig:
     tf32: bool = True
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     prefetch_factor: int = 2
     max_failures: int = 2
     image_size: tuple[int, ...] | None = None
@@ -254,6 +264,9 @@ class TrainConfig:
             raise ConfigError(f"cross-validation needs at least 2 folds, got {self.folds}", "folds")
         if self.image_size is not None and (len(self.image_size) not in (2, 3) or min(self.image_size) < 1):
             raise ConfigError(f"expected 2 or 3 positive sizes, got {list(self.image_size)}", "image_size")
+        if self.cuda_graphs and self.compile:
+            raise ConfigError("cannot be combined with train.compile: choose one way to cut launches "
+                              "(torch.compile's own graphs are its mode='reduce-overhead')", "cuda_graphs")
 
 
 @dataclass(frozen=True)

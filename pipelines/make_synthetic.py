@@ -15,6 +15,7 @@ import time
 import pandas as pd
 
 from cfcml.data.synthetic import LATENTS_FILE, SIGNALS, make_derm7pt, make_men
+from cfcml.outputs import check_output_dir
 from tuning import cli_args
 
 DEFAULTS = {  # patients, size (the public code trains on 128x128x24 volumes / 224x224 photos)
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     make = make_men if args.dataset == "men" else make_derm7pt
     start = time.perf_counter()
     try:
+        check_output_dir(args.data_root, what="--data-root")
         out = make(args.data_root, patients=args.patients, seed=args.seed, size=args.image_size,
                    test_fraction=args.test_fraction, vary_size=args.vary_size,
                    overwrite=args.overwrite, progress=args.patients >= PROGRESS_FROM, signal=args.signal)

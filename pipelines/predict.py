@@ -74,17 +74,19 @@ def load_model(uri: str, tracking_uri: str | None, runs_dir: Path) -> tuple[Any,
 
 
 def read_rows(path: Path, spec: Any) -> Any:
-    """The CSV as text (categories stay "1", not 1.0; blanks stay blank); the served model types
-    the values by the spec. The index is the file's line number: every error names it."""
+    """The CSV as text (categories stay "1", not 1.0; blanks stay blank), read by prepare's reader
+    (`read_text_csv`); the served model types the values by the spec. The index is the file's line
+    number: every error names it."""
     import pandas as pd
 
+    from cfcml.data.adapters import read_text_csv
     from tuning.served_model import input_columns
 
     if not path.is_file():
         raise PredictError(f"rows file {path} does not exist")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
+    try:  # prepare's own reader: header spaces, BOM, CRLF and padded values read as prepare reads them
+        frame = read_text_csv(path)
+    except (ValueError, OSError) as exc:
         raise PredictError(f"cannot read {path} as CSV: {exc}") from None
     missing = [c for c in input_columns(spec) if c not in frame.columns]
     if missing:
@@ -93,15 +95,25 @@ def read_rows(path: Path, spec: Any) -> Any:
     return frame
 
 
-def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int) -> Any:
+def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int, out: Path | None = None) -> Any:
     """prob_<class> per row and the predicted class, through the model's own `predict` (which
-    confines every path); the whole file is checked before the first image is read."""
+    confines every path); the whole file is checked before the first image is read, and every
+    image (prepare's checks: decodable, right shape, not constant, one voxel grid per row) before
+    the first prediction. `out`: the output file, refused when it is one of the images."""
     import numpy as np
     import pandas as pd
     from tqdm import tqdm
 
+    from tuning.served_model import check_images
+
     classes = list(python_model.spec.classes)
-    typed, _ = python_model.check_input(frame)  # every bad row at once, before any model work
+    typed, files = python_model.check_input(frame)  # every bad row at once, before any model work
+    if out is not None and out.exists():  # (--out was checked against --rows already); links count too
+        st = out.stat()
+        if any((p.stat().st_dev, p.stat().st_ino) == (st.st_dev, st.st_ino) for row in files for p in row):
+            raise PredictError(f"--out {out} is one of the input images; it would be overwritten")
+    for warning in check_images(typed, python_model.spec, files):  # prepare's image checks, up front
+        print(f"warning: {warning}", file=sys.stderr)
     parts = []
     with tqdm(total=len(typed), desc="predicting", unit="row", disable=None) as bar:
         for start in range(0, len(typed), batch_rows):
@@ -141,28 +153,31 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from mlflow.exceptions import MlflowException
 
+    from cfcml.outputs import OutputPathError, atomic_write, check_output_file
     from tuning.served_model import ROOT_ENV, InputError
 
     # --data-root is the operator's override, read by the model as a server reads $CFCML_DATA_ROOT
     root = str(args.data_root.resolve()) if args.data_root is not None else os.environ.get(ROOT_ENV)
     try:
-        if not args.rows.is_file():  # before the model loads: the quick mistake first
+        if not args.rows.is_file():  # before the model loads: the quick mistakes first
             raise PredictError(f"rows file {args.rows} does not exist")
+        check_output_file(args.out, inputs=[args.rows], what="--out")
         with _environ(ROOT_ENV, root):
             model, python_model = load_model(args.model, args.tracking_uri, args.runs_dir)
             frame = read_rows(args.rows, python_model.spec)
             print(f"{len(frame)} rows from {args.rows}; images under {python_model.data_root}")
-            out = predict_rows(model, python_model, frame, args.batch_rows)
-    except (PredictError, InputError) as exc:
+            out = predict_rows(model, python_model, frame, args.batch_rows, out=args.out)
+        # a failed write leaves neither half-written predictions nor a temporary file
+        atomic_write(args.out, lambda tmp: out.to_csv(tmp, index=False))
+    except (PredictError, InputError, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except MlflowException as exc:  # the input schema check MLflow runs before the model
         print(f"error: the rows do not match the model's input schema: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    out.to_csv(tmp, index=False)
-    os.replace(tmp, args.out)  # a failed run leaves no half-written predictions
+    except OSError as exc:  # e.g. the disk filled up while writing
+        print(f"error: cannot write --out {args.out}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"wrote {len(out)} predictions to {args.out}")
     return 0
 

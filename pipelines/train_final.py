@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="the search's name (default: <dataset>-<search> with --search, else the "
                                   "newest finished search of the dataset)")
     cli_args.add_runtime(p)
+    cli_args.add_explain(p)
     args = p.parse_args(argv)
     from cfcml.config import ConfigError
     from tuning.preflight import check_name
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     prepared = PreparedDataset.load(outcome.prepared_dir)
     try:
         with ray_session(args.address, verbose=args.verbose):
-            train_final(prepared, outcome, storage=storage)
+            train_final(prepared, outcome, storage=storage, explain=args.explain_test_patients)
     except Exception as exc:  # the final run is FAILED with the reason (tuning.lifecycle)
         message = disk_full_message(exc, args.runs_dir, next_step="run the same command again")
         if message is None:

@@ -17,6 +17,7 @@ import time
 
 from cfcml.config import ConfigError
 from cfcml.data.validation import DatasetValidationError
+from cfcml.outputs import OutputPathError, check_output_dir
 from tuning import cli_args
 from tuning.comparison import VARIANTS
 from tuning.run import parse_set
@@ -59,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         # before the data is prepared or Ray starts
         check_storage(plan.runs_dir, plan.tracking_uri, experiment=f"cfcml-{plan.dataset}")
         check_ray_address(plan.address)
+        check_output_dir(plan.out_dir, what="--out")
         t = plan.base.train
         prepared = load_or_prepare(plan.dataset, plan.data_root, folds=t.folds, fold_seed=plan.fold_seed,
                                    image_size=t.image_size)
-    except ConfigError as exc:
+    except (ConfigError, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except DatasetValidationError as exc:

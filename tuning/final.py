@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cfcml.data.manifest import PreparedDataset
-from tuning.outcome import SearchOutcome, TrialResult
+from tuning.outcome import SELECTED_NOTE, SearchOutcome, TrialResult, published_cv
 
 REGISTERED_TAG = "cfcml.registered_version"
 
@@ -92,14 +92,22 @@ def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: Prepare
 
 
 def _cv_tags(best: TrialResult, metric: str) -> dict[str, str]:
-    tags = {k: f"{v:.4f}" for k, v in best.metrics.items() if k.startswith("cv_")}
-    tags.update({"selection_metric": metric, "best_trial": best.trial_id, "best_epoch": str(best.epoch)})
+    """The model version's CV tags: `selected_cv_*` (optimistic: the maximum over epochs and
+    trials) and `last_epoch_cv_*`, named by `published_cv`, with a note saying which is which."""
+    tags = {k: f"{v:.4f}" for k, v in published_cv(best, ("cv_",)).items()}
+    tags.update({"selection_metric": metric, "best_trial": best.trial_id, "selected_epoch": str(best.epoch),
+                 "selected_figures": SELECTED_NOTE})
     return tags
 
 
-def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: str | Path) -> dict[str, Any]:
+def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: str | Path,
+                explain: bool = False) -> dict[str, Any]:
     """Retrain `outcome.best` on all development rows, test once, register. Idempotent: a search
-    whose final model is registered already is left alone."""
+    whose final model is registered already is left alone.
+
+    explain: also log Grad-CAM and field-occlusion figures of a few test patients on the final run
+    (`--explain-test-patients`). Off by default: those figures show patients' images and clinical
+    fields, and anyone who can read the MLflow store can see them."""
     from mlflow.tracking import MlflowClient
 
     from tuning.lifecycle import owned_run
@@ -122,11 +130,11 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
         print(f"final model already trained and registered (run {run_id}); nothing to do")
         return {"run_id": run_id}
     with owned_run(client, run_id):  # FINISHED, or FAILED/KILLED with the reason, never left RUNNING
-        return _train_final(client, run_id, prepared, outcome, best, storage)
+        return _train_final(client, run_id, prepared, outcome, best, storage, explain)
 
 
 def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, best: TrialResult,
-                 storage: str | Path) -> dict[str, Any]:
+                 storage: str | Path, explain: bool) -> dict[str, Any]:
     from cfcml.config import flatten_dict
     from cfcml.metrics import bootstrap_ci, plot_confusion, plot_roc
     from cfcml.training import frame_probs
@@ -157,7 +165,7 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
     values = {}
     for name, (point, low, high) in ci.items():
         values.update({f"test_{name}": point, f"test_{name}_ci_low": low, f"test_{name}_ci_high": high})
-    log_metrics(client, run_id, {**values, **{k: v for k, v in best.metrics.items() if k.startswith("cv_")}})
+    log_metrics(client, run_id, {**values, **published_cv(best, ("cv_",))})  # test next to labelled CV
     log_figure(client, run_id, plot_roc(labels, probs, list(spec.classes)), "plots/roc_test.png")
     log_figure(client, run_id, plot_confusion(labels, probs, list(spec.classes)), "plots/confusion_test.png")
 
@@ -172,7 +180,8 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
     client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
     print(f"registered cfcml-{outcome.dataset} version {info.registered_model_version}: "
           f"mlflow.pyfunc.load_model('models:/cfcml-{outcome.dataset}/{info.registered_model_version}')")
-    _explain(client, run_id, prepared, best, weights)
+    if explain:
+        _explain(client, run_id, prepared, best, weights)
     client.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, "test": ci, "version": info.registered_model_version}
 
@@ -192,7 +201,7 @@ def _explain(client: Any, run_id: str, prepared: PreparedDataset, best: TrialRes
 
 
 def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> dict[str, Any]:
-    """Register the best trial's fold models (best CV epoch) as one averaged ensemble."""
+    """Register the best trial's fold models (its selected epoch) as one averaged ensemble."""
     from mlflow.tracking import MlflowClient
 
     from tuning.lifecycle import owned_run
@@ -218,7 +227,7 @@ def _register_cv_ensemble(client: Any, run_id: str, prepared: PreparedDataset, o
 
     with open_checkpoint(best.checkpoint_path) as ckpt:
         members = ckpt.fold_weights()
-    log_metrics(client, run_id, {k: v for k, v in best.metrics.items() if k.startswith("cv_")})
+    log_metrics(client, run_id, published_cv(best, ("cv_",)))
     info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,
                             experiment=best.experiment, members=members,
                             model_name=f"cfcml-{outcome.dataset}",

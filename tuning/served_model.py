@@ -98,7 +98,8 @@ def check_rows(model_input: pd.DataFrame, spec: Any, root: str | Path) -> tuple[
     image path resolved (symlinks followed) inside `root`.
 
     InputError naming the missing columns; or listing every row (position and patient id) whose
-    value is not a number or not a category, or whose image path is blank, escapes `root` (`..`,
+    value is not a number or not a category, is missing in a field that is not optional (prepare's
+    validation.check_field_value), or whose image path is blank, escapes `root` (`..`,
     an absolute path elsewhere, a symlink pointing out) or names no file. Already typed rows (a
     manifest) pass unchanged; text rows (a CSV read as text, JSON) are converted."""
     needed = [c for c in input_columns(spec) if c != "patient_id"]
@@ -119,30 +120,19 @@ def check_rows(model_input: pd.DataFrame, spec: Any, root: str | Path) -> tuple[
 
 
 def _type_fields(frame: pd.DataFrame, spec: Any) -> list[tuple[int, str]]:
-    """Type the clinical columns of `frame` in place; (row position, problem) for each bad value."""
-    from cfcml.data.validation import is_missing, parse_numeric
+    """Type the clinical columns of `frame` in place; (row position, problem) for each bad value.
+    The same check prepare applies (validation.check_field_value): a blank or missing token in a
+    field that is not optional is refused, since no missing token for it was ever trained."""
+    from cfcml.data.validation import check_field_value
 
     problems = []
     for f in spec.fields:
         values: list[Any] = []
         for i, value in enumerate(frame[f.name].tolist()):
-            if is_missing(value, spec) or pd.isna(value):
-                values.append(float("nan") if f.kind == "numeric" else None)
-            elif f.kind == "numeric":
-                try:
-                    values.append(parse_numeric(value, spec))
-                except (TypeError, ValueError):
-                    problems.append((i, f"{row_name(frame, i)}, column {f.name!r}: {value!r} is not a finite number"))
-                    values.append(float("nan"))
-            else:
-                # JSON and CSV readers turn category "1" into 1 or 1.0: compare as the spec's text
-                text = str(value).strip()
-                if text not in f.categories and isinstance(value, float) and value.is_integer():
-                    text = str(int(value))
-                if text not in f.categories:
-                    problems.append((i, f"{row_name(frame, i)}, column {f.name!r}: {value!r} is not one of "
-                                        f"{list(f.categories)}"))
-                values.append(text)
+            typed, problem = check_field_value(value, f, spec)
+            if problem is not None:
+                problems.append((i, f"{row_name(frame, i)}, column {f.name!r}: {problem[1]}"))
+            values.append(typed)
         frame[f.name] = pd.Series(values, index=frame.index, dtype=float if f.kind == "numeric" else object)
     return problems
 
@@ -184,20 +174,53 @@ def _confined_dataset(frame: pd.DataFrame, spec: Any, root: Path, files: list[li
     """A RawDataset over `frame` that reads the absolute `files` `check_rows` confined to `root`
     (not the rows' paths again) and names the row and file when one cannot be decoded."""
     from cfcml.data.dataset import RawDataset
-    from cfcml.data.images import ImageError, preprocess, read_image
+    from cfcml.data.images import preprocess
 
     class ConfinedRawDataset(RawDataset):
         def _load(self, i: int) -> list[np.ndarray]:
-            arrays = []
-            for m, path in zip(self.spec.modalities, files[i]):
-                try:
-                    arrays.append(preprocess(read_image(path, m), m, self.spec.intensity))
-                except (ImageError, OSError) as exc:
-                    raise InputError([f"{names[i]}, column 'path_{m.name}': cannot read {m.name} image "
-                                      f"{path}: {exc}"]) from None
-            return arrays
+            checked, problems, _ = _check_row_images(self.spec, files[i], names[i])
+            if problems:
+                raise InputError(problems)
+            return [preprocess(c.array, m, self.spec.intensity) for m, c in zip(self.spec.modalities, checked)]
 
     return ConfinedRawDataset(frame, spec, root, normalizer)
+
+
+def _check_row_images(spec: Any, files: list[Path], name: str) -> tuple[list[Any], list[str], list[str]]:
+    """(checked images, problems, warnings) of one row's confined image files: prepare's own
+    image check (validation.check_image: decodable, right shape, not constant) and its voxel-grid
+    check across the row's modalities."""
+    from cfcml.data.images import ImageError
+    from cfcml.data.validation import check_image, geometry_problem
+
+    checked, problems, warnings = [], [], []
+    for m, path in zip(spec.modalities, files):
+        where = f"{name}, column 'path_{m.name}'"
+        try:
+            c = check_image(path, m, spec)
+        except (ImageError, OSError) as exc:
+            problems.append(f"{where}: cannot read {m.name} image {path}: {exc}")
+            continue
+        if c.warning:
+            warnings.append(f"{where}: {m.name} image {path}: {c.warning}")
+        checked.append(c)
+    if not problems and (why := geometry_problem({m.name: c.geometry for m, c in zip(spec.modalities, checked)})):
+        problems.append(f"{name}: {why} ({', '.join(str(p) for p in files)})")
+    return checked, problems, warnings
+
+
+def check_images(frame: pd.DataFrame, spec: Any, files: list[list[Path]]) -> list[str]:
+    """Every row's images read and checked as prepare checks them, before any prediction (the
+    command line's up-front pass; `predict` checks each row again as it reads it). Returns the
+    warnings (clip saturation); InputError listing every refused image."""
+    problems, warnings = [], []
+    for i, row_files in enumerate(files):
+        _, p, w = _check_row_images(spec, row_files, row_name(frame, i))
+        problems += p
+        warnings += w
+    if problems:
+        raise InputError(problems)
+    return warnings
 
 
 class CFCMLModel(mlflow.pyfunc.PythonModel):
@@ -212,9 +235,16 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         return model
 
     def load_context(self, context: Any) -> None:
+        import importlib
+
         from cfcml.config import ExperimentConfig, from_dict
         from cfcml.data.normalize import TabularNormalizer
         from cfcml.data.spec import spec_from_dict
+
+        # What `predict` reads images with, imported now: MLflow infers a logged model's requirements
+        # from the modules its loading imports (the placeholder input example cannot be predicted).
+        for module in ("cfcml.data.dataset", "cfcml.predict", "nibabel", "PIL.Image"):
+            importlib.import_module(module)
 
         bundle = Path(context.artifacts["bundle"])
         meta = json.loads((bundle / BUNDLE_META).read_text())
@@ -267,6 +297,43 @@ def write_bundle(directory: str | Path, *, spec: Any, experiment: ExperimentConf
     return bundle
 
 
+MODEL_CODE = Path(__file__).with_name("served_model_code.py")  # the registered model's code (models-from-code)
+
+
+def placeholder_example(spec: Any) -> pd.DataFrame:
+    """Two rows of the model's input columns holding made-up values, for the registered model's
+    input example: no patient's id, file path or clinical value leaves with a model. Ids
+    `example-1`/`example-2`, paths `images/example-<i>_<modality>.<ext>`; numeric fields 0.0 then
+    missing (NaN), categorical fields the config's first category then missing (None): the
+    signature says which columns are text, which are numbers and that fields may be blank."""
+    rows = []
+    for i in (1, 2):
+        row: dict[str, Any] = {"patient_id": f"example-{i}"}
+        for m in spec.modalities:
+            row[f"path_{m.name}"] = f"images/example-{i}_{m.name}.{'nii.gz' if m.dims == 3 else 'jpg'}"
+        for f in spec.fields:
+            if f.kind == "numeric":
+                row[f.name] = 0.0 if i == 1 else float("nan")
+            else:
+                row[f.name] = f.categories[0] if i == 1 else None
+        rows.append(row)
+    return pd.DataFrame(rows, columns=input_columns(spec))
+
+
+class _NoExampleValidation:
+    """MLflow predicts on a logged input example, to validate it and to infer requirements; the
+    placeholder rows name no real image, so those predictions fail by design. Drop MLflow's
+    warnings about them (the bundle was checked on real rows before logging, and `load_context`
+    imports every module `predict` needs)."""
+
+    LOGGERS = ("mlflow.models.model", "mlflow.utils.requirements_utils")
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("Failed to validate serving input example",
+                                       "Failed to run predict on input_example"))
+
+
 def log_and_register(
     *,
     tracking_uri: str,
@@ -281,29 +348,44 @@ def log_and_register(
     """Log the bundle (`members`: one network per fold, averaged) as a pyfunc model on `run_id`
     and register it as `model_name`. The bundle records `prepared.root` as the data root.
 
+    The model is logged from code (`served_model_code.py`, MLflow's models-from-code): loading it
+    imports `tuning.served_model` from the model's code paths; nothing is unpickled. Its input
+    example is `placeholder_example` (no patient data); the bundle is first checked on two real
+    development rows, which are not logged.
+
     pip_requirements: the model's requirements; None lets MLflow infer them (it imports the model
     in a subprocess, about 20 s)."""
+    import logging
+
     from mlflow.models import infer_signature
 
     spec = prepared.spec
-    example = prepared.dev_frame()[input_columns(spec)].head(2).reset_index(drop=True)
+    example = placeholder_example(spec)
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_bundle(Path(tmp) / "bundle", spec=spec, experiment=experiment, members=members,
                               root=prepared.root)
-        output = CFCMLModel.from_bundle(bundle).predict(None, example)  # exactly what serving will run
+        real = prepared.dev_frame()[input_columns(spec)].head(2).reset_index(drop=True)
+        output = CFCMLModel.from_bundle(bundle).predict(None, real)  # exactly what serving will run
         signature = infer_signature(example, output)  # no params: a request cannot pick the data root
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=CFCMLModel(),
-                artifacts={"bundle": str(bundle)},
-                signature=signature,
-                input_example=example,
-                code_paths=[str(PROJECT_ROOT / "cfcml"), str(PROJECT_ROOT / "tuning")],
-                registered_model_name=model_name,
-                pip_requirements=pip_requirements,
-            )
+        quiet = _NoExampleValidation()
+        for name in quiet.LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(MODEL_CODE),
+                    artifacts={"bundle": str(bundle)},
+                    signature=signature,
+                    input_example=example,
+                    code_paths=[str(PROJECT_ROOT / "cfcml"), str(PROJECT_ROOT / "tuning")],
+                    registered_model_name=model_name,
+                    pip_requirements=pip_requirements,
+                )
+        finally:
+            for name in quiet.LOGGERS:
+                logging.getLogger(name).removeFilter(quiet)
     client = mlflow.MlflowClient(tracking_uri)
     version = info.registered_model_version
     for key, value in tags.items():

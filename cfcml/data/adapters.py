@@ -30,10 +30,24 @@ def read_table(path: Path, root: Path, report: ValidationReport) -> pd.DataFrame
         report.add("missing_table", "table file does not exist", file=rel)
         return None
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        report.add("unreadable_table", f"cannot parse CSV ({exc})".replace("\n", " "), file=rel)
+        return read_text_csv(path)
+    except ValueError as exc:
+        report.add("unreadable_table", str(exc), file=rel)
         return None
+
+
+def read_text_csv(path: Path) -> pd.DataFrame:
+    """The one CSV reader of every table a user gives (prepare's tables, predict's rows): all
+    cells as text, nothing guessed ("007" stays "007", a blank stays ""), and the spelling
+    variations of hand-edited or exported CSVs read alike: a UTF-8 byte-order mark, CRLF line
+    ends, spaces after the commas, and spaces around header names and values are dropped.
+
+    Raises ValueError ("cannot parse CSV (...)", one line) when the file is not a CSV or not UTF-8;
+    OSError when it cannot be opened."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot parse CSV ({exc})".replace("\n", " ")) from None
     df.columns = [str(c).strip() for c in df.columns]
     return df.map(lambda v: v.strip() if isinstance(v, str) else v)
 

@@ -2,8 +2,10 @@
 
 One `.npy` per patient and modality (float16, read memory-mapped), in a folder named after the image
 size and a hash of the preprocessing settings, so another size or intensity handling builds another
-cache beside it. `cache.json` records the source file (size, mtime) of each entry; a rerun of
-prepare reuses entries whose source is unchanged.
+cache beside it. `cache.json` records the source file of each entry by its content hash (BLAKE2b of
+its bytes, `validation.content_hash`); a rerun of prepare reuses an entry only when the source's
+bytes are unchanged. Size and modification time are not trusted: an image edited in place with
+its mtime kept (`cp -p`, `rsync -t`) is rebuilt.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import pandas as pd
 
 from cfcml.data.images import preprocess, read_image
 from cfcml.data.spec import DatasetSpec
+from cfcml.data.validation import content_hash
 
 CACHE_DTYPE = np.float16  # z-scored MRI and [0, 1] photos lose nothing that matters; half the disk/IO
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries keyed by content hash; volumes in canonical (RAS+) orientation
 
 
 def cache_settings(spec: DatasetSpec) -> dict[str, Any]:
@@ -50,8 +53,12 @@ def cache_file(cache_dir: Path, patient_id: str, modality: str) -> Path:
 
 
 def build_cache(manifest: pd.DataFrame, spec: DatasetSpec, root: Path, cache_dir: Path, workers: int = 1,
-                progress: bool = False) -> dict[str, int]:
-    """Decode + preprocess every image of the manifest into `cache_dir`; returns counts."""
+                progress: bool = False, hashes: dict[str, str] | None = None) -> dict[str, int]:
+    """Decode + preprocess every image of the manifest into `cache_dir`; returns counts.
+
+    hashes: root-relative path -> content_hash, as validation computed them (saves reading every
+    file again); a path missing from it is hashed here."""
+    hashes = hashes or {}
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta_path = cache_dir / "cache.json"
     old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -60,10 +67,10 @@ def build_cache(manifest: pd.DataFrame, spec: DatasetSpec, root: Path, cache_dir
     jobs = []
     for row in manifest.to_dict("records"):
         for m in spec.modalities:
-            src = Path(root) / row[f"path_{m.name}"]
-            st = src.stat()
+            rel = row[f"path_{m.name}"]
+            src = Path(root) / rel
             target = cache_file(cache_dir, row["patient_id"], m.name)
-            stamp = {"source": row[f"path_{m.name}"], "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+            stamp = {"source": rel, "blake2b": hashes.get(rel) or content_hash(src)}
             if entries.get(target.name) == stamp and target.exists():
                 continue
             jobs.append((src, m, target, stamp))

@@ -2,10 +2,16 @@
 
 NIfTI (.nii, .nii.gz) and NumPy (.npy) files hold arrays (spatial axes first, an optional trailing
 channel axis); anything else is read with Pillow as a 2D photo.
+
+Orientation: a NIfTI volume is brought to the closest canonical (RAS+) voxel order with
+nibabel's `as_closest_canonical` before anything else, so two scans of the same anatomy stored
+with mirrored or permuted voxel orders (a flipped affine) give the same array. A photo is turned
+upright by its EXIF orientation tag (Pillow's `ImageOps.exif_transpose`), as viewers show it.
 """
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +29,56 @@ class ImageError(Exception):
         self.code = code
 
 
+CLIP_WARN_SHARE = 0.5  # warn when more than this share of a volume's voxels is saturated by the clip window
+GEOMETRY_ATOL = 1e-3  # relative tolerance on voxel spacing and direction cosines; origins: this share of a voxel
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a volume's voxels lie in the scanner's space, after canonical reorientation.
+
+    shape: spatial voxels (H, W, D); spacing: voxel size in mm per axis; affine: the 4x4 voxel ->
+    world (mm) matrix of the canonical (RAS+) array. None for images without one (.npy, photos).
+    """
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+
+    def mismatch(self, other: Geometry) -> str | None:
+        """Why `other` does not lie on the same voxel grid as this one (within GEOMETRY_ATOL), or None."""
+        if self.shape != other.shape:
+            return f"shape {list(other.shape)} != {list(self.shape)}"
+        a, b = np.asarray(self.spacing), np.asarray(other.spacing)
+        if not np.allclose(a, b, rtol=GEOMETRY_ATOL, atol=0):
+            return f"voxel spacing {np.round(b, 4).tolist()} mm != {np.round(a, 4).tolist()} mm"
+        dirs_a = self.affine[:3, :3] / a
+        dirs_b = other.affine[:3, :3] / b
+        if not np.allclose(dirs_a, dirs_b, atol=GEOMETRY_ATOL):
+            return "axis directions differ (another orientation in the scanner)"
+        shift = np.abs(self.affine[:3, 3] - other.affine[:3, 3])
+        if (shift > 0.5 * a).any():  # half a voxel: no longer the same grid
+            here, there = np.round(self.affine[:3, 3], 2).tolist(), np.round(other.affine[:3, 3], 2).tolist()
+            return f"origin {there} mm != {here} mm"
+        return None
+
+
 def read_image(path: Path, modality: ImageModality) -> np.ndarray:
-    """Decode `path` fully into float32 [C, *spatial]; ImageError when it is empty, truncated,
-    unreadable, or has the wrong dimensionality or channel count for `modality`."""
+    """Decode `path` fully into float32 [C, *spatial] (NIfTI in canonical RAS+ voxel order,
+    photos upright by EXIF); ImageError when it is empty, truncated, unreadable, or has the wrong
+    dimensionality or channel count for `modality`."""
+    return read_image_geometry(path, modality)[0]
+
+
+def read_image_geometry(path: Path, modality: ImageModality) -> tuple[np.ndarray, Geometry | None]:
+    """`read_image` and the volume's Geometry (None for .npy arrays and photos)."""
     path = Path(path)
     if path.stat().st_size == 0:
         raise ImageError("empty_image", "file is empty (0 bytes)")
     name = path.name.lower()
+    geometry = None
     if name.endswith((".nii", ".nii.gz", ".npy")):
-        arr = _read_array(path)
+        arr, geometry = _read_array(path)
         if arr.size == 0:
             raise ImageError("empty_image", f"image has no voxels (shape {list(arr.shape)})")
         arr = _channels_first(arr, modality)
@@ -41,16 +88,65 @@ def read_image(path: Path, modality: ImageModality) -> np.ndarray:
         raise ImageError("empty_image", f"image has no pixels (shape {list(arr.shape)})")
     if not np.isfinite(arr).all():
         raise ImageError("bad_values", "image contains NaN or infinite values")
-    return arr
+    return arr, geometry
 
 
-def _read_array(path: Path) -> np.ndarray:
+def check_content(arr: np.ndarray, intensity: IntensitySpec) -> str | None:
+    """Refuse an image that carries no contrast for the model; warn when clipping saturates it.
+
+    arr: float32 [C, *spatial] as `read_image` returns it. Raises ImageError "empty_image" when
+    every voxel is 0 under `zscore_nonzero` (its mask is empty), "constant_image" when the voxels
+    the normalisation sees (the non-zero ones under `zscore_nonzero`, all otherwise; after the
+    clip window) hold one value in some channel (z-scoring a constant is meaningless), or, under
+    `scale`/`none`, when the whole image is one colour. Returns a warning text when more than
+    CLIP_WARN_SHARE of those voxels lie outside `intensity.clip` (saturated), else None.
+    """
+    nonzero = intensity.mode == "zscore_nonzero"
+    if nonzero and not arr.any():
+        raise ImageError("empty_image", "every voxel is 0 (nothing to normalise)")
+    x = arr if intensity.clip is None else np.clip(arr, intensity.clip[0], intensity.clip[1])
+    flat = x.reshape(x.shape[0], -1)
+    region = [c[c != 0] if nonzero else c for c in flat]  # what the z-score of each channel sees
+    constant = [r.size == 0 or r.min() == r.max() for r in region]
+    clipped = "" if intensity.clip is None or np.array_equal(x, arr) else \
+        f" after the clip window {list(intensity.clip)}"
+    if intensity.mode in ("zscore", "zscore_nonzero") and any(constant):
+        c = constant.index(True)
+        where = "non-zero voxel" if nonzero else "voxel"
+        value = float(region[c][0]) if region[c].size else 0.0
+        ch = f" of channel {c}" if x.shape[0] > 1 else ""
+        raise ImageError("constant_image", f"every {where}{ch} is {value:g}{clipped}: a constant image has "
+                                           f"nothing to normalise")
+    if all(constant) and intensity.mode in ("scale", "none"):
+        raise ImageError("constant_image", f"every pixel is one colour {[float(r[0]) for r in region]}{clipped}: "
+                                           f"the image carries nothing")
+    if intensity.clip is None:
+        return None
+    lo, hi = intensity.clip
+    src = [c[c != 0] if nonzero else c for c in arr.reshape(arr.shape[0], -1)]
+    n = sum(r.size for r in src)
+    out = sum(int(((r < lo) | (r > hi)).sum()) for r in src)
+    share = out / max(n, 1)
+    if share > CLIP_WARN_SHARE:
+        return (f"{share:.0%} of the {'non-zero ' if nonzero else ''}voxels lie outside the clip window "
+                f"[{lo:g}, {hi:g}] and are saturated (intensity.clip; another scanner scale?)")
+    return None
+
+
+def _read_array(path: Path) -> tuple[np.ndarray, Geometry | None]:
     try:
         if path.name.lower().endswith(".npy"):
-            return np.load(path, allow_pickle=False).astype(np.float32, copy=False)
+            return np.load(path, allow_pickle=False).astype(np.float32, copy=False), None
         import nibabel as nib
 
-        return np.asarray(nib.load(path).get_fdata(dtype=np.float32))  # decompresses everything
+        img = nib.load(path)
+        if len(img.shape) >= 3:  # the closest canonical (RAS+) voxel order: mirrored storage reads the same
+            img = nib.as_closest_canonical(img)
+        arr = np.asarray(img.get_fdata(dtype=np.float32))  # decompresses everything
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        geometry = Geometry(tuple(int(s) for s in img.shape[:3]), zooms, np.asarray(img.affine, dtype=float)) \
+            if len(img.shape) >= 3 else None
+        return arr, geometry
     except (EOFError, zlib.error) as exc:
         raise ImageError("truncated_image", f"file is truncated ({type(exc).__name__}: {exc})") from None
     except Exception as exc:  # nibabel raises a variety: ImageFileError, ValueError, OSError...
@@ -76,11 +172,12 @@ def _channels_first(arr: np.ndarray, m: ImageModality) -> np.ndarray:
 
 
 def _read_photo(path: Path, m: ImageModality) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()  # decodes everything: a truncated JPEG/PNG fails here
+            im = ImageOps.exif_transpose(im)  # upright as viewers show it (camera orientation tag)
             if m.channels == 3 and im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
                 im = im.convert("RGB")  # same colours, another encoding
             bands = len(im.getbands())

@@ -23,7 +23,7 @@ from cfcml.data.cache import cache_file
 from cfcml.data.normalize import TabularNormalizer
 from cfcml.data.spec import DatasetSpec, spec_from_dict
 from cfcml.data.splits import assign_folds
-from cfcml.data.validation import is_missing, parse_numeric
+from cfcml.data.validation import content_hash, is_missing, parse_numeric
 
 MANIFEST_FILE = "manifest.parquet"
 INFO_FILE = "prepare.json"
@@ -51,15 +51,19 @@ def build_manifest(records: pd.DataFrame, spec: DatasetSpec, folds: int, seed: i
     return df.loc[order].reset_index(drop=True)
 
 
-def fingerprint(manifest: pd.DataFrame, root: Path, spec: DatasetSpec) -> str:
-    """Content hash of the manifest rows (folds included), the source file sizes and the image
-    sizes: it changes whenever what a model would train or be tested on changes."""
+def fingerprint(manifest: pd.DataFrame, root: Path, spec: DatasetSpec, hashes: dict[str, str] | None = None) -> str:
+    """Hash of the manifest rows (folds included), the bytes of every image file and the
+    preprocessing settings: it changes whenever what a model would train or be tested on changes,
+    an image edited in place included (same name, size and mtime). The MLflow dataset digest.
+
+    hashes: root-relative path -> content_hash already computed (by validation); others are read."""
+    hashes = hashes or {}
     h = hashlib.sha256()
     h.update(manifest.sort_values("patient_id").to_csv(index=False).encode())
     for m in spec.modalities:
         h.update(f"{m.name}:{list(m.size)}:{m.channels}".encode())
         for rel in sorted(manifest[f"path_{m.name}"]):
-            h.update(f"{rel}:{(Path(root) / rel).stat().st_size}".encode())
+            h.update(f"{rel}:{hashes.get(rel) or content_hash(Path(root) / rel)}".encode())
     h.update(json.dumps(spec.intensity.__dict__, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

@@ -15,9 +15,10 @@ import pandas as pd
 
 from cfcml.data.adapters import ADAPTERS
 from cfcml.data.cache import build_cache, cache_dir_for
-from cfcml.data.manifest import PreparedDataset, build_manifest, fingerprint, write_manifest
+from cfcml.data.manifest import INFO_FILE, MANIFEST_FILE, PreparedDataset, build_manifest, fingerprint, write_manifest
 from cfcml.data.spec import DatasetSpec, load_dataset_spec, spec_to_dict
 from cfcml.data.validation import DatasetValidationError, ValidationReport, default_workers, validate_records
+from cfcml.outputs import check_output_dir, check_output_file
 
 
 def validate_dataset(root: Path, spec: DatasetSpec, *, folds: int = 5, fold_seed: int = 0,
@@ -46,7 +47,9 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
                     log: Callable[[str], None] | None = None) -> PreparedDataset:
     """Validate `root`, build the cache and write `<out>/manifest.parquet` (default out:
     `<root>/prepared`, or `<root>/prepared-<spec name>` for a config that is not the layout's
-    own). Raises DatasetValidationError carrying the full report on any problem.
+    own). Raises DatasetValidationError carrying the full report on any problem, and
+    cfcml.outputs.OutputPathError (a ValueError) before reading anything when `out` is a file,
+    lies under a file, is not writable, or its manifest.parquet / prepare.json would be `csv`.
 
     dataset: a dataset config name (conf/datasets/<dataset>.yaml) or a dataset YAML path; its
     `source.layout` picks the adapter. spec: a dataset YAML that replaces it ("manifest" + spec is
@@ -60,6 +63,11 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
         raise ValueError("the manifest adapter needs a dataset YAML (spec=... / --spec PATH)")
     ds_spec = load_dataset_spec(spec or dataset, image_size)
     out_dir = Path(out).resolve() if out else root / default_prepared_name(ds_spec)
+    # before any image is read: a folder that cannot be written, or that would replace an input
+    inputs = [Path(csv)] if csv else []
+    check_output_dir(out_dir, inputs, what="prepare's output folder")
+    for name in (MANIFEST_FILE, INFO_FILE):
+        check_output_file(out_dir / name, inputs, what="prepare's output")
     workers = workers or default_workers()
 
     records, report = validate_dataset(root, ds_spec, folds=folds, fold_seed=fold_seed,
@@ -67,11 +75,14 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     if not report.ok:
         raise DatasetValidationError(report)
     t_valid = time.perf_counter() - t0
+    for w in report.warnings:
+        log(f"warning: {w.render()}")
     log(f"validated {len(records)} patients in {t_valid:.1f}s")
 
     manifest = build_manifest(records, ds_spec, folds, fold_seed)
     cache_dir = cache_dir_for(out_dir, ds_spec)
-    stats = build_cache(manifest, ds_spec, root, cache_dir, workers=workers, progress=progress)
+    stats = build_cache(manifest, ds_spec, root, cache_dir, workers=workers, progress=progress,
+                        hashes=report.content_hashes)
     info = {
         "dataset": ds_spec.source.layout,
         "spec_name": ds_spec.name,
@@ -82,8 +93,9 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
         "folds": folds,
         "fold_seed": fold_seed,
         "counts": _counts(manifest, ds_spec.classes),
-        "fingerprint": fingerprint(manifest, root, ds_spec),
+        "fingerprint": fingerprint(manifest, root, ds_spec, report.content_hashes),
         "cache": stats,
+        "warnings": [w.render() for w in report.warnings],  # e.g. clip saturation, for the record
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": {"validate": round(t_valid, 2), "total": round(time.perf_counter() - t0, 2)},
     }

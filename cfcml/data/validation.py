@@ -6,16 +6,20 @@ records table. Nothing is written until the report is empty.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from cfcml.data.images import ImageError, read_image
-from cfcml.data.spec import DatasetSpec, ImageModality
+from cfcml.data.images import Geometry, ImageError, check_content, read_image_geometry
+from cfcml.data.spec import DatasetSpec, ImageModality, TabularField
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class ValidationReport:
     dataset: str
     root: Path
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # printed, but they do not stop prepare
+    content_hashes: dict[str, str] = field(default_factory=dict)  # root-relative path -> content_hash
+
+    def warn(self, code: str, message: str, *, patient: str | None = None, file: str | Path | None = None) -> None:
+        self.warnings.append(Problem(code, message, patient, None if file is None else str(file)))
 
     def add(self, code: str, message: str, *, patient: str | None = None, file: str | Path | None = None,
             column: str | None = None) -> None:
@@ -59,6 +68,7 @@ class ValidationReport:
             return f"{self.dataset} at {self.root}: no problems found"
         lines = [f"{self.dataset} at {self.root}: {len(self.problems)} problem(s) found, nothing was written"]
         lines += [f"  {p.render()}" for p in self.problems]
+        lines += [f"  warning: {w.render()}" for w in self.warnings]  # (they alone would not stop prepare)
         return "\n".join(lines)
 
 
@@ -84,6 +94,80 @@ def parse_numeric(value: object, spec: DatasetSpec) -> float | None:
     if not math.isfinite(x):
         raise ValueError(f"{value!r} is not a finite number")
     return x
+
+
+def normalise_id(value: object) -> str:
+    """The identity a patient id is compared by: Unicode NFKC, case folded, outer spaces removed,
+    so "MEN_0005", "men_0005 " and full-width "ＭＥＮ_0005" are one patient."""
+    return unicodedata.normalize("NFKC", str(value)).casefold().strip()
+
+
+def content_hash(path: Path, chunk: int = 1 << 20) -> str:
+    """BLAKE2b (128-bit) of the file's bytes, read in 1 MiB chunks: what identifies an image
+    whatever its name, size or modification time."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_field_value(value: object, f: TabularField, spec: DatasetSpec) -> tuple[Any, tuple[str, str] | None]:
+    """The one check of a clinical value, shared by prepare and the served model (predict).
+
+    Returns (typed value, None): numeric -> float (NaN when missing), categorical -> the category
+    text (None when missing); or (placeholder, (code, message)) when the value is refused:
+    "missing_value" (blank or a missing token in a field that is not optional: its missing
+    token was never trained), "bad_numeric", "unknown_category". A category read by JSON or a
+    number-guessing reader as 1 or 1.0 is compared as the text "1".
+    """
+    numeric = f.kind == "numeric"
+    if is_missing(value, spec) or (not isinstance(value, str) and pd.isna(value)):
+        typed = float("nan") if numeric else None
+        if f.optional:
+            return typed, None
+        return typed, ("missing_value", f"value {value!r} is missing and field {f.name!r} is not optional")
+    if numeric:
+        try:
+            return parse_numeric(value, spec), None
+        except (TypeError, ValueError):
+            return float("nan"), ("bad_numeric", f"{value!r} is not a finite number")
+    text = str(value).strip()
+    if text not in f.categories and isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    if text not in f.categories:
+        return text, ("unknown_category", f"{value!r} is not one of {list(f.categories)}")
+    return text, None
+
+
+@dataclass
+class CheckedImage:
+    """One image as the validator read it: the array (float32 [C, *spatial], canonical orientation),
+    its geometry (None for photos and .npy) and a warning (clip saturation) or None."""
+
+    array: np.ndarray
+    geometry: Geometry | None
+    warning: str | None
+
+
+def check_image(path: Path, m: ImageModality, spec: DatasetSpec) -> CheckedImage:
+    """The one image check, shared by prepare and the served model (predict): decode fully,
+    reorient, refuse degenerate content. ImageError (its `code` the problem kind) when the file is
+    unreadable, truncated, of the wrong shape, or carries nothing to normalise (see
+    images.check_content)."""
+    arr, geometry = read_image_geometry(path, m)
+    return CheckedImage(arr, geometry, check_content(arr, spec.intensity))
+
+
+def geometry_problem(geometries: dict[str, Geometry | None]) -> str | None:
+    """Why one patient's volumes (modality -> Geometry) do not share a voxel grid, or None.
+    Photos and .npy arrays (no geometry) are not compared."""
+    known = [(name, g) for name, g in geometries.items() if g is not None]
+    for name, g in known[1:]:
+        why = known[0][1].mismatch(g)
+        if why is not None:
+            return f"{name} and {known[0][0]} images do not share one voxel grid: {name} {why}"
+    return None
 
 
 def check_path(root: Path, rel: str) -> Path:
@@ -113,10 +197,15 @@ def _check_ids(records: pd.DataFrame, report: ValidationReport) -> None:
     ids = records["patient_id"].astype(str)
     for idx in ids[ids.str.strip() == ""].index:
         report.add("missing_id", f"{records.at[idx, 'origin']} has an empty patient id")
-    dup = ids[ids.duplicated(keep=False) & (ids.str.strip() != "")]
-    for pid, rows in dup.groupby(dup).groups.items():
-        where = "; ".join(str(records.at[r, "origin"]) for r in rows)
-        report.add("duplicate_id", f"patient id appears {len(rows)} times ({where})", patient=pid)
+    # identity after Unicode and case normalisation: MEN_0005 in train and men_0005 in test are one patient
+    keys = ids.map(normalise_id)
+    dup = keys[keys.duplicated(keep=False) & (keys != "")]
+    for rows in dup.groupby(dup).groups.values():
+        names = sorted({ids[r] for r in rows})
+        where = "; ".join(f"{ids[r]!r} at {records.at[r, 'origin']} ({records.at[r, 'split']})" for r in rows)
+        what = ("patient id appears" if len(names) == 1
+                else f"patient ids {names} (one id ignoring case and Unicode form) appear")
+        report.add("duplicate_id", f"{what} {len(rows)} times ({where})", patient=names[0])
 
 
 def _check_labels(records: pd.DataFrame, spec: DatasetSpec, report: ValidationReport) -> None:
@@ -132,53 +221,87 @@ def _check_fields(records: pd.DataFrame, spec: DatasetSpec, report: ValidationRe
         if f.name not in records.columns or f.name in unchecked:
             continue
         for pid, value in zip(records["patient_id"], records[f.name]):
-            if is_missing(value, spec):
-                if not f.optional:
-                    report.add("missing_value", f"value {value!r} is missing and field {f.name!r} is not optional",
-                               patient=pid, column=f.name)
-            elif f.kind == "numeric":
-                try:
-                    parse_numeric(value, spec)
-                except ValueError:
-                    report.add("bad_numeric", f"{value!r} is not a finite number", patient=pid, column=f.name)
-            elif str(value).strip() not in f.categories:
-                report.add("unknown_category", f"{value!r} is not one of {list(f.categories)}",
-                           patient=pid, column=f.name)
+            _, problem = check_field_value(value, f, spec)
+            if problem is not None:
+                report.add(problem[0], problem[1], patient=pid, column=f.name)
 
 
 def _check_images(records: pd.DataFrame, spec: DatasetSpec, root: Path, report: ValidationReport,
                   workers: int) -> None:
+    """Every image of every patient: decoded, checked (check_image), its modalities on one voxel
+    grid, its content hashed; then no file (by resolved path or by content) may serve two rows."""
     jobs = []
-    for row in records.to_dict("records"):
+    for i, row in enumerate(records.to_dict("records")):
+        mods = []
         for m in spec.modalities:
             rel = row.get(f"path_{m.name}")
             if rel is None or (isinstance(rel, float) and math.isnan(rel)) or str(rel).strip() == "":
                 report.add("missing_file", f"no {m.name} image given", patient=row["patient_id"],
                            column=f"path_{m.name}")
                 continue
-            jobs.append((row["patient_id"], m, str(rel)))
+            mods.append((m, str(rel)))
+        jobs.append((i, row["patient_id"], mods))
 
-    def check(job: tuple[str, ImageModality, str]) -> tuple[str, str, str, str] | None:
-        pid, m, rel = job
-        try:
-            path = check_path(root, rel)
-        except ValueError as exc:
-            return "path_escape", str(exc), pid, rel
-        if not path.is_file():
-            return "missing_file", f"{m.name} image does not exist", pid, rel
-        try:
-            arr = read_image(path, m)
-        except ImageError as exc:
-            return exc.code, f"{m.name} image: {exc}", pid, rel
-        if spec.intensity.mode == "zscore_nonzero" and not arr.any():
-            return "empty_image", f"{m.name} image: every voxel is 0 (nothing to normalise)", pid, rel
-        return None
+    def check(job):  # -> (row, problems, warnings, [(rel, resolved path, content hash)])
+        i, pid, mods = job
+        problems, warnings, seen, geometries = [], [], [], {}
+        for m, rel in mods:
+            try:
+                path = check_path(root, rel)
+            except ValueError as exc:
+                problems.append(("path_escape", str(exc), rel))
+                continue
+            if not path.is_file():
+                problems.append(("missing_file", f"{m.name} image does not exist", rel))
+                continue
+            try:
+                checked = check_image(path, m, spec)
+            except ImageError as exc:
+                problems.append((exc.code, f"{m.name} image: {exc}", rel))
+                continue
+            if checked.warning:
+                warnings.append(("clipped_image", f"{m.name} image: {checked.warning}", rel))
+            geometries[m.name] = checked.geometry
+            seen.append((rel, str(path), content_hash(path)))
+        if len(geometries) == len(spec.modalities) and (why := geometry_problem(geometries)):
+            problems.append(("geometry_mismatch", why, ", ".join(rel for _, rel in mods)))
+        return i, problems, warnings, seen
 
+    by_path: dict[str, list[int]] = {}
+    by_hash: dict[str, list[tuple[int, str]]] = {}
     with ThreadPoolExecutor(max(1, workers)) as pool:  # decoding (zlib, libjpeg) releases the GIL
-        for result in pool.map(check, jobs):
-            if result is not None:
-                code, msg, pid, rel = result
+        for i, problems, warnings, seen in pool.map(check, jobs):
+            pid = jobs[i][1]
+            for code, msg, rel in problems:
                 report.add(code, msg, patient=pid, file=rel)
+            for code, msg, rel in warnings:
+                report.warn(code, msg, patient=pid, file=rel)
+            for rel, resolved, digest in seen:
+                report.content_hashes[rel] = digest
+                if i not in by_path.setdefault(resolved, []):
+                    by_path[resolved].append(i)
+                if all(j != i for j, _ in by_hash.setdefault(digest, [])):
+                    by_hash[digest].append((i, rel))
+    _check_shared_images(records, root, by_path, by_hash, report)
+
+
+def _check_shared_images(records: pd.DataFrame, root: Path, by_path: dict[str, list[int]],
+                         by_hash: dict[str, list[tuple[int, str]]], report: ValidationReport) -> None:
+    """One image file (the same resolved path, or byte-identical content under another name)
+    behind two rows would put one scan in two patients, and possibly in both dev and test."""
+    def who(i: int) -> str:
+        return f"{records['patient_id'].iloc[i]!r} ({records['split'].iloc[i]})"
+
+    for resolved, rows in by_path.items():
+        if len(rows) > 1:
+            rel = Path(resolved).relative_to(root).as_posix() if Path(resolved).is_relative_to(root) else resolved
+            report.add("shared_image", f"one image file serves patients {', '.join(who(i) for i in rows)}",
+                       patient=str(records["patient_id"].iloc[rows[0]]), file=rel)
+    for rows in by_hash.values():
+        if len(rows) > 1 and len({str(check_path(root, rel)) for _, rel in rows}) > 1:  # same path: reported above
+            report.add("shared_image", "files with identical content serve patients "
+                       + ", ".join(f"{who(i)} ({rel})" for i, rel in rows),
+                       patient=str(records["patient_id"].iloc[rows[0][0]]), file=rows[0][1])
 
 
 def _check_class_sizes(records: pd.DataFrame, spec: DatasetSpec, folds: int, report: ValidationReport) -> None:

@@ -2,16 +2,20 @@
 adapter and the command line."""
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from cfcml.data.cache import cache_file
+from cfcml.data.images import preprocess, read_image
 from cfcml.data.manifest import PreparedDataset
 from cfcml.data.prepare import prepare_dataset
 from cfcml.data.splits import assign_folds
@@ -211,3 +215,83 @@ def test_default_output_folder_is_inside_the_root(derm_root: Path) -> None:
     prepared = prepare_dataset("derm7pt", derm_root, folds=FOLDS, image_size=DERM_SIZE, workers=2)
     assert prepared.out_dir == derm_root.resolve() / "prepared"
     shutil.rmtree(prepared.out_dir)
+
+
+# --- a dataset is identified by its content ---------------------------------------------------------
+
+def _edit_in_place_keeping_size_and_mtime(f: Path) -> None:
+    """Swap two voxels of a .nii.gz volume so that the gzip file keeps its byte size, then put
+    its mtime back (as `cp -p` or `rsync -t` would): only the content tells the edit apart."""
+    st = f.stat()
+    img = nib.load(f)
+    vol = np.asarray(img.dataobj).copy()
+    flat = vol.reshape(-1)
+    nonzero = np.flatnonzero(flat)
+    for a, b in zip(nonzero[::7], nonzero[3::7]):
+        if flat[a] == flat[b]:
+            continue
+        edited = flat.copy()
+        edited[[a, b]] = edited[[b, a]]
+        raw = nib.Nifti1Image(edited.reshape(vol.shape), img.affine, img.header).to_bytes()
+        data = gzip.compress(raw, compresslevel=1, mtime=0)
+        if len(data) == st.st_size:
+            f.write_bytes(data)
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return
+    raise AssertionError("no same-size edit found")
+
+
+@pytest.mark.parametrize("keep_mtime", [True, False])
+def test_an_image_edited_in_place_changes_the_fingerprint_and_is_rebuilt(men_root: Path, tmp_path: Path,
+                                                                         keep_mtime: bool) -> None:
+    f = sorted((men_root / "train" / "Grade_1").iterdir())[0] / "t1_bbox.nii.gz"
+    out = tmp_path / "out"
+    first = prepare_dataset("men", men_root, out, folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    pid = f.parent.name
+    before = np.load(cache_file(first.cache_dir, pid, "t1")).copy()
+    st = f.stat()
+    _edit_in_place_keeping_size_and_mtime(f)
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    if not keep_mtime:
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = prepare_dataset("men", men_root, out, folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    assert second.fingerprint != first.fingerprint
+    assert second.info["cache"] == {"built": 1, "reused": 53, "total": 54}
+    after = np.load(cache_file(second.cache_dir, pid, "t1"))
+    assert not np.array_equal(before, after)
+    t1 = second.spec.modalities[0]
+    np.testing.assert_array_equal(after, preprocess(read_image(f, t1), t1, second.spec.intensity).astype(np.float16))
+
+
+def test_the_same_content_gives_the_same_fingerprint_wherever_it_lies(men_base: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(men_base, tmp_path / "copy"))  # new mtimes, same bytes
+    a = prepare_dataset("men", men_base, tmp_path / "a", folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    b = prepare_dataset("men", copy, tmp_path / "b", folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    assert a.fingerprint == b.fingerprint
+
+
+# --- output folder: checked before any image is read ------------------------------------------------
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "manifest is the csv"])
+def test_a_bad_output_folder_is_refused_before_validation(men_root: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture, where: str) -> None:
+    from pipelines.prepare import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    dataset = "men"
+    if where == "manifest is the csv":  # a user's dataset whose CSV sits where prepare writes its manifest
+        dataset = str(_manifest_dataset(men_root, with_split=True))
+        out = tmp_path / "o"
+        out.mkdir()
+        afile = out / "manifest.parquet"
+        (men_root / "cases.csv").rename(afile)
+    else:
+        out = afile if where == "a file" else afile / "out"
+    (men_root / "train" / "Grade_1").rename(men_root / "train" / "Grade_9")  # a dataset problem: not reached
+    before = afile.read_bytes()
+    code = main(["--dataset", dataset, "--data-root", str(men_root), "--out", str(out), "--folds", "3",
+                 "--csv", str(afile)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error: prepare's output") and "\n" not in err, err
+    assert "Grade_9" not in err and afile.read_bytes() == before

@@ -1,8 +1,10 @@
 """One test per validation case: the report names the culprit, and no manifest is written."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +15,7 @@ import pytest
 from PIL import Image
 
 from cfcml.data.prepare import prepare_dataset
+from cfcml.data.synthetic import MEN_SPACING
 from cfcml.data.validation import DatasetValidationError, ValidationReport
 
 MEN_SIZE, DERM_SIZE, FOLDS = (12, 12, 6), (16, 16), 3  # as in conftest.py
@@ -299,6 +302,131 @@ def test_derm_bad_split_indexes(derm_root: Path, tmp_path: Path) -> None:
     report = expect_problems("derm7pt", derm_root, tmp_path / "out",
                              [("bad_split", "99999"), ("bad_split", "already listed")])
     assert all(p.file and "indexes.csv" in p.file for p in report.problems)
+
+
+# --- geometry: one canonical orientation, one voxel grid per patient -----------------------------
+
+MEN_AFFINE = np.diag([*MEN_SPACING, 1.0])
+
+
+def rewrite(f: Path, fn: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+    img = nib.load(f)
+    vol, affine = fn(np.asarray(img.dataobj), img.affine.copy())
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(vol), affine), f)
+
+
+def flipped(axis: int):
+    def fn(vol: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        affine[axis, 3] += (vol.shape[axis] - 1) * affine[axis, axis]
+        affine[axis, axis] *= -1
+        return np.flip(vol, axis=axis), affine
+    return fn
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_a_modality_stored_with_a_flipped_affine_is_cached_like_the_unflipped_one(
+        men_root: Path, men_prepared, tmp_path: Path, axis: int) -> None:
+    p = patient_dir(men_root, "Grade_2_invasion")
+    rewrite(p / "t2_bbox.nii.gz", flipped(axis))
+    assert not np.array_equal(np.asarray(nib.load(p / "t2_bbox.nii.gz").dataobj),
+                              np.asarray(nib.load(men_prepared.root / "train" / "Grade_2_invasion" / p.name
+                                                  / "t2_bbox.nii.gz").dataobj))  # the voxels are stored mirrored
+    prepared = prepare_dataset("men", men_root, tmp_path / "out", folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    for m in ("t1", "t2", "adc"):
+        np.testing.assert_array_equal(np.load(prepared.cache_path(p.name, m)),
+                                      np.load(men_prepared.cache_path(p.name, m)))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda v, a: (v[:, :, :-1], a), "shape"),
+    (lambda v, a: (v, a @ np.diag([1.0, 1.0, 2.0, 1.0])), "voxel spacing"),
+    (lambda v, a: (v, a + np.array([[0, 0, 0, 3.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])), "origin"),
+])
+def test_modalities_of_one_patient_on_different_grids_are_refused(men_root: Path, tmp_path: Path, change,
+                                                                   words: str) -> None:
+    p = patient_dir(men_root, "Grade_1", i=1)
+    rewrite(p / "adc_bbox.nii.gz", change)
+    report = expect_problems("men", men_root, tmp_path / "out",
+                             [("geometry_mismatch", p.name), ("geometry_mismatch", f"{p.name}/adc_bbox.nii.gz"),
+                              ("geometry_mismatch", words)])
+    assert len(report.problems) == 1
+
+
+# --- identity: one patient, one split ---------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", [str.lower, str.title, lambda s: unicodedata.normalize("NFKC", s).translate(
+    {ord(c): ord(c) + 0xFEE0 for c in "MEN"}), lambda s: s.replace("_", "\uff3f")])
+def test_one_patient_under_two_spellings_of_its_id_is_refused(men_root: Path, tmp_path: Path, variant) -> None:
+    p = patient_dir(men_root, "Grade_1")
+    other = patient_dir(men_root, "Grade_2_invasion")  # other images: only the id gives it away
+    twin = variant(p.name)
+    assert twin != p.name
+    shutil.copytree(other, men_root / "test" / "Grade_1" / twin)
+    shutil.rmtree(other)  # (so that its images serve one patient only)
+    edit_csv(men_root / "clinical.csv", lambda df: pd.concat([df[df["patient_id"] != other.name],
+                                                              df[df["patient_id"] == p.name].assign(patient_id=twin)]))
+    report = expect_problems("men", men_root, tmp_path / "out", [("duplicate_id", p.name), ("duplicate_id", twin),
+                                                                 ("duplicate_id", "(test)"), ("duplicate_id", "(dev)")])
+    assert report.codes() == {"duplicate_id"}
+
+
+@pytest.mark.parametrize("how", ["symlink", "copy"])
+def test_one_image_file_serving_two_patients_is_refused(men_root: Path, tmp_path: Path, how: str) -> None:
+    a = patient_dir(men_root, "Grade_1")
+    b = sorted(p for p in (men_root / "test" / "Grade_2_invasion").iterdir())[0]
+    for name in ("t1_bbox.nii.gz", "t2_bbox.nii.gz", "adc_bbox.nii.gz"):  # (all three: one voxel grid)
+        (b / name).unlink()
+        if how == "symlink":  # the same file by path
+            os.symlink(Path("..") / ".." / ".." / "train" / "Grade_1" / a.name / name, b / name)
+        else:  # the same file by content
+            shutil.copy(a / name, b / name)
+    report = expect_problems("men", men_root, tmp_path / "out",
+                             [("shared_image", f"{a.name!r} (dev)"), ("shared_image", f"{b.name!r} (test)"),
+                              ("shared_image", "t1_bbox.nii.gz"), ("shared_image", "adc_bbox.nii.gz")])
+    assert report.codes() == {"shared_image"} and len(report.problems) == 3
+
+
+# --- degenerate content -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fill, code, words", [
+    (lambda v: np.full_like(v, 417), "constant_image", "every non-zero voxel is 417"),
+    (lambda v: np.where(v != 0, 1, 0).astype(v.dtype), "constant_image", "every non-zero voxel is 1"),
+    (lambda v: np.where(v != 0, v + 3000, 0).astype(v.dtype), "constant_image", "after the clip window [0.0, 1200.0]"),
+    (lambda v: np.zeros_like(v), "empty_image", "every voxel is 0"),
+])
+def test_a_volume_with_nothing_to_normalise_is_refused(men_root: Path, tmp_path: Path, fill, code, words) -> None:
+    f = patient_dir(men_root, "Grade_2_noninvasion") / "t1_bbox.nii.gz"
+    rewrite(f, lambda v, a: (fill(v), a))
+    report = expect_problems("men", men_root, tmp_path / "out", [(code, f"{f.parent.name}/t1_bbox.nii.gz"),
+                                                                 (code, words)])
+    assert len(report.problems) == 1
+
+
+def test_a_photo_of_one_colour_is_refused(derm_root: Path, tmp_path: Path) -> None:
+    meta = pd.read_csv(derm_root / "meta" / "meta.csv", dtype=str)
+    rel = meta.at[task_row(derm_root), "clinic"]
+    Image.new("RGB", (24, 24), (180, 120, 90)).save(derm_root / "images" / rel, format="JPEG")
+    expect_problems("derm7pt", derm_root, tmp_path / "out", [("constant_image", rel), ("constant_image", "one colour")])
+
+
+def test_a_volume_saturated_by_the_clip_window_is_warned_with_the_share(men_root: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    from pipelines.prepare import main
+
+    f = patient_dir(men_root, "Grade_1") / "t2_bbox.nii.gz"
+    # tissue scaled so that about 70% of it lies above the window's 1200
+    rewrite(f, lambda v, a: ((v * (1200 / np.percentile(v[v != 0], 30))).astype(np.float32), a))
+    vol = np.asarray(nib.load(f).dataobj)
+    share = (vol > 1200).sum() / (vol != 0).sum()
+    assert 0.5 < share < 1
+    assert main(["--dataset", "men", "--data-root", str(men_root), "--out", str(tmp_path / "out"), "--folds", "3",
+                 "--image-size", *map(str, MEN_SIZE)]) == 0
+    out = capsys.readouterr().out
+    warned = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1
+    assert f"{f.parent.name}/t2_bbox.nii.gz" in warned[0] and f"{share:.0%} of the non-zero voxels" in warned[0]
+    info = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert len(info["warnings"]) == 1 and warned[0] == f"warning: {info['warnings'][0]}"
 
 
 # --- command line --------------------------------------------------------------------------------

@@ -23,6 +23,19 @@ def test_make_synthetic_takes_the_shared_and_the_old_spelling(flags):
     assert args.data_root == Path("d") and args.image_size == (16, 16, 4)
 
 
+@pytest.mark.parametrize("under", [False, True])
+def test_make_synthetic_refuses_a_data_root_that_is_or_lies_under_a_file(tmp_path: Path, capsys, under: bool):
+    from pipelines.make_synthetic import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    root = afile / "men" if under else afile
+    assert main(["--dataset", "men", "--data-root", str(root), "--patients", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --data-root {root}") and "is a file, not a folder" in err and "\n" not in err
+    assert afile.read_text() == "keep me\n"
+
+
 def _outcome(storage: Path, name: str, dataset: str) -> Path:
     (storage / name).mkdir(parents=True)
     return SearchOutcome(dataset, "cv_auc", [], str(storage / name), "p", "sqlite:///x", "1", "r").save()

@@ -3,12 +3,14 @@ registered in a real MLflow store (SQLite in tmp), a run's model or a local mode
 refusal is one `error:` line naming the row, exit status 2, and no output file."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -136,10 +138,133 @@ def test_missing_columns_are_named(registered, tmp_path, capsys) -> None:
     assert refused(capsys, out).startswith(f"error: {rows} lacks column(s) ['path_t2', 'sex']; the model needs")
 
 
-def test_blank_and_missing_token_values_are_predicted_as_missing(registered, tmp_path) -> None:
-    rows = edited(registered, tmp_path, adc_value=(0, ""), tumour_area=(1, "NA"), location=(2, ""))
+def test_blank_and_missing_token_values_of_optional_fields_are_predicted_as_missing(registered, tmp_path) -> None:
+    rows = edited(registered, tmp_path, adc_value=(0, ""), tumour_area=(1, "NA"), oedema_area=(2, " "))
     assert predict(registered, rows, tmp_path / "preds.csv") == 0
     assert len(pd.read_csv(tmp_path / "preds.csv")) == len(registered["prepared"].test_frame())
+
+
+@pytest.mark.parametrize("column, value", [("age", ""), ("age", "NA"), ("location", ""), ("sex", "null")])
+def test_a_blank_required_field_is_refused_as_prepare_refuses_it(registered, tmp_path, capsys, column, value) -> None:
+    out = tmp_path / "preds.csv"
+    assert predict(registered, edited(registered, tmp_path, **{column: (1, value)}), out) == 2
+    pid = registered["prepared"].test_frame()["patient_id"].iloc[1]
+    assert refused(capsys, out) == (f"error: edited.csv line 3 (patient '{pid}'), column {column!r}: value {value!r} "
+                                    f"is missing and field {column!r} is not optional")
+
+
+def _respelled(text: str, how: str) -> str:
+    lines = text.splitlines()
+    if how == "space after commas":
+        return "\n".join(", ".join(line.split(",")) for line in lines) + "\n"
+    if how == "header spaces":
+        return "\n".join([" , ".join(c.strip() for c in lines[0].split(",")), *lines[1:]]) + "\n"
+    if how == "padded values":
+        return "\n".join([lines[0], *[",".join(f" {v}  " for v in line.split(",")) for line in lines[1:]]]) + "\n"
+    if how == "BOM":
+        return "\ufeff" + text
+    if how == "CRLF":
+        return "\r\n".join(lines) + "\r\n"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["space after commas", "header spaces", "padded values", "BOM", "CRLF"])
+def test_a_csv_spelled_as_prepare_reads_it_gives_the_same_predictions(registered, tmp_path, how) -> None:
+    assert predict(registered, registered["rows"], tmp_path / "a.csv") == 0
+    rows = tmp_path / "respelled.csv"
+    rows.write_bytes(_respelled(registered["rows"].read_text(), how).encode())
+    assert predict(registered, rows, tmp_path / "b.csv") == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+
+
+@pytest.mark.parametrize("fill, code_words", [
+    (lambda v: np.zeros_like(v), "every voxel is 0"),
+    (lambda v: np.full_like(v, 417), "every non-zero voxel is 417"),
+])
+def test_an_image_prepare_would_refuse_is_refused_before_any_prediction(registered, tmp_path, capsys, fill,
+                                                                         code_words) -> None:
+    root = registered["prepared"].root
+    test = registered["prepared"].test_frame()
+    src = nib.load(root / test["path_t2"].iloc[2])
+    bad = root / f"degenerate-{tmp_path.name}.nii.gz"
+    nib.save(nib.Nifti1Image(fill(np.asarray(src.dataobj)), src.affine), bad)
+    out = tmp_path / "preds.csv"
+    assert predict(registered, edited(registered, tmp_path, path_t2=(2, bad.name)), out) == 2
+    err = refused(capsys, out)
+    assert err.startswith(f"error: edited.csv line 4 (patient '{test['patient_id'].iloc[2]}'), column 'path_t2': "
+                          f"cannot read t2 image {bad}: ") and code_words in err
+    assert "predicting" not in err  # refused before the progress bar started
+
+
+def test_a_volume_saturated_by_the_clip_window_is_predicted_with_a_warning_naming_it(registered, tmp_path,
+                                                                                    capsys) -> None:
+    root = registered["prepared"].root
+    test = registered["prepared"].test_frame()
+    src = nib.load(root / test["path_t1"].iloc[1])
+    vol = np.asarray(src.dataobj).astype(np.float32)
+    vol = vol * (1200 / np.percentile(vol[vol != 0], 20))  # about 80% of the tissue above the window's 1200
+    bright = root / f"bright-{tmp_path.name}.nii.gz"
+    nib.save(nib.Nifti1Image(vol, src.affine), bright)
+    out = tmp_path / "preds.csv"
+    assert predict(registered, edited(registered, tmp_path, path_t1=(1, bright.name)), out) == 0
+    err = capsys.readouterr().err
+    share = (vol > 1200).sum() / (vol != 0).sum()
+    assert (f"warning: edited.csv line 3 (patient '{test['patient_id'].iloc[1]}'), column 'path_t1': t1 image "
+            f"{bright}: {share:.0%} of the non-zero voxels lie outside the clip window [0, 1200]") in err
+    assert len(pd.read_csv(out)) == len(test)
+
+
+def test_a_volume_stored_mirrored_is_predicted_like_the_original(registered, tmp_path) -> None:
+    root = registered["prepared"].root
+    test = registered["prepared"].test_frame()
+    src = nib.load(root / test["path_adc"].iloc[0])
+    affine = src.affine.copy()
+    affine[0, 3] += (src.shape[0] - 1) * affine[0, 0]
+    affine[0, 0] *= -1
+    mirrored = root / f"mirrored-{tmp_path.name}.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(np.flip(np.asarray(src.dataobj), 0)), affine), mirrored)
+    assert predict(registered, registered["rows"], tmp_path / "a.csv") == 0
+    assert predict(registered, edited(registered, tmp_path, path_adc=(0, mirrored.name)), tmp_path / "b.csv") == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+
+
+# --- the output path: checked before any work, never an input, written atomically ---------------------
+
+@pytest.mark.parametrize("kind", ["folder", "under a file", "the rows file", "a link to the rows file"])
+def test_a_bad_out_path_is_refused_before_the_model_loads(registered, tmp_path, capsys, kind) -> None:
+    rows = tmp_path / "rows.csv"
+    shutil.copy(registered["rows"], rows)
+    before = rows.read_bytes()
+    out = {"folder": tmp_path, "under a file": rows / "preds.csv", "the rows file": rows,
+           "a link to the rows file": tmp_path / "link.csv"}[kind]
+    if kind == "a link to the rows file":
+        out.symlink_to(rows)
+    # an unknown model: had the model been looked up first, the error would name it
+    assert predict(registered, rows, out, model="models:/cfcml-nope/1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {out.absolute()}") and "\n" not in err
+    assert rows.read_bytes() == before and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_out_naming_an_input_image_is_refused_before_any_prediction(registered, tmp_path, capsys, link) -> None:
+    root = registered["prepared"].root
+    image = root / registered["prepared"].test_frame()["path_t1"].iloc[0]
+    before = image.read_bytes()
+    out = image
+    if link:  # another name of the same file
+        out = tmp_path / "preds.csv"
+        os.link(image, out)
+    assert predict(registered, registered["rows"], out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {out} is one of the input images; it would be overwritten"
+    assert image.read_bytes() == before
+    assert not list(image.parent.glob("*.tmp")) and not list(image.parent.glob(".*.tmp"))
+
+
+def test_a_successful_run_leaves_no_temporary_file(registered, tmp_path) -> None:
+    assert predict(registered, registered["rows"], tmp_path / "preds.csv") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv"]
 
 
 def test_the_operators_data_root_replaces_the_registered_one(registered, tmp_path, capsys) -> None:
