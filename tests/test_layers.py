@@ -85,3 +85,13 @@ def test_the_trial_actor_builds_a_one_cpu_worker_trainer_without_torch() -> None
     loaded = _loaded_after("import tuning.trial, tuning.run, tuning.trainer, ray.tune.integration.ray_train\n"
                            "tuning.trainer.trainer_class(1, False)")
     assert "ray" in loaded and "torch" not in loaded
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """pytest imports test modules by basename (rootdir-relative packages are not used here): two
+    files named test_x.py in different folders stop the whole collection on a fresh clone."""
+    from collections import Counter
+
+    root = Path(__file__).resolve().parent
+    names = Counter(p.name for p in root.rglob("test_*.py"))
+    assert [n for n, count in names.items() if count > 1] == []

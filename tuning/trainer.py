@@ -204,10 +204,18 @@ class Resumption:
         self.from_epoch = 0
 
     @classmethod
-    def load(cls, checkpoint: Any, cv: Any, selection: Any) -> Resumption:
+    def load(cls, checkpoint: Any, cv: Any, selection: Any, run_dir: str | None = None) -> Resumption:
+        """`checkpoint`: Ray Train's (None on a first start); `run_dir`: the run's folder, whose
+        newest checkpoint folder is used when Ray Train has none to give (its snapshot was damaged
+        and moved aside, `tuning.state_files`)."""
+        import ray.train
+
         from tuning.checkpoints import restorable
 
         out = cls()
+        if checkpoint is None and run_dir:
+            found = sorted(Path(run_dir).glob("checkpoint_*"))
+            checkpoint = ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
         if checkpoint is not None:  # a restarted worker group (or a resumed search) continues
             with checkpoint.as_directory() as d:
                 reader = restorable(d, log=out.skipped.append)
@@ -251,7 +259,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = prepared.spec
     selection = None if job.final else EpochSelection(
         selection_key(spec.task, len(spec.classes), spec.selection_metric, cfg.train.selection_metric))
-    resumption = Resumption.load(ray.train.get_checkpoint(), cv, selection)
+    resumption = Resumption.load(ray.train.get_checkpoint(), cv, selection, config.get("run_dir"))
     policy = CheckpointPolicy(cfg.train.checkpoint_every, job.max_epochs)
 
     t_ready = time.perf_counter()
@@ -368,7 +376,9 @@ def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbac
     failure.unlink(missing_ok=True)  # a rerun (a resumed search) starts without the last run's verdict
     trainer = trainer_class(t.workers, use_gpu)(
         train_loop_per_worker,
-        train_loop_config={"job": job, "failure_file": str(failure)},
+        # run_dir: where this run's checkpoint folders are, should Ray Train's snapshot be lost
+        train_loop_config={"job": job, "failure_file": str(failure),
+                           "run_dir": None if "://" in storage_path else str(Path(storage_path) / name)},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
