@@ -214,7 +214,9 @@ class Resumption:
 
         out = cls()
         if checkpoint is None and run_dir:
-            found = sorted(Path(run_dir).glob("checkpoint_*"))
+            # checkpoint folders only: the damaged snapshot moved aside is named checkpoint_manager_...
+            found = sorted(p for p in Path(run_dir).glob("checkpoint_*")
+                           if p.is_dir() and not p.name.startswith("checkpoint_manager"))
             checkpoint = ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
         if checkpoint is not None:  # a restarted worker group (or a resumed search) continues
             with checkpoint.as_directory() as d:
