@@ -296,6 +296,7 @@ class SearchTracker(Callback):
         self._last: dict[str, str] = {}  # trial id -> latest checkpoint path
         self._reasons: dict[str, str] = {}  # trial id -> why it failed (FAILURE_TAG)
         self._client: MlflowClient | None = None
+        self._plotter: Any = None  # one background thread drawing finished trials' plots
 
     @property
     def client(self) -> MlflowClient:
@@ -304,8 +305,8 @@ class SearchTracker(Callback):
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
-        """Tune saves its callbacks with the experiment state: leave the client out."""
-        return {**self.__dict__, "_client": None}
+        """Tune saves its callbacks with the experiment state: leave the client and thread out."""
+        return {**self.__dict__, "_client": None, "_plotter": None}
 
     def _run_for(self, trial: Any) -> str:
         tid = trial.trial_id
@@ -387,6 +388,13 @@ class SearchTracker(Callback):
         for trial in trials:
             if trial.status not in ("TERMINATED", "ERROR") and trial.trial_id in self._runs:
                 self.client.set_terminated(self._runs[trial.trial_id], "KILLED")
+        self.wait_for_plots()
+
+    def wait_for_plots(self) -> None:
+        """Block until the plots of finished trials are logged (the end of the search)."""
+        plotter, self.__dict__["_plotter"] = self.__dict__.get("_plotter"), None
+        if plotter is not None:
+            plotter.shutdown(wait=True)
 
     def _finish(self, trial: Any, status: str) -> None:
         run_id = self._run_for(trial)
@@ -397,16 +405,27 @@ class SearchTracker(Callback):
             client.set_tag(run_id, "cfcml.selected_cv_score", f"{best[0]:.6g}")  # max over its epochs
         source = best[1] if best is not None and self.plots_from == "best" else self._last.get(trial.trial_id)
         if source:
-            try:
-                self._log_plots(client, run_id, source)
-            except Exception as exc:  # a missing plot must not fail the search
-                client.set_tag(run_id, "cfcml.plot_error", repr(exc)[:500])
+            # Off Tune's event loop (reading and verifying the checkpoint, drawing, uploading take
+            # seconds that the next trial's start would wait for): one background thread with its
+            # own client, awaited by on_experiment_end. A driver killed outright may lose them.
+            if self.__dict__.get("_plotter") is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfcml-plots")
+            self._plotter.submit(self._plot_quietly, run_id, source)
         if status != "FINISHED":
             from tuning.lifecycle import END_REASON_TAG
 
             error = getattr(trial, "error_file", None) or getattr(trial, "local_path", None) or "its logs"
             client.set_tag(run_id, END_REASON_TAG, f"the trial raised an error; see {error}"[:5000])
         client.set_terminated(run_id, status)
+
+    def _plot_quietly(self, run_id: str, source: str) -> None:
+        client = MlflowClient(self.tracking_uri)
+        try:
+            self._log_plots(client, run_id, source)
+        except Exception as exc:  # a missing plot must not fail the search
+            client.set_tag(run_id, "cfcml.plot_error", repr(exc)[:500])
 
     def _finish_line(self, trial: Any, status: str) -> str:
         """One console line per finished trial."""
