@@ -164,7 +164,8 @@ def evaluate(spec: Any, calibrator: Calibrator, oof: pd.DataFrame, test: pd.Data
 
 
 def clinical_evidence(spec: Any, oof: pd.DataFrame, source: str, test: pd.DataFrame, test_rows: pd.DataFrame,
-                      withheld: dict[str, tuple[str, np.ndarray]] | None = None, n_boot: int = 1000) -> ClinicalEvidence:
+                      withheld: dict[str, tuple[str, np.ndarray]] | None = None,
+                      n_boot: int = 1000) -> ClinicalEvidence:
     """`fit_from_oof` on `oof` (the only predictions anything is fitted on), then `evaluate` on the
     test predictions."""
     calibrator = fit_from_oof(oof, list(spec.classes), spec.evaluation.target_sensitivity, source)
