@@ -257,8 +257,11 @@ class CrossValidation:
         # and are read once per epoch: no host synchronisation per step.
         sums: dict[str, torch.Tensor] = {}
         steps = 0
+        drop = self._input_dropout(k)
         for batch in fold.train_loader:
             inputs = ModelInputs.from_batch(batch, self.device)
+            if drop is not None:  # train.modality_dropout / field_dropout (cfcml/missing_inputs.py)
+                inputs = drop(inputs)
             if channels_last:
                 inputs.images = [_channels_last(x) for x in inputs.images]
             y = batch["label"].to(self.device, non_blocking=True)
@@ -279,6 +282,17 @@ class CrossValidation:
         fold.scheduler.step()
         means = torch.stack(list(sums.values())).tolist() if sums else []
         return {f"train_{key}": v / max(steps, 1) for key, v in zip(sums, means)}
+
+    def _input_dropout(self, k: int) -> Callable[[ModelInputs], ModelInputs] | None:
+        """Fold k's dropout of whole inputs for this epoch, or None when both rates are 0. Its draws
+        are seeded by (seed, fold, epoch, rank), so a resumed epoch draws the same."""
+        tc = self.cfg.train
+        if tc.modality_dropout == 0 and tc.field_dropout == 0:
+            return None
+        from cfcml.missing_inputs import drop_inputs
+
+        gen = torch.Generator().manual_seed(((tc.seed * 1009 + k) * 100003 + self.epoch) * 64 + self.rank)
+        return lambda inputs: drop_inputs(inputs, tc.modality_dropout, tc.field_dropout, gen)
 
     def _sync_bank(self, criterion: CFCMLLoss) -> None:
         """Average the prototype banks over ranks after each step (each rank saw its own shard),
