@@ -371,3 +371,46 @@ def log_evidence(client: Any, run_id: str, ev: ClinicalEvidence, metrics: list[s
             values[f"test_op_{r.point.class_name}_{r.point.name}_{rate}"] = r.rates[rate][0]
     log_metrics(client, run_id, values)
     return names
+
+
+# ---- the registered models' stages ------------------------------------------------------------------
+
+
+def best_trial_calibrator(spec: Any, best: Any) -> tuple[Calibrator, pd.DataFrame] | None:
+    """The calibrator fitted on the best trial's out-of-fold predictions at its selected epoch (the
+    checkpoint kept for it), and those predictions; None when the checkpoint or its predictions
+    are gone (the model is then registered without calibration, which the card says)."""
+    from tuning.checkpoints import CheckpointError, open_checkpoint
+
+    if not getattr(best, "checkpoint_path", None):
+        return None
+    try:
+        with open_checkpoint(best.checkpoint_path) as ckpt:
+            oof, epoch = ckpt.oof(), ckpt.epoch
+    except (CheckpointError, OSError, ValueError) as exc:
+        print(f"warning: no out-of-fold predictions for calibration ({exc})")
+        return None
+    if oof is None or oof.empty:
+        return None
+    source = f"out-of-fold predictions of trial {best.trial_id} at epoch {epoch} ({len(oof)} patients)"
+    return fit_from_oof(oof, list(spec.classes), spec.evaluation.target_sensitivity, source), oof
+
+
+def final_evidence(prepared: Any, best: Any, test: pd.DataFrame, weights: Any) -> ClinicalEvidence | None:
+    """The final model's evidence: calibrator from the best trial's out-of-fold predictions, then
+    the test figures, the withheld-input ones from the final network (`weights`)."""
+    from cfcml.data.normalize import TabularNormalizer
+    from tuning.served_model import build_network
+
+    spec = prepared.spec
+    fitted = best_trial_calibrator(spec, best)
+    if fitted is None:
+        print("warning: the best trial's out-of-fold predictions are not available: no calibration or "
+              "operating points for this model")
+        return None
+    calibrator, oof = fitted
+    rows = prepared.test_frame()
+    model = build_network(spec, best.experiment.model, weights.model)
+    dataset = prepared.dataset(rows, TabularNormalizer.from_state(spec, weights.normalizer))
+    withheld = withheld_predictions(model, dataset, spec)
+    return evaluate(spec, calibrator, oof, test, rows, withheld)
