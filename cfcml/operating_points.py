@@ -69,7 +69,8 @@ def _roc(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return fpr[keep], tpr[keep], thr[keep]
 
 
-def fit_operating_points(y_true, probs, class_names, target_sensitivity: float = 0.9) -> list[OperatingPoint]:
+def fit_operating_points(y_true, probs, class_names, target_sensitivity: float = 0.9,
+                         skip_unfittable: bool = False) -> list[OperatingPoint]:
     """Per class one-vs-rest (binary: the positive class only), the `sensitivity_<target>` and the
     `youden` thresholds fitted on (y_true, probs) (see the module doc).
 
@@ -78,8 +79,11 @@ def fit_operating_points(y_true, probs, class_names, target_sensitivity: float =
         probs: [N, C] probabilities (binary [N, 2]).
         class_names: C names.
         target_sensitivity: in (0, 1].
-    Raises ValueError for a target outside (0, 1], bad shapes, or a class with no positive or no
-    negative patient among the fitting predictions (no threshold can be fitted for it).
+        skip_unfittable: leave out a class with no positive or no negative patient among the
+            fitting predictions instead of raising.
+    Raises ValueError for a target outside (0, 1], bad shapes, or (unless skip_unfittable) a class
+    with no positive or no negative patient among the fitting predictions (no threshold can be
+    fitted for it).
     """
     if not 0 < target_sensitivity <= 1:
         raise ValueError(f"target_sensitivity must be in (0, 1]; got {target_sensitivity}")
@@ -93,6 +97,8 @@ def fit_operating_points(y_true, probs, class_names, target_sensitivity: float =
     for k in ([1] if task == "binary" else range(p.shape[1])):
         positive = y == k
         if positive.all() or not positive.any():
+            if skip_unfittable:
+                continue
             raise ValueError(f"class {names[k]!r}: the fitting predictions need positives and negatives "
                              f"(have {int(positive.sum())} of {len(y)})")
         fpr, tpr, thr = _roc(positive, p[:, k])

@@ -88,3 +88,10 @@ def test_a_class_without_positives_cannot_be_fitted():
     p = np.tile([0.6, 0.4], (10, 1))
     with pytest.raises(ValueError, match="positives and negatives"):
         fit_operating_points(y, p, ["a", "b"])
+
+
+def test_unfittable_classes_can_be_left_out():
+    y = np.array([0, 0, 1, 1, 0])
+    p = np.random.default_rng(0).dirichlet(np.ones(3), 5)  # class 2 never occurs
+    points = fit_operating_points(y, p, ["a", "b", "c"], skip_unfittable=True)
+    assert {q.class_name for q in points} == {"a", "b"}

@@ -78,7 +78,7 @@ def fit_from_oof(oof: pd.DataFrame, classes: list[str], target_sensitivity: floa
     probs = frame_probs(oof, classes)
     labels = oof["label"].to_numpy()
     temperature = fit_temperature(labels, probs)
-    points = fit_operating_points(labels, temperature.apply(probs), classes, target_sensitivity)
+    points = fit_operating_points(labels, temperature.apply(probs), classes, target_sensitivity, skip_unfittable=True)
     return Calibrator(temperature, points, source, target_sensitivity)
 
 

@@ -114,7 +114,13 @@ def _clinical(client: Any, run_id: str, prepared: PreparedDataset, best: TrialRe
     from tuning.clinical import calibration_table, decision_table, final_evidence, log_evidence, operating_table
     from tuning.comparison import headline_metrics
 
-    evidence = final_evidence(prepared, best, test, weights)
+    try:
+        evidence = final_evidence(prepared, best, test, weights)
+    except Exception as exc:  # the model is trained and tested: register it (uncalibrated), say why
+        client.set_tag(run_id, "cfcml.clinical_error", f"{type(exc).__name__}: {exc}"[:500])
+        print(f"warning: clinical evidence failed ({type(exc).__name__}: {exc}); the model is registered "
+              "without calibration or operating points")
+        return None
     if evidence is None:
         return None
     names = headline_metrics(prepared.spec.task, len(prepared.spec.classes))

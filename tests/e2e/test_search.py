@@ -1,13 +1,17 @@
 """The smoke search end to end: real Ray Tune/Train, real Optuna, real MLflow (SQLite in tmp)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cfcml.calibration import apply_temperature
+from tuning.clinical import fit_from_oof
 from tuning.search import main as search_main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -75,6 +79,26 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     patients = men_prepared.test_frame().groupby("label").head(2)["patient_id"]
     assert {f"explanations/{pid}.png" for pid in patients} <= explained
 
+    # the clinical evidence and the model card on the final run (tuning/clinical.py, tuning/model_card.py)
+    clinical = {a.path for a in client.list_artifacts(final.info.run_id, "clinical")}
+    assert {f"clinical/{name}" for name in (
+        "reliability_oof.png", "reliability_test.png", "decision_curve_test.png", "subgroups_test.csv",
+        "missing_inputs_test.png", "missing_inputs_test.csv", "evidence.json", "clinical.md")} <= clinical
+    assert "model_card.md" in {a.path for a in client.list_artifacts(final.info.run_id)}
+    evidence = json.loads(Path(client.download_artifacts(final.info.run_id, "clinical/evidence.json",
+                                                         str(tmp_path))).read_text())
+    # temperature and thresholds come from the best trial's out-of-fold predictions, nothing else:
+    # fitted again from the trial's own logged out-of-fold file, they are the same
+    best_trial = evidence["calibrator"]["source"].split("trial ")[1].split(" ")[0]
+    (best_run,) = [r for r in trials if r.data.tags["cfcml.trial_id"] == best_trial]
+    oof = pd.read_csv(client.download_artifacts(best_run.info.run_id, "predictions/oof_predictions.csv",
+                                                str(tmp_path / "oof")))
+    refit = fit_from_oof(oof, list(men_prepared.spec.classes), 0.9, "x")
+    assert refit.temperature.t == pytest.approx(evidence["calibrator"]["temperature"], rel=1e-6)
+    fitted = [p["threshold"] for p in evidence["calibrator"]["points"]]
+    assert [p.threshold for p in refit.points] == pytest.approx(fitted)
+    assert final.data.metrics["temperature"] == pytest.approx(refit.temperature.t, rel=1e-6)
+
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/cfcml-men/latest")
     rows = men_prepared.test_frame().drop(columns=["label", "label_name", "split", "fold"])
@@ -82,8 +106,16 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     assert list(probs.columns) == list(men_prepared.spec.classes)
     assert probs.shape == (len(rows), 3)
     np.testing.assert_allclose(probs.to_numpy().sum(1), 1.0, rtol=1e-5)
+    raw = model.predict(rows, params={"raw": True})
+    np.testing.assert_allclose(probs.to_numpy(), apply_temperature(raw.to_numpy(), refit.temperature.t), atol=1e-6)
+    decided = model.predict(rows, params={"operating_point": "Grade_1:youden"})
+    assert (decided["decision"] == (decided["Grade_1"] >= decided["threshold"])).all()
     (version,) = client.search_model_versions("name = 'cfcml-men'")
     assert "cv_macro_auc" in version.tags and "test_accuracy" in version.tags
+    assert version.description.startswith("# Model card: `cfcml-men` version 1")
+    text = next((tmp_path / "runs").rglob("search_report.md")).read_text()
+    assert "### Calibration" in text and "### Operating points" in text
+    assert "## Model card of the registered model" in text
 
     # Re-running the finished search with --resume adds no run, no metric point, no model version.
     n_runs = len(client.search_runs([exp.experiment_id]))
