@@ -49,7 +49,7 @@ def _non_negative(section: Any, *names: str) -> None:
 
 
 # model.scan's values (the Literal below spells them again for from_dict's type check)
-SCANS = ("auto", "sequential", "pscan", "chunked", "mamba_ssm")
+SCANS = ("auto", "sequential", "pscan", "chunked", "mamba_ssm", "triton")
 
 # Each section checks its own values in __post_init__, so a config built in code (tests, scripts)
 # is held to the same rules as one loaded from YAML.
@@ -70,9 +70,10 @@ class ModelConfig:
         mixer_stages: stages with a Mamba mixer; res_mamba: 2..4 (its stem has none; needs
             encoder_blocks >= 2), mamba_resnet: 1..4.
         mamba_d_state, mamba_d_conv, mamba_expand: res_mamba's Mamba blocks (public: 16, 4, 2).
-        scan: the selective scan: "auto" (mamba_ssm or chunked on CUDA, pscan on CPU),
-            "sequential", "pscan", "chunked" or "mamba_ssm" (needs the mamba-ssm package and CUDA);
-            cfcml/networks/scan.py, docs/gpu.md.
+        scan: the selective scan: "auto" (on CUDA mamba_ssm if installed, else triton if installed;
+            chunked otherwise and on CPU), "sequential", "pscan", "chunked", "mamba_ssm" (needs the
+            mamba-ssm package and CUDA) or "triton" (our fused Triton kernels; needs the triton
+            package and CUDA); cfcml/networks/scan.py, docs/gpu.md.
         swin_depths, swin_heads: blocks and attention heads of the four Swin layers.
         swin_patch: Swin patch size; 4 turns 224x224 photos into 56/28/14/7 token grids.
         swin_window: Swin window size.
@@ -94,7 +95,7 @@ class ModelConfig:
     mamba_d_state: int = 16
     mamba_d_conv: int = 4
     mamba_expand: int = 2
-    scan: Literal["auto", "sequential", "pscan", "chunked", "mamba_ssm"] = "auto"
+    scan: Literal["auto", "sequential", "pscan", "chunked", "mamba_ssm", "triton"] = "auto"
     swin_depths: tuple[int, ...] = (2, 2, 6, 2)
     swin_heads: tuple[int, ...] = (3, 6, 12, 24)
     swin_patch: int = 2
@@ -127,6 +128,9 @@ class ModelConfig:
         if self.scan == "mamba_ssm" and importlib.util.find_spec("mamba_ssm") is None:
             raise ConfigError("the mamba_ssm scan needs the mamba-ssm package (pip install mamba-ssm, on a CUDA "
                               "machine); use auto, chunked or pscan", "scan")
+        if self.scan == "triton" and importlib.util.find_spec("triton") is None:
+            raise ConfigError("the triton scan needs the triton package (pip install triton; CUDA builds of torch "
+                              "ship it); use auto, chunked or pscan", "scan")
         if len(self.swin_depths) != 4 or len(self.swin_heads) != 4:
             raise ConfigError("need 4 entries each", "swin_depths")
         if not 0.0 <= self.dropout < 1.0:

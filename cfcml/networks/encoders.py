@@ -45,8 +45,11 @@ class MambaMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, *grid]
         b, c = x.shape[:2]
         seq = self.norm(x.flatten(2).transpose(1, 2))  # [B, N, C]
-        both = self.mamba(torch.cat([seq, seq.flip(1)]))  # one call for both scan directions
-        mixed = both[:b] + both[b:].flip(1)
+        if self.mamba.native_reverse(x.device):  # the triton scan's reverse flag: no flipped copies
+            mixed = self.mamba(seq) + self.mamba(seq, reverse=True)
+        else:
+            both = self.mamba(torch.cat([seq, seq.flip(1)]))  # one call for both scan directions
+            mixed = both[:b] + both[b:].flip(1)
         return x + mixed.transpose(1, 2).reshape(x.shape)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cfcml.networks.scan import SCAN_BACKENDS, selective_scan
+from cfcml.networks.scan import SCAN_BACKENDS, resolve_scan, selective_scan
 
 
 class Mamba(nn.Module):
@@ -26,7 +26,8 @@ class Mamba(nn.Module):
         d_conv: causal depthwise convolution width, >= 1 (4).
         expand: inner width d_inner = expand * d_model, >= 1 (2).
         scan: selective scan backend, one of "auto", "sequential", "pscan", "chunked",
-            "mamba_ssm" (cfcml/networks/scan.py); an attribute, so it can be changed after building.
+            "mamba_ssm", "triton" (cfcml/networks/scan.py); an attribute, so it can be changed after
+            building.
         dt_min, dt_max: range of the initial step sizes softplus(dt bias), 0 < dt_min <= dt_max.
     """
 
@@ -61,16 +62,32 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, L, d_model]
+    def native_reverse(self, device: torch.device) -> bool:
+        """Whether `forward(x, reverse=True)` runs without flipped copies on `device` (the triton scan)."""
+        return resolve_scan(self.scan, device) == "triton"
+
+    def forward(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """x [B, L, d_model] -> [B, L, d_model].
+
+        reverse=True is the block run on the tokens in reverse order, its output flipped back, i.e.
+        `forward(x.flip(1)).flip(1)`, computed without the flips: an anti-causal convolution (the
+        kernel flipped, taking the last L outputs) and the scan's reverse flag.
+        """
         L = x.shape[1]
         xz = self.in_proj(x).transpose(1, 2)  # [B, 2 d_inner, L]
         u, z = xz.chunk(2, dim=1)
-        u = F.silu(self.conv1d(u)[..., :L])  # causal: the left-padded convolution's first L outputs
+        if reverse:  # y[t] = sum_k w[k] u[t + K-1-k]: the flipped kernel, right-padded
+            conv = self.conv1d
+            u = F.silu(F.conv1d(u, conv.weight.flip(-1), conv.bias, padding=conv.padding, groups=conv.groups)
+                       [..., conv.padding[0]:])
+        else:
+            u = F.silu(self.conv1d(u)[..., :L])  # causal: the left-padded convolution's first L outputs
         dbc = self.x_proj(u.transpose(1, 2))  # [B, L, dt_rank + 2N]
         dt, B, C = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # [B, d_inner, L]; bias added in the scan
         A = -torch.exp(self.A_log.float())
         y = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D, z, self.dt_proj.bias,
-                           backend=self.scan)  # [B, d_inner, L]
-        # the scan returns float32; the projection's own dtype (autocast casts it further if on)
+                           backend=self.scan, reverse=reverse)  # [B, d_inner, L]
+        # the scan returns float32 (triton, mamba_ssm: u's dtype); the projection's own dtype (autocast
+        # casts it further if on)
         return self.out_proj(y.transpose(1, 2).to(self.out_proj.weight.dtype))

@@ -15,7 +15,9 @@ of a (the flattened grid) run through one Mamba block in four orders (as they ar
 channels reversed, both), each output is flipped back, the four are averaged and a is added; then
 1x1 conv -> BatchNorm -> ReLU. The four orders go through the block as one batch of 4B sequences:
 the block has no batch statistics, so this is exactly four calls, with a quarter of the kernel
-launches.
+launches. With the `triton` scan the two token-reversed orders instead run as one reverse call of
+the block on 2B sequences (`Mamba.forward(x, reverse=True)`: anti-causal convolution, reverse scan),
+so no token-flipped copies are made; the result is the same function.
 
 For a 128x128x24 volume and width 16 the stages are 64x64x12 (16 channels), 32x32x6 (32), 16x16x3
 (64) and 8x8x2 (128). 2D images (dims 2) use the same layers in 2D.
@@ -60,9 +62,15 @@ class MambaLayer(nn.Module):
         seq = a.flatten(2).transpose(1, 2)  # [B, N, C]
         # token order (dim 1) and channel order (dim 2): as is, tokens reversed, channels reversed, both
         orders = ((), (1,), (2,), (1, 2))
-        out = self.mamba(torch.cat([seq.flip(f) if f else seq for f in orders]))  # [4B, N, C]
-        parts = out.split(b)
-        mixed = sum(p.flip(f) if f else p for p, f in zip(parts, orders)) / len(orders)
+        if self.mamba.native_reverse(x.device):
+            # the triton scan runs the token-reversed orders with its reverse flag: no token flips
+            ahead = torch.cat([seq, seq.flip(2)])  # orders () and (2,): [2B, N, C]
+            fwd, rev = self.mamba(ahead).split(b), self.mamba(ahead, reverse=True).split(b)
+            mixed = (fwd[0] + rev[0] + fwd[1].flip(2) + rev[1].flip(2)) / len(orders)
+        else:
+            out = self.mamba(torch.cat([seq.flip(f) if f else seq for f in orders]))  # [4B, N, C]
+            parts = out.split(b)
+            mixed = sum(p.flip(f) if f else p for p, f in zip(parts, orders)) / len(orders)
         return self.proj_out(mixed.transpose(1, 2).reshape(a.shape) + a)
 
 

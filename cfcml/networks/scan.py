@@ -21,11 +21,20 @@ Backends (all give the same numbers to float32 rounding; tests/networks/test_sca
   reverse scan of the same sweeps (see `_ChunkedScan.backward`). Runs on CPU and CUDA.
 - `mamba_ssm`: the fused CUDA kernel of the `mamba-ssm` package (optional; CUDA tensors only). It
   never writes the hidden states to memory at all and fuses softplus, D and the silu gate.
-- `auto`: `mamba_ssm` for CUDA tensors when the package is installed, else `chunked` (on CPU the
-  fastest path at every MEN stage size measured, 2-6x mambapy's pscan at the long ones; CHUNK).
+- `triton`: our own fused kernels in Triton (cfcml/networks/scan_triton.py): forward and backward
+  each one kernel that keeps the state in registers, saves one state per tile of 64 tokens and
+  recomputes the rest in the backward; fuses softplus, D and the silu gate; a `reverse` flag scans
+  from the end without a flipped copy. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
+- `auto`: `mamba_ssm` for CUDA tensors when the package is installed, else `triton` on CUDA when
+  triton is installed, else `chunked` (on CPU the fastest path at every MEN stage size measured,
+  2-6x mambapy's pscan at the long ones; CHUNK).
 
 The pure-PyTorch backends compute in float32 whatever the autocast dtype: exp(delta * A) and a
-long product of them lose too much in bfloat16.
+long product of them lose too much in bfloat16. `mamba_ssm` and `triton` take bfloat16 inputs and
+keep their state and sums in float32 inside the kernel.
+
+`reverse=True` runs every backend from the last token to the first (the forward scan of the inputs
+flipped along L, flipped back): `triton` natively, the others through flipped copies.
 """
 from __future__ import annotations
 
@@ -37,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from mambapy.pscan import PScan, pscan
 
-SCAN_BACKENDS = ("auto", "sequential", "pscan", "chunked", "mamba_ssm")
+SCAN_BACKENDS = ("auto", "sequential", "pscan", "chunked", "mamba_ssm", "triton")
 # Tokens per chunk of the chunked scan (powers of two: the sweeps need them). On CPU short chunks stay
 # in cache: at the public MEN stage-2 size (8 x 64 x 6144, N 16; one thread) fwd+bwd took 1.4-1.9 s
 # with 64-256 tokens, 2.6 s with 512, against 10.2 s for mambapy's pscan. On CUDA every chunk costs
@@ -51,14 +60,26 @@ def mamba_ssm_available() -> bool:
     return importlib.util.find_spec("mamba_ssm") is not None
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Whether `triton` (the compiler of the `triton` backend) is installed; checked without importing it."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_scan(backend: str, device: torch.device) -> str:
-    """The backend `auto` stands for on `device`; other names are checked and returned as they are."""
+    """The backend `auto` stands for on `device`; other names are checked and returned as they are.
+
+    `auto` is `mamba_ssm` on CUDA when mamba-ssm is installed, else `triton` on CUDA when triton is,
+    else `chunked`. Raises ValueError for an unknown name.
+    """
     if backend not in SCAN_BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; expected one of {', '.join(SCAN_BACKENDS)}")
     if backend != "auto":
         return backend
     if device.type == "cuda" and mamba_ssm_available():
         return "mamba_ssm"
+    if device.type == "cuda" and triton_available():
+        return "triton"
     return "chunked"
 
 
@@ -73,15 +94,32 @@ def selective_scan(
     delta_bias: torch.Tensor,
     backend: str = "auto",
     chunk: int | None = None,
+    reverse: bool = False,
 ) -> torch.Tensor:
     """y = (scan(u, softplus(delta + delta_bias), A, B, C) + D u) * silu(z), shape [B, D, L].
 
     Args:
         u, delta, z: [B, D, L]. A: [D, N] (negative). B, C: [B, N, L]. D, delta_bias: [D].
-        backend: "auto", "sequential", "pscan", "chunked" or "mamba_ssm" (module docstring).
+        backend: "auto", "sequential", "pscan", "chunked", "mamba_ssm" or "triton" (module docstring).
         chunk: tokens per chunk of the chunked scan, a power of two; default CHUNK for the device.
+        reverse: scan from the last token to the first (h[t] depends on t..L-1); the same as flipping
+            u, delta, B, C, z along L, scanning, and flipping the output back.
+
+    Returns:
+        [B, D, L]: float32 from the PyTorch backends, u's dtype from `triton` and `mamba_ssm`.
+
+    Raises:
+        ValueError: an unknown backend; `mamba_ssm` on CPU tensors; `triton` without the triton
+            package or on CPU tensors without TRITON_INTERPRET=1; a chunk that is not a power of two.
     """
     name = resolve_scan(backend, u.device)
+    if name == "triton":
+        from cfcml.networks.scan_triton import selective_scan_triton  # lazy: imports triton on first use
+
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, reverse=reverse)
+    if reverse:
+        u, delta, B, C, z = (x.flip(-1) for x in (u, delta, B, C, z))
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, backend=name, chunk=chunk).flip(-1)
     if name == "mamba_ssm":
         if u.device.type != "cuda":
             raise ValueError("the mamba_ssm scan runs on CUDA tensors only; use model.scan auto, pscan or chunked")

@@ -67,13 +67,15 @@ def test_every_cpu_backend_matches_the_recurrence_forward_and_backward(backend, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["pscan", "chunked", "auto", "mamba_ssm"])
+@pytest.mark.parametrize("backend", ["pscan", "chunked", "auto", "mamba_ssm", "triton"])
 @pytest.mark.parametrize("length,chunk", [(37, 8), (300, None), (4100, None)])
 def test_every_cuda_backend_matches_the_recurrence_forward_and_backward(backend, length, chunk):
     if backend == "mamba_ssm" and not mamba_ssm_available():
         pytest.skip("mamba-ssm is not installed")
-    if backend == "mamba_ssm" and chunk is not None:
-        pytest.skip("the fused kernel has no chunk setting")
+    if backend == "triton" and not scan.triton_available():
+        pytest.skip("triton is not installed")
+    if backend in ("mamba_ssm", "triton") and chunk is not None:
+        pytest.skip("the fused kernels have no chunk setting")
     check_against_recurrence(backend, length, chunk, device="cuda")
 
 
@@ -92,11 +94,12 @@ def test_chunked_scan_keeps_no_hidden_states_for_backward():
     assert saved_elements("chunked") <= sequence
 
 
-def test_auto_picks_chunked_on_cpu_and_names_are_checked():
+def test_auto_picks_chunked_on_cpu_mamba_ssm_then_triton_on_cuda_and_names_are_checked():
     assert resolve_scan("auto", torch.device("cpu")) == "chunked"
     assert resolve_scan("pscan", torch.device("cpu")) == "pscan"
-    expected = "mamba_ssm" if mamba_ssm_available() else "chunked"
+    expected = "mamba_ssm" if mamba_ssm_available() else "triton" if scan.triton_available() else "chunked"
     assert resolve_scan("auto", torch.device("cuda")) == expected
+    assert resolve_scan("triton", torch.device("cpu")) == "triton"  # checked where it runs (test_scan_triton.py)
     with pytest.raises(ValueError, match="unknown scan backend"):
         resolve_scan("fast", torch.device("cpu"))
 
@@ -120,3 +123,17 @@ def test_scan_names_in_the_config_are_the_backends():
 def test_requesting_mamba_ssm_without_the_package_is_a_config_error_naming_model_scan():
     with pytest.raises(ConfigError, match=r"^model\.scan: .*mamba-ssm"):
         from_dict(ModelConfig, {"scan": "mamba_ssm"}, "model")
+
+
+@pytest.mark.skipif(scan.triton_available(), reason="triton is installed here")
+def test_requesting_triton_without_the_package_is_a_config_error_naming_model_scan():
+    with pytest.raises(ConfigError, match=r"^model\.scan: .*triton"):
+        from_dict(ModelConfig, {"scan": "triton"}, "model")
+
+
+@pytest.mark.parametrize("backend", ["sequential", "chunked"])
+def test_reverse_is_the_scan_of_the_flipped_sequence_for_the_pytorch_backends(backend):
+    inputs = [x.float() for x in make_inputs(2, 6, 4, 21)]
+    flipped = [x.flip(-1) if x.dim() == 3 else x for x in inputs]
+    torch.testing.assert_close(selective_scan(*inputs, backend=backend, chunk=8, reverse=True),
+                               selective_scan(*flipped, backend=backend, chunk=8).flip(-1), rtol=0, atol=0)
