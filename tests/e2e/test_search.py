@@ -106,6 +106,8 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     assert list(probs.columns) == list(men_prepared.spec.classes)
     assert probs.shape == (len(rows), 3)
     np.testing.assert_allclose(probs.to_numpy().sum(1), 1.0, rtol=1e-5)
+    # the only parameters a request may send; none of them chooses the data root
+    assert {p.name for p in model.metadata.signature.params.params} == {"raw", "operating_point"}
     raw = model.predict(rows, params={"raw": True})
     np.testing.assert_allclose(probs.to_numpy(), apply_temperature(raw.to_numpy(), refit.temperature.t), atol=1e-6)
     decided = model.predict(rows, params={"operating_point": "Grade_1:youden"})
