@@ -130,3 +130,12 @@ def test_reliability_plot_has_a_curve_per_set():
     fig = plot_reliability({"raw": (y, p), "calibrated": (y, apply_temperature(p, 2.0))}, n_bins=10)
     assert isinstance(fig, Figure)
     assert len(fig.axes[0].lines) == 3
+
+
+def test_ece_is_large_on_probabilities_shifted_away_from_the_outcome_rates():
+    rng = np.random.default_rng(5)
+    p1 = rng.uniform(0.5, 0.7, 20000)
+    y = (rng.uniform(0, 1, 20000) < p1).astype(int)  # calibrated at p1
+    shifted = np.clip(p1 + 0.25, 0, 1)  # every confidence 0.25 too high
+    ece = expected_calibration_error(y, np.stack([1 - shifted, shifted], 1), n_bins=10)
+    assert ece == pytest.approx(0.25, abs=0.02)
