@@ -36,10 +36,7 @@ def band_labels(values, edges: Sequence[float]) -> list[str]:
     if not e or any(b <= a for a, b in zip(e, e[1:])):
         raise ValueError(f"edges must be strictly increasing and non-empty; got {list(edges)}")
 
-    def fmt(x: float) -> str:
-        return f"{x:g}"
-
-    names = [f"<{fmt(e[0])}"] + [f"{fmt(a)}-{fmt(b)}" for a, b in zip(e, e[1:])] + [f">={fmt(e[-1])}"]
+    names = band_names(e)
     out = []
     for v in values:
         if v is None or (isinstance(v, float) and np.isnan(v)):
@@ -47,6 +44,16 @@ def band_labels(values, edges: Sequence[float]) -> list[str]:
             continue
         out.append(names[int(np.searchsorted(e, float(v), side="right"))])
     return out
+
+
+def band_names(edges: Sequence[float]) -> list[str]:
+    """The band names of `edges`, low to high: "<e0", "e0-e1", ..., ">=e_last"."""
+    e = [float(x) for x in edges]
+
+    def fmt(x: float) -> str:
+        return f"{x:g}"
+
+    return [f"<{fmt(e[0])}"] + [f"{fmt(a)}-{fmt(b)}" for a, b in zip(e, e[1:])] + [f">={fmt(e[-1])}"]
 
 
 def category_labels(values) -> list[str]:
@@ -75,9 +82,11 @@ class SubgroupResult:
 
 
 def subgroup_metrics(task: str, y_true, probs, groups: dict[str, Sequence[str]], min_n: int = 20,
-                     min_per_class: int = 5, n_boot: int = 1000, seed: int = 0) -> list[SubgroupResult]:
+                     min_per_class: int = 5, n_boot: int = 1000, seed: int = 0,
+                     order: dict[str, Sequence[str]] | None = None) -> list[SubgroupResult]:
     """Metrics per category of each field in `groups` (field name -> category label per patient, e.g.
-    from `category_labels` or `band_labels`), categories in sorted order, "missing" last.
+    from `category_labels` or `band_labels`), categories in `order[field]` (those present), others
+    sorted after them, "missing" last.
 
     Args:
         task: "multiclass" or "binary".
@@ -97,7 +106,9 @@ def subgroup_metrics(task: str, y_true, probs, groups: dict[str, Sequence[str]],
         labels = np.asarray([str(v) for v in labels], dtype=object)
         if len(labels) != len(y):
             raise ValueError(f"subgroup field {name!r}: {len(labels)} labels for {len(y)} patients")
-        cats = sorted(set(labels.tolist()) - {MISSING}) + ([MISSING] if MISSING in set(labels.tolist()) else [])
+        present = set(labels.tolist())
+        known = [c for c in (order or {}).get(name, ()) if c in present and c != MISSING]
+        cats = known + sorted(present - set(known) - {MISSING}) + ([MISSING] if MISSING in present else [])
         for cat in cats:
             rows = np.flatnonzero(labels == cat)
             yy, pp = y[rows], p[rows]

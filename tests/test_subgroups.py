@@ -46,3 +46,11 @@ def test_each_subgroup_scores_its_own_patients_and_small_ones_are_flagged():
 def test_a_field_of_the_wrong_length_is_refused():
     with pytest.raises(ValueError, match="sex"):
         subgroup_metrics("binary", [0, 1], [[0.5, 0.5], [0.2, 0.8]], {"sex": ["a"]})
+
+
+def test_categories_follow_the_given_order_then_the_rest_sorted_then_missing():
+    y = np.array([0, 1] * 4)
+    p = np.tile([0.4, 0.6], (8, 1))
+    bands = band_labels([70, 30, 55, None, 70, 30, 55, 40], [50, 65])
+    rows = subgroup_metrics("binary", y, p, {"age": bands}, n_boot=10, order={"age": ["<50", "50-65", ">=65"]})
+    assert [r.category for r in rows] == ["<50", "50-65", ">=65", "missing"]

@@ -112,13 +112,26 @@ def subgroup_labels(frame: pd.DataFrame, spec: Any) -> dict[str, list[str]]:
     """Category label per row for each of the spec's `evaluation.subgroups` (fields as they are,
     bands cut from their numeric field)."""
     bands = {b.name: b for b in spec.evaluation.bands}
-    out = {}
+    out: dict[str, list[str]] = {}
     for name in spec.evaluation.subgroups:
         if name in bands:
             out[name] = band_labels(frame[bands[name].field].tolist(), bands[name].edges)
         else:
             out[name] = category_labels(frame[name].tolist())
     return out
+
+
+def subgroup_orders(spec: Any) -> dict[str, list[str]]:
+    """The order categories are shown in: a band's from low to high, a categorical field's as the
+    spec lists its categories (then "missing")."""
+    from cfcml.subgroups import MISSING, band_names
+
+    fields = {f.name: f for f in spec.fields}
+    orders = {b.name: [*band_names(b.edges), MISSING] for b in spec.evaluation.bands}
+    for name in spec.evaluation.subgroups:
+        if name in fields:
+            orders[name] = [*fields[name].categories, MISSING]
+    return orders
 
 
 def evaluate(spec: Any, calibrator: Calibrator, oof: pd.DataFrame, test: pd.DataFrame, test_rows: pd.DataFrame,
@@ -145,7 +158,7 @@ def evaluate(spec: Any, calibrator: Calibrator, oof: pd.DataFrame, test: pd.Data
     curves = decision_curves(y, p, classes)
     ev = spec.evaluation
     subgroups = subgroup_metrics(spec.task, y, p, subgroup_labels(test_rows, spec), ev.min_subgroup_n,
-                                 ev.min_subgroup_per_class, n_boot) if ev.subgroups else []
+                                 ev.min_subgroup_per_class, n_boot, order=subgroup_orders(spec)) if ev.subgroups else []
     results = [WithheldResult("none (all inputs)", "none", bootstrap_ci(spec.task, y, p, n_boot))]
     for name, (kind, probs) in (withheld or {}).items():
         results.append(WithheldResult(name, kind, bootstrap_ci(spec.task, y, t.apply(probs), n_boot)))
@@ -278,6 +291,7 @@ def decision_table(ev: ClinicalEvidence, at: tuple[float, ...] = (0.1, 0.2, 0.3,
 def subgroup_table(ev: ClinicalEvidence, metrics: list[str]) -> list[str]:
     if not ev.subgroups:
         return ["No subgroup fields configured (`evaluation.subgroups` of the dataset spec)."]
+    metrics = [*metrics, "brier"]  # every subgroup's calibration next to its discrimination
     lines = ["Test metrics per category (calibrated probabilities), bootstrap 95% CIs; **too small** marks a "
              "subgroup whose figures say little (the reason given).", "",
              "| field | category | patients (per class) | " + " | ".join(metrics) + " | note |",

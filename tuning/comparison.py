@@ -326,7 +326,7 @@ def clinical_figures(task: str, y_test: np.ndarray, spec: Any, test_rows: Any,
     (cfcml.calibration, cfcml.subgroups)."""
     from cfcml.calibration import calibration_summary
     from cfcml.subgroups import subgroup_metrics
-    from tuning.clinical import subgroup_labels
+    from tuning.clinical import subgroup_labels, subgroup_orders
 
     ev = spec.evaluation
     labels = subgroup_labels(test_rows, spec) if ev.subgroups else {}
@@ -337,7 +337,7 @@ def clinical_figures(task: str, y_test: np.ndarray, spec: Any, test_rows: Any,
         calibration[v.name] = calibration_summary(y_test, v.test_probs, ev.ece_bins)
         if labels:
             subgroups[v.name] = subgroup_metrics(task, y_test, v.test_probs, labels, ev.min_subgroup_n,
-                                                 ev.min_subgroup_per_class)
+                                                 ev.min_subgroup_per_class, order=subgroup_orders(spec))
     return calibration, subgroups
 
 

@@ -124,7 +124,7 @@ def _clinical(client: Any, run_id: str, prepared: PreparedDataset, best: TrialRe
     if evidence is None:
         return None
     names = headline_metrics(prepared.spec.task, len(prepared.spec.classes))
-    log_evidence(client, run_id, evidence, names[:3])
+    log_evidence(client, run_id, evidence, names[:2])
     for title, table in (("calibration", calibration_table), ("operating points", operating_table),
                          ("decision curves", decision_table)):
         print(f"\n{title}:\n" + "\n".join(table(evidence)))

@@ -161,7 +161,7 @@ def model_card(card: CardInputs) -> str:
     else:
         lines.append("No test evaluation.")
     if card.evidence is not None:
-        lines += [""] + report_sections(card.evidence, names[:3], level="##")
+        lines += [""] + report_sections(card.evidence, names[:2], level="##")
     lines += ["", "## Known limits", ""] + [f"- {x}" for x in known_limits(card)]
     return "\n".join(lines) + "\n"
 

@@ -117,7 +117,7 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
     if evidence is not None:  # calibration, operating points, decision curves, subgroups, missing inputs
         from tuning.clinical import report_sections
 
-        lines += [""] + report_sections(evidence, names[:3], level="###")
+        lines += [""] + report_sections(evidence, names[:2], level="###")
         figures.update({f"report/{Path(name).name}": fig for name, fig in evidence.figures.items()})
     if oracle is not None:
         auc = names[0]
