@@ -128,8 +128,10 @@ def model_card(card: CardInputs) -> str:
              f"Research use: the probability of each of {', '.join(spec.classes)} ({spec.task} task, dataset "
              f"`{spec.name}`) for one patient, from the images {', '.join(m.name for m in spec.modalities)} and the "
              f"clinical fields {', '.join(f.name for f in spec.fields) or '(none)'}, as prepared by this platform. "
-             "`predict` returns calibrated probabilities (the raw ones with `--raw`) and, at a named operating point, "
-             "a decision. Not a medical device: a clinician reads it with the figures and limits below.", "",
+             + ("`predict` returns calibrated probabilities (the raw ones with `--raw`) and, at a named operating "
+                "point, a decision. " if card.calibrator is not None else
+                "`predict` returns the network's probabilities (no temperature or operating points were stored). ")
+             + "Not a medical device: a clinician reads it with the figures and limits below.", "",
              "## Data", "",
              f"Dataset `{spec.name}`, fingerprint `{prepared.fingerprint}` (prepared from `{prepared.root}`), "
              f"{prepared.folds} patient-grouped cross-validation folds of the development split (fold seed "

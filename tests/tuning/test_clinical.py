@@ -105,3 +105,12 @@ def test_model_card_numbers_come_from_the_records(prepared, tmp_path: Path) -> N
     assert "every image modality is required" in text
     assert "nan" not in text.lower().replace("nanmean", "")
     assert not math.isnan(ev.calibration["test, calibrated"].ece[0])
+
+
+def test_a_card_without_test_or_calibration_says_so(prepared, tmp_path: Path) -> None:
+    best = TrialResult("t0", score=0.8, epoch=2, epochs_run=2, metrics={"cv_macro_auc": 0.8})
+    outcome = SearchOutcome("men", "cv_macro_auc", [best], str(tmp_path / "men-x"), "p", "u", "1", "r")
+    text = model_card(CardInputs("cfcml-men", 1, "cv-ensemble", prepared, outcome, best, None, None, None, "run2"))
+    assert "fold ensemble (probabilities averaged)" in text and "No test evaluation." in text
+    assert "no temperature or operating points were stored" in text
+    assert "Not evaluated on the held-out test split" in text
