@@ -88,7 +88,7 @@ def decision_curves(y_true, probs, class_names, thresholds=DEFAULT_THRESHOLDS) -
 def plot_decision_curves(curves: list[DecisionCurve], title: str = "Decision curves") -> Figure:
     """One panel per class: the model's net benefit, treat-all and treat-none against the threshold
     probability (the y axis from a little below 0 to the prevalence, where the curves live)."""
-    fig = Figure(figsize=(4.5 * len(curves), 4))
+    fig = Figure(figsize=(4.5 * len(curves), 4.3), layout="constrained")
     for i, c in enumerate(curves):
         ax = fig.add_subplot(1, len(curves), i + 1)
         ax.plot(c.thresholds, c.model, label="model")
@@ -97,7 +97,7 @@ def plot_decision_curves(curves: list[DecisionCurve], title: str = "Decision cur
         top = max(c.prevalence, float(np.nanmax(c.model)), 0.01)
         ax.set(xlim=(0, float(c.thresholds.max())), ylim=(-0.05 - 0.1 * top, 1.1 * top),
                xlabel="threshold probability", ylabel="net benefit",
-               title=f"{c.class_name} (prevalence {c.prevalence:.2f}, n = {c.n})")
+               title=f"{c.class_name}\nprevalence {c.prevalence:.2f}, n = {c.n}")
         ax.legend(fontsize="small")
     fig.suptitle(title)
     return fig
