@@ -18,7 +18,7 @@ install: $(STAMP)
 
 demo: install
 	@test -d $(DEMO) || $(BIN)/python pipelines/make_synthetic.py --dataset men --data-root $(DEMO) --patients 150 --image-size 32 32 8
-	$(BIN)/python tuning/search.py --dataset men --search demo --data-root $(DEMO) --name demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/python tuning/search.py --dataset men --search demo --data-root $(DEMO) --name demo-$$(date +%Y%m%d-%H%M%S) --explain-test-patients
 
 # Lint: ruff with the rule set in pyproject.toml ([tool.ruff.lint]).
 lint: install

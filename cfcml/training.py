@@ -35,12 +35,52 @@ from cfcml.networks import CFCML, build_model
 from cfcml.predict import ModelInputs, predict_proba
 
 
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite value (a training loss, or the validation probabilities of
+    weights that went NaN/inf): the run cannot recover, so it stops at the end of that fold's epoch,
+    before the fold is validated or checkpointed.
+
+    Args:
+        fold: the fold index (0 for a final model's single "fold").
+        epoch: the epoch that diverged, counted from 1.
+        what: the non-finite values, e.g. "training loss: loss=nan, ce=inf".
+        trial: who trained it ("trial 1a2b", a run name); filled in by the caller that knows it.
+    """
+
+    def __init__(self, fold: int, epoch: int, what: str, trial: str | None = None):
+        self.fold, self.epoch, self.what, self.trial = fold, epoch, what, trial
+        who = f"{trial}, " if trial else ""
+        super().__init__(f"training diverged: {who}fold {fold}, epoch {epoch}: non-finite {what} "
+                         f"(lower optim.lr, or check the data)")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across Ray processes with its fields
+        return type(self), (self.fold, self.epoch, self.what, self.trial)
+
+
+def _finite_everywhere(ok: bool, device: torch.device) -> bool:
+    """`ok` on every data-parallel rank (one all-reduce per epoch), so that all ranks stop together
+    rather than some waiting forever in a collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
 @dataclass
 class Split:
     """One fold: rows to train on and rows to validate on (None for the final model)."""
 
     train: pd.DataFrame
     val: pd.DataFrame | None
+
+
+def cv_splits(prepared: PreparedDataset, final: bool = False) -> list[Split]:
+    """The splits a run trains on: each fold's (training, validation) development rows, or, with
+    `final`, one split of all development rows without validation. Never a test row."""
+    if final:
+        return [Split(prepared.dev_frame(), None)]
+    return [Split(*prepared.fold_frames(k)) for k in range(prepared.folds)]
 
 
 @dataclass
@@ -242,6 +282,8 @@ class CrossValidation:
         fold.step_ready = True  # type: ignore[attr-defined]
 
     def train_epoch(self, k: int) -> dict[str, float]:
+        """One epoch of fold k: the mean of each loss term over its steps (`train_<term>`).
+        Raises TrainingDiverged when a loss term is not finite (on any rank)."""
         fold = self.folds[k]
         self._prepare_step(fold)
         fold.net.train()
@@ -281,6 +323,10 @@ class CrossValidation:
             steps += 1
         fold.scheduler.step()
         means = torch.stack(list(sums.values())).tolist() if sums else []
+        bad = {key: v for key, v in zip(sums, means) if not math.isfinite(v)}
+        if not _finite_everywhere(not bad, self.device):
+            what = ", ".join(f"{key}={v}" for key, v in bad.items()) or "loss on another rank"
+            raise TrainingDiverged(k, self.epoch + 1, f"training loss ({what})")
         return {f"train_{key}": v / max(steps, 1) for key, v in zip(sums, means)}
 
     def _input_dropout(self, k: int) -> Callable[[ModelInputs], ModelInputs] | None:
@@ -326,7 +372,8 @@ class CrossValidation:
         """Train and validate every fold once.
 
         Returns the metrics (per fold and mean over folds, `cv_<name>`) and the out-of-fold
-        predictions of this epoch (one row per validated patient).
+        predictions of this epoch (one row per validated patient). Raises TrainingDiverged (fold,
+        epoch) on a non-finite training loss or validation probabilities.
         """
         metrics: dict[str, float] = {}
         per_fold: list[dict[str, float]] = []
@@ -338,6 +385,8 @@ class CrossValidation:
             if fold.val_set is None or fold.val is None:
                 continue
             probs = self.predict(fold, fold.val_set)
+            if not np.isfinite(probs).all():  # finite losses, yet the weights went NaN/inf at the last step
+                raise TrainingDiverged(k, self.epoch + 1, "validation probabilities (the weights are not finite)")
             labels = fold.val["label"].to_numpy()
             fold_metrics = compute_metrics(self.spec.task, labels, probs)
             fold_metrics["loss"] = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),

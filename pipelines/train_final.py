@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="the search's name (default: <dataset>-<search> with --search, else the "
                                   "newest finished search of the dataset)")
     cli_args.add_runtime(p)
+    cli_args.add_explain(p)
     args = p.parse_args(argv)
     storage = args.runs_dir.resolve() / "ray"
     name = args.name or (f"{args.dataset}-{args.search}" if args.search else None)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prepared = PreparedDataset.load(outcome.prepared_dir)
     with ray_session(args.address, verbose=args.verbose):
-        train_final(prepared, outcome, storage=storage)
+        train_final(prepared, outcome, storage=storage, explain=args.explain_test_patients)
     return 0
 
 

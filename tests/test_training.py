@@ -9,7 +9,7 @@ import torch
 from cfcml.config import OptimConfig, load_experiment
 from cfcml.data.prepare import prepare_dataset
 from cfcml.data.synthetic import make_men
-from cfcml.training import CrossValidation, Split, lr_factor
+from cfcml.training import CrossValidation, Split, TrainingDiverged, lr_factor
 
 SIZE = (32, 32, 8)
 
@@ -91,3 +91,37 @@ def test_input_dropout_is_off_by_default_and_seeded_per_fold_and_epoch(prepared,
     assert a.num_missing.any() or (a.cat == -1).any()
     metrics, _ = cv.run_epoch()  # trains with whole inputs withheld
     assert metrics["train_loss"] > 0
+
+
+@pytest.mark.parametrize("lr", [1e6, 1e12])
+def test_a_diverging_run_stops_naming_fold_and_epoch(prepared, cfg, lr):
+    """A learning rate that blows the weights up stops the run at the end of the first epoch it
+    happens in, with the fold and epoch named, instead of training on NaN."""
+    import pickle
+
+    torch.manual_seed(0)
+    cv = CrossValidation(prepared, [Split(*prepared.fold_frames(k)) for k in range(2)],
+                         cfg.replace({"optim.lr": lr, "optim.warmup_epochs": 1}))
+    with pytest.raises(TrainingDiverged, match=r"^training diverged: fold 0, epoch 1: non-finite ") as info:
+        cv.run_epoch()
+    assert (info.value.fold, info.value.epoch) == (0, 1) and cv.epoch == 0
+    back = pickle.loads(pickle.dumps(TrainingDiverged(1, 3, "training loss (loss=nan)", trial="trial abc")))
+    assert str(back).startswith("training diverged: trial abc, fold 1, epoch 3: non-finite training loss")
+
+
+def test_non_finite_weights_are_caught_before_validation(prepared, cfg):
+    """Finite losses but NaN weights after the last step (the kind that ended in 'probs holds NaN')."""
+    torch.manual_seed(0)
+    cv = CrossValidation(prepared, [Split(*prepared.fold_frames(k)) for k in range(2)], cfg)
+
+    steps = [0]
+
+    def poison(k, fold):  # after fold 0's last step: every loss of the epoch was finite
+        steps[0] += 1
+        if steps[0] == len(fold.train_loader):
+            with torch.no_grad():
+                next(fold.model.parameters()).fill_(float("nan"))
+
+    cv.step_hook = poison
+    with pytest.raises(TrainingDiverged, match=r"fold 0, epoch 1: non-finite validation probabilities"):
+        cv.run_epoch()

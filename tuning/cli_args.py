@@ -51,3 +51,10 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start a local Ray")
     p.add_argument("--verbose", action="store_true", help="show Ray's own log lines (per-epoch checkpoint "
                    "messages, worker output)")
+
+
+def add_explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--explain-test-patients", action="store_true",
+                   help="log Grad-CAM and field-occlusion figures of up to two test patients per class on the "
+                        "final run. Off by default: the figures show those patients' images and clinical fields "
+                        "to anyone who can read the MLflow store; turn it on for synthetic or de-identified data")

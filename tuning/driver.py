@@ -8,13 +8,23 @@ caller's next step (`tuning.final`).
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cfcml.config import TrainConfig
 from cfcml.data.manifest import PreparedDataset
-from tuning.outcome import OUTCOME_FILE, SearchOutcome, TrialResult
+from tuning.outcome import (
+    OUTCOME_FILE,
+    SELECTED_NOTE,
+    EpochSelection,
+    SearchOutcome,
+    TrialResult,
+    lineage,
+    published_cv,
+    selected_key,
+)
 from tuning.run import SearchRun
 
 STATE_FILE = "cfcml_search.json"
@@ -32,6 +42,7 @@ class SearchState:
     parent_run_id: str
     tracking_uri: str
     experiment_id: str
+    settings: dict[str, Any] | None = None  # SearchRun.settings: what --resume must find again
 
     @classmethod
     def load(cls, search_dir: Path) -> SearchState | None:
@@ -39,7 +50,20 @@ class SearchState:
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
-        return cls(data["parent_run_id"], data["tracking_uri"], data["experiment_id"])
+        return cls(data["parent_run_id"], data["tracking_uri"], data["experiment_id"], data.get("settings"))
+
+    def changed(self, settings: dict[str, Any]) -> list[str]:
+        """'KEY: RECORDED recorded, NOW now' per resolved setting that differs from the recorded
+        ones, less those a resume may change (`tuning.run.RESUME_MAY_CHANGE`). Empty for a state
+        file written before settings were recorded (nothing to compare)."""
+        from tuning.run import RESUME_MAY_CHANGE
+
+        if self.settings is None:
+            return []
+        missing = "<not set>"
+        return [f"{key}: {self.settings.get(key, missing)!r} recorded, {settings.get(key, missing)!r} now"
+                for key in sorted(set(self.settings) | set(settings))
+                if key not in RESUME_MAY_CHANGE and self.settings.get(key, missing) != settings.get(key, missing)]
 
     def save(self, search_dir: Path) -> None:
         search_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +92,7 @@ def run_trial(config: dict[str, Any], *, run: SearchRun, prepared_dir: str, metr
     trial_id = tune.get_context().get_trial_id()
     job = TrainJob(run.experiment.replace(dict(config)), prepared_dir, run.max_epochs)
     fit(job, name=f"trial_{trial_id}", storage_path=str(run.storage / "train"), metric=metric,
-        callbacks=[TuneReportCallback()])
+        callbacks=[TuneReportCallback()], label=f"trial {trial_id}")
 
 
 def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, metric: str) -> SearchState:
@@ -91,7 +115,7 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
             "cfcml.kind": "search", "cfcml.search": str(run.search_dir), "cfcml.dataset": run.dataset,
             "cfcml.dataset_fingerprint": prepared.fingerprint, "mlflow.source.git.commit": commit,
         }).info.run_id
-    state = SearchState(parent_id, tracking_uri, exp_id)
+    state = SearchState(parent_id, tracking_uri, exp_id, run.settings(prepared.fingerprint))
     state.save(run.search_dir)
     log_provenance(client, state.parent_run_id, prepared)
     t = run.experiment.train
@@ -109,16 +133,34 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
     return state
 
 
-def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
-    """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C."""
+def search_algorithms(run: SearchRun, target: str) -> tuple[Any, Any]:
+    """The search's OptunaSearch (TPE, or random) and ASHA scheduler, both maximising `target`
+    (the Tuner's metric too: `selected_key` of the selection metric)."""
     import optuna
-    from mlflow.tracking import MlflowClient
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from tuning.ray_runtime import scoped_env
     from tuning.space import initial_point
+
+    seed = run.experiment.train.seed
+    sampler = optuna.samplers.RandomSampler(seed=seed) if run.search.searcher == "random" else \
+        optuna.samplers.TPESampler(seed=seed, n_startup_trials=run.search.tpe_startup_trials(run.num_samples))
+    searcher = OptunaSearch(
+        metric=target, mode="max", sampler=sampler,
+        points_to_evaluate=[initial_point(run.search, run.experiment)] if run.search.space else None,
+    )
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=run.max_epochs,
+                              grace_period=min(run.search.grace_period, run.max_epochs),
+                              reduction_factor=run.search.reduction_factor)
+    return searcher, scheduler
+
+
+def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
+    """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from tuning.ray_runtime import scoped_env
     from tuning.tracking import SearchTracker, dataset_entity, default_tracking_uri, log_metrics, write_json_artifact
 
     spec = prepared.spec
@@ -129,6 +171,10 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     client = MlflowClient(state.tracking_uri)
     client.update_run(state.parent_run_id, status="RUNNING")
 
+    # ASHA, Optuna and the choice of the best trial all act on the trial's maximum over its epochs
+    # so far (`selected_key`), the figure the platform selects on (docs/evaluation.md). Ray Train
+    # still ranks a trial's checkpoints by the epoch's own `metric`, so the selected epoch's is kept.
+    target = selected_key(metric)
     trainable = tune.with_parameters(run_trial, run=run, prepared_dir=str(prepared.out_dir), metric=metric)
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # the TorchTrainer's workers hold the CPUs
     tracker = SearchTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, str(run.search_dir),
@@ -136,25 +182,16 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     if run.resume and tune.Tuner.can_restore(str(run.search_dir)):
         tuner = tune.Tuner.restore(str(run.search_dir), trainable=trainable, resume_errored=True)
     else:
-        seed = run.experiment.train.seed
-        sampler = optuna.samplers.RandomSampler(seed=seed) if run.search.searcher == "random" else \
-            optuna.samplers.TPESampler(seed=seed, n_startup_trials=run.search.tpe_startup_trials(run.num_samples))
-        searcher = OptunaSearch(
-            metric=metric, mode="max", sampler=sampler,
-            points_to_evaluate=[initial_point(run.search, run.experiment)] if run.search.space else None,
-        )
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=run.max_epochs,
-                                  grace_period=min(run.search.grace_period, run.max_epochs),
-                                  reduction_factor=run.search.reduction_factor)
+        searcher, scheduler = search_algorithms(run, target)
         reporter = tune.CLIReporter(
-            metric_columns={"epoch": "epoch", metric: metric, "train_loss": "train_loss"},
+            metric_columns={"epoch": "epoch", metric: metric, target: target, "train_loss": "train_loss"},
             parameter_columns=run.search.keys, max_report_frequency=15, sort_by_metric=True,
         )
         tuner = tune.Tuner(
             trainable,
             param_space={p.key: p.tune_domain() for p in run.search.space},
             tune_config=tune.TuneConfig(
-                metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
+                metric=target, mode="max", search_alg=searcher, scheduler=scheduler,
                 num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run.experiment.train),
             ),
             run_config=tune.RunConfig(name=run.name, storage_path=str(run.storage), callbacks=[tracker],
@@ -180,8 +217,9 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     outcome.save(run.search_dir / OUTCOME_FILE)
     best = outcome.best
     if best:
-        log_metrics(client, state.parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
+        log_metrics(client, state.parent_run_id, published_cv(best))
         client.set_tag(state.parent_run_id, "cfcml.best_trial", best.trial_id)
+        client.set_tag(state.parent_run_id, "cfcml.selected_figures", SELECTED_NOTE)
         write_json_artifact(client, state.parent_run_id, best.to_dict(), "best_configuration.json")
     client.set_terminated(state.parent_run_id, "FINISHED" if best else "FAILED")
     return outcome
@@ -200,9 +238,12 @@ def finished_trials(search_dir: Path) -> int:
 
 
 def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResult]:
-    """Per trial: its best epoch by the CV metric (validation folds only, never the test split)."""
-    import pandas as pd
+    """Per trial: its selected epoch by the CV metric (validation folds only, never the test split).
 
+    The epochs are the trial's `lineage` (a restart from an older checkpoint replaces the epochs
+    it retrained) and the epoch is picked by `EpochSelection`, the rule the trial's worker applied
+    while it ran: its metrics, its epoch and its checkpoint all come from that one epoch's report.
+    """
     trials = []
     for result in results:
         df = result.metrics_dataframe
@@ -210,26 +251,37 @@ def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResul
         if df is None or metric not in df or df[metric].dropna().empty:
             trials.append(TrialResult(trial_id=trial_id, error=str(result.error)))
             continue
-        ties = df[df[metric] == df[metric].max()]
-        row = ties.iloc[0]  # the earliest best epoch: the final model trains that long
-        # Ray Train keeps the best-scoring checkpoint; among tied epochs, take one that survived.
-        paths = ties.get("checkpoint_path", pd.Series(dtype=object)).tolist()
-        checkpoint = next((p for p in reversed(paths) if isinstance(p, str) and ("://" in p or Path(p).exists())), None)
+        rows = lineage(row for _, row in df.iterrows() if row.get("epoch") == row.get("epoch"))
+        selection = EpochSelection(metric)
+        for row in rows:
+            selection.update(row)
+        if selection.score is None:
+            trials.append(TrialResult(trial_id=trial_id, error=f"no finite {metric} in any epoch"))
+            continue
+        row = next(r for r in rows if int(r["epoch"]) == selection.epoch)
+        # The selected epoch's own checkpoint, or none: weights of another epoch are never taken.
+        path = row.get("checkpoint_path")
+        checkpoint = path if isinstance(path, str) and ("://" in path or Path(path).exists()) else None
         params = {key: result.config.get(key) for key in run.search.keys}
+        last = rows[-1]
         trials.append(TrialResult(
             trial_id=str(row.get("trial_id", trial_id)),
             params=params,
-            score=float(row[metric]),
-            epoch=int(row["epoch"]),
-            epochs_run=int(df["epoch"].max()),
+            score=selection.score,
+            epoch=selection.epoch,
+            epochs_run=int(last["epoch"]),
             wall_s=float(df["time_total_s"].iloc[-1]),
             compute_s=float(df["time_compute_s"].iloc[-1]),
             checkpoint_path=checkpoint,
-            metrics={k: float(v) for k, v in row.items()
-                     if isinstance(k, str) and k.startswith(("cv_", "val_", "train_"))
-                     and isinstance(v, (int, float)) and not isinstance(v, bool)},
-            history=[{"epoch": int(e), metric: float(v), "timestamp": float(ts)}
-                     for e, v, ts in zip(df["epoch"], df[metric], df["timestamp"])],
+            metrics=_numbers(row, ("cv_", "val_", "train_")),
+            last_epoch_metrics=_numbers(last, ("cv_",)),
+            history=[{"epoch": int(r["epoch"]), metric: float(r[metric]), "timestamp": float(r["timestamp"])}
+                     for r in rows],
             experiment=run.experiment.replace(params),
         ))
     return trials
+
+
+def _numbers(row: Any, prefixes: tuple[str, ...]) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if isinstance(k, str) and k.startswith(prefixes)
+            and isinstance(v, numbers.Real) and not isinstance(v, bool)}

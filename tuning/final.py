@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cfcml.data.manifest import PreparedDataset
-from tuning.outcome import SearchOutcome, TrialResult
+from tuning.outcome import SELECTED_NOTE, SearchOutcome, TrialResult, published_cv
 
 
 def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: PreparedDataset) -> tuple[str, bool]:
@@ -36,14 +36,22 @@ def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: Prepare
 
 
 def _cv_tags(best: TrialResult, metric: str) -> dict[str, str]:
-    tags = {k: f"{v:.4f}" for k, v in best.metrics.items() if k.startswith("cv_")}
-    tags.update({"selection_metric": metric, "best_trial": best.trial_id, "best_epoch": str(best.epoch)})
+    """The model version's CV tags: `selected_cv_*` (optimistic: the maximum over epochs and
+    trials) and `last_epoch_cv_*`, named by `published_cv`, with a note saying which is which."""
+    tags = {k: f"{v:.4f}" for k, v in published_cv(best, ("cv_",)).items()}
+    tags.update({"selection_metric": metric, "best_trial": best.trial_id, "selected_epoch": str(best.epoch),
+                 "selected_figures": SELECTED_NOTE})
     return tags
 
 
-def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: str | Path) -> dict[str, Any]:
+def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: str | Path,
+                explain: bool = False) -> dict[str, Any]:
     """Retrain `outcome.best` on all development rows, test once, register. Idempotent: a search
-    whose final model is registered already is left alone."""
+    whose final model is registered already is left alone.
+
+    explain: also log Grad-CAM and field-occlusion figures of a few test patients on the final run
+    (`--explain-test-patients`). Off by default: those figures show patients' images and clinical
+    fields, and anyone who can read the MLflow store can see them."""
     from mlflow.tracking import MlflowClient
 
     from cfcml.config import flatten_dict
@@ -81,7 +89,7 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
     values = {}
     for name, (point, low, high) in ci.items():
         values.update({f"test_{name}": point, f"test_{name}_ci_low": low, f"test_{name}_ci_high": high})
-    log_metrics(client, run_id, {**values, **{k: v for k, v in best.metrics.items() if k.startswith("cv_")}})
+    log_metrics(client, run_id, {**values, **published_cv(best, ("cv_",))})  # test next to labelled CV
     log_figure(client, run_id, plot_roc(labels, probs, list(spec.classes)), "plots/roc_test.png")
     log_figure(client, run_id, plot_confusion(labels, probs, list(spec.classes)), "plots/confusion_test.png")
 
@@ -100,7 +108,8 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
     client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
     print(f"registered cfcml-{outcome.dataset} version {info.registered_model_version}: "
           f"mlflow.pyfunc.load_model('models:/cfcml-{outcome.dataset}/{info.registered_model_version}')")
-    _explain(client, run_id, prepared, best, weights)
+    if explain:
+        _explain(client, run_id, prepared, best, weights)
     client.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, "test": ci, "version": info.registered_model_version, "evidence": evidence,
             "card": card}
@@ -160,7 +169,7 @@ def _explain(client: Any, run_id: str, prepared: PreparedDataset, best: TrialRes
 
 
 def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> dict[str, Any]:
-    """Register the best trial's fold models (best CV epoch) as one averaged ensemble."""
+    """Register the best trial's fold models (its selected epoch) as one averaged ensemble."""
     from mlflow.tracking import MlflowClient
 
     from tuning.checkpoints import open_checkpoint
@@ -179,7 +188,7 @@ def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> d
 
     with open_checkpoint(best.checkpoint_path) as ckpt:
         members = ckpt.fold_weights()
-    log_metrics(client, run_id, {k: v for k, v in best.metrics.items() if k.startswith("cv_")})
+    log_metrics(client, run_id, published_cv(best, ("cv_",)))
     fitted = best_trial_calibrator(prepared.spec, best)  # the fold models' own out-of-fold predictions
     calibrator = fitted[0] if fitted else None
     info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,

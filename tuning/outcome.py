@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,24 +15,103 @@ from typing import Any
 from cfcml.config import ExperimentConfig, from_dict
 
 OUTCOME_FILE = "outcome.json"
+SELECTED_EPOCH = "selected_epoch"  # reported every epoch: the epoch `selected_key(metric)` comes from
+
+
+def selected_key(metric: str) -> str:
+    """The running selected score reported every epoch next to `metric` ("cv_<name>"):
+    "selected_cv_<name>", the maximum of `metric` over the trial's epochs so far. It is what Tune's
+    scheduler (ASHA) compares, what Optuna receives as a trial's value and what picks the best
+    trial, so all three act on one quantity."""
+    return f"selected_{metric}"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class EpochSelection:
+    """The one rule that picks a trial's epoch: the highest `metric` (the mean over validation
+    folds), and among tied epochs the latest. Latest, because Ray Train's checkpoint retention
+    (`CheckpointConfig(checkpoint_score_attribute=...)`) ranks a later checkpoint above an earlier
+    one with the same score and deletes the earlier first: the selected epoch's weights are the ones
+    kept. Ties are common (an AUC of 1.0 on a small fold, a balanced accuracy that moves in steps).
+
+    `update` is called with every epoch's metrics in training order (the trial's worker does it,
+    `tuning.trainer`) and returns the fields reported with that epoch; `restore` continues from
+    the fields of the checkpoint a restarted trial resumes from, so the epochs it discarded (and
+    retrains) never count.
+
+    Args:
+        metric: the selection metric, "cv_<name>" (`cfcml.metrics.selection_key`).
+    """
+
+    metric: str
+    score: float | None = None
+    epoch: int = 0
+
+    def update(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        value = metrics.get(self.metric)
+        if _finite(value) and (self.score is None or value >= self.score):
+            self.score, self.epoch = float(value), int(metrics["epoch"])
+        return {selected_key(self.metric): math.nan if self.score is None else self.score,
+                SELECTED_EPOCH: self.epoch}
+
+    def restore(self, metrics: Mapping[str, Any]) -> None:
+        value = metrics.get(selected_key(self.metric))
+        if _finite(value):
+            self.score, self.epoch = float(value), int(metrics.get(SELECTED_EPOCH, 0))
+
+
+SELECTED_NOTE = ("selected_*: the best trial at its selected epoch, a maximum over epochs and trials "
+                 "(optimistic); last_epoch_*: the same trial at its last epoch (no maximum over epochs, "
+                 "still the best of the trials); see docs/evaluation.md")
+
+
+def published_cv(trial: TrialResult, prefixes: tuple[str, ...] = ("cv_", "val_", "train_")) -> dict[str, float]:
+    """The figures a finished search publishes of its best trial, each named for how it was chosen:
+    `selected_<key>` for the metrics at the selected epoch (the trial's and epoch's maximum: an
+    optimistic estimate), `last_epoch_<key>` for the `cv_*` at its last epoch (not maximised over
+    epochs). Keys of `trial.metrics` starting with one of `prefixes` are published."""
+    out = {f"selected_{k}": v for k, v in trial.metrics.items() if k.startswith(prefixes)}
+    out.update({f"last_epoch_{k}": v for k, v in trial.last_epoch_metrics.items()})
+    return out
+
+
+def lineage(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A trial's epochs as the model that exists went through them, from its reports in the order
+    they were made: a report of an epoch at or below an earlier one (a restart from an older
+    checkpoint retrained it) replaces that epoch and drops every later one. Epochs strictly
+    increase in the result; retrained values win over discarded ones."""
+    out: list[Mapping[str, Any]] = []
+    for row in rows:
+        epoch = int(row["epoch"])
+        while out and int(out[-1]["epoch"]) >= epoch:
+            out.pop()
+        out.append(row)
+    return out
 
 
 @dataclass
 class TrialResult:
-    """One trial at its best epoch by the CV selection metric (validation folds only).
+    """One trial at its selected epoch by the CV selection metric (validation folds only).
 
-    A trial that produced no score has `error` set and no `score`.
+    `score` is selected: the maximum over the trial's epochs (`EpochSelection`), so an optimistic
+    estimate of that configuration; `last_epoch_metrics` holds the `cv_*` of its last epoch, which
+    no maximum over epochs touched. A trial that produced no score has `error` set and no `score`.
     """
 
     trial_id: str
     params: dict[str, Any] = field(default_factory=dict)  # the searched values (dotted keys)
-    score: float | None = None  # the selection metric at `epoch`
-    epoch: int = 0  # the earliest epoch with the best score: the final model trains this long
+    score: float | None = None  # the selection metric at `epoch`: its maximum over epochs
+    epoch: int = 0  # the selected epoch (latest of tied best ones): its weights, and the final model's length
     epochs_run: int = 0
     wall_s: float = 0.0  # Tune's clock for the trial function
     compute_s: float = 0.0  # time in training and validation; wall_s - compute_s is start-up overhead
     checkpoint_path: str | None = None  # that epoch's checkpoint, when Ray Train kept it
     metrics: dict[str, float] = field(default_factory=dict)  # cv_*, val_*_fold<k>, train_* at `epoch`
+    last_epoch_metrics: dict[str, float] = field(default_factory=dict)  # cv_* at epoch `epochs_run`
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, the metric, timestamp
     experiment: ExperimentConfig | None = None  # the full configuration the trial trained
     error: str | None = None

@@ -12,6 +12,8 @@ def _fmt(v: Any) -> str:
 
 
 def print_summary(outcome: SearchOutcome, seconds: float) -> None:
+    from tuning.tracking import reason_line  # the one-line verdict of a failed trial
+
     metric = outcome.metric
     trials = outcome.trials
     print(f"\n=== search finished in {seconds:.0f}s: {len(trials)} trials, selection metric {metric} "
@@ -19,8 +21,10 @@ def print_summary(outcome: SearchOutcome, seconds: float) -> None:
     scored = sorted((t for t in trials if t.scored), key=lambda t: -(t.score or 0.0))
     if scored:
         keys = outcome.searched
-        header = ["trial", metric, "epoch", "ran", "wall_s", "overhead_s"] + [k.split(".")[-1] for k in keys]
-        rows = [[t.trial_id, _fmt(t.score), t.epoch, t.epochs_run, f"{t.wall_s:.1f}",
+        header = ["trial", f"selected {metric}", "epoch", "last_epoch", "ran", "wall_s", "overhead_s"] + \
+            [k.split(".")[-1] for k in keys]
+        rows = [[t.trial_id, _fmt(t.score), t.epoch, _fmt(t.last_epoch_metrics.get(metric, "—")), t.epochs_run,
+                 f"{t.wall_s:.1f}",
                  f"{t.wall_s - t.compute_s:.1f}"] + [_fmt(t.params.get(k)) for k in keys]
                 for t in scored]
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -28,12 +32,14 @@ def print_summary(outcome: SearchOutcome, seconds: float) -> None:
             print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
     for t in trials:
         if t.error:
-            print(f"trial {t.trial_id} produced no result: {t.error}")
+            print(f"trial {t.trial_id} produced no result: {reason_line(t.error)}")
     best = outcome.best
     if best is None:
         print("no trial produced a score")
         return
-    print(f"\nbest: trial {best.trial_id} at epoch {best.epoch}: {metric} = {best.score:.4f}")
+    print(f"\nbest: trial {best.trial_id} at epoch {best.epoch}: {metric} = {best.score:.4f} selected (optimistic: "
+          f"max over epochs and trials); at its last epoch {best.epochs_run}: "
+          f"{_fmt(best.last_epoch_metrics.get(metric, '—'))}")
     for k, v in best.params.items():
         print(f"  {k} = {_fmt(v)}")
     per_fold: dict[str, dict[int, float]] = {}

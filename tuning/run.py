@@ -16,6 +16,7 @@ belongs to the prepared dataset (recorded in its manifest), see `tuning.prepared
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,14 @@ from typing import Any
 import yaml
 
 from cfcml.config import PROJECT_ROOT, ConfigError, ExperimentConfig, load_experiment
-from tuning.space import SearchConfig, load_search
+from tuning.space import SearchConfig, check_space, load_search, search_path
 
 DEFAULT_RUNS_DIR = PROJECT_ROOT / "runs"
+
+# Settings a resumed search may take anew: they decide how fast and where trials run and how often a
+# crashed worker is retried, not what is trained or selected. Every other resolved setting (the
+# experiment, the search file, the trial count, the data by content) must equal the recorded one.
+RESUME_MAY_CHANGE = ("train.max_failures", "train.cpus_per_worker", "train.prefetch_factor")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -78,6 +84,8 @@ class SearchRun:
     address: str | None = None  # a Ray cluster; None: a local Ray
     resume: bool = False
     final: bool = True  # retrain the best configuration, test it once, register it
+    # Grad-CAM figures of test patients on the final run (their images leave with the run): opt-in
+    explain_test_patients: bool = False
     verbose: bool = False  # Ray's own worker and per-epoch log lines on the console
 
     @property
@@ -91,6 +99,24 @@ class SearchRun:
 
         return selection_key(spec.task, len(spec.classes), spec.selection_metric,
                              self.experiment.train.selection_metric)
+
+    def settings(self, dataset_fingerprint: str) -> dict[str, Any]:
+        """Everything this search resolved to, as plain dotted keys: the dataset (by name and by
+        the prepared data's content fingerprint), the search file's budget and space, the trial
+        count, and every experiment key (`train.*`, `model.*`, `loss.*`, `optim.*`). What
+        `--resume` compares (less `RESUME_MAY_CHANGE`)."""
+        import json
+
+        from cfcml.config import flatten_dict
+
+        search = {k: v for k, v in dataclasses.asdict(self.search).items()
+                  if k not in ("space", "overrides", "dataset_overrides")}  # the overrides are in the experiment
+        out = {"dataset": self.dataset, "dataset_fingerprint": dataset_fingerprint, "num_samples": self.num_samples,
+               **{f"search.{k}": v for k, v in search.items()},
+               **{f"search.space.{p.key}": {"dist": p.dist, "low": p.low, "high": p.high, "values": list(p.values)}
+                  for p in self.search.space},
+               **flatten_dict(self.experiment.to_dict())}
+        return json.loads(json.dumps(out, default=str))  # tuples as lists: equal to what a state file holds
 
     @property
     def storage(self) -> Path:
@@ -124,6 +150,7 @@ class SearchRun:
         address: str | None = None,
         resume: bool = False,
         final: bool = True,
+        explain_test_patients: bool = False,
         verbose: bool = False,
     ) -> SearchRun:
         """Resolve a search from its names and the command line's values (None = not given).
@@ -134,6 +161,8 @@ class SearchRun:
         cli = cli_overrides(overrides, max_epochs=max_epochs, folds=folds, seed=seed, image_size=image_size,
                             workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
         experiment = resolve_experiment(dataset, search_cfg, cli)
+        if cli:  # the space was checked against the search file's experiment; now against the final one
+            check_space(search_cfg.space, experiment, f"{search_path(search)} (with --set and the flags):")
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"--num-samples: expected a positive integer, got {num_samples}")
         return cls(
@@ -149,5 +178,6 @@ class SearchRun:
             address=address,
             resume=resume,
             final=final,
+            explain_test_patients=explain_test_patients,
             verbose=verbose,
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 from cfcml.config import ConfigError
 from cfcml.data.validation import DatasetValidationError
 from tuning import cli_args
+from tuning.driver import STATE_FILE, SearchState
 from tuning.run import SearchRun, parse_set
 
 
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli_args.add_runtime(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
     p.add_argument("--no-final", action="store_true", help="skip retraining/testing/registering the best configuration")
+    cli_args.add_explain(p)
     return p.parse_args(argv)
 
 
@@ -54,12 +56,31 @@ def build_run(args: argparse.Namespace) -> SearchRun:
         fold_seed=args.fold_seed, image_size=args.image_size, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         overrides=parse_set(args.set), tracking_uri=args.tracking_uri, address=args.address,
-        resume=args.resume, final=not args.no_final, verbose=args.verbose,
+        resume=args.resume, final=not args.no_final, explain_test_patients=args.explain_test_patients,
+        verbose=args.verbose,
     )
 
 
+def check_resume(run: SearchRun, state: SearchState, fingerprint: str) -> None:
+    """A resumed search continues the experiment it started, or nothing: ConfigError naming every
+    resolved setting that differs from the state file's record (both values), before Ray starts.
+    Only `tuning.run.RESUME_MAY_CHANGE` (and --verbose, --address, --no-final) may differ."""
+    source = run.search_dir / STATE_FILE
+    if run.tracking_uri is not None and run.tracking_uri != state.tracking_uri:
+        raise ConfigError(f"--resume: --tracking-uri {run.tracking_uri} is not this search's store "
+                          f"{state.tracking_uri} ({source}); leave --tracking-uri out to resume it")
+    if state.settings is None:
+        print(f"warning: {source} predates recorded settings; resuming without checking that they are unchanged",
+              file=sys.stderr)
+        return
+    changed = state.changed(run.settings(fingerprint))
+    if changed:
+        raise ConfigError(f"--resume: search {run.name!r} was started with other settings ({'; '.join(changed)}); "
+                          f"resume it with the settings it started with (see {source}), or start a new search "
+                          f"with --name")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from tuning.driver import STATE_FILE, SearchState
     from tuning.preflight import check_storage
     from tuning.prepared import load_or_prepare
 
@@ -82,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         prepared = load_or_prepare(run.dataset, run.data_root, folds=t.folds, fold_seed=run.fold_seed,
                                    image_size=t.image_size)
         run.metric(prepared.spec)  # a selection metric the task lacks fails here, before Ray starts
+        if state is not None:
+            check_resume(run, state, prepared.fingerprint)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,8 +126,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{exc}", file=sys.stderr)
             return 130
         print_summary(outcome, time.time() - t_start)
+        if outcome.best is None:  # every trial failed: nothing to retrain, register or report
+            from tuning.tracking import reason_line
+
+            reasons = sorted({reason_line(t.error) for t in outcome.trials})
+            print(f"error: no trial of search {run.name!r} produced a score ({len(outcome.trials)} trial(s) "
+                  f"failed: {'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})", file=sys.stderr)
+            return 1
         if run.final:
-            final = train_final(prepared, outcome, storage=run.storage)
+            from cfcml.training import TrainingDiverged
+
+            try:
+                final = train_final(prepared, outcome, storage=run.storage, explain=run.explain_test_patients)
+            except TrainingDiverged as exc:  # the best configuration diverged on all development data
+                print(f"error: final model: {exc}", file=sys.stderr)
+                return 1
         else:
             register_cv_ensemble(prepared, outcome)
             final = None

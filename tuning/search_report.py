@@ -66,11 +66,12 @@ def _per_fold_table(best: TrialResult, names: list[str]) -> list[str]:
     if not folds:
         return ["(no per-fold metrics)"]
     order = [n for n in names if n in per_fold] + sorted(n for n in per_fold if n not in names)
-    lines = ["| metric | " + " | ".join(f"fold {k}" for k in folds) + " | mean |",
-             "|---" * (len(folds) + 2) + "|"]
+    lines = ["| metric | " + " | ".join(f"fold {k}" for k in folds) + " | mean (selected) | mean at last epoch |",
+             "|---" * (len(folds) + 3) + "|"]
     for name in order:
         cells = " | ".join(_fmt(per_fold[name].get(k)) for k in folds)
-        lines.append(f"| {name} | {cells} | {_fmt(best.metrics.get(f'cv_{name}'))} |")
+        lines.append(f"| {name} | {cells} | {_fmt(best.metrics.get(f'cv_{name}'))} "
+                     f"| {_fmt(best.last_epoch_metrics.get(f'cv_{name}'))} |")
     return lines
 
 
@@ -94,11 +95,18 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
     if best is None:
         return "\n".join(lines + ["No trial produced a score."]) + "\n", figures
 
+    last = best.last_epoch_metrics.get(metric)
+    unselected = "The test figures below are the estimate nothing was selected on." if (final or {}).get("test") \
+        else "Only a test evaluation gives an estimate nothing was selected on."
     lines += ["## Best configuration", "",
-              f"Trial `{best.trial_id}` at epoch {best.epoch} of {best.epochs_run}: {metric} = {best.score:.4f}.", "",
+              f"Trial `{best.trial_id}` at epoch {best.epoch} of {best.epochs_run}: {metric} = {best.score:.4f}, "
+              f"**selected** (optimistic: the maximum over its epochs and over the {len(scored)} trials). "
+              f"At its last epoch ({best.epochs_run}), not maximised over epochs: {_fmt(last)} (still the best of "
+              "the trials). " + unselected, "",
               "| parameter | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in best.params.items()]
-    lines += ["", "### CV metrics of the best trial, per validation fold", ""] + _per_fold_table(best, names)
+    lines += ["", f"### CV metrics of the best trial at its selected epoch {best.epoch}, per validation fold", ""] \
+        + _per_fold_table(best, names)
 
     lines += ["", "## Test (the final model, evaluated once)", ""]
     test = (final or {}).get("test")
@@ -127,18 +135,22 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
                   f"test {auc} {oracle.test[auc][0]:.4f} [{oracle.test[auc][1]:.4f}, {oracle.test[auc][2]:.4f}]. "
                   "Read by this report only, never by training."]
 
-    header = [metric, "bal. acc.", "epoch", "ran", *[k.split(".")[-1] for k in outcome.searched]]
-    lines += ["", "## Trials", "", f"Sorted by {metric}; `ran` < {max_epochs} means ASHA stopped the trial early.", "",
+    header = [f"selected {metric}", "bal. acc.", "epoch", f"{metric} at last epoch", "ran",
+              *[k.split(".")[-1] for k in outcome.searched]]
+    lines += ["", "## Trials", "", f"Sorted by the selected {metric} (each trial's maximum over its epochs, at "
+              f"`epoch`; what ASHA, Optuna and the choice of the best trial act on); `ran` < {max_epochs} means "
+              "ASHA stopped the trial early.", "",
               "| trial | " + " | ".join(header) + " |", "|---" * (1 + len(header)) + "|"]
     for t in sorted(scored, key=lambda t: -(t.score or 0.0)):
-        cells = [f"{t.score:.4f}", _fmt(t.metrics.get("cv_balanced_accuracy")), t.epoch, t.epochs_run,
+        cells = [f"{t.score:.4f}", _fmt(t.metrics.get("cv_balanced_accuracy")), t.epoch,
+                 _fmt(t.last_epoch_metrics.get(metric)), t.epochs_run,
                  *[_fmt(t.params.get(k)) for k in outcome.searched]]
         lines.append(f"| {t.trial_id} | " + " | ".join(str(c) for c in cells) + " |")
     for t in failed:
-        lines.append(f"| {t.trial_id} | no score: {(t.error or '')[:120]} |" + " |" * (4 + len(outcome.searched)))
+        lines.append(f"| {t.trial_id} | no score: {(t.error or '')[:120]} |" + " |" * (5 + len(outcome.searched)))
 
     # outcome.trials is in the order the trials were created, i.e. the order Optuna proposed them
-    figures["report/history.png"] = plot_history([t.score for t in scored], metric)
+    figures["report/history.png"] = plot_history([t.score for t in scored], f"selected {metric}")
     if len(search.space) >= 1 and len(scored) >= 2:
         log_keys = [p.key for p in search.space if p.dist == "loguniform"]
         numeric = [p.key for p in search.space if p.dist != "choice"]
@@ -148,8 +160,8 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
     importance = param_importance(outcome.trials, search)
     lines += ["", "## Parameter importance", ""]
     if isinstance(importance, dict):
-        lines += ["Optuna's default importance evaluator (PED-ANOVA) over the scored trials (each trial at its "
-                  "best epoch):", "",
+        lines += ["Optuna's default importance evaluator (PED-ANOVA) over the scored trials (each trial's "
+                  "selected score, its maximum over epochs):", "",
                   "| parameter | importance |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in importance.items()]
         figures["report/importance.png"] = plot_importance(importance)

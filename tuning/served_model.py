@@ -258,9 +258,16 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         return model
 
     def load_context(self, context: Any) -> None:
+        import importlib
+
         from cfcml.config import ExperimentConfig, from_dict
         from cfcml.data.normalize import TabularNormalizer
         from cfcml.data.spec import spec_from_dict
+
+        # What `predict` reads images with, imported now: MLflow infers a logged model's requirements
+        # from the modules its loading imports (the placeholder input example cannot be predicted).
+        for module in ("cfcml.data.dataset", "cfcml.predict", "nibabel", "PIL.Image"):
+            importlib.import_module(module)
 
         bundle = Path(context.artifacts["bundle"])
         meta = json.loads((bundle / BUNDLE_META).read_text())
@@ -341,6 +348,43 @@ def write_bundle(directory: str | Path, *, spec: Any, experiment: ExperimentConf
     return bundle
 
 
+MODEL_CODE = Path(__file__).with_name("served_model_code.py")  # the registered model's code (models-from-code)
+
+
+def placeholder_example(spec: Any) -> pd.DataFrame:
+    """Two rows of the model's input columns holding made-up values, for the registered model's
+    input example: no patient's id, file path or clinical value leaves with a model. Ids
+    `example-1`/`example-2`, paths `images/example-<i>_<modality>.<ext>`; numeric fields 0.0 then
+    missing (NaN), categorical fields the config's first category then missing (None): the
+    signature says which columns are text, which are numbers and that fields may be blank."""
+    rows = []
+    for i in (1, 2):
+        row: dict[str, Any] = {"patient_id": f"example-{i}"}
+        for m in spec.modalities:
+            row[f"path_{m.name}"] = f"images/example-{i}_{m.name}.{'nii.gz' if m.dims == 3 else 'jpg'}"
+        for f in spec.fields:
+            if f.kind == "numeric":
+                row[f.name] = 0.0 if i == 1 else float("nan")
+            else:
+                row[f.name] = f.categories[0] if i == 1 else None
+        rows.append(row)
+    return pd.DataFrame(rows, columns=input_columns(spec))
+
+
+class _NoExampleValidation:
+    """MLflow predicts on a logged input example, to validate it and to infer requirements; the
+    placeholder rows name no real image, so those predictions fail by design. Drop MLflow's
+    warnings about them (the bundle was checked on real rows before logging, and `load_context`
+    imports every module `predict` needs)."""
+
+    LOGGERS = ("mlflow.models.model", "mlflow.utils.requirements_utils")
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("Failed to validate serving input example",
+                                       "Failed to run predict on input_example"))
+
+
 def log_and_register(
     *,
     tracking_uri: str,
@@ -356,30 +400,45 @@ def log_and_register(
     """Log the bundle (`members`: one network per fold, averaged) as a pyfunc model on `run_id`
     and register it as `model_name`. The bundle records `prepared.root` as the data root.
 
+    The model is logged from code (`served_model_code.py`, MLflow's models-from-code): loading it
+    imports `tuning.served_model` from the model's code paths; nothing is unpickled. Its input
+    example is `placeholder_example` (no patient data); the bundle is first checked on two real
+    development rows, which are not logged.
+
     pip_requirements: the model's requirements; None lets MLflow infer them (it imports the model
     in a subprocess, about 20 s)."""
+    import logging
+
     from mlflow.models import infer_signature
 
     spec = prepared.spec
-    example = prepared.dev_frame()[input_columns(spec)].head(2).reset_index(drop=True)
+    example = placeholder_example(spec)
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_bundle(Path(tmp) / "bundle", spec=spec, experiment=experiment, members=members,
                               root=prepared.root, calibrator=calibrator)
-        output = CFCMLModel.from_bundle(bundle).predict(None, example)  # exactly what serving will run
+        real = prepared.dev_frame()[input_columns(spec)].head(2).reset_index(drop=True)
+        output = CFCMLModel.from_bundle(bundle).predict(None, real)  # exactly what serving will run
         # params: raw / operating_point only; none can pick the data root
         signature = infer_signature(example, output, params=dict(PARAMS))
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=CFCMLModel(),
-                artifacts={"bundle": str(bundle)},
-                signature=signature,
-                input_example=example,
-                code_paths=[str(PROJECT_ROOT / "cfcml"), str(PROJECT_ROOT / "tuning")],
-                registered_model_name=model_name,
-                pip_requirements=pip_requirements,
-            )
+        quiet = _NoExampleValidation()
+        for name in quiet.LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(MODEL_CODE),
+                    artifacts={"bundle": str(bundle)},
+                    signature=signature,
+                    input_example=example,
+                    code_paths=[str(PROJECT_ROOT / "cfcml"), str(PROJECT_ROOT / "tuning")],
+                    registered_model_name=model_name,
+                    pip_requirements=pip_requirements,
+                )
+        finally:
+            for name in quiet.LOGGERS:
+                logging.getLogger(name).removeFilter(quiet)
     client = mlflow.MlflowClient(tracking_uri)
     version = info.registered_model_version
     for key, value in tags.items():

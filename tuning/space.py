@@ -52,6 +52,15 @@ class Param:
             return tune.randint(int(self.low), int(self.high) + 1)
         return tune.choice(list(self.values))
 
+    def bounds(self) -> list[tuple[str, Any]]:
+        """(name, value) of every extreme the search can sample: low and high (Optuna may return
+        the high bound itself; whole numbers for dist: int), or every choice."""
+        if self.dist == "choice":
+            return [(f"values[{i}]", v) for i, v in enumerate(self.values)]
+        if self.dist == "int":
+            return [("low", int(self.low)), ("high", int(self.high))]
+        return [("low", self.low), ("high", self.high)]
+
 
 @dataclass(frozen=True)
 class SearchConfig:
@@ -118,22 +127,51 @@ def _param(key: str, raw: Any, where: str, base: ExperimentConfig) -> Param:
     dist = raw.get("dist")
     if dist not in DISTRIBUTIONS:
         raise ConfigError(f"{where}.dist: expected one of {list(DISTRIBUTIONS)}, got {dist!r}")
-    try:  # the key must name a real experiment field with a compatible value
-        base.replace({key: raw["values"][0] if dist == "choice" else raw.get("low")})
-    except (ConfigError, KeyError, IndexError, TypeError) as exc:
+    try:  # the key must name a real experiment field
+        base.value(key)
+    except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if dist == "choice":
         values = raw.get("values")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}.values: a non-empty list is required for dist: choice")
-        return Param(key, dist, values=tuple(values))
-    try:
-        low, high = float(raw["low"]), float(raw["high"])
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{where}: numeric low and high are required for dist: {dist}") from None
-    if not low < high or (dist == "loguniform" and low <= 0):
-        raise ConfigError(f"{where}: need 0 < low < high for loguniform, low < high otherwise")
-    return Param(key, dist, low, high)
+        param = Param(key, dist, values=tuple(values))
+    else:
+        try:
+            low, high = float(raw["low"]), float(raw["high"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{where}: numeric low and high are required for dist: {dist}") from None
+        if not low < high or (dist == "loguniform" and low <= 0):
+            raise ConfigError(f"{where}: need 0 < low < high for loguniform, low < high otherwise")
+        if dist == "int" and not (low.is_integer() and high.is_integer()):
+            raise ConfigError(f"{where}: dist: int needs whole-number low and high, "
+                              f"got {raw['low']!r}, {raw['high']!r}")
+        param = Param(key, dist, low, high)
+    return param
+
+
+def check_space(space: tuple[Param, ...], base: ExperimentConfig, where: str) -> None:
+    """Every value the search can sample makes `base` a valid experiment: each key's bounds (or
+    choices) with the other keys at `base`'s values, then every searched key at its low bound
+    together and at its high bound together (the config's cross-key checks). ConfigError naming
+    `where`, the key and the bound. Raised at load and again once the command line is applied."""
+    for param in space:
+        for bound, value in param.bounds():
+            try:
+                base.replace({param.key: value})
+            except (ConfigError, TypeError) as exc:
+                raise ConfigError(f"{where} space.{param.key}.{bound}: {value!r} can be sampled but is not a "
+                                  f"valid {param.key}: {exc}") from None
+    numeric = [p for p in space if p.dist != "choice"]
+    for bound in ("low", "high"):
+        values = {p.key: dict(p.bounds())[bound] for p in numeric}
+        if len(values) < 2:
+            continue
+        try:
+            base.replace(values)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"{where} space: the searched keys at their {bound} bounds together "
+                              f"({values}) are not a valid experiment: {exc}") from None
 
 
 def search_path(name_or_path: str) -> Path:
@@ -163,6 +201,7 @@ def load_search(name_or_path: str, base: ExperimentConfig) -> SearchConfig:
     if not isinstance(space_raw, dict):
         raise ConfigError(f"{where} space: expected a mapping of dotted keys to distributions")
     space = tuple(_param(k, v, f"{where} space.{k}", with_overrides) for k, v in space_raw.items())
+    check_space(space, with_overrides, where)
     return dataclasses.replace(cfg, overrides=overrides, space=space)
 
 

@@ -38,7 +38,7 @@ from cfcml.config import PROJECT_ROOT
 from cfcml.data.manifest import PreparedDataset
 from tuning.preflight import tracking_uri_choice
 
-LOGGED_PREFIXES = ("train_", "val_", "cv_", "system/")
+LOGGED_PREFIXES = ("train_", "val_", "cv_", "selected_", "system/")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind (not GenAI)
 
@@ -169,6 +169,59 @@ def log_figure(client: MlflowClient, run_id: str, fig: Any, name: str) -> None:
     plt.close(fig)
 
 
+FAILURE_TAG = "cfcml.failure_reason"  # on a failed trial's run: the error's one-line reason
+
+
+def failure_reason(trial: Any) -> str:
+    """One line saying why a Tune trial failed, from the error Tune recorded for it (its error.txt
+    holds every failure's traceback): see `reason_line`."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    return reason_line(text)
+
+
+def reason_line(text: str) -> str:
+    """The last "training diverged: ..." line of an error text, else its last "SomeError: message"
+    line (a traceback's verdict), else its last line."""
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "training diverged:" in line:
+            return line[line.index("training diverged:"):]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Diverged")) and " " not in head:
+            return line
+    return lines[-1] if lines else "unknown (no error was recorded)"
+
+
+def retrained(values: dict[str, Any]) -> bool:
+    """Whether a report's own values come from an epoch just trained, rather than being the re-sent
+    metrics of the checkpoint a finished run restored (`tuning.trainer` sends those as both the
+    report and its `restored`)."""
+    restored = values.get("restored")
+    return not (isinstance(restored, dict) and restored.get("epoch") == values.get("epoch"))
+
+
+def log_retrained_epoch(client: MlflowClient, run_id: str, values: dict[str, Any], epoch: int,
+                        timestamp_ms: int) -> None:
+    """Log an epoch the run holds already, retrained after a restart from an older checkpoint (the
+    worker group crashed, or the newest checkpoint was damaged): at the same step, later than every
+    point at that step, so the retrained values win. MLflow cannot delete a metric point; the run's
+    latest values and every reading that takes the last point of a step (`tuning.outcome.lineage`
+    does it for Tune's rows) show the retrained one, and the run's `cfcml.retrained_epochs` tag
+    names the epochs whose history holds a discarded point before it."""
+    prior = [m.timestamp for m in client.get_metric_history(run_id, "epoch") if m.step == epoch]
+    ts = max([timestamp_ms] + [t + 1 for t in prior])
+    logged = {k: v for k, v in values.items() if k.startswith(LOGGED_PREFIXES)}
+    log_metrics(client, run_id, {**logged, "epoch": epoch}, step=epoch, timestamp_ms=ts)
+    tags = client.get_run(run_id).data.tags
+    epochs = sorted({int(e) for e in tags.get("cfcml.retrained_epochs", "").split(",") if e} | {epoch})
+    client.set_tag(run_id, "cfcml.retrained_epochs", ",".join(map(str, epochs)))
+
+
 class SearchTracker(Callback):
     """Tune callback mirroring trials into nested MLflow runs.
 
@@ -190,6 +243,7 @@ class SearchTracker(Callback):
         self._last_epoch: dict[str, int] = {}
         self._best: dict[str, tuple[float, str | None]] = {}  # trial id -> (score, checkpoint path)
         self._last: dict[str, str] = {}  # trial id -> latest checkpoint path
+        self._reasons: dict[str, str] = {}  # trial id -> why it failed (FAILURE_TAG)
         self._client: MlflowClient | None = None
 
     @property
@@ -242,19 +296,31 @@ class SearchTracker(Callback):
             for message in skipped:
                 print(f"warning: trial {trial.trial_id}: {message}", flush=True)
             self.client.set_tag(run_id, "cfcml.checkpoint_skipped", "; ".join(map(str, skipped))[:5000])
-        self._log_epoch(trial.trial_id, run_id, result, timestamp)
+        self._log_epoch(trial.trial_id, run_id, result, timestamp, retrained=retrained(result))
         if result.get("checkpoint_path"):
             self._last[trial.trial_id] = result["checkpoint_path"]
         score = result.get(self.metric)
         if isinstance(score, (int, float)) and math.isfinite(score):
             best = self._best.get(trial.trial_id)
-            if best is None or score > best[0]:
+            if "selected_epoch" in result:  # the worker's selection (tuning.outcome.EpochSelection)
+                # this trial's epochs as its lineage: a retrained epoch drops the ones after it
+                epochs = self.__dict__.setdefault("_epochs", {}).setdefault(trial.trial_id, {})
+                epoch = int(result.get("epoch", 0))
+                for stale in [e for e in epochs if e >= epoch]:
+                    del epochs[stale]
+                epochs[epoch] = (float(score), result.get("checkpoint_path"))
+                if result["selected_epoch"] in epochs:
+                    self._best[trial.trial_id] = epochs[result["selected_epoch"]]
+            elif best is None or score >= best[0]:  # ties: the latest epoch, as EpochSelection
                 self._best[trial.trial_id] = (float(score), result.get("checkpoint_path"))
 
-    def _log_epoch(self, trial_id: str, run_id: str, values: dict, timestamp: int) -> None:
-        """Log one epoch's metrics at step=epoch, unless that epoch is already in the run."""
+    def _log_epoch(self, trial_id: str, run_id: str, values: dict, timestamp: int, retrained: bool = False) -> None:
+        """Log one epoch's metrics at step=epoch. An epoch already in the run is skipped when it is
+        re-sent, and logged again when it was `retrained` (`log_retrained_epoch`)."""
         epoch = int(values.get("epoch", 0))
         if epoch <= self._last_epoch.get(trial_id, 0):
+            if retrained:
+                log_retrained_epoch(self.client, run_id, values, epoch, timestamp * 1000)
             return
         logged = {k: v for k, v in values.items() if k.startswith(LOGGED_PREFIXES)}
         log_metrics(self.client, run_id, {**logged, "epoch": epoch}, step=epoch, timestamp_ms=timestamp * 1000)
@@ -264,6 +330,9 @@ class SearchTracker(Callback):
         self._finish(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reason = failure_reason(trial)
+        self.client.set_tag(self._run_for(trial), FAILURE_TAG, reason[:5000])
+        self.__dict__.setdefault("_reasons", {})[trial.trial_id] = reason  # (a tracker saved before it had one)
         self._finish(trial, "FAILED")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -279,7 +348,7 @@ class SearchTracker(Callback):
         print(self._finish_line(trial, status), flush=True)
         best = self._best.get(trial.trial_id)
         if best is not None:
-            client.set_tag(run_id, "cfcml.best_cv_score", f"{best[0]:.6g}")
+            client.set_tag(run_id, "cfcml.selected_cv_score", f"{best[0]:.6g}")  # max over its epochs
         source = best[1] if best is not None and self.plots_from == "best" else self._last.get(trial.trial_id)
         if source:
             try:
@@ -295,8 +364,14 @@ class SearchTracker(Callback):
         epochs = last.get("epoch", self._last_epoch.get(trial.trial_id, 0))
         best = self._best.get(trial.trial_id)
         if status != "FINISHED":
-            return f"trial {name} failed after {epochs} epoch(s); see {getattr(trial, 'local_path', '') or 'its logs'}"
-        score = f"best {self.metric} {best[0]:.4f}" if best else f"no {self.metric}"
+            reason = getattr(self, "_reasons", {}).get(trial.trial_id)
+            return (f"trial {name} failed after {epochs} epoch(s): {reason or 'no reason recorded'}; "
+                    f"see {getattr(trial, 'local_path', '') or 'its logs'}")
+        if self.plots_from == "last":  # a fixed-budget comparison: nothing is selected
+            value = last.get(self.metric)
+            score = f"last-epoch {self.metric} {value:.4f}" if isinstance(value, (int, float)) else f"no {self.metric}"
+        else:
+            score = f"selected {self.metric} {best[0]:.4f} (max over epochs)" if best else f"no {self.metric}"
         return f"trial {name} finished: {score}, {epochs} epoch(s), {last.get('time_total_s', 0.0):.0f} s"
 
     def _log_plots(self, client: MlflowClient, run_id: str, checkpoint_path: str) -> None:
@@ -346,6 +421,8 @@ class TrainRunTracker(UserCallback):
         for epoch_values in ([restored] if isinstance(restored, dict) else []) + [values]:
             epoch = int(epoch_values.get("epoch", 0))
             if epoch <= self._last_epoch:
+                if epoch_values is values and retrained(values):  # retrained after a restart: it wins
+                    log_retrained_epoch(self._client, self.run_id, values, epoch, int(time.time() * 1000))
                 continue
             logged = {k: v for k, v in epoch_values.items() if k.startswith(LOGGED_PREFIXES)}
             log_metrics(self._client, self.run_id, {**logged, "epoch": epoch}, step=epoch)

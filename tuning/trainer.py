@@ -17,6 +17,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cfcml.config import ExperimentConfig
@@ -172,8 +173,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from cfcml.data.manifest import PreparedDataset
-    from cfcml.training import CrossValidation, Split, prediction_frame
+    from cfcml.metrics import selection_key
+    from cfcml.training import CrossValidation, TrainingDiverged, cv_splits, prediction_frame
     from tuning.checkpoints import restorable, write_checkpoint
+    from tuning.outcome import EpochSelection
 
     t_start = time.perf_counter()
     _quiet_report_log()
@@ -181,11 +184,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = job.experiment
     torch.set_num_threads(max(int(cfg.train.cpus_per_worker), 1))
     prepared = PreparedDataset.load(job.prepared_dir)
-    if job.final:
-        splits = [Split(prepared.dev_frame(), None)]
-    else:
-        splits = [Split(*prepared.fold_frames(k)) for k in range(prepared.folds)]
-    cv = CrossValidation(prepared, splits, cfg, ray.train.torch.get_device())
+    cv = CrossValidation(prepared, cv_splits(prepared, job.final), cfg, ray.train.torch.get_device())
+    # The running selected score (max over this run's epochs so far), reported with every epoch of
+    # a CV run: what ASHA, Optuna and the best-trial choice act on (tuning.outcome.EpochSelection).
+    spec = prepared.spec
+    selection = None if job.final else EpochSelection(
+        selection_key(spec.task, len(spec.classes), spec.selection_metric, cfg.train.selection_metric))
 
     restored: dict[str, Any] = {}  # the restored epoch's metrics, re-sent with the first report
     skipped: list[str] = []  # damaged checkpoints passed over, reported with the first epoch
@@ -196,6 +200,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if reader is not None:
                 cv.load_state_dict(reader.state(map_location=cv.device))
                 restored = reader.metrics()
+                if selection is not None:  # epochs after the checkpoint are retrained and re-selected
+                    selection.restore(restored)
         for message in skipped:
             print(f"[cfcml] {message}", flush=True)
     resumed_from = cv.epoch
@@ -212,8 +218,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         while cv.epoch < job.max_epochs:
             t0 = time.perf_counter()
-            metrics, oof = cv.run_epoch()
+            try:
+                metrics, oof = cv.run_epoch()
+            except TrainingDiverged as exc:
+                # Not raised: Ray Train would restart the worker group train.max_failures times from
+                # the last checkpoint, and it would diverge again. `fit` raises it on the caller's side.
+                print(f"[cfcml] {exc}", flush=True)
+                if rank == 0 and config.get("failure_file"):
+                    _write_failure(config["failure_file"], exc)
+                return
             compute_s += time.perf_counter() - t0
+            if selection is not None:
+                metrics.update(selection.update(metrics))
             metrics.update(time_compute_s=compute_s, time_setup_s=t_ready - t_start, resumed_from_epoch=resumed_from)
             if system is not None:
                 metrics.update(system.epoch())
@@ -239,12 +255,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             system.close()
 
 
-def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbacks: list | None = None) -> Any:
+FAILURE_FILE = "cfcml_diverged.json"  # in the Ray Train run's folder: why the workers stopped
+
+
+def _write_failure(path: str, exc: Any) -> None:
+    import json
+    import os
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps({"fold": exc.fold, "epoch": exc.epoch, "what": exc.what}))
+    os.replace(tmp, path)
+
+
+def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbacks: list | None = None,
+        label: str | None = None) -> Any:
     """Run `train_loop_per_worker` on a TorchTrainer; a rerun with the same name resumes.
 
     Ray Train keeps the best checkpoint by `metric` and the latest one (two if no metric), so a
     damaged latest checkpoint leaves an older one to restart from. Worker crashes restart the
-    worker group from the last checkpoint up to `train.max_failures` times.
+    worker group from the last checkpoint up to `train.max_failures` times; a diverged run
+    (`cfcml.training.TrainingDiverged`) is not retried: the workers stop at once and `fit` raises
+    TrainingDiverged naming `label` (default `name`), the fold and the epoch.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -256,9 +288,11 @@ def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbac
         resources["GPU"] = t.gpus_per_worker
     keep = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order="max") \
         if metric else CheckpointConfig(num_to_keep=2)
+    failure = Path(storage_path) / name / FAILURE_FILE
+    failure.unlink(missing_ok=True)  # a rerun (a resumed search) starts without the last run's verdict
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "failure_file": str(failure)},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
@@ -268,4 +302,12 @@ def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbac
             callbacks=callbacks or [],
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if failure.is_file():
+        import json
+
+        from cfcml.training import TrainingDiverged
+
+        data = json.loads(failure.read_text())
+        raise TrainingDiverged(data["fold"], data["epoch"], data["what"], trial=label or name)
+    return result

@@ -33,3 +33,9 @@ def test_a_truncated_latest_checkpoint_is_named_and_the_one_before_it_is_used(
     assert str(state) in message and "truncated" in message
     with open_checkpoint(second.checkpoint.path) as ckpt:
         assert ckpt.epoch == 2 and ckpt.state()["epoch"] == 2  # a whole, verified checkpoint again
+    # the selection continues from epoch 1's checkpoint: the discarded epoch 2 never counts
+    first_epoch = first.metrics_dataframe.set_index("epoch").loc[1]
+    scores = {1: first_epoch["cv_macro_auc"], 2: metrics["cv_macro_auc"]}
+    best = max(scores.values())
+    assert metrics["selected_cv_macro_auc"] == best
+    assert metrics["selected_epoch"] == max(e for e, s in scores.items() if s == best)

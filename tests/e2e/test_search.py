@@ -28,7 +28,7 @@ def _inputs(run) -> list[tuple[str, str]]:
 def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
-            "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--folds", "2"]
+            "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--folds", "2", "--explain-test-patients"]
     assert search_main(args) == 0
 
     client = MlflowClient(uri)
@@ -113,7 +113,20 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     decided = model.predict(rows, params={"operating_point": "Grade_1:youden"})
     assert (decided["decision"] == (decided["Grade_1"] >= decided["threshold"])).all()
     (version,) = client.search_model_versions("name = 'cfcml-men'")
-    assert "cv_macro_auc" in version.tags and "test_accuracy" in version.tags
+    # the CV figures next to the test ones say how they were chosen
+    assert {"selected_cv_macro_auc", "last_epoch_cv_macro_auc", "selected_epoch", "test_accuracy"} <= set(version.tags)
+    assert "optimistic" in version.tags["selected_figures"] and "cv_macro_auc" not in version.tags
+    assert {"selected_cv_macro_auc", "last_epoch_cv_macro_auc"} <= set(final.data.metrics)
+    assert "selected_cv_macro_auc" in parent.data.metrics and not any(k.startswith("best_") for k in
+                                                                       parent.data.metrics)
+    # the parent's selected figure is the best trial's maximum over its epochs, as its runs show
+    best_run = max(trials, key=lambda r: r.data.metrics["selected_cv_macro_auc"])
+    assert parent.data.metrics["selected_cv_macro_auc"] == pytest.approx(max(
+        m.value for m in client.get_metric_history(best_run.info.run_id, "cv_macro_auc")))
+    # logged from code (nothing pickled), with inferred requirements
+    local = Path(mlflow.artifacts.download_artifacts("models:/cfcml-men/latest", dst_path=str(tmp_path / "model")))
+    assert "model_code_path" in (local / "MLmodel").read_text() and not list(local.rglob("*.pkl"))
+    assert "mlflow" in (local / "requirements.txt").read_text()
     assert version.description.startswith("# Model card: `cfcml-men` version 1")
     text = next((tmp_path / "runs").rglob("search_report.md")).read_text()
     assert "### Calibration" in text and "### Operating points" in text

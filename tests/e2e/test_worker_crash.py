@@ -22,13 +22,16 @@ EPOCHS = 3
 
 def _kill_a_worker_after_an_epoch(uri: str, done: threading.Event, killed: dict) -> None:
     """Wait until the trial has logged an epoch, then SIGKILL its live Ray Train worker."""
+    import ray
     from ray.util.state import list_actors
 
     deadline = time.time() + 400
     while not done.is_set() and time.time() < deadline:
         logged = max((epoch for epoch, _ in epochs_logged(uri).values()), default=0)
         if logged >= 1:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            # this test's own Ray: on a shared machine other local Ray instances may be running
+            workers = list_actors(address=ray.get_runtime_context().gcs_address,
+                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers and workers[0].pid:
                 killed.update(pid=workers[0].pid, epochs_logged=logged)
                 os.kill(workers[0].pid, signal.SIGKILL)

@@ -69,9 +69,11 @@ def test_prepared_folder_keeps_its_folds_and_fold_seed(tmp_path: Path) -> None:
     assert prepared.fold_seed == 7 and prepared.info["fold_seed"] == 7
     again = load_or_prepare("men", prepared.out_dir, folds=2, fold_seed=None, image_size=None)
     assert again.fold_seed == 7  # not given: the folder's own
-    with pytest.raises(ConfigError, match=r"fold seed 7, not 1.*--fold-seed 1"):
+    same = load_or_prepare("men", prepared.out_dir, folds=2, fold_seed=7, image_size=(16, 16, 4))
+    assert same.fingerprint == prepared.fingerprint
+    with pytest.raises(ConfigError, match=r"--data-root: .*--fold-seed: 7 there, 1 asked"):
         load_or_prepare("men", prepared.out_dir, folds=2, fold_seed=1, image_size=None)
-    with pytest.raises(ConfigError, match=r"train.folds: 3 folds wanted.*prepared with 2"):
+    with pytest.raises(ConfigError, match=r"train.folds \(--folds\): 2 there, 3 asked"):
         load_or_prepare("men", prepared.out_dir, folds=3, fold_seed=None, image_size=None)
     with pytest.raises(ConfigError, match=r"--data-root: no dataset at"):
         load_or_prepare("men", tmp_path / "nowhere", folds=2, fold_seed=None, image_size=None)
@@ -79,6 +81,60 @@ def test_prepared_folder_keeps_its_folds_and_fold_seed(tmp_path: Path) -> None:
     (raw / "prepared").write_text("not a folder\n")  # where the raw dataset's preparation would go
     with pytest.raises(ConfigError, match=r"^--data-root: prepare's output folder .*prepared is a file, not a folder$"):
         load_or_prepare("men", raw, folds=2, fold_seed=None, image_size=(16, 16, 4))
+
+
+@pytest.fixture(scope="module")
+def men_16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A raw MEN-like dataset (12 patients, 16x16x4) and its prepare at 2 folds, fold seed 0."""
+    root = make_men(tmp_path_factory.mktemp("men16") / "men", patients=12, seed=0, size=(16, 16, 4))
+    prepare_dataset("men", root, folds=2, fold_seed=0, image_size=(16, 16, 4))
+    return root
+
+
+@pytest.mark.parametrize("asked,match", [
+    (dict(image_size=(32, 32, 8)), r"train.image_size \(--image-size\): \{'t1': \[16, 16, 4\].* there, "
+                                   r"\{'t1': \[32, 32, 8\].* asked"),
+    (dict(image_size=(16, 16, 4), folds=3), r"train.folds \(--folds\): 2 there, 3 asked"),
+    (dict(fold_seed=5), r"--fold-seed: 0 there, 5 asked"),
+    # a dataset config edited since (the clip window) or another config of the same data
+    (dict(dataset="clip"), r"clip.yaml: intensity.clip: \[0.0, 1200.0\] there, \[0.0, 1.0\] asked"),
+    (dict(dataset="derm7pt"), r"derm7pt.yaml: classes"),
+])
+def test_a_prepared_folder_refuses_every_setting_it_was_not_prepared_with(men_16: Path, tmp_path: Path,
+                                                                          asked: dict, match: str) -> None:
+    """One line naming the setting, the recorded and the asked value; the folder is untouched."""
+    import yaml
+
+    from cfcml.data.spec import spec_path
+
+    dataset = asked.pop("dataset", "men")
+    if dataset == "clip":
+        spec = yaml.safe_load(spec_path("men").read_text())
+        spec["intensity"] = {**(spec.get("intensity") or {}), "clip": [0.0, 1.0]}
+        (tmp_path / "clip.yaml").write_text(yaml.safe_dump({**spec, "name": "men"}))
+        dataset = str(tmp_path / "clip.yaml")
+    prepared_dir = men_16 / "prepared"
+    before = {p: p.stat().st_mtime_ns for p in prepared_dir.rglob("*")}
+    kwargs = {"folds": 2, "fold_seed": None, "image_size": None, **asked}
+    with pytest.raises(ConfigError, match=match) as info:
+        load_or_prepare(dataset, prepared_dir, **kwargs)
+    assert "\n" not in str(info.value) and str(prepared_dir) in str(info.value)
+    assert {p: p.stat().st_mtime_ns for p in prepared_dir.rglob("*")} == before
+
+
+def test_a_raw_root_prepares_other_settings_beside_the_existing_prepare(men_16: Path) -> None:
+    prepared_dir = men_16 / "prepared"
+    before = {p: p.stat().st_mtime_ns for p in prepared_dir.rglob("*")}
+    lines: list[str] = []
+    other = load_or_prepare("men", men_16, folds=2, fold_seed=None, image_size=(8, 8, 4), log=lines.append)
+    assert other.out_dir != prepared_dir and other.out_dir.parent == men_16
+    assert other.out_dir.name.startswith("prepared-")
+    assert {m.size for m in other.spec.modalities} == {(8, 8, 4)}
+    assert any("left as it is, preparing anew in" in line for line in lines)
+    assert {p: p.stat().st_mtime_ns for p in prepared_dir.rglob("*")} == before  # nothing overwritten
+    # the same settings again find the existing prepare
+    same = load_or_prepare("men", men_16, folds=2, fold_seed=0, image_size=(16, 16, 4), log=lines.append)
+    assert same.out_dir == prepared_dir.resolve()
 
 
 def test_outcome_round_trips_with_typed_trials(tmp_path: Path) -> None:

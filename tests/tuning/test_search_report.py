@@ -32,7 +32,7 @@ def outcome(tmp_path: Path, n: int) -> SearchOutcome:
             f"val_{m}_fold{k}": score for m in ("macro_auc", "balanced_accuracy", "acc_class_0") for k in (0, 1)}}
         params = {"loss.w_sam": w, "loss.tau_sam": float(rng.uniform(0.02, 0.5))}
         trials.append(TrialResult(f"t{i}", params=params, score=score, epoch=3, epochs_run=4 if i % 2 else 2,
-                                  metrics=metrics))
+                                  metrics=metrics, last_epoch_metrics={"cv_macro_auc": score - 0.05}))
     trials.append(TrialResult("broken", error="worker died"))
     return SearchOutcome("men", "cv_macro_auc", trials, str(tmp_path / "men-x"), "p", "u", "1", "r",
                          ["loss.w_sam", "loss.tau_sam"])
@@ -52,6 +52,12 @@ def test_report_with_a_final_model_and_an_oracle(prepared, tmp_path: Path) -> No
                                  oracle_scores(prepared, n_boot=50))
     best = out.best
     assert f"Trial `{best.trial_id}` at epoch 3" in text and "| loss.w_sam |" in text
+    # the selected figure is labelled as such, the last epoch's stands next to it
+    assert f"cv_macro_auc = {best.score:.4f}, **selected** (optimistic: the maximum over its epochs and over" in text
+    assert f"not maximised over epochs: {best.score - 0.05:.4g}" in text and "estimate nothing was selected on" in text
+    assert "| mean (selected) | mean at last epoch |" in text
+    assert f"| macro_auc | {best.score:.4g} | {best.score:.4g} | {best.score:.4g} | {best.score - 0.05:.4g} |" in text
+    assert "| trial | selected cv_macro_auc | bal. acc. | epoch | cv_macro_auc at last epoch | ran |" in text
     assert "| macro_auc | " in text and "| balanced_accuracy | 0.6000 | [0.5000, 0.7000] |" in text
     assert "## Oracle (synthetic data)" in text and "image_signal*table_signal" in text
     assert "| broken | no score: worker died |" in text

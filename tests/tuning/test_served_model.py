@@ -19,10 +19,13 @@ from cfcml.data.synthetic import make_men
 from cfcml.networks import build_model
 from tuning.checkpoints import FoldWeights
 from tuning.served_model import (
+    MODEL_CODE,
     ROOT_ENV,
     CFCMLModel,
     InputError,
     input_columns,
+    log_and_register,
+    placeholder_example,
     write_bundle,
 )
 from tuning.space import load_search
@@ -216,8 +219,9 @@ def test_the_mlflow_pyfunc_has_no_parameters_and_enforces_the_root(bundle, rows,
 
     served = CFCMLModel.from_bundle(bundle)
     signature = infer_signature(rows, served.predict(None, rows))
-    mlflow.pyfunc.save_model(tmp_path / "model", python_model=CFCMLModel(), artifacts={"bundle": str(bundle)},
-                             signature=signature, input_example=rows.head(2), pip_requirements=["torch", "mlflow"])
+    mlflow.pyfunc.save_model(tmp_path / "model", python_model=str(MODEL_CODE), artifacts={"bundle": str(bundle)},
+                             signature=signature, input_example=placeholder_example(prepared.spec),
+                             pip_requirements=["torch", "mlflow"])
     model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
     assert model.metadata.signature.params is None
     np.testing.assert_allclose(model.predict(rows).to_numpy().sum(1), 1.0, rtol=1e-5)
@@ -287,3 +291,53 @@ def test_a_missing_optional_field_is_accepted(served, rows) -> None:
     rows.loc[rows.index[1], "tumour_area"] = None
     out = served.predict(None, rows)
     np.testing.assert_allclose(out.to_numpy().sum(1), 1.0, rtol=1e-5)
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in Path(folder).rglob("*") if p.is_file()]
+
+
+def test_a_registered_model_is_loaded_from_code_with_no_patient_in_its_example(prepared, bundle, rows, tmp_path,
+                                                                               monkeypatch) -> None:
+    """Registration logs the model from code (no pickle to run at load) and an input example of
+    placeholders: no patient id, image path or clinical value of the data leaves with the model."""
+    import json
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    served = CFCMLModel.from_bundle(bundle)
+    (state,) = torch.load(bundle / "models.pt", weights_only=True)
+    info = log_and_register(tracking_uri=uri, run_id=run_id, prepared=prepared, experiment=served.experiment,
+                            members=[FoldWeights(state["model"], state["normalizer"])], model_name="m", tags={"a": "b"},
+                            pip_requirements=["torch", "mlflow"])
+    assert str(info.registered_model_version) == "1"
+    local = Path(mlflow.artifacts.download_artifacts("models:/m/1", tracking_uri=uri, dst_path=str(tmp_path / "dl")))
+    # models-from-code: the MLmodel names the code file; no pickled python model anywhere
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert Path(flavor["model_code_path"]).name == "served_model_code.py" and "python_model" not in flavor
+    assert not [p for p in _files(local) if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
+    assert (local / "code" / "tuning" / "served_model.py").is_file()
+
+    # the example: placeholders only
+    example_text = "".join(p.read_text() for p in _files(local) if "example" in p.name)
+    assert example_text and "example-1" in example_text
+    manifest = prepared.manifest
+    for pid in manifest["patient_id"]:
+        assert str(pid) not in example_text
+    for column in [c for c in manifest.columns if c.startswith("path_")]:
+        for path in manifest[column]:
+            assert str(path) not in example_text and Path(path).name not in example_text
+    example = pd.DataFrame(**json.loads((local / "input_example.json").read_text()))
+    numeric = [f.name for f in prepared.spec.fields if f.kind == "numeric"]
+    assert set(example[numeric].stack().dropna().astype(float)) <= {0.0}
+
+    # loading imports the project's class (pickle refused outright) and predicts as the bundle does
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model(str(local))
+    assert type(model.unwrap_python_model()).__module__ == "tuning.served_model"
+    np.testing.assert_allclose(model.predict(rows).to_numpy(), served.predict(None, rows).to_numpy(), rtol=1e-6)

@@ -64,6 +64,37 @@ def test_bad_search_configs_name_file_and_key(tmp_path, base, text, match):
     assert str(info.value).startswith(path)
 
 
+@pytest.mark.parametrize("space,match", [
+    # a high bound past the config's own check (loss.momentum must be in [0, 1))
+    ("loss.momentum: {dist: uniform, low: 0.0, high: 1.5}", r"space.loss.momentum.high: 1.5 can be sampled.*\[0, 1\)"),
+    ("loss.momentum: {dist: uniform, low: 0.5, high: 1.0}", r"space.loss.momentum.high: 1.0 can be sampled"),
+    ("loss.momentum: {dist: uniform, low: -0.5, high: 0.5}", r"space.loss.momentum.low: -0.5"),
+    # every categorical choice, not only the first
+    ("loss.momentum: {dist: choice, values: [0.0, 0.5, 2.0]}", r"space.loss.momentum.values\[2\]: 2.0"),
+    ("model.dim: {dist: choice, values: [32, -8]}", r"space.model.dim.values\[1\]: -8"),
+    # int: whole bounds, both valid
+    ("model.dim: {dist: int, low: 8, high: 32.5}", r"space.model.dim: dist: int needs whole-number"),
+    ("model.dim: {dist: int, low: -8, high: 32}", r"space.model.dim.low: -8"),
+    # a float distribution over an integer key samples non-integers
+    ("model.dim: {dist: uniform, low: 8, high: 32}", r"space.model.dim.low: 8.0 can be sampled"),
+    ("loss.tau_sam: {dist: loguniform, low: -1, high: 0.5}", r"space.loss.tau_sam: need 0 < low < high"),
+])
+def test_every_value_a_space_can_sample_is_checked_against_the_config(tmp_path, base, space, match):
+    """Refused at load (before Ray starts), naming the key and the bound that fails."""
+    path = write(tmp_path, f"space:\n  {space}\n")
+    with pytest.raises(ConfigError, match=match) as info:
+        load_search(path, base)
+    assert str(info.value).startswith(path) and "\n" not in str(info.value)
+
+
+def test_a_valid_space_keeps_its_bounds(tmp_path, base):
+    path = write(tmp_path, "space:\n  loss.momentum: {dist: uniform, low: 0.0, high: 0.95}\n"
+                           "  model.dim: {dist: choice, values: [16, 32]}\n")
+    search = load_search(path, base)
+    assert [p.bounds() for p in search.space] == [[("low", 0.0), ("high", 0.95)],
+                                                   [("values[0]", 16), ("values[1]", 32)]]
+
+
 def test_unknown_search_name_lists_the_known_ones(base):
     with pytest.raises(ConfigError, match=r"unknown search 'nope'.*known: default, demo, smoke"):
         load_search("nope", base)
@@ -98,3 +129,15 @@ def test_input_dropout_keys_are_searchable_and_their_range_is_checked(tmp_path, 
     assert initial_point(search, base) == {"train.modality_dropout": 0.0, "train.field_dropout": 0.0}
     with pytest.raises(ConfigError, match=r"train.field_dropout: must be in \[0, 1\)"):
         load_search(write(tmp_path, "space:\n  train.field_dropout: {dist: choice, values: [1.5]}\n"), base)
+
+
+def test_the_command_line_is_checked_against_the_space_too(tmp_path):
+    """A --set that makes a sampled value invalid (dim 36 is fine with 4 heads, not with 8) fails
+    when the search is resolved, before Ray starts, naming the bound."""
+    from tuning.run import SearchRun
+
+    path = write(tmp_path, "space:\n  model.dim: {dist: choice, values: [32, 36]}\n")
+    SearchRun.build("men", path)  # 4 heads: both choices divide
+    with pytest.raises(ConfigError, match=r"with --set and the flags\): space.model.dim.values\[1\]: 36 .*"
+                                          r"not divisible by 8 heads"):
+        SearchRun.build("men", path, overrides={"model.heads": 8})

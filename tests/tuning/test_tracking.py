@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from cfcml.data.prepare import prepare_dataset
 from cfcml.data.synthetic import make_men
+from tuning.outcome import EpochSelection
 from tuning.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -82,26 +83,90 @@ def test_a_run_carries_its_source_and_the_prepared_dataset_once(client: MlflowCl
     assert columns == list(manifest.columns)
 
 
-def test_each_reported_epoch_reaches_the_run_once_across_restarts_and_reruns(client: MlflowClient, exp_id: str) -> None:
+def _epoch(n: int, loss: float | None = None, **extra: object) -> dict:
+    return {"epoch": n, "train_loss": 1.0 / n if loss is None else loss, "system/cpu_utilization_percentage": 50.0 + n,
+            "time_compute_s": float(n), **extra}
+
+
+def _shown(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """What a reader takes of each step: its last point (latest timestamp), as the run's value does."""
+    out: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        if m.step not in out or m.timestamp > out[m.step][0]:
+            out[m.step] = (m.timestamp, m.value)
+    return {step: value for step, (_, value) in sorted(out.items())}
+
+
+def test_each_reported_epoch_reaches_the_run_once_across_re_sends_and_reruns(client: MlflowClient,
+                                                                             exp_id: str) -> None:
     run_id = client.create_run(exp_id).info.run_id
-
-    def epoch(n: int, **extra: object) -> dict:
-        return {"epoch": n, "train_loss": 1.0 / n, "system/cpu_utilization_percentage": 50.0 + n,
-                "time_compute_s": float(n), **extra}
-
     tracker = TrainRunTracker(client.tracking_uri, run_id)
     for n in (1, 2):
-        tracker.after_report(None, [epoch(n)], None)
-    # a worker group restarted from epoch 1's checkpoint re-sends epoch 1 and runs epoch 2 again
-    tracker.after_report(None, [epoch(2, restored=epoch(1))], None)
-    tracker.after_report(None, [epoch(3)], None)
+        tracker.after_report(None, [_epoch(n)], None)
+    # a worker group restarted from epoch 2's checkpoint re-sends epoch 2 with its first new epoch
+    tracker.after_report(None, [_epoch(3, restored=_epoch(2))], None)
     # the final step rerun (a resumed search) with a fresh callback: Ray Train restores epoch 3
-    TrainRunTracker(client.tracking_uri, run_id).after_report(None, [epoch(3, restored=epoch(3))], None)
+    TrainRunTracker(client.tracking_uri, run_id).after_report(None, [_epoch(3, restored=_epoch(3))], None)
     for key in ("epoch", "train_loss", "system/cpu_utilization_percentage"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [1, 2, 3], key
-    assert client.get_metric_history(run_id, "train_loss")[1].value == pytest.approx(0.5)  # the first epoch 2
     assert "time_compute_s" not in client.get_run(run_id).data.metrics
+    assert "cfcml.retrained_epochs" not in client.get_run(run_id).data.tags
+
+
+@pytest.mark.parametrize("restart_from, logged", [(1, 3), (2, 3), (1, 2), (0, 2)])
+def test_epochs_retrained_after_a_restart_from_an_older_checkpoint_win(client: MlflowClient, exp_id: str,
+                                                                       restart_from: int, logged: int) -> None:
+    run_id = client.create_run(exp_id).info.run_id
+    tracker = TrainRunTracker(client.tracking_uri, run_id)
+    for n in range(1, logged + 1):
+        tracker.after_report(None, [_epoch(n, loss=9.0)], None)  # values later discarded (from epoch restart_from+1)
+    # the newest checkpoint was damaged (or the worker died before it): the group restarts from
+    # an older one, re-sends it and retrains the epochs after it with other values
+    retrained = list(range(restart_from + 1, logged + 2))
+    for i, n in enumerate(retrained):
+        restored = {"restored": _epoch(restart_from, loss=9.0)} if i == 0 and restart_from else {}
+        tracker.after_report(None, [_epoch(n, loss=float(n), **restored)], None)
+    shown = _shown(client, run_id, "train_loss")
+    assert shown == {n: (float(n) if n > restart_from else 9.0) for n in range(1, logged + 2)}
+    assert client.get_run(run_id).data.metrics["train_loss"] == float(logged + 1)
+    tags = client.get_run(run_id).data.tags
+    assert tags["cfcml.retrained_epochs"] == ",".join(str(n) for n in range(restart_from + 1, logged + 1))
+
+
+def test_a_search_trials_retrained_epochs_win_and_re_sent_ones_add_nothing(client: MlflowClient, exp_id: str) -> None:
+    from ray.tune.experiment import Trial
+
+    from tuning.tracking import SearchTracker
+
+    parent = client.create_run(exp_id).info.run_id
+    tracker = SearchTracker(client.tracking_uri, exp_id, parent, "search-x", "cv_macro_auc", ["a", "b", "c"],
+                            "multiclass")
+    trial = Trial("__fake", config={"loss.w_cp": 0.1}, trial_id="t1", stub=True)
+
+    selection = EpochSelection("cv_macro_auc")  # what the trial's worker reports with each epoch
+
+    def report(n: int, auc: float, t: int, **extra: object) -> None:
+        values = {"epoch": n, "cv_macro_auc": auc}
+        values.update(selection.update(values))
+        tracker.on_trial_result(0, [trial], trial, {**values, "timestamp": t, "checkpoint_path": f"c{n}@{t}",
+                                                    **extra})
+
+    for n, auc in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        report(n, auc, 100 + n)
+    assert tracker._best["t1"] == (0.8, "c3@103")
+    # epoch 3's checkpoint was damaged: restart from epoch 1, epochs 2 and 3 retrained
+    selection = EpochSelection("cv_macro_auc")
+    selection.restore({"selected_cv_macro_auc": 0.6, "selected_epoch": 1})
+    report(2, 0.55, 103, restored={"epoch": 1, "cv_macro_auc": 0.6})
+    report(3, 0.58, 103)  # in the same second as the discarded epoch 3: still logged after it
+    report(3, 0.58, 104, restored={"epoch": 3, "cv_macro_auc": 0.58})  # a finished run's re-send
+    run_id = tracker._runs["t1"]
+    assert _shown(client, run_id, "cv_macro_auc") == {1: 0.6, 2: 0.55, 3: 0.58}
+    assert len(client.get_metric_history(run_id, "cv_macro_auc")) == 5  # the two discarded points stay
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["cv_macro_auc"] == 0.58 and metrics["selected_cv_macro_auc"] == 0.6
+    assert tracker._best["t1"] == (0.6, "c1@101")  # the trial's plots come from epoch 1, not the discarded 3
 
 
 def test_system_metrics_use_mlflows_own_names_and_stop_with_the_loop() -> None:
@@ -141,3 +206,26 @@ def test_a_parent_run_left_without_a_state_file_is_reused_not_duplicated(client:
     client.set_terminated(orphan.info.run_id, "FINISHED")
     (run.search_dir / STATE_FILE).unlink()
     assert _start_parent(run, prepared, client.tracking_uri, "cv_macro_auc").parent_run_id != orphan.info.run_id
+
+
+@pytest.mark.parametrize("text,reason", [
+    # a diverged trial: Tune's error.txt, the worker's exception at the end of a Ray traceback
+    ("Failure # 1 (occurred at 2026-01-01)\nray.exceptions.RayTaskError(TrainingDiverged): ray::ImplicitFunc\n"
+     "  File \"x.py\", line 3, in fit\ncfcml.training.TrainingDiverged: training diverged: trial ab12, fold 1, "
+     "epoch 4: non-finite training loss (loss=nan) (lower optim.lr, or check the data)\n",
+     "training diverged: trial ab12, fold 1, epoch 4: non-finite training loss (loss=nan) (lower optim.lr, "
+     "or check the data)"),
+    # any other failure: the traceback's verdict line, the last failure when a trial failed twice
+    ("Failure # 1\nTraceback (most recent call last):\n  File \"a.py\"\nValueError: first\n"
+     "Failure # 2\nTraceback (most recent call last):\n  File \"a.py\", line 1\nRuntimeError: CUDA out of memory\n",
+     "RuntimeError: CUDA out of memory"),
+    ("", "unknown (no error was recorded)"),
+])
+def test_a_failed_trial_gets_a_one_line_reason(tmp_path: Path, text: str, reason: str) -> None:
+    from types import SimpleNamespace
+
+    from tuning.tracking import failure_reason
+
+    (tmp_path / "error.txt").write_text(text)
+    assert failure_reason(SimpleNamespace(error_file=str(tmp_path / "error.txt"))) == reason
+    assert failure_reason(SimpleNamespace(error_file=None)) == "unknown (no error was recorded)"
