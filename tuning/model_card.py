@@ -139,11 +139,17 @@ def model_card(card: CardInputs) -> str:
     lines += ["", "## Model and how it was selected", "",
               f"CFCML (image + table fusion). Search `{outcome.search_dir.rstrip('/').split('/')[-1]}`: "
               f"{len(outcome.trials)} trials ({len(scored)} scored), selected by `{outcome.metric}` (the mean over "
-              f"validation folds). Best trial `{best.trial_id}` at epoch {best.epoch}: {outcome.metric} = "
-              f"{best.score:.4f}."]
+              f"validation folds). Best trial `{best.trial_id}` at its selected epoch {best.epoch}: "
+              f"selected_{outcome.metric} = {best.score:.4f}."]
     cv = [f"{n} {best.metrics[f'cv_{n}']:.3f}" for n in names if f"cv_{n}" in best.metrics]
     if cv:
-        lines.append(f"Its cross-validation figures: {', '.join(cv)}.")
+        lines.append(f"Its cross-validation figures at that epoch (`selected_cv_*`: a maximum over epochs and "
+                     f"trials, optimistic): {', '.join(cv)}.")
+    last = [f"{n} {best.last_epoch_metrics[f'cv_{n}']:.3f}" for n in names
+            if f"cv_{n}" in getattr(best, "last_epoch_metrics", {})]
+    if last:
+        lines.append(f"At its last epoch ({best.epochs_run}; `last_epoch_cv_*`, not maximised over epochs): "
+                     f"{', '.join(last)}. Only the test figures below are an unselected estimate.")
     if card.stage == "final":
         lines.append(f"The registered model is that configuration retrained on all {len(prepared.dev_frame())} "
                      f"development patients for {best.epoch} epochs and tested once on {len(prepared.test_frame())} "

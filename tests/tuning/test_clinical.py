@@ -89,7 +89,8 @@ def test_calibrator_round_trips_and_names_its_points(prepared) -> None:
 
 def test_model_card_numbers_come_from_the_records(prepared, tmp_path: Path) -> None:
     ev = evidence(prepared)
-    best = TrialResult("t0", score=0.91, epoch=4, epochs_run=6, metrics={"cv_macro_auc": 0.91})
+    best = TrialResult("t0", score=0.91, epoch=4, epochs_run=6, metrics={"cv_macro_auc": 0.91},
+                       last_epoch_metrics={"cv_macro_auc": 0.87})
     outcome = SearchOutcome("men", "cv_macro_auc", [best], str(tmp_path / "men-demo"), "p", "u", "1", "r")
     test = {"macro_auc": (0.88, 0.8, 0.95), "acc_class_1": (0.0, 0.0, 0.0)}
     text = model_card(CardInputs("cfcml-men", 3, "final", prepared, outcome, best, test, ev, ev.calibrator, "run1"))
@@ -97,7 +98,8 @@ def test_model_card_numbers_come_from_the_records(prepared, tmp_path: Path) -> N
     assert prepared.fingerprint in text
     dev = prepared.info["counts"]["split"]["dev"]
     assert f"| dev | {dev['Grade_1']} | {dev['Grade_2_invasion']} |" in text
-    assert "Best trial `t0` at epoch 4: cv_macro_auc = 0.9100" in text
+    assert "Best trial `t0` at its selected epoch 4: selected_cv_macro_auc = 0.9100" in text
+    assert "optimistic): macro_auc 0.910" in text and "At its last epoch (6; `last_epoch_cv_*`" in text
     assert "| macro_auc | 0.880 [0.800, 0.950] |" in text
     assert "## Calibration" in text and "## Known limits" in text
     assert "**synthetic** cohort" in text
