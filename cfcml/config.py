@@ -222,6 +222,11 @@ class TrainConfig:
         channels_last: on GPU, weights and images in channels-last memory order.
         compile: on GPU, torch.compile the training network (minutes of compilation per model:
             129 s for Derm7pt on an H100; pays only for long runs).
+        cuda_graphs: on one GPU, capture the whole training step (forward, CFCMLLoss, backward,
+            Adam, prototype bank) as one CUDA graph and replay it: one launch a step instead of
+            thousands. Batches of another shape (a ragged last batch) and data-parallel runs train
+            eagerly; a failed capture warns once and trains eagerly. Changes no number on CPU,
+            where it does nothing. Exclusive with `compile` (docs/gpu.md).
         prefetch_factor: batches each loader worker keeps ready (used when loader_workers > 0).
         max_failures: restarts of a trial's Ray Train workers after a crash (a preempted node, an
             out-of-memory kill), each from the last checkpoint; 0 fails the trial at once.
@@ -251,6 +256,7 @@ class TrainConfig:
     tf32: bool = True
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     prefetch_factor: int = 2
     max_failures: int = 2
     image_size: tuple[int, ...] | None = None
@@ -269,6 +275,9 @@ class TrainConfig:
             raise ConfigError(f"cross-validation needs at least 2 folds, got {self.folds}", "folds")
         if self.image_size is not None and (len(self.image_size) not in (2, 3) or min(self.image_size) < 1):
             raise ConfigError(f"expected 2 or 3 positive sizes, got {list(self.image_size)}", "image_size")
+        if self.cuda_graphs and self.compile:
+            raise ConfigError("cannot be combined with train.compile: choose one way to cut launches "
+                              "(torch.compile's own graphs are its mode='reduce-overhead')", "cuda_graphs")
 
 
 @dataclass(frozen=True)

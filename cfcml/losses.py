@@ -61,6 +61,8 @@ def _check_labels(labels: Tensor, batch: int, num_classes: int) -> Tensor:
         raise ValueError(
             f"labels must be an integer tensor of shape [{batch}]; got {labels.dtype} {tuple(labels.shape)}"
         )
+    if labels.is_cuda and torch.cuda.is_current_stream_capturing():
+        return labels.long()  # a CUDA graph capture cannot read values; the caller checks them on the host
     bad = (labels < 0) | (labels >= num_classes)
     if bool(bad.any()):
         raise ValueError(f"labels out of range [0, {num_classes}): {labels[bad].unique().tolist()}")
@@ -126,7 +128,9 @@ def _hrm_from_prototypes(
     pos = to_protos.gather(-1, labels.reshape(1, B, 1, 1).expand(M, B, 1 + M, 1)).squeeze(-1)  # [M, B, 1 + M]
     neg = (zt @ zt.transpose(1, 2)).masked_fill(~other, neg_inf)  # [M, B, B]
     l_sam = _contrastive(pos / tau_sam, neg / tau_sam)  # [M, B]
-    counts = torch.bincount(labels, minlength=C).to(zn.dtype)
+    # The same integer counts as torch.bincount, which on CUDA reads the largest label on the host
+    # (a synchronisation that CUDA graph capture forbids).
+    counts = (labels[:, None] == torch.arange(C, device=labels.device)).sum(0).to(zn.dtype)
     loss_sam = (l_sam.sum(0) / counts[labels]).sum()  # sum over m and c of the class mean
 
     gram = protos @ protos.T  # every prototype cosine, [(1 + M) * C, (1 + M) * C]

@@ -12,7 +12,9 @@ Nothing here knows about Ray or MLflow.
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -29,6 +31,7 @@ from cfcml.config import ExperimentConfig, OptimConfig
 from cfcml.data.dataset import CachedDataset, ClassBalancedBatchSampler
 from cfcml.data.manifest import PreparedDataset
 from cfcml.data.normalize import TabularNormalizer
+from cfcml.graphs import GraphedForward, GraphedStep
 from cfcml.losses import CFCMLLoss
 from cfcml.metrics import compute_metrics
 from cfcml.networks import CFCML, build_model
@@ -94,6 +97,8 @@ class Fold:
     train_loader: DataLoader
     val_set: CachedDataset | None
     val: pd.DataFrame | None  # the validation rows (manifest columns)
+    graphed: GraphedStep | None = None  # the CUDA-graph step (train.cuda_graphs), set by _prepare_step
+    eval_graphed: GraphedForward | None = None  # and the CUDA-graph validation forward
 
 
 def prediction_frame(rows: pd.DataFrame, probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
@@ -261,8 +266,8 @@ class CrossValidation:
                           drop_last=len(train_set) >= 2 * t.batch_size, **common)
 
     # ---------------------------------------------------------------- training
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+    def _autocast(self, cache_enabled: bool = True):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=cache_enabled)
 
     def _prepare_step(self, fold: Fold) -> None:
         """Once per fold, before its first step: the CUDA-only step options of `train` (docs/gpu.md)."""
@@ -279,6 +284,10 @@ class CrossValidation:
                 fold.model.to(memory_format=torch.channels_last_3d if dims == {3} else torch.channels_last)
             if t.compile:
                 fold.net = torch.compile(fold.net)
+            if t.cuda_graphs:
+                fold.graphed = self._graphed_step(fold)
+                if fold.graphed is not None:
+                    fold.eval_graphed = GraphedForward(fold.model, t.batch_size, pool=fold.graphed.pool)
         fold.step_ready = True  # type: ignore[attr-defined]
 
     def train_epoch(self, k: int) -> dict[str, float]:
@@ -301,19 +310,16 @@ class CrossValidation:
         steps = 0
         drop = self._input_dropout(k)
         for batch in fold.train_loader:
-            inputs = ModelInputs.from_batch(batch, self.device)
-            if drop is not None:  # train.modality_dropout / field_dropout (cfcml/missing_inputs.py)
-                inputs = drop(inputs)
-            if channels_last:
-                inputs.images = [_channels_last(x) for x in inputs.images]
-            y = batch["label"].to(self.device, non_blocking=True)
-            with self._autocast():
-                out = inputs(fold.net)
-            losses = fold.criterion(out.logits.float(), out.features.float(), y)
-            fold.optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            fold.optimizer.step()
-            fold.criterion.update_bank()
+            # a replay of the captured step, or None: then the eager step (same numbers)
+            # (not with whole-input dropout: the captured step would replay undropped inputs)
+            losses = fold.graphed(batch) if fold.graphed is not None and drop is None else None
+            if losses is None:
+                inputs = ModelInputs.from_batch(batch, self.device)
+                if drop is not None:  # train.modality_dropout / field_dropout (cfcml/missing_inputs.py)
+                    inputs = drop(inputs)
+                if channels_last:
+                    inputs.images = [_channels_last(x) for x in inputs.images]
+                losses = self._step(fold, inputs, batch["label"].to(self.device, non_blocking=True))
             self._sync_bank(fold.criterion)
             if self.step_hook is not None:
                 self.step_hook(k, fold)
@@ -340,6 +346,34 @@ class CrossValidation:
         gen = torch.Generator().manual_seed(((tc.seed * 1009 + k) * 100003 + self.epoch) * 64 + self.rank)
         return lambda inputs: drop_inputs(inputs, tc.modality_dropout, tc.field_dropout, gen)
 
+    def _step(self, fold: Fold, inputs: ModelInputs, y: torch.Tensor, cache_casts: bool = True
+              ) -> dict[str, torch.Tensor]:
+        """One training step on device tensors: forward, loss, backward, optimiser, prototype bank."""
+        with self._autocast(cache_casts):
+            out = inputs(fold.net)
+        losses = fold.criterion(out.logits.float(), out.features.float(), y)
+        fold.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        fold.optimizer.step()
+        fold.criterion.update_bank()
+        return losses
+
+    def _graphed_step(self, fold: Fold) -> GraphedStep | None:
+        """The fold's CUDA-graph step, or None (one warning line) where graphs cannot be used."""
+        if self.world > 1:
+            reason = "data-parallel (DDP) steps are not captured: their all-reduces would have to be too"
+        elif not all(g.get("fused") for g in fold.optimizer.param_groups):
+            reason = "the optimiser is not fused"
+        else:
+            t = self.cfg.train
+            if getattr(self, "_graph_pool", None) is None:  # one memory pool for all folds' graphs (cfcml/graphs.py)
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            return GraphedStep(functools.partial(self._step, fold), fold.optimizer, t.batch_size,
+                               len(self.spec.classes), self.device, channels_last=t.channels_last,
+                               pool=self._graph_pool)
+        warnings.warn(f"train.cuda_graphs: {reason}; training eagerly", stacklevel=3)
+        return None
+
     def _sync_bank(self, criterion: CFCMLLoss) -> None:
         """Average the prototype banks over ranks after each step (each rank saw its own shard),
         so every rank holds the same bank, as DDP keeps the same weights."""
@@ -358,7 +392,8 @@ class CrossValidation:
         idx = list(range(self.rank, len(dataset), self.world))
         loader = DataLoader(Subset(dataset, idx), batch_size=self.cfg.train.batch_size,
                             num_workers=self.cfg.train.loader_workers, pin_memory=self.device.type == "cuda")
-        local = predict_proba(fold.model, loader, self.device, len(self.spec.classes), self._autocast)
+        model = fold.eval_graphed if fold.eval_graphed is not None else fold.model
+        local = predict_proba(model, loader, self.device, len(self.spec.classes), self._autocast)
         if self.world == 1:
             return local
         parts: list[Any] = [None] * self.world
@@ -429,5 +464,7 @@ class CrossValidation:
         for fold, fs in zip(self.folds, state["folds"]):
             fold.model.load_state_dict(fs["model"])
             fold.criterion.load_state_dict(fs["criterion"])
-            fold.optimizer.load_state_dict(fs["optimizer"])
+            fold.optimizer.load_state_dict(fs["optimizer"])  # new state tensors: capture again
+            if fold.graphed is not None:
+                fold.graphed.release()
             fold.scheduler.load_state_dict(fs["scheduler"])

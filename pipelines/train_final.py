@@ -33,8 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     cli_args.add_runtime(p)
     cli_args.add_explain(p)
     args = p.parse_args(argv)
+    from cfcml.config import ConfigError
+    from tuning.preflight import check_name
+
     storage = args.runs_dir.resolve() / "ray"
     name = args.name or (f"{args.dataset}-{args.search}" if args.search else None)
+    try:
+        if name is not None:
+            check_name(name, "--name" if args.name else "--search")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     outcome_file = find_outcome(storage, args.dataset, name)
     if outcome_file is None:
         what = f"search {name!r}" if name else f"finished {args.dataset} search"
@@ -42,21 +51,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"final step of the search at {outcome_file.parent}")
 
-    from cfcml.config import ConfigError
     from cfcml.data.manifest import PreparedDataset
     from tuning.final import train_final
-    from tuning.preflight import check_storage
+    from tuning.lifecycle import disk_full_message
+    from tuning.preflight import check_ray_address, check_storage
     from tuning.ray_runtime import ray_session
 
     outcome = SearchOutcome.load(outcome_file)
     try:
-        check_storage(args.runs_dir, outcome.tracking_uri, source=f"{outcome_file}: tracking_uri")
+        check_storage(args.runs_dir, outcome.tracking_uri, source=f"{outcome_file}: tracking_uri",
+                      experiment=f"cfcml-{outcome.dataset}")
+        check_ray_address(args.address)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prepared = PreparedDataset.load(outcome.prepared_dir)
-    with ray_session(args.address, verbose=args.verbose):
-        train_final(prepared, outcome, storage=storage, explain=args.explain_test_patients)
+    try:
+        with ray_session(args.address, verbose=args.verbose):
+            train_final(prepared, outcome, storage=storage, explain=args.explain_test_patients)
+    except Exception as exc:  # the final run is FAILED with the reason (tuning.lifecycle)
+        message = disk_full_message(exc, args.runs_dir, next_step="run the same command again")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

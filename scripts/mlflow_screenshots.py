@@ -227,14 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from mlflow.tracking import MlflowClient
 
+        from tuning.tracking import tag_filter
+
         uri = args.store or small_search(work)
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name("cfcml-men")
         (parent,) = client.search_runs([exp.experiment_id], "tags.`cfcml.kind` = 'search'",
                                        order_by=["attributes.start_time DESC"], max_results=1)
         # the trial that ran longest (ASHA stops the weak ones early), then the best scoring
-        trial = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                                   "and tags.`cfcml.kind` = 'trial'",
+        trial = client.search_runs([exp.experiment_id],
+                                   tag_filter(**{"mlflow.parentRunId": parent.info.run_id, "cfcml.kind": "trial"}),
                                    order_by=["metrics.epoch DESC", "metrics.cv_macro_auc DESC"], max_results=1)[0]
         port = free_port()
         server = start_ui(uri, port, work / "mlflow-ui.log")

@@ -56,3 +56,13 @@ def test_the_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from tuning.search import main\n    import ray.train\n")
     assert offenders(imported(source), ("tuning", "ray")) == ["ray.train", "tuning.search", "tuning.search.main"]
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """pytest imports test modules by basename (rootdir-relative packages are not used here): two
+    files named test_x.py in different folders stop the whole collection on a fresh clone."""
+    from collections import Counter
+
+    root = Path(__file__).resolve().parent
+    names = Counter(p.name for p in root.rglob("test_*.py"))
+    assert [n for n, count in names.items() if count > 1] == []

@@ -105,6 +105,46 @@ def test_gpu_options_default_off_except_tf32_and_change_nothing_on_cpu(prepared)
     assert stats[0] == stats[1]
 
 
+def test_cuda_graphs_is_off_by_default_and_exclusive_with_compile():
+    assert TrainConfig().cuda_graphs is False
+    with pytest.raises(ConfigError, match=r"^config\.train\.cuda_graphs: cannot be combined with train\.compile"):
+        from_dict(TrainConfig, {"cuda_graphs": True, "compile": True}, "config.train")
+
+
+def test_cuda_graphs_change_no_number_on_cpu(prepared):
+    """Two epochs of both folds, with a ragged last batch (10 training rows a fold, batch 6): losses,
+    validation metrics and the trained weights are bit-identical with the option on and off."""
+    runs = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        cv = CrossValidation(prepared, [Split(*prepared.fold_frames(k)) for k in range(2)],
+                             tiny_cfg(batch_size=6, cuda_graphs=graphs))
+        metrics = [cv.run_epoch()[0] for _ in range(2)]
+        assert all(f.graphed is None for f in cv.folds)  # nothing captured on CPU
+        runs.append((metrics, [p.detach().clone() for p in cv.folds[1].model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+@pytest.mark.parametrize("labels", [[0, 3], [-1, 0]])
+def test_graphed_step_checks_labels_on_the_host_before_anything_runs(labels):
+    """Captures cannot read label values, so GraphedStep checks host labels itself (ValueError)."""
+    from cfcml.graphs import GraphedStep
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedStep(lambda *a: {}, torch.optim.Adam(model.parameters()), 2, 3, "cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("the label check of a constructed GraphedStep needs CUDA")
+    model.cuda()
+    step = GraphedStep(lambda *a: pytest.fail("the step ran"), torch.optim.Adam(model.parameters(), fused=True),
+                       2, 3, "cuda")
+    batch = {"images": [torch.zeros(2, 1, 4, 4)], "num": torch.zeros(2, 1), "num_missing": torch.zeros(2, 1).bool(),
+             "cat": torch.zeros(2, 1).long(), "label": torch.tensor(labels)}
+    with pytest.raises(ValueError, match="labels out of range"):
+        step(batch)
+
+
 class StepOnBatch:
     """One real training step (forward, loss, backward) of a tiny CFCML on `batch` random samples."""
 
@@ -173,3 +213,66 @@ def _cuda_step(step: StepOnBatch, batch: int) -> None:
     out = step.model(images, torch.randn(batch, 2, device="cuda"), torch.zeros(batch, 2, dtype=torch.bool,
                      device="cuda"), torch.zeros(batch, 1, dtype=torch.long, device="cuda"))
     step.loss(out.logits, out.features, torch.arange(batch, device="cuda") % 2)["loss"].backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graphs_step_gives_the_eager_losses(prepared, amp):
+    """Five epochs of 20 rows at batch 12 (a full batch and a ragged 8-row one, run eagerly): the
+    full batches of epochs 1 and 2 are the eager warm-up; epoch 3 captures and replays; epoch 4
+    captures again (the warm-up learning rate changed) and replays; epoch 5 replays (it did not).
+    Losses as the eager step's, to float32 (bf16 under amp) rounding; weights within a few Adam steps
+    (a near-zero gradient whose sign flips moves a weight by 2 lr either way)."""
+    runs = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(batch_size=12, cuda_graphs=graphs, amp=amp, tf32=False)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0, scan="chunked"),
+                                  optim=dataclasses.replace(cfg.optim, warmup_epochs=4))
+        cv = final_cv(prepared, cfg, device="cuda")
+        stats = []
+        for epoch in range(5):
+            cv.epoch = epoch
+            stats.append(cv.train_epoch(0))
+        graphed = cv.folds[0].graphed
+        if graphs:
+            assert graphed is not None and not graphed.failed and (graphed.replays, graphed.captures) == (3, 2)
+        runs.append((stats, [p.detach().clone() for p in cv.folds[0].model.parameters()]))
+    for eager, graphed_stats in zip(runs[0][0], runs[1][0]):
+        assert eager.keys() == graphed_stats.keys()
+        for key in eager:
+            assert graphed_stats[key] == pytest.approx(eager[key], rel=3e-2 if amp else 1e-3, abs=1e-5), key
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=5e-3)
+
+
+def test_graphed_forward_runs_the_model_itself_off_cuda():
+    from cfcml.graphs import GraphedForward
+
+    torch.manual_seed(0)
+    model = CFCML([ImageInput(3, 1, SIZE)], 2, (3,), 2, ModelConfig(**TINY_MODEL)).eval()
+    wrapped = GraphedForward(model, batch_size=2)
+    x = [torch.randn(2, 1, *SIZE)], torch.randn(2, 2), torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 1).long()
+    with torch.no_grad():
+        assert torch.equal(wrapped(*x).logits, model(*x).logits)
+    assert (wrapped.replays, wrapped.graph) == (0, None)
+    with pytest.raises(ValueError):
+        GraphedForward(model, batch_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_validation_gives_the_eager_probabilities(prepared):
+    """10 validation rows at batch 4: warm-up, capture + replay, then the ragged 2 rows eagerly."""
+    probs = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(batch_size=4, cuda_graphs=graphs)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan="chunked"))
+        cv = CrossValidation(prepared, [Split(*prepared.fold_frames(0))], cfg, device="cuda")
+        fold = cv.folds[0]
+        cv._prepare_step(fold)
+        probs.append(cv.predict(fold, fold.val_set))
+        if graphs:
+            assert fold.eval_graphed is not None and fold.eval_graphed.replays == 1
+    assert probs[0].shape == (10, 3)
+    torch.testing.assert_close(torch.from_numpy(probs[1]), torch.from_numpy(probs[0]), rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@
     --search NAME         conf/search/NAME.yaml;  --name NAME: the search's name
     --runs-dir DIR        Ray results, checkpoints and the default MLflow store
     --tracking-uri URI    MLflow (default $MLFLOW_TRACKING_URI or a SQLite store in --runs-dir)
-    --address ADDR        a Ray cluster ("auto" inside one); default: a local Ray
+    --address ADDR        a Ray cluster ("auto" inside one); default: $RAY_ADDRESS, else a local Ray
     --verbose             Ray's own log lines on the console
     --out PATH            where the command writes what it makes
 
@@ -48,7 +48,9 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", type=Path, default=PROJECT_ROOT / "runs",
                    help="where Ray results, checkpoints and the default MLflow store live")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or <runs-dir>/mlflow.db)")
-    p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start a local Ray")
+    p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster, 'local' for a new local Ray); "
+                                     "default: $RAY_ADDRESS if set (as ray.init does), else start a local Ray. "
+                                     "A host:port that does not answer within 5 s is an error")
     p.add_argument("--verbose", action="store_true", help="show Ray's own log lines (per-epoch checkpoint "
                    "messages, worker output)")
 

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from tuning.comparison import markdown, plan_comparison
-    from tuning.preflight import check_storage
+    from tuning.preflight import check_ray_address, check_storage
     from tuning.prepared import load_or_prepare
 
     args = parse_args(argv)
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             folds=args.folds, max_epochs=args.max_epochs, search=args.search, runs_dir=args.runs_dir,
             tracking_uri=args.tracking_uri, out=args.out, fold_seed=args.fold_seed, image_size=args.image_size,
             overrides=parse_set(args.set), address=args.address, verbose=args.verbose, name=args.name)
-        check_storage(plan.runs_dir, plan.tracking_uri)  # before the data is prepared or Ray starts
+        # before the data is prepared or Ray starts
+        check_storage(plan.runs_dir, plan.tracking_uri, experiment=f"cfcml-{plan.dataset}")
+        check_ray_address(plan.address)
         check_output_dir(plan.out_dir, what="--out")
         t = plan.base.train
         prepared = load_or_prepare(plan.dataset, plan.data_root, folds=t.folds, fold_seed=plan.fold_seed,
@@ -70,12 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from tuning.comparison import run_comparison
+    from tuning.lifecycle import disk_full_message
     from tuning.ray_runtime import ray_session
 
     print(f"comparing {', '.join(plan.variants)} on {plan.dataset}: {len(plan.seeds)} seed(s) x "
           f"{prepared.folds} folds x {plan.max_epochs} epochs")
-    with ray_session(plan.address, verbose=plan.verbose):
-        result = run_comparison(plan, prepared)
+    try:
+        with ray_session(plan.address, verbose=plan.verbose):
+            result = run_comparison(plan, prepared)
+    except Exception as exc:  # the comparison's runs are FAILED with the reason (tuning.lifecycle)
+        message = disk_full_message(exc, plan.runs_dir, next_step="run it again")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     print()
     print(markdown(result))
     print(f"written to {plan.out_dir} and MLflow run {result.run_id} in {time.time() - t0:.0f} s")

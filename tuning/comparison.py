@@ -114,8 +114,13 @@ def plan_comparison(dataset: str, data_root: str | Path | None = None, *, varian
     base = resolve_experiment(dataset, search_cfg, cli_overrides(overrides, max_epochs=max_epochs, folds=folds,
                                                                  image_size=image_size))
     runs = Path(runs_dir or DEFAULT_RUNS_DIR).resolve()
+    from tuning.preflight import check_name
+
+    if name is not None:
+        check_name(name, "--name", runs / "compare")
     tuned = None
     if from_search:
+        check_name(from_search, "--from-search")
         path = runs / "ray" / from_search / OUTCOME_FILE
         if not path.is_file():
             raise ConfigError(f"no finished search at {path.parent} ({OUTCOME_FILE} missing)", "--from-search")
@@ -127,7 +132,7 @@ def plan_comparison(dataset: str, data_root: str | Path | None = None, *, varian
         [v for v in VARIANTS if v != "cfcml_tuned" or tuned is not None]
     if "cfcml" not in names:
         names.insert(0, "cfcml")  # every difference is measured against it
-    name = name or f"{dataset}-{search_cfg.name}"
+    name = name or check_name(f"{dataset}-{search_cfg.name}", "--name (default <dataset>-<search>)", runs / "compare")
     return ComparisonPlan(
         dataset=dataset, name=name, variants=variant_configs(base, names, tuned), seeds=tuple(range(seeds)),
         data_root=Path(data_root or PROJECT_ROOT / "data" / dataset).resolve(), runs_dir=runs,
@@ -379,15 +384,9 @@ def run_comparison(plan: ComparisonPlan, prepared: PreparedDataset) -> Compariso
     """Train every variant x seed as Ray trials, aggregate, write the outputs and a `comparison`
     MLflow run. Ray must be running (`tuning.ray_runtime.ray_session`)."""
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
     from cfcml.metrics import selection_key
-    from cfcml.oracle import oracle_scores
-    from cfcml.training import frame_probs
-    from tuning.checkpoints import open_checkpoint
-    from tuning.driver import trial_concurrency
-    from tuning.ray_runtime import scoped_env
-    from tuning.tracking import SearchTracker, default_tracking_uri, experiment_id, git_commit, log_metrics, log_params
+    from tuning.tracking import default_tracking_uri, experiment_id, git_commit
 
     spec = prepared.spec
     metric = selection_key(spec.task, len(spec.classes), spec.selection_metric, plan.base.train.selection_metric)
@@ -399,8 +398,25 @@ def run_comparison(plan: ComparisonPlan, prepared: PreparedDataset) -> Compariso
         "cfcml.kind": "comparison", "cfcml.dataset": plan.dataset, "cfcml.dataset_fingerprint": prepared.fingerprint,
         "mlflow.source.git.commit": git_commit(), "cfcml.search": f"compare/{plan.name}",
     }).info.run_id
-    from tuning.tracking import log_provenance  # issue 10: the shared source tags + dataset input
+    from tuning.lifecycle import owned_run
 
+    # The comparison run and its variant runs end FINISHED, FAILED or KILLED however this ends.
+    with owned_run(client, run_id, children=True):
+        return _compare(plan, prepared, client, run_id, exp_id, tracking_uri, metric)
+
+
+def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: Any, run_id: str, exp_id: str,
+             tracking_uri: str, metric: str) -> ComparisonResult:
+    from ray import tune
+
+    from cfcml.oracle import oracle_scores
+    from cfcml.training import frame_probs
+    from tuning.checkpoints import open_checkpoint
+    from tuning.driver import trial_concurrency
+    from tuning.ray_runtime import scoped_env
+    from tuning.tracking import SearchTracker, log_metrics, log_params, log_provenance
+
+    spec = prepared.spec
     log_provenance(client, run_id, prepared)
     log_params(client, run_id, {"variants": ",".join(plan.variants), "seeds": len(plan.seeds),
                                 "epochs": plan.max_epochs, "folds": prepared.folds, "fold_seed": prepared.fold_seed,
@@ -424,6 +440,10 @@ def run_comparison(plan: ComparisonPlan, prepared: PreparedDataset) -> Compariso
     )
     with scoped_env(RAY_AIR_NEW_OUTPUT="0"):
         results = tuner.fit()
+    from tuning.lifecycle import end_children
+
+    # Ctrl-C: Tune returns with the running trials marked terminated, without the tracker's end of trial
+    end_children(client, exp_id, run_id, "KILLED", "the comparison stopped before this trial ended (Ctrl-C)")
 
     test = prepared.test_frame()  # read once, after every model has finished training
     trials, failed = [], []
@@ -462,5 +482,10 @@ def run_comparison(plan: ComparisonPlan, prepared: PreparedDataset) -> Compariso
     log_metrics(client, run_id, values)
     for path in paths:
         client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, "FINISHED" if not failed else "FAILED")
+    if failed:
+        from tuning.lifecycle import end_run
+
+        end_run(client, run_id, "FAILED", f"{len(failed)} trial(s) failed: " + "; ".join(failed))
+    else:
+        client.set_terminated(run_id, "FINISHED")
     return result

@@ -101,6 +101,7 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
     is reused rather than duplicated; a finished one (a search folder deleted to start over) is not."""
     from mlflow.tracking import MlflowClient
 
+    from tuning.lifecycle import ends_on_error
     from tuning.tracking import experiment_id, find_run, git_commit, log_params, log_provenance, write_json_artifact
 
     client = MlflowClient(tracking_uri)
@@ -116,20 +117,21 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
             "cfcml.dataset_fingerprint": prepared.fingerprint, "mlflow.source.git.commit": commit,
         }).info.run_id
     state = SearchState(parent_id, tracking_uri, exp_id, run.settings(prepared.fingerprint))
-    state.save(run.search_dir)
-    log_provenance(client, state.parent_run_id, prepared)
-    t = run.experiment.train
-    log_params(client, state.parent_run_id, {
-        "search": run.search.name, "num_samples": run.num_samples, "max_epochs": run.max_epochs,
-        "folds": t.folds, "fold_seed": prepared.fold_seed, "seed": t.seed, "metric": metric,
-        "dataset_fingerprint": prepared.fingerprint, "git_commit": commit, "workers": t.workers,
-        "gpus_per_worker": t.gpus_per_worker,
-    })
-    write_json_artifact(client, state.parent_run_id, {
-        "search": {k: v for k, v in asdict(run.search).items() if k != "space"},
-        "space": [asdict(p) for p in run.search.space],
-        "experiment": run.experiment.to_dict(),
-    }, "search_config.json")
+    with ends_on_error(client, parent_id):  # a failure from here on leaves the run FAILED, not RUNNING
+        state.save(run.search_dir)
+        log_provenance(client, state.parent_run_id, prepared)
+        t = run.experiment.train
+        log_params(client, state.parent_run_id, {
+            "search": run.search.name, "num_samples": run.num_samples, "max_epochs": run.max_epochs,
+            "folds": t.folds, "fold_seed": prepared.fold_seed, "seed": t.seed, "metric": metric,
+            "dataset_fingerprint": prepared.fingerprint, "git_commit": commit, "workers": t.workers,
+            "gpus_per_worker": t.gpus_per_worker,
+        })
+        write_json_artifact(client, state.parent_run_id, {
+            "search": {k: v for k, v in asdict(run.search).items() if k != "space"},
+            "space": [asdict(p) for p in run.search.space],
+            "experiment": run.experiment.to_dict(),
+        }, "search_config.json")
     return state
 
 
@@ -155,21 +157,36 @@ def search_algorithms(run: SearchRun, target: str) -> tuple[Any, Any]:
     return searcher, scheduler
 
 
-def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
-    """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C."""
+def run_search(run: SearchRun, prepared: PreparedDataset, callbacks: list | None = None) -> SearchOutcome:
+    """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C.
+    `callbacks`: more Tune callbacks (e.g. `tuning.lifecycle.DiskGuard`) for a new search.
+    However it ends, the parent run and its trial runs are left FINISHED, FAILED or KILLED with
+    the reason as a tag (`tuning.lifecycle`)."""
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
-    from tuning.ray_runtime import scoped_env
-    from tuning.tracking import SearchTracker, dataset_entity, default_tracking_uri, log_metrics, write_json_artifact
+    from tuning.lifecycle import owned_run, reopen_run
+    from tuning.tracking import default_tracking_uri
 
-    spec = prepared.spec
-    metric = run.metric(spec)
+    metric = run.metric(prepared.spec)
     state = SearchState.load(run.search_dir) if run.resume else None
     if state is None:
         state = _start_parent(run, prepared, run.tracking_uri or default_tracking_uri(run.runs_dir), metric)
     client = MlflowClient(state.tracking_uri)
-    client.update_run(state.parent_run_id, status="RUNNING")
+    reopen_run(client, state.parent_run_id)
+    # The parent run and its trial runs end FINISHED, FAILED or KILLED however this ends.
+    with owned_run(client, state.parent_run_id, children=True):
+        return _run_tuner(run, prepared, state, client, metric, callbacks or [])
+
+
+def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, client: Any,
+               metric: str, callbacks: list) -> SearchOutcome:
+    from ray import tune
+
+    from tuning.lifecycle import end_children, end_run
+    from tuning.ray_runtime import scoped_env
+    from tuning.tracking import SearchTracker, dataset_entity, log_metrics, write_json_artifact
+
+    spec = prepared.spec
 
     # ASHA, Optuna and the choice of the best trial all act on the trial's maximum over its epochs
     # so far (`selected_key`), the figure the platform selects on (docs/evaluation.md). Ray Train
@@ -194,7 +211,7 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
                 metric=target, mode="max", search_alg=searcher, scheduler=scheduler,
                 num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run.experiment.train),
             ),
-            run_config=tune.RunConfig(name=run.name, storage_path=str(run.storage), callbacks=[tracker],
+            run_config=tune.RunConfig(name=run.name, storage_path=str(run.storage), callbacks=[tracker, *callbacks],
                                       progress_reporter=reporter, verbose=1),
         )
     # RAY_AIR_NEW_OUTPUT=0: Tune's classic table reporter (the CLIReporter above).
@@ -206,7 +223,10 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
     finished = finished_trials(run.search_dir)
     if finished < run.num_samples:
         # Ctrl-C: Tune saved its state (unfinished trials as they were), stopped them and returned.
-        client.set_terminated(state.parent_run_id, "KILLED")
+        reason = f"interrupted with {finished} of {run.num_samples} trials finished; --resume continues it"
+        end_run(client, state.parent_run_id, "KILLED", reason)
+        # Tune marks the interrupted trials terminated without calling the tracker's end of trial
+        end_children(client, state.experiment_id, state.parent_run_id, "KILLED", reason)
         raise SearchInterrupted(f"search {run.name!r} interrupted with {finished} of {run.num_samples} trials "
                                 f"finished; continue it with the same command plus --resume")
     outcome = SearchOutcome(
@@ -221,7 +241,10 @@ def run_search(run: SearchRun, prepared: PreparedDataset) -> SearchOutcome:
         client.set_tag(state.parent_run_id, "cfcml.best_trial", best.trial_id)
         client.set_tag(state.parent_run_id, "cfcml.selected_figures", SELECTED_NOTE)
         write_json_artifact(client, state.parent_run_id, best.to_dict(), "best_configuration.json")
-    client.set_terminated(state.parent_run_id, "FINISHED" if best else "FAILED")
+    if best:
+        client.set_terminated(state.parent_run_id, "FINISHED")
+    else:
+        end_run(client, state.parent_run_id, "FAILED", "no trial reported a score")
     return outcome
 
 

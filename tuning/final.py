@@ -12,21 +12,77 @@ no test evaluation happens then.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cfcml.data.manifest import PreparedDataset
 from tuning.outcome import SELECTED_NOTE, SearchOutcome, TrialResult, published_cv
 
+REGISTERED_TAG = "cfcml.registered_version"
 
-def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: PreparedDataset) -> tuple[str, bool]:
+
+def registered_version(client: Any, run_id: str, model_name: str,
+                       tags: dict[str, str] | Callable[[str], dict[str, str]] | None = None) -> str | None:
+    """The registry's version of `run_id`'s model under `model_name`, read from the registry (the
+    run's `cfcml.registered_version` tag only says that one was registered once).
+
+    A version deleted from the registry (the model or the version, e.g. in the UI) is found again
+    if another version of the same run remains, else the run's logged model (`runs:/<id>/model`)
+    is registered again, tagged with `tags`; both are said on the console. Returns None when the
+    run has no registration to restore (never registered, or no logged model left): the caller
+    then trains and registers it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from tuning.tracking import filter_literal
+
+    tagged = client.get_run(run_id).data.tags.get(REGISTERED_TAG)
+    if tagged is None:
+        return None
+    try:
+        if client.get_model_version(model_name, tagged).run_id == run_id:
+            return tagged
+    except MlflowException:
+        pass
+    versions = client.search_model_versions(
+        f"name = {filter_literal(model_name)} and run_id = {filter_literal(run_id)}")
+    if versions:
+        version = str(max(int(v.version) for v in versions))
+        print(f"{model_name} version {tagged} of run {run_id} is not in the registry; version {version} of the "
+              f"same run is")
+    else:
+        print(f"{model_name} version {tagged} of run {run_id} is gone from the registry (deleted); registering "
+              f"the run's logged model again")
+        import mlflow
+
+        try:
+            mlflow.set_tracking_uri(client.tracking_uri)
+            version = str(mlflow.register_model(f"runs:/{run_id}/model", model_name).version)
+        except MlflowException as exc:
+            print(f"the run's logged model cannot be registered ({exc.message.splitlines()[0][:200]}); "
+                  f"training and registering it again")
+            return None
+        for key, value in ((tags(run_id) if callable(tags) else tags) or {}).items():
+            client.set_model_version_tag(model_name, version, key, value)
+    client.set_tag(run_id, REGISTERED_TAG, version)
+    return version
+
+
+def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: PreparedDataset,
+               tags: dict[str, str] | Callable[[str], dict[str, str]] | None = None) -> tuple[str, bool]:
     """The search's `kind` run (final / cv-ensemble): reused if it exists, with its source tags and
-    the prepared dataset as input. Returns (run id, done)."""
+    the prepared dataset as input. Returns (run id, done): done when the registry holds its model
+    (`registered_version`, which registers a deleted one again with `tags`)."""
     from tuning.tracking import find_run, log_provenance
 
     run_id = find_run(client, outcome.experiment_id, **{"cfcml.search": outcome.search_dir, "cfcml.kind": kind})
     if run_id is not None:
-        done = client.get_run(run_id).data.tags.get("cfcml.registered_version") is not None
+        done = registered_version(client, run_id, f"cfcml-{outcome.dataset}", tags) is not None
+        if not done:
+            from tuning.lifecycle import reopen_run
+
+            reopen_run(client, run_id)
         return run_id, done
     run = client.create_run(outcome.experiment_id, run_name=kind, tags={
         "mlflow.parentRunId": outcome.parent_run_id, "cfcml.search": outcome.search_dir, "cfcml.kind": kind,
@@ -54,6 +110,31 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
     fields, and anyone who can read the MLflow store can see them."""
     from mlflow.tracking import MlflowClient
 
+    from tuning.lifecycle import owned_run
+
+    best = outcome.best
+    if best is None or best.experiment is None:
+        print("no best configuration: nothing to retrain")
+        return {}
+    client = MlflowClient(outcome.tracking_uri)
+
+    def tags_from_run(run_id: str) -> dict[str, str]:  # the version tags, if it is registered again
+        metrics = client.get_run(run_id).data.metrics
+        return {**_cv_tags(best, outcome.metric), "stage": "final",
+                **{k: f"{v:.4f} [{metrics.get(k + '_ci_low', float('nan')):.4f}, "
+                      f"{metrics.get(k + '_ci_high', float('nan')):.4f}]"
+                   for k, v in metrics.items() if k.startswith("test_") and not k.endswith(("_ci_low", "_ci_high"))}}
+
+    run_id, done = _child_run(client, outcome, "final", prepared, tags_from_run)
+    if done:
+        print(f"final model already trained and registered (run {run_id}); nothing to do")
+        return {"run_id": run_id}
+    with owned_run(client, run_id):  # FINISHED, or FAILED/KILLED with the reason, never left RUNNING
+        return _train_final(client, run_id, prepared, outcome, best, storage, explain)
+
+
+def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, best: TrialResult,
+                 storage: str | Path, explain: bool) -> dict[str, Any]:
     from cfcml.config import flatten_dict
     from cfcml.metrics import bootstrap_ci, plot_confusion, plot_roc
     from cfcml.training import frame_probs
@@ -62,20 +143,15 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
     from tuning.tracking import TrainRunTracker, log_figure, log_metrics, log_params
     from tuning.trainer import TrainJob, fit
 
-    best = outcome.best
-    if best is None or best.experiment is None:
-        print("no best configuration: nothing to retrain")
-        return {}
-    client = MlflowClient(outcome.tracking_uri)
-    run_id, done = _child_run(client, outcome, "final", prepared)
-    if done:
-        print(f"final model already trained and registered (run {run_id}); nothing to do")
-        return {"run_id": run_id}
     print(f"\n=== final model: best configuration retrained on all {len(prepared.dev_frame())} development "
           f"patients for {best.epoch} epochs, then tested once on {len(prepared.test_frame())} held-out patients ===")
     log_params(client, run_id, {**flatten_dict(best.experiment.to_dict()), "final_epochs": best.epoch})
+    from tuning.state_files import repair_train_snapshots
+
     job = TrainJob(best.experiment, str(prepared.out_dir), best.epoch, final=True, predict_test=True)
-    result = fit(job, name=f"final_{Path(outcome.search_dir).name}_{best.trial_id}",
+    name = f"final_{Path(outcome.search_dir).name}_{best.trial_id}"
+    repair_train_snapshots([Path(storage) / "train" / name])  # a rerun after a full disk or a crash
+    result = fit(job, name=name,
                  storage_path=str(Path(storage) / "train"), metric=None,
                  callbacks=[TrainRunTracker(outcome.tracking_uri, run_id)])  # per-epoch loss, system metrics
     with open_checkpoint(result.checkpoint.path) as ckpt:
@@ -172,19 +248,27 @@ def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> d
     """Register the best trial's fold models (its selected epoch) as one averaged ensemble."""
     from mlflow.tracking import MlflowClient
 
-    from tuning.checkpoints import open_checkpoint
-    from tuning.served_model import log_and_register
-    from tuning.tracking import log_metrics
+    from tuning.lifecycle import owned_run
 
     best = outcome.best
     if best is None or not best.checkpoint_path or best.experiment is None:
         print("no best checkpoint: nothing to register")
         return {}
     client = MlflowClient(outcome.tracking_uri)
-    run_id, done = _child_run(client, outcome, "cv-ensemble", prepared)
+    run_id, done = _child_run(client, outcome, "cv-ensemble", prepared,
+                              {**_cv_tags(best, outcome.metric), "stage": "cv-ensemble"})
     if done:
         return {"run_id": run_id}
+    with owned_run(client, run_id):
+        return _register_cv_ensemble(client, run_id, prepared, outcome, best)
+
+
+def _register_cv_ensemble(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome,
+                          best: TrialResult) -> dict[str, Any]:
+    from tuning.checkpoints import open_checkpoint
     from tuning.clinical import best_trial_calibrator
+    from tuning.served_model import log_and_register
+    from tuning.tracking import log_metrics
 
     with open_checkpoint(best.checkpoint_path) as ckpt:
         members = ckpt.fold_weights()

@@ -55,8 +55,10 @@ def quiet_logs(verbose: bool) -> None:
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False) -> Iterator[Any]:
-    """Ray for the duration of the block: joins `address` (a cluster, "auto") or starts a local Ray,
-    and shuts down only what it started. An already initialised Ray (a test's) is used as it is.
+    """Ray for the duration of the block: joins `address` (a cluster, "auto"), else the cluster
+    $RAY_ADDRESS names (as `ray.init()` does; "local" = start one), else starts a local Ray, and
+    shuts down only what it started. An already initialised Ray (a test's) is used as it is.
+    `tuning.preflight.check_ray_address` checks that address answers before any work starts.
 
     verbose: forward the workers' logs to this console (Ray Train's per-epoch lines among them).
     """
@@ -69,10 +71,14 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, verb
         yield ray
         return
     level = logging.INFO if verbose else logging.WARNING
+    from tuning.preflight import ray_address_choice
+
+    address = ray_address_choice(address)[0]
     if address:
         ray.init(address=address, log_to_driver=verbose, logging_level=level)
     else:
-        ray.init(**local_init_kwargs(num_cpus, verbose), logging_level=level)
+        # address="local": a new local Ray even when $RAY_ADDRESS is set (ray.init would join it)
+        ray.init(address="local", **local_init_kwargs(num_cpus, verbose), logging_level=level)
     try:
         yield ray
     finally:

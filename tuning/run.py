@@ -165,13 +165,19 @@ class SearchRun:
             check_space(search_cfg.space, experiment, f"{search_path(search)} (with --set and the flags):")
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"--num-samples: expected a positive integer, got {num_samples}")
+        from tuning.preflight import check_name
+
+        runs = Path(runs_dir or DEFAULT_RUNS_DIR).resolve()
+        # a folder, a Tune experiment and a value in MLflow filters: checked before anything starts
+        name = check_name(name if name is not None else f"{dataset}-{search_cfg.name}",
+                          "--name" if name is not None else "--name (default <dataset>-<search>)", runs / "ray")
         return cls(
             dataset=dataset,
             search=search_cfg,
             experiment=experiment,
             data_root=Path(data_root or PROJECT_ROOT / "data" / dataset).resolve(),
-            runs_dir=Path(runs_dir or DEFAULT_RUNS_DIR).resolve(),
-            name=name or f"{dataset}-{search_cfg.name}",
+            runs_dir=runs,
+            name=name,
             num_samples=num_samples or search_cfg.num_samples,
             fold_seed=fold_seed,
             tracking_uri=tracking_uri,

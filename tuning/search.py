@@ -20,6 +20,7 @@ from cfcml.config import ConfigError
 from cfcml.data.validation import DatasetValidationError
 from tuning import cli_args
 from tuning.driver import STATE_FILE, SearchState
+from tuning.outcome import SearchOutcome
 from tuning.run import SearchRun, parse_set
 
 
@@ -81,8 +82,10 @@ def check_resume(run: SearchRun, state: SearchState, fingerprint: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuning.preflight import check_storage
+    from cfcml.data.spec import load_dataset_spec
+    from tuning.preflight import check_free_space, check_ray_address, check_storage, model_parameters, search_bytes
     from tuning.prepared import load_or_prepare
+    from tuning.state_files import check_resume_state
 
     args = parse_args(argv)
     t_start = time.time()
@@ -94,12 +97,23 @@ def main(argv: list[str] | None = None) -> int:
         if run.resume and not run.search_dir.exists():
             raise ConfigError(f"--resume: no search named {run.name!r} under {run.storage}")
         # Where results go, before the data is prepared and Ray starts (a resumed search keeps its store).
+        if run.resume:  # state files a full disk or a crash cut short: named, or moved aside
+            check_resume_state(run.search_dir, run.storage / "train", STATE_FILE)
         state = SearchState.load(run.search_dir) if run.resume else None
+        experiment = f"cfcml-{run.dataset}"
         if state is not None:
-            check_storage(run.runs_dir, state.tracking_uri, source=f"{run.search_dir / STATE_FILE}: tracking_uri")
+            check_storage(run.runs_dir, state.tracking_uri, source=f"{run.search_dir / STATE_FILE}: tracking_uri",
+                          experiment=experiment)
         else:
-            check_storage(run.runs_dir, run.tracking_uri)
+            check_storage(run.runs_dir, run.tracking_uri, experiment=experiment)
+        check_ray_address(run.address)
         t = run.experiment.train
+        # Room for the checkpoints, before the data is prepared (the dataset file's spec at the
+        # search's image size builds the network whose size the estimate needs). A resumed search
+        # has its finished trials' checkpoints on disk already: room for one more.
+        parameters = model_parameters(run.experiment, load_dataset_spec(run.dataset, t.image_size))
+        needed = search_bytes(parameters, t.folds, 1 if run.resume else run.num_samples)
+        check_free_space(run.runs_dir, needed)
         prepared = load_or_prepare(run.dataset, run.data_root, folds=t.folds, fold_seed=run.fold_seed,
                                    image_size=t.image_size)
         run.metric(prepared.spec)  # a selection metric the task lacks fails here, before Ray starts
@@ -114,37 +128,56 @@ def main(argv: list[str] | None = None) -> int:
 
     from tuning.driver import SearchInterrupted, run_search
     from tuning.final import register_cv_ensemble, train_final
+    from tuning.lifecycle import DiskGuard, disk_full_message, release_reserves, reserve_space
+    from tuning.preflight import checkpoint_bytes, tracking_uri_choice
     from tuning.ray_runtime import ray_session
     from tuning.report import print_summary
     from tuning.search_report import write_report
     from tuning.tracking import ui_url
 
-    with ray_session(run.address, verbose=run.verbose):
-        try:
-            outcome = run_search(run, prepared)
-        except SearchInterrupted as exc:
-            print(f"\n{exc}", file=sys.stderr)
-            return 130
-        print_summary(outcome, time.time() - t_start)
-        if outcome.best is None:  # every trial failed: nothing to retrain, register or report
-            from tuning.tracking import reason_line
-
-            reasons = sorted({reason_line(t.error) for t in outcome.trials})
-            print(f"error: no trial of search {run.name!r} produced a score ({len(outcome.trials)} trial(s) "
-                  f"failed: {'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})", file=sys.stderr)
-            return 1
-        if run.final:
-            from cfcml.training import TrainingDiverged
-
+    # Room for MLflow to record the runs' end should the disk fill up (released then), and a
+    # guard that stops the search while one more checkpoint still fits.
+    reserve_space(run.runs_dir)
+    store = tracking_uri_choice(state.tracking_uri if state else run.tracking_uri, run.runs_dir)[0]
+    if store.startswith("sqlite:///") and Path(store[len("sqlite:///"):]).parent != run.runs_dir:
+        reserve_space(Path(store[len("sqlite:///"):]).parent)
+    guard = DiskGuard(run.runs_dir, checkpoint_bytes(parameters, t.folds) + 2**20)
+    try:
+        with ray_session(run.address, verbose=run.verbose):
             try:
-                final = train_final(prepared, outcome, storage=run.storage, explain=run.explain_test_patients)
-            except TrainingDiverged as exc:  # the best configuration diverged on all development data
-                print(f"error: final model: {exc}", file=sys.stderr)
+                outcome = run_search(run, prepared, callbacks=[guard])
+            except SearchInterrupted as exc:
+                print(f"\n{exc}", file=sys.stderr)
+                return 130
+            print_summary(outcome, time.time() - t_start)
+            stop_on_full_disk(outcome)
+            if outcome.best is None:  # every trial failed: nothing to retrain, register or report
+                from tuning.tracking import reason_line
+
+                reasons = sorted({reason_line(t.error) for t in outcome.trials})
+                print(f"error: no trial of search {run.name!r} produced a score ({len(outcome.trials)} trial(s) "
+                      f"failed: {'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})", file=sys.stderr)
                 return 1
-        else:
-            register_cv_ensemble(prepared, outcome)
-            final = None
-    report = write_report(outcome, prepared, run.search, final)
+            if run.final:
+                from cfcml.training import TrainingDiverged
+
+                try:
+                    final = train_final(prepared, outcome, storage=run.storage, explain=run.explain_test_patients)
+                except TrainingDiverged as exc:  # the best configuration diverged on all development data
+                    print(f"error: final model: {exc}", file=sys.stderr)
+                    return 1
+            else:
+                register_cv_ensemble(prepared, outcome)
+                final = None
+        report = write_report(outcome, prepared, run.search, final)
+    except Exception as exc:
+        message = disk_full_message(exc, run.runs_dir, needed)
+        if message is None:
+            raise
+        print(f"\nerror: {message}", file=sys.stderr)  # the runs are FAILED with the reason (tuning.lifecycle)
+        return 1
+    finally:
+        release_reserves()
     print(f"\nreport: {report} (also on the parent run)")
     if final and final.get("evidence") is not None:  # what a clinical reader looks for first
         from tuning.clinical import calibration_table, operating_table
@@ -162,6 +195,26 @@ def main(argv: list[str] | None = None) -> int:
     elif outcome.tracking_uri.startswith(("http://", "https://")):
         print(f"Runs: {ui_url(outcome.experiment_id, outcome.tracking_uri.rstrip('/'))}")
     return 0
+
+
+def stop_on_full_disk(outcome: SearchOutcome) -> None:
+    """Trials that failed on a full disk (their checkpoints could not be written) make the search's
+    result incomplete: its parent run is FAILED with the reason and an OSError(ENOSPC) raised,
+    rather than a final model trained from the trials that happened to fit. --resume reruns them."""
+    import errno
+
+    from mlflow.tracking import MlflowClient
+
+    from tuning.lifecycle import end_run, is_disk_full, release_reserves
+
+    full = next((t.error for t in outcome.trials if t.error and is_disk_full(RuntimeError(t.error))), None)
+    if full is None:
+        return
+    line = next((x.strip() for x in reversed(full.splitlines()) if x.strip()), full)[:300]
+    release_reserves()
+    end_run(MlflowClient(outcome.tracking_uri), outcome.parent_run_id, "FAILED", f"disk full: a trial failed: {line}",
+            only_running=False)
+    raise OSError(errno.ENOSPC, f"a trial could not write to the disk: {line}")
 
 
 if __name__ == "__main__":

@@ -138,9 +138,46 @@ def ui_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
     return f"{host}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def filter_literal(value: str) -> str:
+    """`value` as a string literal of an MLflow filter string (runs, model versions, experiments).
+
+    MLflow's parser (`mlflow.utils.search_utils`, checked with MLflow 3.x) has no escape character:
+    it takes a value between one pair of single or double quotes as it is. So a value without an
+    apostrophe is single-quoted, one with an apostrophe double-quoted; a value with both has no
+    literal and raises ValueError (`tag_filter` matches such a value with LIKE instead).
+    Backslashes, spaces and backticks need nothing.
+    """
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both quote characters: no MLflow filter literal can hold it")
+
+
+def tag_filter(**tags: str) -> str:
+    """A filter string matching runs whose tags equal `tags` (dotted keys welcome), every value
+    quoted by `filter_literal`: the one place values enter a runs filter. A value holding both
+    quote characters becomes a LIKE pattern with `_` for each quote, which can match more runs:
+    callers keep only exact matches (`find_run` does)."""
+    clauses = []
+    for key, value in tags.items():
+        try:
+            clauses.append(f"tags.`{key}` = {filter_literal(value)}")
+        except ValueError:
+            pattern = str(value).replace("'", "_").replace('"', "_")
+            clauses.append(f"tags.`{key}` LIKE {filter_literal(pattern)}")
+    return " and ".join(clauses)
+
+
+def find_runs(client: MlflowClient, exp_id: str, **tags: str) -> list[Any]:
+    """Runs of `exp_id` whose tags equal `tags` exactly (any value, apostrophes and quotes included)."""
+    runs = client.search_runs([exp_id], filter_string=tag_filter(**tags), max_results=1000)
+    return [r for r in runs if all(r.data.tags.get(k) == str(v) for k, v in tags.items())]
+
+
 def find_run(client: MlflowClient, exp_id: str, **tags: str) -> str | None:
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([exp_id], filter_string=query, max_results=2)
+    runs = find_runs(client, exp_id, **tags)
     return runs[0].info.run_id if runs else None
 
 
@@ -273,7 +310,9 @@ class SearchTracker(Callback):
             if self.dataset is not None:
                 log_provenance(client, run_id, self.dataset)
         else:  # resumed: continue the same run after the last epoch it holds
-            client.update_run(run_id, status="RUNNING")
+            from tuning.lifecycle import reopen_run
+
+            reopen_run(client, run_id)
             history = client.get_metric_history(run_id, "epoch")
             self._last_epoch[tid] = int(max((m.value for m in history), default=0))
         log_params(client, run_id, {k: v for k, v in trial.config.items()})
@@ -355,6 +394,11 @@ class SearchTracker(Callback):
                 self._log_plots(client, run_id, source)
             except Exception as exc:  # a missing plot must not fail the search
                 client.set_tag(run_id, "cfcml.plot_error", repr(exc)[:500])
+        if status != "FINISHED":
+            from tuning.lifecycle import END_REASON_TAG
+
+            error = getattr(trial, "error_file", None) or getattr(trial, "local_path", None) or "its logs"
+            client.set_tag(run_id, END_REASON_TAG, f"the trial raised an error; see {error}"[:5000])
         client.set_terminated(run_id, status)
 
     def _finish_line(self, trial: Any, status: str) -> str:

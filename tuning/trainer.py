@@ -194,6 +194,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     restored: dict[str, Any] = {}  # the restored epoch's metrics, re-sent with the first report
     skipped: list[str] = []  # damaged checkpoints passed over, reported with the first epoch
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("run_dir"):
+        # Ray Train's snapshot was damaged and moved aside (tuning.state_files): its checkpoint
+        # folders are still there; continue from the newest intact one.
+        found = sorted(Path(config["run_dir"]).glob("checkpoint_*"))
+        ckpt = ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
     if ckpt is not None:  # a restarted worker group (or a resumed search) continues where it stopped
         with ckpt.as_directory() as d:
             reader = restorable(d, log=skipped.append)
@@ -292,7 +297,9 @@ def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbac
     failure.unlink(missing_ok=True)  # a rerun (a resumed search) starts without the last run's verdict
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "failure_file": str(failure)},
+        # run_dir: where this run's checkpoint folders are, should Ray Train's snapshot be lost
+        train_loop_config={"job": job, "failure_file": str(failure),
+                           "run_dir": None if "://" in storage_path else str(Path(storage_path) / name)},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,

@@ -8,6 +8,8 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from tuning.tracking import tag_filter
+
 EXPERIMENT = "cfcml-men"
 
 
@@ -18,7 +20,7 @@ def runs(uri: str, kind: str) -> list[Any]:
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
             return []
-        return client.search_runs([exp.experiment_id], filter_string=f"tags.`cfcml.kind` = '{kind}'")
+        return client.search_runs([exp.experiment_id], filter_string=tag_filter(**{"cfcml.kind": kind}))
     except Exception:  # the SQLite store does not exist yet or is being migrated
         return []
 

@@ -1,5 +1,7 @@
 """Ctrl-C in the middle of a search, then --resume: finished trials are not rerun, the
-interrupted one continues from its last checkpoint, and its MLflow run continues (no duplicates)."""
+interrupted one continues from its last checkpoint, and its MLflow run continues (no duplicates).
+Its Ray Train snapshot is cut short in between (what a full disk leaves): the resume names it, moves
+it aside and the trial still continues from its checkpoint folders."""
 from __future__ import annotations
 
 import json
@@ -30,7 +32,7 @@ def _epochs_logged(uri: str) -> int:
         return 0
 
 
-def test_interrupt_then_resume(ray_local, men_prepared, tmp_path: Path) -> None:
+def test_interrupt_then_resume(ray_local, men_prepared, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
             "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--num-samples", "2",
@@ -54,9 +56,21 @@ def test_interrupt_then_resume(ray_local, men_prepared, tmp_path: Path) -> None:
     exp = client.get_experiment_by_name("cfcml-men")
     (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'search'")
     assert parent.info.status == "KILLED"
+    assert parent.data.tags["cfcml.end_reason"].startswith("interrupted with ")
     assert not client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'cv-ensemble'")
+    trials = client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'trial'")
+    assert trials and all(r.info.status in ("FINISHED", "KILLED") for r in trials)  # none left RUNNING
 
+    # every Ray Train snapshot cut short, as a disk that filled up while writing them leaves them
+    snapshots = sorted((tmp_path / "runs" / "ray" / "train").glob("trial_*/checkpoint_manager_snapshot.json"))
+    assert snapshots
+    for snapshot in snapshots:
+        snapshot.write_text(snapshot.read_text()[:20])
+    capsys.readouterr()
     assert search_main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    for snapshot in snapshots:
+        assert f"warning: {snapshot} is damaged (" in out
 
     trials = client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'trial'")
     assert len(trials) == 2  # the same runs, continued

@@ -13,22 +13,27 @@ from mlflow.tracking import MlflowClient
 from cfcml.calibration import apply_temperature
 from tuning.clinical import fit_from_oof
 from tuning.search import main as search_main
+from tuning.tracking import tag_filter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def _runs(client: MlflowClient, exp_id: str, kind: str):
-    return client.search_runs([exp_id], filter_string=f"tags.`cfcml.kind` = '{kind}'")
+    return client.search_runs([exp_id], filter_string=tag_filter(**{"cfcml.kind": kind}))
 
 
 def _inputs(run) -> list[tuple[str, str]]:
     return [(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs]
 
 
-def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_path: Path) -> None:
+def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # an apostrophe in the name and in --runs-dir: both land in MLflow filter strings
+    runs_dir = tmp_path / "it's runs"
     args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
-            "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri, "--folds", "2", "--explain-test-patients"]
+            "--runs-dir", str(runs_dir), "--tracking-uri", uri, "--folds", "2", "--name", "it's mine",
+            "--explain-test-patients"]
     assert search_main(args) == 0
 
     client = MlflowClient(uri)
@@ -144,3 +149,17 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
 
     # Without --resume an existing search name is refused rather than overwritten.
     assert search_main(args) == 2
+
+    # The registered model deleted after the search: the final step reads the registry, not its
+    # tag, and registers the final run's logged model again (no retraining); predict works again.
+    from pipelines.train_final import main as final_main
+
+    client.delete_registered_model("cfcml-men")
+    capsys.readouterr()
+    assert final_main(["--dataset", "men", "--name", "it's mine", "--runs-dir", str(runs_dir)]) == 0
+    assert "gone from the registry (deleted); registering the run's logged model again" in capsys.readouterr().out
+    (version,) = client.search_model_versions("name = 'cfcml-men'")
+    assert version.run_id == final.info.run_id and version.tags["stage"] == "final"
+    probs_again = mlflow.pyfunc.load_model("models:/cfcml-men/latest").predict(rows)
+    np.testing.assert_allclose(probs_again.to_numpy(), probs.to_numpy(), rtol=1e-5)
+    assert all(r.info.status == "FINISHED" for r in client.search_runs([exp.experiment_id]))

@@ -208,6 +208,60 @@ def test_a_parent_run_left_without_a_state_file_is_reused_not_duplicated(client:
     assert _start_parent(run, prepared, client.tracking_uri, "cv_macro_auc").parent_run_id != orphan.info.run_id
 
 
+VALUES = ["it's mine", 'the "best" one', "a'b\"c", "back\\slash", "/tmp/it's/runs/ray/x", "50% of_it's \"all\"",
+          "tick`s", "plain"]
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_a_run_is_found_by_any_tag_value_quotes_and_wildcards_included(client: MlflowClient, value: str) -> None:
+    from tuning.tracking import find_run, find_runs
+
+    exp = client.create_experiment(f"quoting-{VALUES.index(value)}")
+    wanted = client.create_run(exp, tags={"cfcml.search": value, "cfcml.kind": "search"}).info.run_id
+    # look-alikes: what a LIKE pattern or a lost quote would also match
+    for other in {value.replace("'", "_").replace('"', "_"), value.replace("'", ""), value + "x", value.upper()}:
+        if other != value:
+            client.create_run(exp, tags={"cfcml.search": other, "cfcml.kind": "search"})
+    assert find_run(client, exp, **{"cfcml.search": value, "cfcml.kind": "search"}) == wanted
+    assert [r.info.run_id for r in find_runs(client, exp, **{"cfcml.search": value})] == [wanted]
+
+
+def test_filter_literals_follow_mlflows_quoting() -> None:
+    from tuning.tracking import filter_literal
+
+    assert filter_literal("men-smoke") == "'men-smoke'"
+    assert filter_literal("it's") == '"it\'s"'
+    assert filter_literal('say "hi"') == "'say \"hi\"'"
+    with pytest.raises(ValueError, match="both quote characters"):
+        filter_literal("it's \"x\"")
+
+
+def test_no_filter_string_in_the_code_takes_a_value_unquoted() -> None:
+    """Every run look-up goes through tuning.tracking's helpers: no f-string builds a filter with a
+    value between quotes of its own."""
+    import re
+
+    from cfcml.config import PROJECT_ROOT
+
+    pattern = re.compile(r"""f["'][^"'\n]*(?:=|LIKE)\s*'\{""")
+    offenders = [f"{path.relative_to(PROJECT_ROOT)}:{n}"
+                 for folder in ("tuning", "pipelines", "scripts", "cfcml", "tests", "benchmarks")
+                 for path in sorted((PROJECT_ROOT / folder).rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
+
+
+def test_a_search_named_with_an_apostrophe_under_such_a_runs_dir_finds_its_parent_again(
+        client: MlflowClient, exp_id: str, prepared, tmp_path: Path) -> None:
+    from tuning.driver import _start_parent
+    from tuning.run import SearchRun
+
+    run = SearchRun.build("men", "smoke", data_root=prepared.out_dir, runs_dir=tmp_path / "it's runs",
+                          name="it's mine")
+    orphan = client.create_run(exp_id, tags={"cfcml.kind": "search", "cfcml.search": str(run.search_dir)})
+    assert _start_parent(run, prepared, client.tracking_uri, "cv_macro_auc").parent_run_id == orphan.info.run_id
+
+
 @pytest.mark.parametrize("text,reason", [
     # a diverged trial: Tune's error.txt, the worker's exception at the end of a Ray traceback
     ("Failure # 1 (occurred at 2026-01-01)\nray.exceptions.RayTaskError(TrainingDiverged): ray::ImplicitFunc\n"
