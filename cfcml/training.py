@@ -311,8 +311,7 @@ class CrossValidation:
         drop = self._input_dropout(k)
         for batch in fold.train_loader:
             # a replay of the captured step, or None: then the eager step (same numbers)
-            # (not with whole-input dropout: the captured step would replay undropped inputs)
-            losses = fold.graphed(batch) if fold.graphed is not None and drop is None else None
+            losses = fold.graphed(batch) if fold.graphed is not None else None
             if losses is None:
                 inputs = ModelInputs.from_batch(batch, self.device)
                 if drop is not None:  # train.modality_dropout / field_dropout (cfcml/missing_inputs.py)
@@ -362,6 +361,8 @@ class CrossValidation:
         """The fold's CUDA-graph step, or None (one warning line) where graphs cannot be used."""
         if self.world > 1:
             reason = "data-parallel (DDP) steps are not captured: their all-reduces would have to be too"
+        elif self.cfg.train.modality_dropout > 0 or self.cfg.train.field_dropout > 0:
+            reason = "whole-input dropout (train.modality_dropout / field_dropout) changes the inputs outside the step"
         elif not all(g.get("fused") for g in fold.optimizer.param_groups):
             reason = "the optimiser is not fused"
         else:
