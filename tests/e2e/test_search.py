@@ -133,7 +133,7 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     assert "model_code_path" in (local / "MLmodel").read_text() and not list(local.rglob("*.pkl"))
     assert "mlflow" in (local / "requirements.txt").read_text()
     assert version.description.startswith("# Model card: `cfcml-men` version 1")
-    text = next((tmp_path / "runs").rglob("search_report.md")).read_text()
+    text = next(runs_dir.rglob("search_report.md")).read_text()
     assert "### Calibration" in text and "### Operating points" in text
     assert "## Model card of the registered model" in text
 
