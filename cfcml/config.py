@@ -239,6 +239,12 @@ class TrainConfig:
             trial, the final model's epoch count), one of `cfcml.metrics.metric_names` of the task,
             e.g. macro_auc, balanced_accuracy, auc; None = the dataset's `selection_metric`. AUCs
             judge rankings; balanced accuracy judges the argmax decisions (docs/evaluation.md).
+        modality_dropout: per training sample, the probability of withholding each image modality
+            (a zero image; at least one is kept), in [0, 1). 0 (the published recipe) = off. A
+            model trained with it > 0 accepts a missing modality at prediction time
+            (cfcml/missing_inputs.py, docs/evaluation.md).
+        field_dropout: per training sample, the probability of replacing each clinical field by its
+            missing token, in [0, 1). 0 (the published recipe) = off.
     """
 
     epochs: int = 100
@@ -260,9 +266,14 @@ class TrainConfig:
     image_size: tuple[int, ...] | None = None
     seed: int = 0
     selection_metric: str | None = None
+    modality_dropout: float = 0.0
+    field_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "workers", "prefetch_factor", "checkpoint_every")
+        for name in ("modality_dropout", "field_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"must be in [0, 1), got {getattr(self, name)!r}", name)
         _non_negative(self, "loader_workers", "cpus_per_worker", "gpus_per_worker", "max_failures")
         if self.folds < 2:
             raise ConfigError(f"cross-validation needs at least 2 folds, got {self.folds}", "folds")

@@ -193,6 +193,28 @@ def _weighted_metrics(task: str, y: np.ndarray, p: np.ndarray, w: np.ndarray) ->
         }
 
 
+def resample_weights(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """Bootstrap resamples of n patients as counts: float [n_boot, n], row r holding how often each
+    patient was drawn (with replacement, n draws) in resample r. Seeded; the same (n, n_boot, seed)
+    gives the same resamples, so figures computed on them are paired."""
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"need n >= 1 and n_boot >= 1; got n={n}, n_boot={n_boot}")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    counts = np.bincount((idx + n * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * n)
+    return counts.reshape(n_boot, n).astype(np.float64)
+
+
+def percentile_ci(point: float, values: np.ndarray, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(point, low, high): the percentile interval of the resampled `values`, NaN ones left out
+    (NaN bounds when none is defined)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float(point), float("nan"), float("nan")
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(point), float(low), float(high)
+
+
 def bootstrap_ci(
     task: str, y_true, probs, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> dict[str, tuple[float, float, float]]:
@@ -205,11 +227,7 @@ def bootstrap_ci(
         raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1; got n_boot={n_boot}, alpha={alpha}")
     y, p = _validate(task, y_true, probs)
     point = compute_metrics(task, y, p)
-    N = len(y)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, N, size=(n_boot, N))
-    counts = np.bincount((idx + N * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * N)
-    boot = _weighted_metrics(task, y, p, counts.reshape(n_boot, N).astype(np.float64))
+    boot = _weighted_metrics(task, y, p, resample_weights(len(y), n_boot, seed))
     out = {}
     for name, value in point.items():
         values = boot[name]
@@ -236,10 +254,7 @@ def paired_bootstrap_diff(
     if a.shape != b.shape:
         raise ValueError(f"probs_a and probs_b differ in shape: {a.shape} vs {b.shape}")
     point = compute_metrics(task, y, a)[metric] - compute_metrics(task, y, b)[metric]
-    N = len(y)
-    idx = np.random.default_rng(seed).integers(0, N, size=(n_boot, N))
-    counts = np.bincount((idx + N * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * N)
-    w = counts.reshape(n_boot, N).astype(np.float64)
+    w = resample_weights(len(y), n_boot, seed)
     diff = _weighted_metrics(task, y, a, w)[metric] - _weighted_metrics(task, y, b, w)[metric]
     diff = diff[~np.isnan(diff)]
     if len(diff) == 0:

@@ -309,11 +309,14 @@ class CrossValidation:
         # and are read once per epoch: no host synchronisation per step.
         sums: dict[str, torch.Tensor] = {}
         steps = 0
+        drop = self._input_dropout(k)
         for batch in fold.train_loader:
             # a replay of the captured step, or None: then the eager step (same numbers)
             losses = fold.graphed(batch) if fold.graphed is not None else None
             if losses is None:
                 inputs = ModelInputs.from_batch(batch, self.device)
+                if drop is not None:  # train.modality_dropout / field_dropout (cfcml/missing_inputs.py)
+                    inputs = drop(inputs)
                 if channels_last:
                     inputs.images = [_channels_last(x) for x in inputs.images]
                 losses = self._step(fold, inputs, batch["label"].to(self.device, non_blocking=True))
@@ -332,6 +335,17 @@ class CrossValidation:
             raise TrainingDiverged(k, self.epoch + 1, f"training loss ({what})")
         return {f"train_{key}": v / max(steps, 1) for key, v in zip(sums, means)}
 
+    def _input_dropout(self, k: int) -> Callable[[ModelInputs], ModelInputs] | None:
+        """Fold k's dropout of whole inputs for this epoch, or None when both rates are 0. Its draws
+        are seeded by (seed, fold, epoch, rank), so a resumed epoch draws the same."""
+        tc = self.cfg.train
+        if tc.modality_dropout == 0 and tc.field_dropout == 0:
+            return None
+        from cfcml.missing_inputs import drop_inputs
+
+        gen = torch.Generator().manual_seed(((tc.seed * 1009 + k) * 100003 + self.epoch) * 64 + self.rank)
+        return lambda inputs: drop_inputs(inputs, tc.modality_dropout, tc.field_dropout, gen)
+
     def _step(self, fold: Fold, inputs: ModelInputs, y: torch.Tensor, cache_casts: bool = True
               ) -> dict[str, torch.Tensor]:
         """One training step on device tensors: forward, loss, backward, optimiser, prototype bank."""
@@ -348,6 +362,8 @@ class CrossValidation:
         """The fold's CUDA-graph step, or None (one warning line) where graphs cannot be used."""
         if self.world > 1:
             reason = "data-parallel (DDP) steps are not captured: their all-reduces would have to be too"
+        elif self.cfg.train.modality_dropout > 0 or self.cfg.train.field_dropout > 0:
+            reason = "whole-input dropout (train.modality_dropout / field_dropout) changes the inputs outside the step"
         elif not all(g.get("fused") for g in fold.optimizer.param_groups):
             reason = "the optimiser is not fused"
         else:

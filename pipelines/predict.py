@@ -6,7 +6,11 @@
 
 `--rows` holds the model's input columns: patient_id, path_<modality> (relative to the data root)
 and the clinical fields (blank or one of the dataset's missing tokens = missing). `--out` gets
-patient_id, prob_<class> for every class and the predicted class. Image paths resolve under the
+patient_id, prob_<class> for every class (calibrated by the temperature stored in the model;
+`--raw` for the network's own) and the predicted class (the argmax); `--operating-point NAME` adds
+that operating point's threshold and decision (docs/evaluation.md). A blank optional field is the
+missing token; a blank image path is accepted only by a model trained with modality dropout.
+Image paths resolve under the
 data root recorded when the model was registered (or `--data-root` / $CFCML_DATA_ROOT); a path
 that leaves it is refused: the model itself enforces this, whoever calls it.
 """
@@ -43,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ (default: "
                                           "$MLFLOW_TRACKING_URI or <runs-dir>/mlflow.db)")
     p.add_argument("--batch-rows", type=int, default=32, help="rows per model call (the progress bar's step)")
+    p.add_argument("--raw", action="store_true", help="the network's own probabilities, not the calibrated ones")
+    p.add_argument("--operating-point", metavar="NAME",
+                   help="add the decision at this operating point, '<class>:<name>' (e.g. 'MEL:youden', "
+                        "'Grade_1:sensitivity_0.90'; the name alone for a binary task); the model card lists them")
     return p.parse_args(argv)
 
 
@@ -95,7 +103,8 @@ def read_rows(path: Path, spec: Any) -> Any:
     return frame
 
 
-def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int, out: Path | None = None) -> Any:
+def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int, out: Path | None = None,
+                 params: dict[str, Any] | None = None) -> Any:
     """prob_<class> per row and the predicted class, through the model's own `predict` (which
     confines every path); the whole file is checked before the first image is read, and every
     image (prepare's checks: decodable, right shape, not constant, one voxel grid per row) before
@@ -110,7 +119,8 @@ def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int, out
     typed, files = python_model.check_input(frame)  # every bad row at once, before any model work
     if out is not None and out.exists():  # (--out was checked against --rows already); links count too
         st = out.stat()
-        if any((p.stat().st_dev, p.stat().st_ino) == (st.st_dev, st.st_ino) for row in files for p in row):
+        if any((p.stat().st_dev, p.stat().st_ino) == (st.st_dev, st.st_ino)
+               for row in files for p in row if p is not None):
             raise PredictError(f"--out {out} is one of the input images; it would be overwritten")
     for warning in check_images(typed, python_model.spec, files):  # prepare's image checks, up front
         print(f"warning: {warning}", file=sys.stderr)
@@ -118,14 +128,39 @@ def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int, out
     with tqdm(total=len(typed), desc="predicting", unit="row", disable=None) as bar:
         for start in range(0, len(typed), batch_rows):
             chunk = typed.iloc[start:start + batch_rows]
-            parts.append(model.predict(chunk))
+            parts.append(model.predict(chunk, params=params) if params else model.predict(chunk))
             bar.update(len(chunk))
     probs = pd.concat(parts) if parts else pd.DataFrame(columns=classes, dtype=float)
     out = pd.DataFrame({"patient_id": typed["patient_id"].to_numpy()})
     for c in classes:
         out[f"prob_{c}"] = probs[c].to_numpy()
     out["predicted"] = [classes[i] for i in np.argmax(probs[classes].to_numpy(), axis=1)] if len(out) else []
+    for column in ("operating_point", "threshold", "decision"):
+        if column in probs.columns:
+            out[column] = probs[column].to_numpy()
     return out
+
+
+def operating_params(python_model: Any, raw: bool, operating_point: str | None) -> dict[str, Any]:
+    """The model's `predict` parameters for --raw and --operating-point, checked before any row is
+    read: an unknown operating point, or one asked of a model registered without them, is refused
+    naming the ones it has."""
+    calibrator = getattr(python_model, "calibrator", None)
+    if operating_point:
+        if calibrator is None:
+            raise PredictError("--operating-point: this model was registered without operating points")
+        try:
+            calibrator.point(operating_point)
+        except KeyError as exc:
+            raise PredictError(f"--operating-point: {exc.args[0]}") from None
+    if raw and calibrator is None:
+        print("note: this model has no stored temperature: its probabilities are the raw ones", file=sys.stderr)
+    params: dict[str, Any] = {}
+    if raw:
+        params["raw"] = True
+    if operating_point:
+        params["operating_point"] = operating_point
+    return params
 
 
 @contextlib.contextmanager
@@ -164,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(args.out, inputs=[args.rows], what="--out")
         with _environ(ROOT_ENV, root):
             model, python_model = load_model(args.model, args.tracking_uri, args.runs_dir)
+            params = operating_params(python_model, args.raw, args.operating_point)
             frame = read_rows(args.rows, python_model.spec)
             print(f"{len(frame)} rows from {args.rows}; images under {python_model.data_root}")
-            out = predict_rows(model, python_model, frame, args.batch_rows, out=args.out)
+            out = predict_rows(model, python_model, frame, args.batch_rows, out=args.out, params=params)
         # a failed write leaves neither half-written predictions nor a temporary file
         atomic_write(args.out, lambda tmp: out.to_csv(tmp, index=False))
     except (PredictError, InputError, OutputPathError) as exc:

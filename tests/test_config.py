@@ -171,3 +171,16 @@ def test_value_reads_a_dotted_key():
     assert cfg.value("loss.tau_sam") == 0.07 and cfg.value("train.folds") == 5
     with pytest.raises(ConfigError, match="loss.bogus: unknown key"):
         cfg.value("loss.bogus")
+
+
+@pytest.mark.parametrize("key", ["modality_dropout", "field_dropout"])
+@pytest.mark.parametrize("value", [-0.1, 1.0, 2])
+def test_input_dropout_outside_0_1_fails_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"train.{key}: must be in \\[0, 1\\)"):
+        load_experiment("men").replace({"train": {key: value}})
+
+
+def test_input_dropout_is_off_in_every_published_recipe():
+    for name in ("men", "derm7pt", "derm7pt_public"):
+        train = load_experiment(name).train
+        assert train.modality_dropout == 0.0 and train.field_dropout == 0.0

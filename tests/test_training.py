@@ -88,6 +88,22 @@ def test_final_mode_trains_on_all_dev_rows_without_validation(prepared, cfg):
     assert metrics["train_loss"] > 0
 
 
+def test_input_dropout_is_off_by_default_and_seeded_per_fold_and_epoch(prepared, cfg):
+    splits = [Split(*prepared.fold_frames(k)) for k in range(2)]
+    assert CrossValidation(prepared, splits, cfg)._input_dropout(0) is None  # the published recipe
+    torch.manual_seed(0)
+    cv = CrossValidation(prepared, splits, cfg.replace({"train": {"modality_dropout": 0.5, "field_dropout": 0.5}}))
+
+    from cfcml.predict import ModelInputs
+    batch = next(iter(cv.folds[0].train_loader))
+    inputs = ModelInputs.from_batch(batch, "cpu")
+    a, b = cv._input_dropout(0)(inputs), cv._input_dropout(0)(inputs)
+    assert torch.equal(a.num_missing, b.num_missing) and all(torch.equal(x, y) for x, y in zip(a.images, b.images))
+    assert a.num_missing.any() or (a.cat == -1).any()
+    metrics, _ = cv.run_epoch()  # trains with whole inputs withheld
+    assert metrics["train_loss"] > 0
+
+
 @pytest.mark.parametrize("lr", [1e6, 1e12])
 def test_a_diverging_run_stops_naming_fold_and_epoch(prepared, cfg, lr):
     """A learning rate that blows the weights up stops the run at the end of the first epoch it

@@ -183,6 +183,10 @@ class ComparisonResult:
     folds: int
     seeds: int
     run_id: str | None = None
+    # per variant: calibration of its test fold ensemble (uncalibrated: nothing is fitted here) and
+    # its metrics per subgroup of the dataset spec's `evaluation.subgroups`
+    calibration: dict[str, Any] = field(default_factory=dict)
+    subgroups: dict[str, list[Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         def clean(v: float) -> float | None:
@@ -200,6 +204,14 @@ class ComparisonResult:
             if v.diff_vs_cfcml is not None:
                 d = v.diff_vs_cfcml
                 entry["diff_vs_cfcml"] = {"auc_diff": clean(d[0]), "ci_low": clean(d[1]), "ci_high": clean(d[2])}
+            if v.name in self.calibration:
+                c = self.calibration[v.name]
+                entry["calibration"] = {"n_bins": c.n_bins, "brier": [clean(x) for x in c.brier],
+                                        "ece": [clean(x) for x in c.ece]}
+            if v.name in self.subgroups:
+                entry["subgroups"] = [{"field": r.field, "category": r.category, "n": r.n, "too_small": r.too_small,
+                                       "metrics": {k: [clean(x) for x in m] for k, m in r.metrics.items()}}
+                                      for r in self.subgroups[v.name]]
             variants[v.name] = entry
         return {"dataset": self.dataset, "metric": self.metric, "auc_metric": self.auc, "classes": self.classes,
                 "epochs": self.epochs, "folds": self.folds, "seeds": self.seeds, "n_test": int(len(self.y_test)),
@@ -279,7 +291,59 @@ def markdown(result: ComparisonResult) -> str:
                      f"{_fmt(o['test'].get('balanced_accuracy'))} | | |")
         lines += ["", f"Oracle: logistic regression on the generator's latent signals ({', '.join(o['features'])}), "
                       "same folds; read by this report only, never by training."]
+    lines += _calibration_lines(result) + _subgroup_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def _ci_cell(v: tuple[float, float, float]) -> str:
+    return f"{_fmt(v[0])} [{_fmt(v[1])}, {_fmt(v[2])}]"
+
+
+def _calibration_lines(result: ComparisonResult) -> list[str]:
+    if not result.calibration:
+        return []
+    bins = next(iter(result.calibration.values())).n_bins
+    lines = ["", "## Calibration (test, fold ensembles as trained)", "",
+             f"Brier score and ECE ({bins} equal-width bins of the top-label confidence), bootstrap 95% CIs; no "
+             "temperature is fitted in a comparison (docs/evaluation.md).", "",
+             "| variant | Brier [95% CI] | ECE [95% CI] |", "|---|---|---|"]
+    lines += [f"| {name} | {_ci_cell(c.brier)} | {_ci_cell(c.ece)} |" for name, c in result.calibration.items()]
+    return lines
+
+
+def _subgroup_lines(result: ComparisonResult) -> list[str]:
+    if not result.subgroups:
+        return []
+    names = list(result.subgroups)
+    first = result.subgroups[names[0]]
+    lines = ["", f"## Subgroups (test {result.auc}, bootstrap 95% CI)", "",
+             "**too small**: fewer patients (or of some class) than the dataset spec's `evaluation` limits.", "",
+             "| field | category | patients | " + " | ".join(names) + " | note |", "|---" * (4 + len(names)) + "|"]
+    for i, r in enumerate(first):
+        cells = " | ".join(_ci_cell(result.subgroups[n][i].metrics[result.auc]) for n in names)
+        lines.append(f"| {r.field} | {r.category} | {r.n} | {cells} | {'**too small**' if r.too_small else ''} |")
+    return lines
+
+
+def clinical_figures(task: str, y_test: np.ndarray, spec: Any, test_rows: Any,
+                     variants: list[VariantResult]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Per variant with test predictions: its test calibration summary and its subgroup metrics
+    (cfcml.calibration, cfcml.subgroups)."""
+    from cfcml.calibration import calibration_summary
+    from cfcml.subgroups import subgroup_metrics
+    from tuning.clinical import subgroup_labels, subgroup_orders
+
+    ev = spec.evaluation
+    labels = subgroup_labels(test_rows, spec) if ev.subgroups else {}
+    calibration, subgroups = {}, {}
+    for v in variants:
+        if v.test_probs is None:
+            continue
+        calibration[v.name] = calibration_summary(y_test, v.test_probs, ev.ece_bins)
+        if labels:
+            subgroups[v.name] = subgroup_metrics(task, y_test, v.test_probs, labels, ev.min_subgroup_n,
+                                                 ev.min_subgroup_per_class, order=subgroup_orders(spec))
+    return calibration, subgroups
 
 
 def figures(result: ComparisonResult) -> dict[str, Any]:
@@ -407,6 +471,7 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: Any, run_i
                                             "test_ci": {k: [v[1], v[2]] for k, v in oracle.test.items()},
                                             "test_probs": oracle.test_probs},
     )
+    result.calibration, result.subgroups = clinical_figures(spec.task, y_test, spec, test, result.variants)
     paths = write_outputs(result, plan.out_dir)
     values = {}
     for v in result.variants:

@@ -172,18 +172,62 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
     print(f"test metrics ({len(labels)} patients, bootstrap 95% CI, 1000 resamples):")
     for name, (point, low, high) in ci.items():
         print(f"  {name:20s} {point:7.4f}  [{low:.4f}, {high:.4f}]")
+    evidence = _clinical(client, run_id, prepared, best, test, weights)
     tags = {**_cv_tags(best, outcome.metric), "stage": "final",
             **{f"test_{k}": f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for k, v in ci.items()}}
     info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,
                             experiment=best.experiment, members=[weights],
-                            model_name=f"cfcml-{outcome.dataset}", tags=tags)
+                            model_name=f"cfcml-{outcome.dataset}", tags=tags,
+                            calibrator=evidence.calibrator if evidence else None)
+    card = _card(client, run_id, prepared, outcome, "final", info.registered_model_version, ci, evidence,
+                 evidence.calibrator if evidence else None)
     client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
     print(f"registered cfcml-{outcome.dataset} version {info.registered_model_version}: "
           f"mlflow.pyfunc.load_model('models:/cfcml-{outcome.dataset}/{info.registered_model_version}')")
     if explain:
         _explain(client, run_id, prepared, best, weights)
     client.set_terminated(run_id, "FINISHED")
-    return {"run_id": run_id, "test": ci, "version": info.registered_model_version}
+    return {"run_id": run_id, "test": ci, "version": info.registered_model_version, "evidence": evidence,
+            "card": card}
+
+
+def _clinical(client: Any, run_id: str, prepared: PreparedDataset, best: TrialResult, test: Any,
+              weights: Any) -> Any:
+    """Calibration, operating points, decision curves, subgroups and withheld inputs
+    (tuning/clinical.py), logged under clinical/ and printed; None when the best trial's
+    out-of-fold predictions are gone."""
+    from tuning.clinical import calibration_table, decision_table, final_evidence, log_evidence, operating_table
+    from tuning.comparison import headline_metrics
+
+    try:
+        evidence = final_evidence(prepared, best, test, weights)
+    except Exception as exc:  # the model is trained and tested: register it (uncalibrated), say why
+        client.set_tag(run_id, "cfcml.clinical_error", f"{type(exc).__name__}: {exc}"[:500])
+        print(f"warning: clinical evidence failed ({type(exc).__name__}: {exc}); the model is registered "
+              "without calibration or operating points")
+        return None
+    if evidence is None:
+        return None
+    names = headline_metrics(prepared.spec.task, len(prepared.spec.classes))
+    log_evidence(client, run_id, evidence, names[:2])
+    for title, table in (("calibration", calibration_table), ("operating points", operating_table),
+                         ("decision curves", decision_table)):
+        print(f"\n{title}:\n" + "\n".join(table(evidence)))
+    return evidence
+
+
+def _card(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, stage: str, version: Any,
+          test: Any, evidence: Any, calibrator: Any) -> str:
+    """The model card (tuning/model_card.py) on the run and as the registered version's description."""
+    from tuning.model_card import CARD_FILE, CardInputs, log_card, model_card
+
+    best = outcome.best
+    train = best.experiment.train
+    text = model_card(CardInputs(f"cfcml-{outcome.dataset}", version, stage, prepared, outcome, best, test, evidence,
+                                 calibrator, run_id, train.modality_dropout, train.field_dropout))
+    log_card(client, run_id, text, f"cfcml-{outcome.dataset}", version)
+    print(f"model card: {CARD_FILE} on run {run_id} and the description of cfcml-{outcome.dataset} version {version}")
+    return text
 
 
 def _explain(client: Any, run_id: str, prepared: PreparedDataset, best: TrialResult, weights: Any) -> None:
@@ -222,16 +266,20 @@ def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> d
 def _register_cv_ensemble(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome,
                           best: TrialResult) -> dict[str, Any]:
     from tuning.checkpoints import open_checkpoint
+    from tuning.clinical import best_trial_calibrator
     from tuning.served_model import log_and_register
     from tuning.tracking import log_metrics
 
     with open_checkpoint(best.checkpoint_path) as ckpt:
         members = ckpt.fold_weights()
     log_metrics(client, run_id, published_cv(best, ("cv_",)))
+    fitted = best_trial_calibrator(prepared.spec, best)  # the fold models' own out-of-fold predictions
+    calibrator = fitted[0] if fitted else None
     info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,
                             experiment=best.experiment, members=members,
                             model_name=f"cfcml-{outcome.dataset}",
-                            tags={**_cv_tags(best, outcome.metric), "stage": "cv-ensemble"})
+                            tags={**_cv_tags(best, outcome.metric), "stage": "cv-ensemble"}, calibrator=calibrator)
+    _card(client, run_id, prepared, outcome, "cv-ensemble", info.registered_model_version, None, None, calibrator)
     client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
     client.set_terminated(run_id, "FINISHED")
     print(f"registered the best trial's {len(members)}-fold ensemble as cfcml-{outcome.dataset} "

@@ -17,6 +17,9 @@ LOCAL_RAY_ENV = {
     "PYTHONPATH": str(PROJECT_ROOT),
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Train gives a worker group 60 s to start, then retries; on a loaded laptop (2 cores, other
+    # work running) a worker's first imports alone can take that long, and each retry starts over.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
 }
 
 

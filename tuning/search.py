@@ -179,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         release_reserves()
     print(f"\nreport: {report} (also on the parent run)")
+    if final and final.get("evidence") is not None:  # what a clinical reader looks for first
+        from tuning.clinical import calibration_table, operating_table
+
+        print("\nCalibration (the registered model returns the calibrated probabilities):")
+        print("\n".join(calibration_table(final["evidence"])))
+        print("\nOperating points (predict.py --operating-point CLASS:NAME):")
+        print("\n".join(operating_table(final["evidence"])))
+        print(f"\nmodel card, figures and tables: model_card.md and clinical/ on the final run {final['run_id']}")
     print(f"\nMLflow: {outcome.tracking_uri}  (experiment cfcml-{run.dataset}, parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         mlflow_bin = Path(sys.executable).parent / "mlflow"

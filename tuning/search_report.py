@@ -121,6 +121,12 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
     else:
         lines.append("Not evaluated: the search ran with --no-final (the best trial's fold ensemble was "
                      "registered without touching the test split).")
+    evidence = (final or {}).get("evidence")
+    if evidence is not None:  # calibration, operating points, decision curves, subgroups, missing inputs
+        from tuning.clinical import report_sections
+
+        lines += [""] + report_sections(evidence, names[:2], level="###")
+        figures.update({f"report/{Path(name).name}": fig for name, fig in evidence.figures.items()})
     if oracle is not None:
         auc = names[0]
         lines += ["", "## Oracle (synthetic data)", "",
@@ -162,6 +168,10 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
     else:
         lines.append(f"Not shown: {importance}.")
     lines += ["", "Plots: " + ", ".join(f"`{n}`" for n in figures)]
+    card = (final or {}).get("card")
+    if card:  # the registered model's card, its headings one level down
+        lines += ["", "## Model card of the registered model", "",
+                  *[("#" + line if line.startswith("#") else line) for line in card.splitlines()[1:]]]
     return "\n".join(lines) + "\n", figures
 
 

@@ -39,6 +39,7 @@ BUNDLE_STATE = "models.pt"
 BUNDLE_META = "bundle.json"
 ROOT_ENV = "CFCML_DATA_ROOT"  # the operator's override of the registered data root (server side)
 MAX_LISTED = 20  # problems listed in one InputError; the rest are counted
+PARAMS = {"raw": False, "operating_point": ""}  # what `predict` takes, with their defaults
 
 
 def build_network(spec: Any, model_cfg: Any, state: dict[str, Any]) -> torch.nn.Module:
@@ -91,7 +92,8 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
 
 
-def check_rows(model_input: pd.DataFrame, spec: Any, root: str | Path) -> tuple[pd.DataFrame, list[list[Path]]]:
+def check_rows(model_input: pd.DataFrame, spec: Any, root: str | Path,
+               missing_modalities: bool = False) -> tuple[pd.DataFrame, list[list[Path | None]]]:
     """The one check every prediction starts with, before any image is read. Returns the input
     columns typed the way the normaliser reads them (numeric float, the spec's missing tokens and
     blanks -> NaN; categorical text, missing -> None) and, per row and modality, the absolute
@@ -101,7 +103,11 @@ def check_rows(model_input: pd.DataFrame, spec: Any, root: str | Path) -> tuple[
     value is not a number or not a category, is missing in a field that is not optional (prepare's
     validation.check_field_value), or whose image path is blank, escapes `root` (`..`,
     an absolute path elsewhere, a symlink pointing out) or names no file. Already typed rows (a
-    manifest) pass unchanged; text rows (a CSV read as text, JSON) are converted."""
+    manifest) pass unchanged; text rows (a CSV read as text, JSON) are converted.
+
+    missing_modalities: a blank image path is accepted (None in the returned paths: the modality
+    is withheld as a zero image) - only for a model trained with `train.modality_dropout` > 0;
+    otherwise a blank path is refused with that reason."""
     needed = [c for c in input_columns(spec) if c != "patient_id"]
     missing = [c for c in needed if c not in model_input.columns]
     if missing:
@@ -112,7 +118,7 @@ def check_rows(model_input: pd.DataFrame, spec: Any, root: str | Path) -> tuple[
         raise InputError([f"the data root {root} does not exist; set ${ROOT_ENV} on the server to the folder "
                           f"the image paths are relative to"])
     frame = model_input[[c for c in input_columns(spec) if c in model_input.columns]].copy()
-    files, path_problems = _confine_paths(frame, spec, root)
+    files, path_problems = _confine_paths(frame, spec, root, missing_modalities)
     problems = _type_fields(frame, spec) + path_problems
     if problems:
         raise InputError([message for _, message in sorted(problems, key=lambda p: p[0])])  # by row
@@ -137,12 +143,13 @@ def _type_fields(frame: pd.DataFrame, spec: Any) -> list[tuple[int, str]]:
     return problems
 
 
-def _confine_paths(frame: pd.DataFrame, spec: Any, root: Path) -> tuple[list[list[Path]], list[tuple[int, str]]]:
+def _confine_paths(frame: pd.DataFrame, spec: Any, root: Path,
+                   missing_modalities: bool = False) -> tuple[list[list[Path | None]], list[tuple[int, str]]]:
     """Every image path of `frame` resolved inside `root` (per row, per modality), and (row
     position, problem) for each blank, escaping or missing one. Nothing is read."""
     from cfcml.data.validation import check_path
 
-    files: list[list[Path]] = []
+    files: list[list[Path | None]] = []
     problems = []
     for i in range(len(frame)):
         row = []
@@ -151,7 +158,11 @@ def _confine_paths(frame: pd.DataFrame, spec: Any, root: Path) -> tuple[list[lis
             rel = frame[column].iloc[i]
             where = f"{row_name(frame, i)}, column {column!r}"
             if _blank(rel):
-                problems.append((i, f"{where}: no {m.name} image given"))
+                if missing_modalities:  # trained with modality dropout: withheld as a zero image
+                    row.append(None)
+                else:
+                    problems.append((i, f"{where}: no {m.name} image given; this model was trained without "
+                                        f"modality dropout (train.modality_dropout = 0), so it needs every image"))
                 continue
             try:  # the same check prepare applies to a dataset (its `path_escape` problem)
                 path = check_path(root, str(rel))
@@ -169,7 +180,7 @@ def _confine_paths(frame: pd.DataFrame, spec: Any, root: Path) -> tuple[list[lis
     return files, problems
 
 
-def _confined_dataset(frame: pd.DataFrame, spec: Any, root: Path, files: list[list[Path]], names: list[str],
+def _confined_dataset(frame: pd.DataFrame, spec: Any, root: Path, files: list[list[Path | None]], names: list[str],
                       normalizer: Any) -> Any:
     """A RawDataset over `frame` that reads the absolute `files` `check_rows` confined to `root`
     (not the rows' paths again) and names the row and file when one cannot be decoded."""
@@ -181,20 +192,25 @@ def _confined_dataset(frame: pd.DataFrame, spec: Any, root: Path, files: list[li
             checked, problems, _ = _check_row_images(self.spec, files[i], names[i])
             if problems:
                 raise InputError(problems)
-            return [preprocess(c.array, m, self.spec.intensity) for m, c in zip(self.spec.modalities, checked)]
+            return [np.zeros((m.channels, *m.size), np.float32) if c is None  # a withheld modality
+                    else preprocess(c.array, m, self.spec.intensity) for m, c in zip(self.spec.modalities, checked)]
 
     return ConfinedRawDataset(frame, spec, root, normalizer)
 
 
-def _check_row_images(spec: Any, files: list[Path], name: str) -> tuple[list[Any], list[str], list[str]]:
+def _check_row_images(spec: Any, files: list[Path | None], name: str) -> tuple[list[Any], list[str], list[str]]:
     """(checked images, problems, warnings) of one row's confined image files: prepare's own
     image check (validation.check_image: decodable, right shape, not constant) and its voxel-grid
     check across the row's modalities."""
     from cfcml.data.images import ImageError
     from cfcml.data.validation import check_image, geometry_problem
 
-    checked, problems, warnings = [], [], []
+    checked: list[Any] = []
+    problems, warnings = [], []
     for m, path in zip(spec.modalities, files):
+        if path is None:  # a withheld modality (check_rows allowed it)
+            checked.append(None)
+            continue
         where = f"{name}, column 'path_{m.name}'"
         try:
             c = check_image(path, m, spec)
@@ -204,12 +220,13 @@ def _check_row_images(spec: Any, files: list[Path], name: str) -> tuple[list[Any
         if c.warning:
             warnings.append(f"{where}: {m.name} image {path}: {c.warning}")
         checked.append(c)
-    if not problems and (why := geometry_problem({m.name: c.geometry for m, c in zip(spec.modalities, checked)})):
-        problems.append(f"{name}: {why} ({', '.join(str(p) for p in files)})")
+    given = {m.name: c.geometry for m, c in zip(spec.modalities, checked) if c is not None}
+    if not problems and (why := geometry_problem(given)):
+        problems.append(f"{name}: {why} ({', '.join(str(p) for p in files if p is not None)})")
     return checked, problems, warnings
 
 
-def check_images(frame: pd.DataFrame, spec: Any, files: list[list[Path]]) -> list[str]:
+def check_images(frame: pd.DataFrame, spec: Any, files: list[list[Path | None]]) -> list[str]:
     """Every row's images read and checked as prepare checks them, before any prediction (the
     command line's up-front pass; `predict` checks each row again as it reads it). Returns the
     warnings (clip saturation); InputError listing every refused image."""
@@ -225,7 +242,13 @@ def check_images(frame: pd.DataFrame, spec: Any, files: list[list[Path]]) -> lis
 
 class CFCMLModel(mlflow.pyfunc.PythonModel):
     """The served model. After loading: `spec`, `experiment`, `root` (the registered data root),
-    `members` (network, normaliser) pairs."""
+    `members` (network, normaliser) pairs, `calibrator` (temperature and operating points fitted
+    on out-of-fold predictions; None for a model registered without them).
+
+    `predict` returns calibrated class probabilities; its parameters (PARAMS, the only ones taken):
+    `raw` true returns the network's own probabilities, `operating_point` ('<class>:<name>', or the
+    name alone for a binary task) adds `operating_point`, `threshold` and `decision` (the class's
+    calibrated probability >= the threshold) columns."""
 
     @classmethod
     def from_bundle(cls, bundle: str | Path) -> CFCMLModel:
@@ -254,6 +277,14 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         states = torch.load(bundle / BUNDLE_STATE, map_location="cpu", weights_only=True)
         self.members = [(build_network(self.spec, self.experiment.model, state["model"]),
                          TabularNormalizer.from_state(self.spec, state["normalizer"])) for state in states]
+        from tuning.clinical import Calibrator
+
+        self.calibrator = Calibrator.from_dict(meta["calibration"]) if meta.get("calibration") else None
+
+    @property
+    def accepts_missing_modalities(self) -> bool:
+        """Whether a row may leave an image path blank: only a model trained with modality dropout."""
+        return self.experiment.train.modality_dropout > 0
 
     @property
     def data_root(self) -> Path:
@@ -261,31 +292,50 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
 
     def check_input(self, model_input: pd.DataFrame) -> tuple[pd.DataFrame, list[list[Path]]]:
         """(typed rows, confined absolute image paths) or InputError; `predict` starts with this."""
-        return check_rows(model_input, self.spec, self.data_root)
+        return check_rows(model_input, self.spec, self.data_root, self.accepts_missing_modalities)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from torch.utils.data import DataLoader
 
         from cfcml.predict import predict_proba
 
-        if params:  # the root in particular: a request must not choose which folder is read
-            raise InputError([f"this model takes no parameters (got {sorted(params)}); image paths are resolved "
-                              f"under the data root fixed at registration or ${ROOT_ENV} on the server"])
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(PARAMS))
+        if unknown:  # the root in particular: a request must not choose which folder is read
+            raise InputError([f"this model takes no parameters other than {sorted(PARAMS)} (got {unknown}); image "
+                              f"paths are resolved under the data root fixed at registration or ${ROOT_ENV} on the "
+                              "server"])
+        point = None
+        if params.get("operating_point"):
+            if self.calibrator is None:
+                raise InputError(["this model was registered without operating points"])
+            try:
+                point = self.calibrator.point(str(params["operating_point"]))
+            except KeyError as exc:
+                raise InputError([str(exc.args[0])]) from None
         root = self.data_root  # read once per call: every file below was confined to this one
-        frame, files = check_rows(model_input, self.spec, root)
+        frame, files = check_rows(model_input, self.spec, root, self.accepts_missing_modalities)
         names = [row_name(frame, i) for i in range(len(frame))]
         probs = np.zeros((len(frame), len(self.spec.classes)))
         for model, normalizer in self.members:
             loader = DataLoader(_confined_dataset(frame, self.spec, root, files, names, normalizer), batch_size=8)
             probs += predict_proba(model, loader, "cpu", len(self.spec.classes)) / len(self.members)
-        return pd.DataFrame(probs, columns=list(self.spec.classes), index=frame.index)
+        calibrated = self.calibrator.temperature.apply(probs) if self.calibrator is not None else probs
+        out = pd.DataFrame(probs if params.get("raw") else calibrated, columns=list(self.spec.classes),
+                           index=frame.index)
+        if point is not None:  # thresholds were fitted on calibrated probabilities: applied to them
+            out["operating_point"] = point.key
+            out["threshold"] = point.threshold
+            out["decision"] = point.decide(calibrated)
+        return out
 
 
 def write_bundle(directory: str | Path, *, spec: Any, experiment: ExperimentConfig, members: list[FoldWeights],
-                 root: str | Path) -> Path:
+                 root: str | Path, calibrator: Any | None = None) -> Path:
     """Write the model bundle into `directory`: the member weights (tensors only, so they load with
     `weights_only=True`) and bundle.json (spec, experiment, and `root`: the only folder the model
-    reads images from, unless the serving operator sets $CFCML_DATA_ROOT)."""
+    reads images from, unless the serving operator sets $CFCML_DATA_ROOT; `calibration`: the
+    calibrator's temperature and operating points, when given)."""
     from cfcml.data.spec import spec_to_dict
 
     bundle = Path(directory)
@@ -293,6 +343,7 @@ def write_bundle(directory: str | Path, *, spec: Any, experiment: ExperimentConf
     torch.save([{"model": m.model, "normalizer": m.normalizer} for m in members], bundle / BUNDLE_STATE)
     (bundle / BUNDLE_META).write_text(json.dumps({
         "spec": spec_to_dict(spec), "experiment": experiment.to_dict(), "root": str(Path(root).resolve()),
+        "calibration": calibrator.to_dict() if calibrator is not None else None,
     }, default=str))
     return bundle
 
@@ -344,6 +395,7 @@ def log_and_register(
     model_name: str,
     tags: dict[str, str],
     pip_requirements: list[str] | None = None,
+    calibrator: Any | None = None,
 ) -> Any:
     """Log the bundle (`members`: one network per fold, averaged) as a pyfunc model on `run_id`
     and register it as `model_name`. The bundle records `prepared.root` as the data root.
@@ -364,10 +416,11 @@ def log_and_register(
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_bundle(Path(tmp) / "bundle", spec=spec, experiment=experiment, members=members,
-                              root=prepared.root)
+                              root=prepared.root, calibrator=calibrator)
         real = prepared.dev_frame()[input_columns(spec)].head(2).reset_index(drop=True)
         output = CFCMLModel.from_bundle(bundle).predict(None, real)  # exactly what serving will run
-        signature = infer_signature(example, output)  # no params: a request cannot pick the data root
+        # params: raw / operating_point only; none can pick the data root
+        signature = infer_signature(example, output, params=dict(PARAMS))
         quiet = _NoExampleValidation()
         for name in quiet.LOGGERS:
             logging.getLogger(name).addFilter(quiet)

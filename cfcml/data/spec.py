@@ -124,6 +124,39 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
+class BandSpec:
+    """A numeric field cut into bands for subgroup figures (cfcml.subgroups.band_labels), e.g.
+    {name: age_band, field: age, edges: [50, 65]} -> "<50", "50-65", ">=65"."""
+
+    name: str  # the subgroup's name (may be listed in `evaluation.subgroups`)
+    field: str  # a numeric field of the spec
+    edges: tuple[float, ...]  # strictly increasing cut points
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """How the final model's clinical figures are computed (docs/evaluation.md).
+
+    Args:
+        subgroups: categorical fields and band names (`bands`) whose categories get their own
+            metrics, in this order; empty: no subgroup table.
+        bands: numeric fields cut into bands.
+        min_subgroup_n: a subgroup with fewer patients is flagged too small (>= 1).
+        min_subgroup_per_class: ... or with fewer patients of some class (>= 0).
+        target_sensitivity: the sensitivity the `sensitivity_<target>` operating point is fitted to
+            reach on out-of-fold predictions, in (0, 1].
+        ece_bins: equal-width bins of the expected calibration error and reliability diagram (>= 2).
+    """
+
+    subgroups: tuple[str, ...] = ()
+    bands: tuple[BandSpec, ...] = ()
+    min_subgroup_n: int = 20
+    min_subgroup_per_class: int = 3
+    target_sensitivity: float = 0.9
+    ece_bins: int = 10
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
     task: Literal["multiclass", "binary"]
@@ -137,6 +170,7 @@ class DatasetSpec:
     augment: AugmentSpec = dataclasses.field(default_factory=AugmentSpec)
     missing_values: tuple[str, ...] = ("", "NA", "N/A", "NaN", "nan", "null", "None")
     source: SourceSpec = dataclasses.field(default_factory=SourceSpec)
+    evaluation: EvaluationSpec = dataclasses.field(default_factory=EvaluationSpec)
 
     @property
     def num_classes(self) -> int:
@@ -259,7 +293,32 @@ def _finish(spec: DatasetSpec) -> DatasetSpec:
             fail(f"source.label_groups[{i}].name", f"{g.name!r} is not one of classes {list(spec.classes)}")
     if not 0.0 < spec.source.test_fraction < 1.0:
         fail("source.test_fraction", f"must be in (0, 1), got {spec.source.test_fraction}")
+    _check_evaluation(spec, fail)
     return dataclasses.replace(spec, modalities=tuple(modalities))
+
+
+def _check_evaluation(spec: DatasetSpec, fail: Any) -> None:
+    ev = spec.evaluation
+    kinds = {f.name: f.kind for f in spec.fields}
+    band_names = set()
+    for i, b in enumerate(ev.bands):
+        if kinds.get(b.field) != "numeric":
+            fail(f"evaluation.bands[{i}].field", f"{b.field!r} is not a numeric field of the spec")
+        if not b.edges or any(y <= x for x, y in zip(b.edges, b.edges[1:])):
+            fail(f"evaluation.bands[{i}].edges", f"expected strictly increasing cut points, got {list(b.edges)}")
+        if not b.name or b.name in kinds or b.name in band_names:
+            fail(f"evaluation.bands[{i}].name", f"must be a new, unique name (not a field), got {b.name!r}")
+        band_names.add(b.name)
+    for i, name in enumerate(ev.subgroups):
+        if name not in band_names and kinds.get(name) != "categorical":
+            fail(f"evaluation.subgroups[{i}]", f"{name!r} is neither a categorical field nor a band "
+                 f"(categorical: {[f.name for f in spec.categorical_fields]}, bands: {sorted(band_names)})")
+    if ev.min_subgroup_n < 1 or ev.min_subgroup_per_class < 0:
+        fail("evaluation.min_subgroup_n", "need min_subgroup_n >= 1 and min_subgroup_per_class >= 0")
+    if not 0.0 < ev.target_sensitivity <= 1.0:
+        fail("evaluation.target_sensitivity", f"must be in (0, 1], got {ev.target_sensitivity}")
+    if ev.ece_bins < 2:
+        fail("evaluation.ece_bins", f"must be >= 2, got {ev.ece_bins}")
 
 
 def _check_augment(aug: AugmentSpec, modalities: list[ImageModality]) -> None:

@@ -92,6 +92,13 @@ def _bad(tmp_path: Path, edit) -> str:
     (lambda d: d["intensity"].update(mode="minmax"), "intensity.mode"),
     (lambda d: d.update(classes=["a"]), "classes: need at least 2"),
     (lambda d: d["source"].update(label_groups=[{"name": "X", "values": ["x"]}]), "source.label_groups[0].name"),
+    (lambda d: d["evaluation"].update(subgroups=["age"]), "evaluation.subgroups[0]: 'age' is neither"),
+    (lambda d: d["evaluation"].update(subgroups=["colour"]), "evaluation.subgroups[0]"),
+    (lambda d: d["evaluation"]["bands"][0].update(field="sex"), "evaluation.bands[0].field"),
+    (lambda d: d["evaluation"]["bands"][0].update(edges=[65, 50]), "evaluation.bands[0].edges"),
+    (lambda d: d["evaluation"]["bands"][0].update(name="sex"), "evaluation.bands[0].name"),
+    (lambda d: d["evaluation"].update(target_sensitivity=1.2), "evaluation.target_sensitivity"),
+    (lambda d: d["evaluation"].update(ece_bins=1), "evaluation.ece_bins"),
 ])
 def test_bad_key_fails_naming_the_key(tmp_path: Path, edit, message: str) -> None:
     text = _bad(tmp_path, edit)

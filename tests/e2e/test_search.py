@@ -1,13 +1,17 @@
 """The smoke search end to end: real Ray Tune/Train, real Optuna, real MLflow (SQLite in tmp)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cfcml.calibration import apply_temperature
+from tuning.clinical import fit_from_oof
 from tuning.search import main as search_main
 from tuning.tracking import tag_filter
 
@@ -80,6 +84,26 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     patients = men_prepared.test_frame().groupby("label").head(2)["patient_id"]
     assert {f"explanations/{pid}.png" for pid in patients} <= explained
 
+    # the clinical evidence and the model card on the final run (tuning/clinical.py, tuning/model_card.py)
+    clinical = {a.path for a in client.list_artifacts(final.info.run_id, "clinical")}
+    assert {f"clinical/{name}" for name in (
+        "reliability_oof.png", "reliability_test.png", "decision_curve_test.png", "subgroups_test.csv",
+        "missing_inputs_test.png", "missing_inputs_test.csv", "evidence.json", "clinical.md")} <= clinical
+    assert "model_card.md" in {a.path for a in client.list_artifacts(final.info.run_id)}
+    evidence = json.loads(Path(client.download_artifacts(final.info.run_id, "clinical/evidence.json",
+                                                         str(tmp_path))).read_text())
+    # temperature and thresholds come from the best trial's out-of-fold predictions, nothing else:
+    # fitted again from the trial's own logged out-of-fold file, they are the same
+    best_trial = evidence["calibrator"]["source"].split("trial ")[1].split(" ")[0]
+    (best_run,) = [r for r in trials if r.data.tags["cfcml.trial_id"] == best_trial]
+    oof = pd.read_csv(client.download_artifacts(best_run.info.run_id, "predictions/oof_predictions.csv",
+                                                str(tmp_path / "oof")))
+    refit = fit_from_oof(oof, list(men_prepared.spec.classes), 0.9, "x")
+    assert refit.temperature.t == pytest.approx(evidence["calibrator"]["temperature"], rel=1e-6)
+    fitted = [p["threshold"] for p in evidence["calibrator"]["points"]]
+    assert [p.threshold for p in refit.points] == pytest.approx(fitted)
+    assert final.data.metrics["temperature"] == pytest.approx(refit.temperature.t, rel=1e-6)
+
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/cfcml-men/latest")
     rows = men_prepared.test_frame().drop(columns=["label", "label_name", "split", "fold"])
@@ -87,6 +111,12 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     assert list(probs.columns) == list(men_prepared.spec.classes)
     assert probs.shape == (len(rows), 3)
     np.testing.assert_allclose(probs.to_numpy().sum(1), 1.0, rtol=1e-5)
+    # the only parameters a request may send; none of them chooses the data root
+    assert {p.name for p in model.metadata.signature.params.params} == {"raw", "operating_point"}
+    raw = model.predict(rows, params={"raw": True})
+    np.testing.assert_allclose(probs.to_numpy(), apply_temperature(raw.to_numpy(), refit.temperature.t), atol=1e-6)
+    decided = model.predict(rows, params={"operating_point": "Grade_1:youden"})
+    assert (decided["decision"] == (decided["Grade_1"] >= decided["threshold"])).all()
     (version,) = client.search_model_versions("name = 'cfcml-men'")
     # the CV figures next to the test ones say how they were chosen
     assert {"selected_cv_macro_auc", "last_epoch_cv_macro_auc", "selected_epoch", "test_accuracy"} <= set(version.tags)
@@ -102,6 +132,10 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     local = Path(mlflow.artifacts.download_artifacts("models:/cfcml-men/latest", dst_path=str(tmp_path / "model")))
     assert "model_code_path" in (local / "MLmodel").read_text() and not list(local.rglob("*.pkl"))
     assert "mlflow" in (local / "requirements.txt").read_text()
+    assert version.description.startswith("# Model card: `cfcml-men` version 1")
+    text = next(runs_dir.rglob("search_report.md")).read_text()
+    assert "### Calibration" in text and "### Operating points" in text
+    assert "## Model card of the registered model" in text
 
     # Re-running the finished search with --resume adds no run, no metric point, no model version.
     n_runs = len(client.search_runs([exp.experiment_id]))

@@ -16,16 +16,22 @@ import pandas as pd
 import pytest
 import torch
 
+from cfcml.calibration import Temperature, apply_temperature
 from cfcml.config import PROJECT_ROOT, load_experiment
 from cfcml.data.prepare import prepare_dataset
 from cfcml.data.synthetic import make_men
 from cfcml.networks import build_model
+from cfcml.operating_points import OperatingPoint
 from pipelines.predict import main
 from tuning.checkpoints import FoldWeights
+from tuning.clinical import Calibrator
 from tuning.served_model import ROOT_ENV, input_columns, log_and_register
 from tuning.space import load_search
 
 SIZE = (32, 32, 8)
+CALIBRATOR = Calibrator(Temperature(1.7, 1.0, 0.9, 10),
+                        [OperatingPoint("youden", "youden", 1, "Grade_2_invasion", 0.25, None, 0.8, 0.7, 10)],
+                        "out-of-fold predictions of trial t", 0.9)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict:
     log_and_register(tracking_uri=uri, run_id=run_id, prepared=prepared, experiment=experiment,
                      members=[FoldWeights(network.state_dict(), normalizer.state_dict())],
                      model_name="cfcml-men", tags={"stage": "test"},
-                     pip_requirements=["torch", "mlflow"])  # skip MLflow's ~20 s requirement inference
+                     pip_requirements=["torch", "mlflow"],  # skip MLflow's ~20 s requirement inference
+                     calibrator=CALIBRATOR)
     rows = tmp / "rows.csv"
     prepared.test_frame()[input_columns(prepared.spec)].to_csv(rows, index=False)
     return {"uri": uri, "run_id": run_id, "prepared": prepared, "rows": rows}
@@ -304,3 +311,22 @@ def test_the_script_runs_from_a_checkout_without_path_edits() -> None:
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--model" in done.stdout and "--data-root" in done.stdout
+
+
+def test_raw_and_an_operating_point_are_asked_by_flag(registered, tmp_path) -> None:
+    classes = list(registered["prepared"].spec.classes)
+    cols = [f"prob_{c}" for c in classes]
+    assert predict(registered, registered["rows"], tmp_path / "cal.csv") == 0
+    assert predict(registered, registered["rows"], tmp_path / "raw.csv", "--raw") == 0
+    assert predict(registered, registered["rows"], tmp_path / "op.csv", "--operating-point",
+                   "Grade_2_invasion:youden") == 0
+    cal, raw, op = (pd.read_csv(tmp_path / f"{n}.csv") for n in ("cal", "raw", "op"))
+    np.testing.assert_allclose(cal[cols].to_numpy(), apply_temperature(raw[cols].to_numpy(), 1.7), atol=1e-6)
+    assert list(op.columns[-3:]) == ["operating_point", "threshold", "decision"]
+    assert (op["decision"] == (op["prob_Grade_2_invasion"] >= 0.25)).all()
+
+
+def test_an_unknown_operating_point_is_one_line_naming_the_known_ones(registered, tmp_path, capsys) -> None:
+    out = tmp_path / "preds.csv"
+    assert predict(registered, registered["rows"], out, "--operating-point", "nope") == 2
+    assert "--operating-point: no operating point 'nope'; known: Grade_2_invasion:youden" in refused(capsys, out)

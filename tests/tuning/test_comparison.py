@@ -85,3 +85,32 @@ def test_aggregate_averages_seeds_and_ensembles_the_test_split() -> None:
     assert "diff_vs_cfcml" not in data["variants"]["cfcml"]
     assert set(data["variants"]["no_fine"]["diff_vs_cfcml"]) == {"auc_diff", "ci_low", "ci_high"}
     assert data["variants"]["cfcml"]["test"]["macro_auc"] == pytest.approx(point, abs=1e-6)
+
+
+def test_comparisons_show_each_variants_calibration_and_subgroups(tmp_path: Path) -> None:
+    import json
+
+    import pandas as pd
+
+    from cfcml.data.spec import load_dataset_spec
+    from tuning.comparison import clinical_figures
+
+    rng = np.random.default_rng(1)
+    y = np.arange(60) % 3
+    trials = [{"variant": v, "seed": 0, "metrics": {"cv_macro_auc": 0.8}, "test_probs": _probs(y, s, rng)}
+              for v, s in (("cfcml", 1.0), ("no_fine", 3.0))]
+    variants = aggregate(trials, "multiclass", ["a", "b", "c"], y, ["cfcml", "no_fine", "late_concat"], n_boot=100)
+    spec = load_dataset_spec("men")
+    rows = pd.DataFrame({"sex": ["0", "1"] * 30, "location": ["1"] * 50 + ["2"] * 10,
+                         "age": np.linspace(30, 80, 60)})
+    calibration, subgroups = clinical_figures("multiclass", y, spec, rows, variants)
+    assert set(calibration) == set(subgroups) == {"cfcml", "no_fine"}  # late_concat has no predictions
+    assert [(r.field, r.category) for r in subgroups["cfcml"]][:2] == [("sex", "0"), ("sex", "1")]
+    result = ComparisonResult("men", "cv_macro_auc", "macro_auc", "multiclass", ["a", "b", "c"], variants, y, None,
+                              3, 2, 1, calibration=calibration, subgroups=subgroups)
+    text = markdown(result)
+    assert "## Calibration (test, fold ensembles as trained)" in text and "| no_fine |" in text
+    assert "## Subgroups (test macro_auc" in text and "| location | 2 | 10 |" in text and "**too small**" in text
+    data = json.loads(json.dumps(result.to_json()))
+    assert data["variants"]["cfcml"]["subgroups"][0]["field"] == "sex"
+    assert len(data["variants"]["cfcml"]["calibration"]["ece"]) == 3

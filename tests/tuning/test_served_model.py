@@ -233,6 +233,66 @@ def test_the_mlflow_pyfunc_has_no_parameters_and_enforces_the_root(bundle, rows,
         model.predict(rows, params={"root": "/"})
 
 
+# ---- calibration, operating points, missing modalities ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(prepared, tmp_path_factory: pytest.TempPathFactory) -> CFCMLModel:
+    """A bundle with a temperature and operating points, trained (as far as the bundle says) with
+    modality dropout."""
+    from cfcml.calibration import Temperature
+    from cfcml.operating_points import OperatingPoint
+    from tuning.clinical import Calibrator
+
+    base = load_experiment("men")
+    experiment = base.replace({**load_search("smoke", base).overrides, "train.image_size": list(SIZE),
+                               "train.modality_dropout": 0.2})
+    torch.manual_seed(0)
+    network = build_model(prepared.spec, experiment.model)
+    normalizer = prepared.fit_normalizer(prepared.dev_frame())
+    points = [OperatingPoint("youden", "youden", 0, "Grade_1", 0.3, None, 0.8, 0.7, 10)]
+    calibrator = Calibrator(Temperature(2.0, 1.0, 0.9, 10), points, "out-of-fold predictions of trial t", 0.9)
+    bundle = write_bundle(tmp_path_factory.mktemp("calibrated") / "bundle", spec=prepared.spec, experiment=experiment,
+                          members=[FoldWeights(network.state_dict(), normalizer.state_dict())], root=prepared.root,
+                          calibrator=calibrator)
+    return CFCMLModel.from_bundle(bundle)
+
+
+def test_predict_returns_calibrated_probabilities_and_the_raw_ones_on_request(calibrated, rows) -> None:
+    from cfcml.calibration import apply_temperature
+
+    raw = calibrated.predict(None, rows, params={"raw": True}).to_numpy()
+    out = calibrated.predict(None, rows).to_numpy()
+    np.testing.assert_allclose(out, apply_temperature(raw, 2.0), rtol=1e-5)
+    assert (out.argmax(1) == raw.argmax(1)).all() and out.max() <= raw.max() + 1e-9  # softer, same argmax
+
+
+def test_predict_adds_the_decision_at_a_named_operating_point(calibrated, rows) -> None:
+    out = calibrated.predict(None, rows, params={"operating_point": "Grade_1:youden"})
+    assert (out["operating_point"] == "Grade_1:youden").all() and (out["threshold"] == 0.3).all()
+    assert (out["decision"] == (out["Grade_1"] >= 0.3)).all()
+    with pytest.raises(InputError, match="no operating point 'Grade_1:nope'; known: Grade_1:youden"):
+        calibrated.predict(None, rows, params={"operating_point": "Grade_1:nope"})
+
+
+@pytest.mark.parametrize("modality", ["t1", "adc"])
+def test_a_missing_modality_is_accepted_only_by_a_model_trained_for_it(served, calibrated, rows, modality) -> None:
+    rows.loc[rows.index[0], f"path_{modality}"] = ""
+    out = calibrated.predict(None, rows)  # trained with modality dropout: a zero image
+    np.testing.assert_allclose(out.to_numpy().sum(1), 1.0, rtol=1e-5)
+    with pytest.raises(InputError, match=rf"no {modality} image given; this model was trained without modality "
+                                         r"dropout \(train.modality_dropout = 0\)"):
+        served.predict(None, rows)
+
+
+def test_a_missing_optional_field_is_accepted(served, rows) -> None:
+    rows = rows.astype({"adc_value": object})
+    rows.loc[rows.index[0], "adc_value"] = ""
+    rows.loc[rows.index[1], "tumour_area"] = None
+    out = served.predict(None, rows)
+    np.testing.assert_allclose(out.to_numpy().sum(1), 1.0, rtol=1e-5)
+
+
 def _files(folder: Path) -> list[Path]:
     return [p for p in Path(folder).rglob("*") if p.is_file()]
 

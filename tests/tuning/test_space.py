@@ -122,6 +122,15 @@ def test_tpe_models_within_the_trial_budget(tmp_path, base, text, num_samples, s
 
 
 
+def test_input_dropout_keys_are_searchable_and_their_range_is_checked(tmp_path, base):
+    search = load_search(write(tmp_path, "space:\n  train.modality_dropout: {dist: uniform, low: 0.0, high: 0.3}\n"
+                                         "  train.field_dropout: {dist: choice, values: [0.0, 0.1, 0.2]}\n"), base)
+    assert [p.key for p in search.space] == ["train.modality_dropout", "train.field_dropout"]
+    assert initial_point(search, base) == {"train.modality_dropout": 0.0, "train.field_dropout": 0.0}
+    with pytest.raises(ConfigError, match=r"train.field_dropout: must be in \[0, 1\)"):
+        load_search(write(tmp_path, "space:\n  train.field_dropout: {dist: choice, values: [1.5]}\n"), base)
+
+
 def test_the_command_line_is_checked_against_the_space_too(tmp_path):
     """A --set that makes a sampled value invalid (dim 36 is fine with 4 heads, not with 8) fails
     when the search is resolved, before Ray starts, naming the bound."""
