@@ -197,7 +197,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is None and config.get("run_dir"):
         # Ray Train's snapshot was damaged and moved aside (tuning.state_files): its checkpoint
         # folders are still there; continue from the newest intact one.
-        found = sorted(Path(config["run_dir"]).glob("checkpoint_*"))
+        # checkpoint folders only: the damaged snapshot moved aside is named checkpoint_manager_...
+        found = sorted(p for p in Path(config["run_dir"]).glob("checkpoint_*")
+                       if p.is_dir() and not p.name.startswith("checkpoint_manager"))
         ckpt = ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
     if ckpt is not None:  # a restarted worker group (or a resumed search) continues where it stopped
         with ckpt.as_directory() as d:
