@@ -6,6 +6,7 @@ import typing
 import pytest
 import torch
 import torch.nn.functional as F
+from scan_inputs import make_inputs
 
 from cfcml.config import SCANS, ConfigError, ModelConfig, from_dict
 from cfcml.networks import scan
@@ -13,17 +14,6 @@ from cfcml.networks.scan import mamba_ssm_available, resolve_scan, selective_sca
 
 CPU_BACKENDS = ["sequential", "pscan", "chunked", "auto"]
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def make_inputs(batch: int, d: int, n: int, length: int, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
-    """Scan inputs in float64 with realistic ranges: softplus steps around 0.3, A in about [-8, -0.1]."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device)
-
-    return [rand(batch, d, length), rand(batch, d, length, scale=0.5, shift=-1.0), -torch.exp(rand(d, n)),
-            rand(batch, n, length), rand(batch, n, length), rand(d), rand(batch, d, length), rand(d, scale=0.1)]
 
 
 def recurrence(u, delta, A, B, C, D, z, delta_bias):

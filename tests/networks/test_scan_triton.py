@@ -9,6 +9,8 @@ import torch
 from cfcml.networks.scan import selective_scan
 
 triton = pytest.importorskip("triton")
+from scan_inputs import make_inputs  # noqa: E402
+
 from cfcml.networks.mamba import Mamba  # noqa: E402
 from cfcml.networks.res_mamba import MambaLayer  # noqa: E402
 from cfcml.networks.scan_triton import scan_reference, selective_scan_triton  # noqa: E402
@@ -21,17 +23,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def interpret(monkeypatch):
     """CPU tensors run the kernels under Triton's interpreter, which the backend allows only with this set."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def make_inputs(batch: int, d: int, n: int, length: int, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
-    """Scan inputs in float64 with realistic ranges: softplus steps around 0.3, A in about [-8, -0.1]."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device)
-
-    return [rand(batch, d, length), rand(batch, d, length, scale=0.5, shift=-1.0), -torch.exp(rand(d, n)),
-            rand(batch, n, length), rand(batch, n, length), rand(d), rand(batch, d, length), rand(d, scale=0.1)]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
