@@ -87,6 +87,23 @@ def test_the_trial_actor_builds_a_one_cpu_worker_trainer_without_torch() -> None
     assert "ray" in loaded and "torch" not in loaded
 
 
+def test_a_comparison_trials_arguments_unpickle_in_the_trial_actor_without_torch(tmp_path: Path) -> None:
+    # what tune.with_parameters hands each comparison trial (tuning.trial.compare_trial); the
+    # ComparisonPlan itself would import tuning.comparison, and torch with it
+    import pickle
+
+    from tuning.comparison import plan_comparison
+
+    plan = plan_comparison("men", tmp_path, search="smoke", runs_dir=tmp_path / "runs", seeds=1)
+    path = tmp_path / "trials.pkl"
+    path.write_bytes(pickle.dumps(plan.trials(str(tmp_path / "prepared"))))
+    loaded = _loaded_after(f"import pickle, tuning.trial, tuning.trainer, ray.tune.integration.ray_train\n"
+                           f"trials = pickle.loads(open({str(path)!r}, 'rb').read())\n"
+                           f"assert set(trials.variants) == {set(plan.variants)!r}\n"
+                           "tuning.trainer.trainer_class(1, False)")
+    assert "ray" in loaded and "torch" not in loaded
+
+
 def test_test_modules_have_unique_basenames() -> None:
     """pytest imports test modules by basename (rootdir-relative packages are not used here): two
     files named test_x.py in different folders stop the whole collection on a fresh clone."""
