@@ -14,8 +14,13 @@ figures taken close together):
    time_total_s) - compute (the worker's training and validation); the least-squares line of
    overhead on epochs run gives the fixed cost (intercept) and the per-epoch non-training cost
    (slope: checkpoint, report, Ray's copy).
+4. With `--orchestration`: what the machinery alone costs a trial, with no training at all. Tune
+   runs `--samples` trials one at a time of (a) a plain Tune function trainable that reports once,
+   (b) a one-worker Ray Train `DataParallelTrainer` inside the trial reporting once (what
+   `tuning.trainer.fit` builds for one CPU worker), (c) the same with `TorchTrainer` (what it built
+   before issue 16); wall seconds per trial of `Tuner.fit()`, Tune's own start included.
 
-    python -m benchmarks.bench_trial_overhead [--samples 2] [--epochs 1 3] [--skip-search]
+    python -m benchmarks.bench_trial_overhead [--samples 2] [--epochs 1 3] [--skip-search] [--orchestration]
 """
 from __future__ import annotations
 
@@ -107,6 +112,64 @@ def search_overheads(tmp: Path, samples: int, epochs: int) -> list[dict]:
             for t in outcome["trials"] if "wall_s" in t]
 
 
+def _report_once(config: dict) -> None:
+    """A Ray Train loop or a Tune function trainable that only reports."""
+    if config.get("train"):
+        import ray.train
+
+        ray.train.report({"epoch": 1})
+    else:
+        from ray import tune
+
+        tune.report({"epoch": 1})
+
+
+def _train_in_trial(config: dict) -> None:
+    """A Tune trial that runs `_report_once` on one CPU worker of a Ray Train trainer."""
+    from ray import tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    if config["trainer"] == "TorchTrainer":
+        from ray.train.torch import TorchTrainer as trainer
+    else:
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer as trainer
+    trainer(_report_once, train_loop_config={"train": True},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": os.cpu_count()}),
+            run_config=RunConfig(name=f"noop_{tune.get_context().get_trial_id()}", storage_path=config["storage"],
+                                 callbacks=[TuneReportCallback()])).fit()
+
+
+def orchestration_cost(tmp: Path, samples: int) -> dict[str, float]:
+    """Wall seconds per trial of Tune alone, and of Tune driving a one-worker Ray Train run."""
+    import ray
+    from ray import tune
+
+    from tuning.ray_runtime import local_init_kwargs, scoped_env
+
+    out = {}
+    ray.init(address="local", **local_init_kwargs(num_cpus=os.cpu_count()))
+    try:
+        kinds = {"Tune function trainable": (_report_once, {"cpu": os.cpu_count()}),
+                 "Ray Train DataParallelTrainer": (_train_in_trial, {"cpu": 0, "memory": 1}),
+                 "Ray Train TorchTrainer": (_train_in_trial, {"cpu": 0, "memory": 1})}
+        for name, (fn, resources) in kinds.items():
+            space = {"i": tune.grid_search(list(range(samples))), "storage": str(tmp / "noop"),
+                     "trainer": name.rsplit(" ", 1)[-1]}
+            tuner = tune.Tuner(tune.with_resources(fn, resources), param_space=space,
+                               tune_config=tune.TuneConfig(max_concurrent_trials=1),
+                               run_config=tune.RunConfig(name=name.replace(" ", "_"), storage_path=str(tmp / "tune"),
+                                                         verbose=0))
+            t0 = time.perf_counter()
+            with scoped_env(RAY_AIR_NEW_OUTPUT="0"):
+                results = tuner.fit()
+            out[name] = (time.perf_counter() - t0) / samples
+            assert not results.errors, results.errors
+    finally:
+        ray.shutdown()
+    return out
+
+
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares intercept and slope (slope 0 if all xs are equal)."""
     n = len(xs)
@@ -121,6 +184,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--epochs", type=int, nargs="+", default=[1, 3])
     p.add_argument("--skip-search", action="store_true", help="imports and checkpoint cost only")
+    p.add_argument("--orchestration", action="store_true",
+                   help="also time trials that only report: Tune alone, and Tune driving Ray Train")
     args = p.parse_args()
     print(f"load average at start: {os.getloadavg()}, cpus: {os.cpu_count()}")
     actor, worker = import_cost(ACTOR_IMPORTS), import_cost(WORKER_IMPORTS)
@@ -130,6 +195,9 @@ def main() -> None:
         ck = checkpoint_cost(Path(tmp))
         print(f"checkpoint per write: {ck['checkpoint_s']:.2f} s for {ck['checkpoint_mb']:.1f} MB; "
               f"one smoke epoch's compute {ck['epoch_s']:.2f} s ({100 * ck['checkpoint_s'] / ck['epoch_s']:.0f}%)")
+        if args.orchestration:
+            for name, seconds in orchestration_cost(Path(tmp), args.samples).items():
+                print(f"orchestration, {name:30s}: {seconds:5.1f} s per trial (wall, nothing trained)")
         if args.skip_search:
             return
         trials = []
