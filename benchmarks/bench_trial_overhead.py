@@ -13,7 +13,8 @@ figures taken close together):
    implied by 1 CPU for Ray), at `--epochs` 1 and 3; per trial, overhead = wall (Tune's
    time_total_s) - compute (the worker's training and validation); the least-squares line of
    overhead on epochs run gives the fixed cost (intercept) and the per-epoch non-training cost
-   (slope: checkpoint, report, Ray's copy).
+   (slope: checkpoint, report, Ray's copy); and how many epochs wrote a checkpoint, which with
+   (2) gives checkpointing's average share of an epoch.
 4. With `--orchestration`: what the machinery alone costs a trial, with no training at all. Tune
    runs `--samples` trials one at a time of (a) a plain Tune function trainable that reports once,
    (b) a one-worker Ray Train `DataParallelTrainer` inside the trial reporting once (what
@@ -107,8 +108,15 @@ def search_overheads(tmp: Path, samples: int, epochs: int) -> list[dict]:
                       "--cpus-per-worker", str(os.cpu_count())])  # one trial at a time
     if rc != 0:
         sys.exit(rc)
-    outcome = json.loads((runs / "ray" / "men-smoke" / "outcome.json").read_text())
-    return [{"epochs": t["epochs_run"], "wall": t["wall_s"], "compute": t["compute_s"]}
+    search_dir = runs / "ray" / "men-smoke"
+    outcome = json.loads((search_dir / "outcome.json").read_text())
+    written = {}  # trial id -> epochs that wrote a checkpoint (EpochReport.checkpointed; absent before issue 16)
+    for rows in search_dir.glob("*/result.json"):
+        for line in rows.read_text().splitlines():
+            row = json.loads(line)
+            written[row["trial_id"]] = written.get(row["trial_id"], 0) + int(row.get("checkpointed", True))
+    return [{"epochs": t["epochs_run"], "wall": t["wall_s"], "compute": t["compute_s"],
+             "written": written.get(t["trial_id"], t["epochs_run"])}
             for t in outcome["trials"] if "wall_s" in t]
 
 
@@ -203,9 +211,13 @@ def main() -> None:
         trials = []
         for e in args.epochs:
             trials += search_overheads(Path(tmp), args.samples, e)
-    print(f"{'epochs':>6s} {'wall s':>8s} {'compute s':>10s} {'overhead s':>11s}")
+    print(f"{'epochs':>6s} {'wall s':>8s} {'compute s':>10s} {'overhead s':>11s} {'checkpoints':>12s}")
     for t in trials:
-        print(f"{t['epochs']:6d} {t['wall']:8.1f} {t['compute']:10.1f} {t['wall'] - t['compute']:11.1f}")
+        print(f"{t['epochs']:6d} {t['wall']:8.1f} {t['compute']:10.1f} {t['wall'] - t['compute']:11.1f} "
+              f"{t['written']:12d}")
+    epochs, written = sum(t["epochs"] for t in trials), sum(t["written"] for t in trials)
+    print(f"checkpoints written in {written} of {epochs} epochs: checkpointing costs "
+          f"{100 * ck['checkpoint_s'] * written / epochs / ck['epoch_s']:.0f}% of a smoke epoch's compute on average")
     fixed, per_epoch = fit_line([t["epochs"] for t in trials], [t["wall"] - t["compute"] for t in trials])
     print(f"fixed cost per trial {fixed:.1f} s; non-training cost per epoch {per_epoch:.2f} s; "
           f"load average at end: {os.getloadavg()}")
