@@ -85,12 +85,17 @@ def build_trainable(trial: Callable[..., None], **bound: Any) -> Any:
 def build_tuner(trainable: Any, *, param_space: dict[str, Any], tune_config: Any, name: str, storage_path: str,
                 callbacks: list, reporter: Any) -> Any:
     """A new `tune.Tuner`: experiment `name` under `storage_path`, `callbacks` (the MLflow
-    tracker first), `reporter` (a `tune.CLIReporter`) for the console table."""
+    tracker first) and a `PlacementGroupJanitor` (`tuning.placement_groups`: the CPUs of a Ray
+    Train run that Tune stopped mid-restart), `reporter` (a `tune.CLIReporter`) for the console
+    table. A restored Tuner keeps the callbacks saved with it."""
     from ray import tune
+
+    from tuning.placement_groups import PlacementGroupJanitor
 
     return tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config,
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
+        run_config=tune.RunConfig(name=name, storage_path=storage_path,
+                                  callbacks=[*callbacks, PlacementGroupJanitor()],
                                   progress_reporter=reporter, verbose=1),
     )
 

@@ -73,3 +73,46 @@ def test_a_dead_controllers_placement_group_is_freed_while_another_ray_runs(ray_
         ray.util.remove_placement_group(pg)
         ray.kill(cleaner)
     assert state == "REMOVED"
+
+
+def test_the_janitor_frees_an_unused_train_placement_group_and_keeps_used_and_tune_ones(ray_local) -> None:
+    """The placement group a dying Ray Train controller created after its cleaner stopped watching
+    (`tuning.placement_groups`): a worker-bundle group no actor uses is removed on the second
+    check; one whose actor is alive, one whose actor is still starting, and Tune's trial group
+    (`memory` marker) are kept."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from tuning.placement_groups import PlacementGroupJanitor
+
+    @ray.remote(num_cpus=0.5)
+    class Worker:  # stands for a Ray Train worker
+        def __init__(self, start_s: float = 0.0) -> None:
+            time.sleep(start_s)
+
+        def ready(self) -> bool:
+            return True
+
+    groups = {name: placement_group([bundle]) for name, bundle in
+              (("orphan", {"CPU": 0.5}), ("used", {"CPU": 0.5}), ("starting", {"CPU": 0.5}),
+               ("tune_trial", {"memory": 1}))}
+    for pg in groups.values():
+        ray.get(pg.ready(), timeout=60)
+    on = {name: PlacementGroupSchedulingStrategy(groups[name]) for name in ("used", "starting")}
+    used = Worker.options(scheduling_strategy=on["used"]).remote()
+    ray.get(used.ready.remote())
+    starting = Worker.options(scheduling_strategy=on["starting"]).remote(30.0)  # in __init__ for 30 s
+    janitor = PlacementGroupJanitor(period_s=0.1)
+    try:
+        time.sleep(2)  # the starting worker's process is up and in __init__
+        assert janitor.sweep() == set()  # first seen: a suspect only
+        assert janitor.sweep() == {groups["orphan"].id.hex()}
+        states = {name: placement_group_table(pg)["state"] for name, pg in groups.items()}
+        assert states == {"orphan": "REMOVED", "used": "CREATED", "starting": "CREATED", "tune_trial": "CREATED"}
+    finally:
+        ray.kill(used)
+        ray.kill(starting)
+        for pg in groups.values():
+            if placement_group_table(pg).get("state") != "REMOVED":
+                remove_placement_group(pg)
