@@ -1,4 +1,4 @@
-"""The checkpoint policy of a Ray Train run (no Ray needed: the policy is plain arithmetic)."""
+"""The checkpoint policy of a Ray Train run and the state its background writes take (no Ray needed)."""
 from __future__ import annotations
 
 import pytest
@@ -33,3 +33,28 @@ def test_the_checkpoint_interval_must_be_positive() -> None:
 
     with pytest.raises(ConfigError, match="checkpoint_every"):
         TrainConfig(checkpoint_every=0)
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_epoch_not_a_later_one() -> None:
+    # report_epoch writes a due checkpoint on Ray Train's upload thread while the next epoch
+    # trains: what it writes is `_detached` at report time, and an optimiser step after that
+    # (in-place updates of weights and Adam moments) must not reach it.
+    import torch
+
+    from tuning.trainer import _detached
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    state = {"epoch": 1, "folds": [{"model": net.state_dict(), "optimizer": opt.state_dict()}]}
+    copy = _detached(state)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    moment = opt.state_dict()["state"][0]["exp_avg"].clone()
+    net(torch.ones(4, 3)).sum().backward()
+    opt.step()  # the next epoch
+    assert not torch.equal(net.weight, before["weight"])  # training did change the live state
+    for key, value in before.items():
+        assert torch.equal(copy["folds"][0]["model"][key], value)
+    assert torch.equal(copy["folds"][0]["optimizer"]["state"][0]["exp_avg"], moment)
+    assert copy["epoch"] == 1
