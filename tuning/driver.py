@@ -130,9 +130,12 @@ def search_algorithms(run: SearchRun, target: str) -> tuple[Any, Any]:
         metric=target, mode="max", sampler=sampler,
         points_to_evaluate=[initial_point(run.search, run.experiment)] if run.search.space else None,
     )
+    # stop_last_trials=False: a trial at its last epoch ends by itself, its Ray Train run shut down
+    # in order. Stopped by Tune at that moment instead, its controller could die mid-shutdown and
+    # leave its workers' CPUs reserved (tuning.placement_groups), the next trial waiting for them.
     scheduler = ASHAScheduler(time_attr="epoch", max_t=run.max_epochs,
                               grace_period=min(run.search.grace_period, run.max_epochs),
-                              reduction_factor=run.search.reduction_factor)
+                              reduction_factor=run.search.reduction_factor, stop_last_trials=False)
     return searcher, scheduler
 
 

@@ -1,14 +1,15 @@
 """Freeing the CPUs of Ray Train runs that Tune stopped at a bad moment.
 
-When Tune stops a trial (ASHA, or the trial's last epoch reaching ASHA's `max_t`) it ends the
-trial's actor, and with it the Ray Train controller that the actor started. Ray Train frees the
-controller's placement group (its workers' CPUs) itself in two ways: the controller's own shutdown,
-and a detached `PlacementGroupCleaner` that watches the controller. Neither covers one race, seen
-on Ray 2.60: the dying controller saw its worker die first (killed with it), took that for a worker
-crash, and started a new worker group on a new placement group before it died; that placement
-group was never registered with the cleaner, and Ray does not remove it with its dead creator. Its
-CPUs stay reserved for the rest of the session, so the next trial's workers wait out Ray Train's
-start timeout (300 s) and retry forever.
+When Tune stops a trial (ASHA's early stopping; a trial that reaches its last epoch ends by
+itself, `tuning.driver.search_algorithms`) it ends the trial's actor, and with it the Ray Train
+controller that the actor started. Ray Train frees the controller's placement group (its workers'
+CPUs) itself in two ways: the controller's own shutdown, and a detached `PlacementGroupCleaner`
+that watches the controller. Neither covers one race, seen on Ray 2.60: the dying controller saw
+its worker die first (killed with it), took that for a worker crash, and started a new worker
+group on a new placement group before it died; that placement group was never registered with the
+cleaner, and Ray does not remove it with its dead creator. Its CPUs stay reserved for the rest of
+the session, so the next trial's workers wait out Ray Train's start timeout (300 s) and retry
+forever.
 
 `PlacementGroupJanitor` (a Tune callback on the driver) removes such placement groups: created by
 this job, not detached, every bundle a Ray Train worker's (CPU, and no Tune `memory` marker), and
@@ -65,7 +66,7 @@ class PlacementGroupJanitor(Callback):
             milliseconds of its placement group being ready).
     """
 
-    def __init__(self, period_s: float = 5.0):
+    def __init__(self, period_s: float = 2.0):
         if period_s <= 0:
             raise ValueError(f"period_s must be positive, got {period_s}")
         self.period_s = period_s
