@@ -230,6 +230,9 @@ class TrainConfig:
         prefetch_factor: batches each loader worker keeps ready (used when loader_workers > 0).
         max_failures: restarts of a trial's Ray Train workers after a crash (a preempted node, an
             out-of-memory kill), each from the last checkpoint; 0 fails the trial at once.
+        checkpoint_every: a run writes a checkpoint every this many epochs, plus at each epoch
+            that becomes its selected epoch and at its last epoch (`tuning.trainer.CheckpointPolicy`);
+            1 = every epoch. A crash retrains at most this many epochs minus one. Positive.
         image_size: overrides the dataset's preprocessed image size (tiny demos), 2 or 3 sizes.
         seed: seeds weights, batch order and augmentation (not the folds: see the fold seed).
         selection_metric: the validation metric that selects trials and epochs (ASHA, the best
@@ -259,6 +262,7 @@ class TrainConfig:
     cuda_graphs: bool = False
     prefetch_factor: int = 2
     max_failures: int = 2
+    checkpoint_every: int = 5
     image_size: tuple[int, ...] | None = None
     seed: int = 0
     selection_metric: str | None = None
@@ -266,7 +270,7 @@ class TrainConfig:
     field_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "workers", "prefetch_factor")
+        _positive(self, "epochs", "batch_size", "workers", "prefetch_factor", "checkpoint_every")
         for name in ("modality_dropout", "field_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"must be in [0, 1), got {getattr(self, name)!r}", name)

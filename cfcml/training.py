@@ -89,7 +89,7 @@ def cv_splits(prepared: PreparedDataset, final: bool = False) -> list[Split]:
 @dataclass
 class Fold:
     model: CFCML
-    net: nn.Module  # `model`, or its DDP wrapper
+    net: nn.Module  # `model`, or its DDP wrapper; torch.compile's wrapper of it after _prepare_step (train.compile)
     criterion: CFCMLLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -99,6 +99,7 @@ class Fold:
     val: pd.DataFrame | None  # the validation rows (manifest columns)
     graphed: GraphedStep | None = None  # the CUDA-graph step (train.cuda_graphs), set by _prepare_step
     eval_graphed: GraphedForward | None = None  # and the CUDA-graph validation forward
+    step_ready: bool = False  # _prepare_step has run (the step options of `train` applied once)
 
 
 def prediction_frame(rows: pd.DataFrame, probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
@@ -271,7 +272,7 @@ class CrossValidation:
 
     def _prepare_step(self, fold: Fold) -> None:
         """Once per fold, before its first step: the CUDA-only step options of `train` (docs/gpu.md)."""
-        if getattr(fold, "step_ready", False):
+        if fold.step_ready:
             return
         t = self.cfg.train
         if self.device.type == "cuda":
@@ -288,7 +289,7 @@ class CrossValidation:
                 fold.graphed = self._graphed_step(fold)
                 if fold.graphed is not None:
                     fold.eval_graphed = GraphedForward(fold.model, t.batch_size, pool=fold.graphed.pool)
-        fold.step_ready = True  # type: ignore[attr-defined]
+        fold.step_ready = True
 
     def train_epoch(self, k: int) -> dict[str, float]:
         """One epoch of fold k: the mean of each loss term over its steps (`train_<term>`).
@@ -469,3 +470,5 @@ class CrossValidation:
             if fold.graphed is not None:
                 fold.graphed.release()
             fold.scheduler.load_state_dict(fs["scheduler"])
+            if "normalizer" in fs:  # refit on the same training rows: it must match what was saved
+                fold.normalizer.load_state_dict(fs["normalizer"])

@@ -58,6 +58,52 @@ def test_the_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
     assert offenders(imported(source), ("tuning", "ray")) == ["ray.train", "tuning.search", "tuning.search.main"]
 
 
+def _loaded_after(code: str) -> set[str]:
+    """The top-level packages in sys.modules after `code` runs in a fresh interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    return set(json.loads(out.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("module", ["cfcml.training", "cfcml.networks", "cfcml.predict"])
+def test_the_library_at_run_time_loads_neither_mlflow_nor_ray(module: str) -> None:
+    # MONAI's own __init__ would load monai.handlers, which imports MLflow (cfcml._monai)
+    loaded = _loaded_after(f"import {module}")
+    assert "monai" in loaded or module == "cfcml.predict"
+    assert not loaded & {"mlflow", "ray", "ignite"}, loaded & {"mlflow", "ray", "ignite"}
+
+
+def test_the_trial_actor_builds_a_one_cpu_worker_trainer_without_torch() -> None:
+    # Tune's trial actor imports the trial function's module and builds the trainer; only the
+    # Ray Train workers need torch (tuning.trainer.trainer_class)
+    # (tuning.trial's module, the SearchRun it is given, Tune's report callback, the trainer class)
+    loaded = _loaded_after("import tuning.trial, tuning.run, tuning.trainer, ray.tune.integration.ray_train\n"
+                           "tuning.trainer.trainer_class(1, False)")
+    assert "ray" in loaded and "torch" not in loaded
+
+
+def test_a_comparison_trials_arguments_unpickle_in_the_trial_actor_without_torch(tmp_path: Path) -> None:
+    # what tune.with_parameters hands each comparison trial (tuning.trial.compare_trial); the
+    # ComparisonPlan itself would import tuning.comparison, and torch with it
+    import pickle
+
+    from tuning.comparison import plan_comparison
+
+    plan = plan_comparison("men", tmp_path, search="smoke", runs_dir=tmp_path / "runs", seeds=1)
+    path = tmp_path / "trials.pkl"
+    path.write_bytes(pickle.dumps(plan.trials(str(tmp_path / "prepared"))))
+    loaded = _loaded_after(f"import pickle, tuning.trial, tuning.trainer, ray.tune.integration.ray_train\n"
+                           f"trials = pickle.loads(open({str(path)!r}, 'rb').read())\n"
+                           f"assert set(trials.variants) == {set(plan.variants)!r}\n"
+                           "tuning.trainer.trainer_class(1, False)")
+    assert "ray" in loaded and "torch" not in loaded
+
+
 def test_test_modules_have_unique_basenames() -> None:
     """pytest imports test modules by basename (rootdir-relative packages are not used here): two
     files named test_x.py in different folders stop the whole collection on a fresh clone."""

@@ -68,6 +68,17 @@ def test_state_round_trip_restores_every_fold(prepared, cfg, tmp_path: Path):
             assert torch.equal(pa, pb), name
         assert torch.equal(a.criterion.bank.p_bank, b.criterion.bank.p_bank)
         assert a.optimizer.state_dict()["state"].keys() == b.optimizer.state_dict()["state"].keys()
+        assert a.normalizer.state_dict() == b.normalizer.state_dict()
+
+
+def test_a_checkpoint_whose_normaliser_no_longer_fits_the_training_rows_is_refused(prepared, cfg):
+    splits = [Split(*prepared.fold_frames(k)) for k in range(2)]
+    cv = CrossValidation(prepared, splits, cfg)
+    state = cv.state_dict()
+    norm = state["folds"][1]["normalizer"]
+    norm["mean"] = [m + 1.0 for m in norm["mean"]]  # statistics of other rows than fold 1's training rows
+    with pytest.raises(ValueError, match="normaliser statistics differ"):
+        CrossValidation(prepared, splits, cfg).load_state_dict(state)
 
 
 def test_final_mode_trains_on_all_dev_rows_without_validation(prepared, cfg):

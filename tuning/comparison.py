@@ -23,12 +23,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cfcml.config import ConfigError, ExperimentConfig
 from cfcml.data.manifest import PreparedDataset
+from tuning.trial import VariantTrials
+
+if TYPE_CHECKING:
+    from cfcml.oracle import OracleScores
 
 ABLATIONS = {
     "no_mg": {"model.multi_granularity": False},
@@ -78,6 +82,11 @@ class ComparisonPlan:
     @property
     def max_epochs(self) -> int:
         return self.base.train.epochs
+
+    def trials(self, prepared_dir: str) -> VariantTrials:
+        """What each of its Tune trials is given (`tuning.trial.compare_trial`)."""
+        return VariantTrials(dict(self.variants), self.max_epochs, prepared_dir, self.name,
+                             str(self.runs_dir / "ray" / "train"))
 
 
 def variant_configs(base: ExperimentConfig, names: list[str],
@@ -141,21 +150,7 @@ def plan_comparison(dataset: str, data_root: str | Path | None = None, *, varian
     )
 
 
-# --------------------------------------------------------------------------------------- trials
-
-
-def compare_trial(config: dict[str, Any], *, plan: ComparisonPlan, prepared_dir: str) -> None:
-    """One Tune trial: one variant with one seed on all folds, then its fold ensemble on the test
-    split (after the last epoch)."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from tuning.trainer import TrainJob, fit
-
-    cfg = plan.variants[config["variant"]].replace({"train.seed": int(config["seed"])})
-    job = TrainJob(cfg, prepared_dir, plan.max_epochs, predict_test=True)
-    fit(job, name=f"compare_{plan.name}_{tune.get_context().get_trial_id()}",
-        storage_path=str(plan.runs_dir / "ray" / "train"), metric=None, callbacks=[TuneReportCallback()])
+# --------------------------------------------------------------------------------------- results
 
 
 @dataclass
@@ -178,7 +173,7 @@ class ComparisonResult:
     classes: list[str]
     variants: list[VariantResult]
     y_test: np.ndarray
-    oracle: dict[str, Any] | None
+    oracle: OracleScores | None  # the generator's oracle (synthetic data only)
     epochs: int
     folds: int
     seeds: int
@@ -217,7 +212,11 @@ class ComparisonResult:
                 "epochs": self.epochs, "folds": self.folds, "seeds": self.seeds, "n_test": int(len(self.y_test)),
                 "test_evaluation": f"fold ensemble: the {self.folds} fold models of each of {self.seeds} seeds, "
                                    f"probabilities averaged, at the last of {self.epochs} epochs",
-                "variants": variants, "oracle": self.oracle}
+                "variants": variants, "oracle": None if self.oracle is None else {
+                    "features": list(self.oracle.features),
+                    "cv": {k: clean(x) for k, x in self.oracle.cv.items()},
+                    "test": {k: clean(x[0]) for k, x in self.oracle.test.items()},
+                    "test_ci": {k: [clean(x[1]), clean(x[2])] for k, x in self.oracle.test.items()}}}
 
 
 def aggregate(trials: list[dict[str, Any]], task: str, classes: list[str], y_test: np.ndarray,
@@ -284,12 +283,12 @@ def markdown(result: ComparisonResult) -> str:
             f"[{_fmt(t.get('balanced_accuracy', (math.nan,) * 3)[1])}, "
             f"{_fmt(t.get('balanced_accuracy', (math.nan,) * 3)[2])}] "
             f"| {' / '.join(_fmt(t.get(r, (math.nan,))[0], 2) for r in recalls)} | {diff} |")
-    if result.oracle:
+    if result.oracle is not None:
         o = result.oracle
-        lines.append(f"| *oracle* (generator latents) | {_fmt(o['cv'].get(auc))} | "
-                     f"{_fmt(o['cv'].get('balanced_accuracy'))} | {_fmt(o['test'].get(auc))} | "
-                     f"{_fmt(o['test'].get('balanced_accuracy'))} | | |")
-        lines += ["", f"Oracle: logistic regression on the generator's latent signals ({', '.join(o['features'])}), "
+        lines.append(f"| *oracle* (generator latents) | {_fmt(o.cv.get(auc))} | {_fmt(o.cv.get('balanced_accuracy'))} "
+                     f"| {_ci_cell(o.test.get(auc, (math.nan,) * 3))} "
+                     f"| {_ci_cell(o.test.get('balanced_accuracy', (math.nan,) * 3))} | | |")
+        lines += ["", f"Oracle: logistic regression on the generator's latent signals ({', '.join(o.features)}), "
                       "same folds; read by this report only, never by training."]
     lines += _calibration_lines(result) + _subgroup_lines(result)
     return "\n".join(lines) + "\n"
@@ -350,12 +349,11 @@ def figures(result: ComparisonResult) -> dict[str, Any]:
     from tuning.plots import plot_metric_bars, plot_roc_overlay
 
     probs = {v.name: v.test_probs for v in result.variants if v.test_probs is not None}
-    if result.oracle and result.oracle.get("test_probs") is not None:
-        probs["oracle"] = np.asarray(result.oracle["test_probs"])
-    rows = [{"name": v.name, "test": v.test, "cv": v.cv, "cv_sd": v.cv_sd} for v in result.variants]
     reference = None
-    if result.oracle:
-        reference = {k: result.oracle["test"].get(k) for k in (result.auc, "balanced_accuracy")}
+    if result.oracle is not None:
+        probs["oracle"] = np.asarray(result.oracle.test_probs)
+        reference = {k: result.oracle.test[k][0] for k in (result.auc, "balanced_accuracy") if k in result.oracle.test}
+    rows = [{"name": v.name, "test": v.test, "cv": v.cv, "cv_sd": v.cv_sd} for v in result.variants]
     return {
         "roc_test.png": plot_roc_overlay(result.y_test, probs, f"{result.dataset}: test ROC (fold ensembles)"),
         "metric_bars.png": plot_metric_bars(rows, [result.auc, "balanced_accuracy"], reference,
@@ -367,10 +365,7 @@ def write_outputs(result: ComparisonResult, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "comparison.md", out_dir / "comparison.json"]
     paths[0].write_text(markdown(result))
-    data = result.to_json()
-    if data["oracle"]:
-        data["oracle"] = {k: v for k, v in data["oracle"].items() if k != "test_probs"}
-    paths[1].write_text(json.dumps(data, indent=1))
+    paths[1].write_text(json.dumps(result.to_json(), indent=1))
     for fname, fig in figures(result).items():
         fig.savefig(out_dir / fname, dpi=110)
         paths.append(out_dir / fname)
@@ -386,23 +381,19 @@ def run_comparison(plan: ComparisonPlan, prepared: PreparedDataset) -> Compariso
     from mlflow.tracking import MlflowClient
 
     from cfcml.metrics import selection_key
-    from tuning.tracking import default_tracking_uri, experiment_id, git_commit
+    from tuning.lifecycle import owned_run
+    from tuning.tracking import default_tracking_uri
+    from tuning.tuner import create_parent_run
 
     spec = prepared.spec
     metric = selection_key(spec.task, len(spec.classes), spec.selection_metric, plan.base.train.selection_metric)
     tracking_uri = plan.tracking_uri or default_tracking_uri(plan.runs_dir)
     client = MlflowClient(tracking_uri)
-    artifacts = plan.runs_dir / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
-    exp_id = experiment_id(client, plan.dataset, artifacts)
-    run_id = client.create_run(exp_id, run_name=f"comparison {plan.name}", tags={
-        "cfcml.kind": "comparison", "cfcml.dataset": plan.dataset, "cfcml.dataset_fingerprint": prepared.fingerprint,
-        "mlflow.source.git.commit": git_commit(), "cfcml.search": f"compare/{plan.name}",
-    }).info.run_id
-    from tuning.lifecycle import owned_run
-
+    parent = create_parent_run(client, plan.runs_dir, plan.dataset, f"comparison {plan.name}", kind="comparison",
+                               group=f"compare/{plan.name}", prepared=prepared)
     # The comparison run and its variant runs end FINISHED, FAILED or KILLED however this ends.
-    with owned_run(client, run_id, children=True):
-        return _compare(plan, prepared, client, run_id, exp_id, tracking_uri, metric)
+    with owned_run(client, parent.run_id, children=True):
+        return _compare(plan, prepared, client, parent.run_id, parent.experiment_id, tracking_uri, metric)
 
 
 def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: Any, run_id: str, exp_id: str,
@@ -413,33 +404,31 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: Any, run_i
     from cfcml.training import frame_probs
     from tuning.checkpoints import open_checkpoint
     from tuning.driver import trial_concurrency
-    from tuning.ray_runtime import scoped_env
-    from tuning.tracking import SearchTracker, log_metrics, log_params, log_provenance
+    from tuning.tracking import SearchTracker, log_metrics
+    from tuning.trial import compare_trial
+    from tuning.tuner import build_trainable, build_tuner, fit_tuner, log_parent_inputs
 
     spec = prepared.spec
-    log_provenance(client, run_id, prepared)
-    log_params(client, run_id, {"variants": ",".join(plan.variants), "seeds": len(plan.seeds),
-                                "epochs": plan.max_epochs, "folds": prepared.folds, "fold_seed": prepared.fold_seed,
-                                "from_search": plan.from_search or "", "metric": metric})
+    log_parent_inputs(client, run_id, prepared, {
+        "variants": ",".join(plan.variants), "seeds": len(plan.seeds), "epochs": plan.max_epochs,
+        "folds": prepared.folds, "fold_seed": prepared.fold_seed, "from_search": plan.from_search or "",
+        "metric": metric})
 
-    trainable = tune.with_parameters(compare_trial, plan=plan, prepared_dir=str(prepared.out_dir))
-    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
+    trainable = build_trainable(compare_trial, trials=plan.trials(str(prepared.out_dir)))
     tracker = SearchTracker(tracking_uri, exp_id, run_id, f"compare/{plan.name}", metric, list(spec.classes),
                             spec.task, kind="comparison-trial", name_keys=("variant", "seed"), plots_from="last")
     # The table of running trials every minute (Tune's default is every 5 s); the tracker prints a
     # line as each trial finishes.
     reporter = tune.CLIReporter(metric_columns={"epoch": "epoch", metric: metric},
                                 parameter_columns=["variant", "seed"], max_report_frequency=60)
-    tuner = tune.Tuner(
+    tuner = build_tuner(
         trainable,
         param_space={"variant": tune.grid_search(list(plan.variants)), "seed": tune.grid_search(list(plan.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=trial_concurrency(plan.base.train)),
-        run_config=tune.RunConfig(name=f"compare-{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str(plan.runs_dir / "ray"),
-                                  callbacks=[tracker], progress_reporter=reporter, verbose=1),
+        name=f"compare-{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(plan.runs_dir / "ray"),
+        callbacks=[tracker], reporter=reporter,
     )
-    with scoped_env(RAY_AIR_NEW_OUTPUT="0"):
-        results = tuner.fit()
+    results = fit_tuner(tuner)
     from tuning.lifecycle import end_children
 
     # Ctrl-C: Tune returns with the running trials marked terminated, without the tracker's end of trial
@@ -460,16 +449,12 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: Any, run_i
     for message in failed:
         print(f"trial failed: {message}")
     y_test = test["label"].to_numpy()
-    oracle = oracle_scores(prepared)
     result = ComparisonResult(
         dataset=plan.dataset, metric=metric, auc=auc_metric(spec.task), task=spec.task,
         classes=list(spec.classes), variants=aggregate(trials, spec.task, list(spec.classes), y_test,
                                                        list(plan.variants)),
         y_test=y_test, epochs=plan.max_epochs, folds=prepared.folds, seeds=len(plan.seeds), run_id=run_id,
-        oracle=None if oracle is None else {"features": oracle.features, "cv": oracle.cv,
-                                            "test": {k: v[0] for k, v in oracle.test.items()},
-                                            "test_ci": {k: [v[1], v[2]] for k, v in oracle.test.items()},
-                                            "test_probs": oracle.test_probs},
+        oracle=oracle_scores(prepared),
     )
     result.calibration, result.subgroups = clinical_figures(spec.task, y_test, spec, test, result.variants)
     paths = write_outputs(result, plan.out_dir)

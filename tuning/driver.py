@@ -18,6 +18,7 @@ from cfcml.data.manifest import PreparedDataset
 from tuning.outcome import (
     OUTCOME_FILE,
     SELECTED_NOTE,
+    EpochReport,
     EpochSelection,
     SearchOutcome,
     TrialResult,
@@ -26,9 +27,10 @@ from tuning.outcome import (
     selected_key,
 )
 from tuning.run import SearchRun
+from tuning.trial import run_trial
 
 STATE_FILE = "cfcml_search.json"
-STATE_SAVE_PERIOD_S = "1"  # Tune's experiment state, see run_search
+STATE_SAVE_PERIOD_S = "5"  # Tune's experiment state, see run_search
 
 
 class SearchInterrupted(RuntimeError):
@@ -81,20 +83,6 @@ def trial_concurrency(t: TrainConfig) -> int:
     return max(int(min(fits)), 1)
 
 
-def run_trial(config: dict[str, Any], *, run: SearchRun, prepared_dir: str, metric: str) -> None:
-    """One Tune trial: the sampled values (`config`, dotted keys) over the search's experiment,
-    trained on all folds by a Ray Train TorchTrainer."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from tuning.trainer import TrainJob, fit
-
-    trial_id = tune.get_context().get_trial_id()
-    job = TrainJob(run.experiment.replace(dict(config)), prepared_dir, run.max_epochs)
-    fit(job, name=f"trial_{trial_id}", storage_path=str(run.storage / "train"), metric=metric,
-        callbacks=[TuneReportCallback()], label=f"trial {trial_id}")
-
-
 def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, metric: str) -> SearchState:
     """Create the search's parent run and write the state file. A parent run of this search that
     never got its parameters (the driver was killed between creating it and writing the state file)
@@ -102,29 +90,20 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
     from mlflow.tracking import MlflowClient
 
     from tuning.lifecycle import ends_on_error
-    from tuning.tracking import experiment_id, find_run, git_commit, log_params, log_provenance, write_json_artifact
+    from tuning.tracking import write_json_artifact
+    from tuning.tuner import create_parent_run, log_parent_inputs
 
     client = MlflowClient(tracking_uri)
-    artifacts = run.runs_dir / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
-    exp_id = experiment_id(client, run.dataset, artifacts)
-    commit = git_commit()
-    parent_id = find_run(client, exp_id, **{"cfcml.search": str(run.search_dir), "cfcml.kind": "search"})
-    if parent_id is not None and "search" in client.get_run(parent_id).data.params:
-        parent_id = None
-    if parent_id is None:
-        parent_id = client.create_run(exp_id, run_name=run.name, tags={
-            "cfcml.kind": "search", "cfcml.search": str(run.search_dir), "cfcml.dataset": run.dataset,
-            "cfcml.dataset_fingerprint": prepared.fingerprint, "mlflow.source.git.commit": commit,
-        }).info.run_id
-    state = SearchState(parent_id, tracking_uri, exp_id, run.settings(prepared.fingerprint))
-    with ends_on_error(client, parent_id):  # a failure from here on leaves the run FAILED, not RUNNING
+    parent = create_parent_run(client, run.runs_dir, run.dataset, run.name, kind="search", group=str(run.search_dir),
+                               prepared=prepared, reuse_without_param="search")
+    state = SearchState(parent.run_id, tracking_uri, parent.experiment_id, run.settings(prepared.fingerprint))
+    with ends_on_error(client, parent.run_id):  # a failure from here on leaves the run FAILED, not RUNNING
         state.save(run.search_dir)
-        log_provenance(client, state.parent_run_id, prepared)
         t = run.experiment.train
-        log_params(client, state.parent_run_id, {
+        log_parent_inputs(client, state.parent_run_id, prepared, {
             "search": run.search.name, "num_samples": run.num_samples, "max_epochs": run.max_epochs,
             "folds": t.folds, "fold_seed": prepared.fold_seed, "seed": t.seed, "metric": metric,
-            "dataset_fingerprint": prepared.fingerprint, "git_commit": commit, "workers": t.workers,
+            "dataset_fingerprint": prepared.fingerprint, "git_commit": parent.git_commit, "workers": t.workers,
             "gpus_per_worker": t.gpus_per_worker,
         })
         write_json_artifact(client, state.parent_run_id, {
@@ -151,9 +130,12 @@ def search_algorithms(run: SearchRun, target: str) -> tuple[Any, Any]:
         metric=target, mode="max", sampler=sampler,
         points_to_evaluate=[initial_point(run.search, run.experiment)] if run.search.space else None,
     )
+    # stop_last_trials=False: a trial at its last epoch ends by itself, its Ray Train run shut down
+    # in order. Stopped by Tune at that moment instead, its controller could die mid-shutdown and
+    # leave its workers' CPUs reserved (tuning.placement_groups), the next trial waiting for them.
     scheduler = ASHAScheduler(time_attr="epoch", max_t=run.max_epochs,
                               grace_period=min(run.search.grace_period, run.max_epochs),
-                              reduction_factor=run.search.reduction_factor)
+                              reduction_factor=run.search.reduction_factor, stop_last_trials=False)
     return searcher, scheduler
 
 
@@ -183,8 +165,8 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
     from ray import tune
 
     from tuning.lifecycle import end_children, end_run
-    from tuning.ray_runtime import scoped_env
     from tuning.tracking import SearchTracker, dataset_entity, log_metrics, write_json_artifact
+    from tuning.tuner import build_trainable, build_tuner, fit_tuner
 
     spec = prepared.spec
 
@@ -192,8 +174,7 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
     # so far (`selected_key`), the figure the platform selects on (docs/evaluation.md). Ray Train
     # still ranks a trial's checkpoints by the epoch's own `metric`, so the selected epoch's is kept.
     target = selected_key(metric)
-    trainable = tune.with_parameters(run_trial, run=run, prepared_dir=str(prepared.out_dir), metric=metric)
-    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # the TorchTrainer's workers hold the CPUs
+    trainable = build_trainable(run_trial, run=run, prepared_dir=str(prepared.out_dir), metric=metric)
     tracker = SearchTracker(state.tracking_uri, state.experiment_id, state.parent_run_id, str(run.search_dir),
                             metric, list(spec.classes), spec.task, dataset=dataset_entity(prepared))
     if run.resume and tune.Tuner.can_restore(str(run.search_dir)):
@@ -204,22 +185,22 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
             metric_columns={"epoch": "epoch", metric: metric, target: target, "train_loss": "train_loss"},
             parameter_columns=run.search.keys, max_report_frequency=15, sort_by_metric=True,
         )
-        tuner = tune.Tuner(
+        tuner = build_tuner(
             trainable,
             param_space={p.key: p.tune_domain() for p in run.search.space},
             tune_config=tune.TuneConfig(
                 metric=target, mode="max", search_alg=searcher, scheduler=scheduler,
                 num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run.experiment.train),
             ),
-            run_config=tune.RunConfig(name=run.name, storage_path=str(run.storage), callbacks=[tracker, *callbacks],
-                                      progress_reporter=reporter, verbose=1),
+            name=run.name, storage_path=str(run.storage), callbacks=[tracker, *callbacks], reporter=reporter,
         )
-    # RAY_AIR_NEW_OUTPUT=0: Tune's classic table reporter (the CLIReporter above).
-    # TUNE_GLOBAL_CHECKPOINT_S: save the experiment state (what --resume continues from) every
-    # second rather than every 10 s or more, so a driver killed outright (SIGKILL, a lost node)
-    # leaves a state that knows the trials that had finished.
-    with scoped_env(RAY_AIR_NEW_OUTPUT="0", TUNE_GLOBAL_CHECKPOINT_S=STATE_SAVE_PERIOD_S):
-        results = tuner.fit()
+    # TUNE_GLOBAL_CHECKPOINT_S: save the experiment state (what --resume continues from) at most
+    # every 5 s rather than Tune's automatic 10 s or more, so a driver killed outright (SIGKILL, a
+    # lost node) leaves a state that knows every trial that had finished 5 s before. Tune has no
+    # save-on-trial-end hook; a trial's start-up alone (Ray Train controller, worker, data) takes
+    # longer than 5 s, so the trial after a finished one has not reported an epoch before the
+    # state knows the finished one. Every second (before) cost the driver a save per second.
+    results = fit_tuner(tuner, TUNE_GLOBAL_CHECKPOINT_S=STATE_SAVE_PERIOD_S)
     finished = finished_trials(run.search_dir)
     if finished < run.num_samples:
         # Ctrl-C: Tune saved its state (unfinished trials as they were), stopped them and returned.
@@ -294,7 +275,7 @@ def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResul
             epoch=selection.epoch,
             epochs_run=int(last["epoch"]),
             wall_s=float(df["time_total_s"].iloc[-1]),
-            compute_s=float(df["time_compute_s"].iloc[-1]),
+            compute_s=EpochReport.from_dict(df.iloc[-1].to_dict()).time_compute_s,
             checkpoint_path=checkpoint,
             metrics=_numbers(row, ("cv_", "val_", "train_")),
             last_epoch_metrics=_numbers(last, ("cv_",)),

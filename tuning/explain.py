@@ -22,11 +22,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from monai.visualize import GradCAM
-from monai.visualize.class_activation_maps import ModelWithHooks
-from torch import nn
 
-from cfcml.predict import ModelInputs, predict_proba
+from cfcml import _monai
+
+_monai.light()  # only the MONAI modules used, not all of MONAI (see cfcml._monai)
+from monai.visualize import GradCAM  # noqa: E402
+from monai.visualize.class_activation_maps import ModelWithHooks  # noqa: E402
+from torch import nn  # noqa: E402
+
+from cfcml.predict import ModelInputs, predict_proba  # noqa: E402
 
 ARTIFACT_DIR = "explanations"
 FIELDS_FIGURE = f"{ARTIFACT_DIR}/table_fields.png"

@@ -31,6 +31,75 @@ def _finite(value: Any) -> bool:
 
 
 @dataclass
+class EpochReport:
+    """One epoch as a Ray Train worker reports it (`tuning.trainer`), read back on the driver's side
+    (`tuning.tracking`, `tuning.driver`): Ray Train and Tune carry a flat dict, `to_dict` and
+    `from_dict` are its two ends, so the named fields are spelt in this class only.
+
+    Args:
+        metrics: the epoch's figures: `epoch` (1-based), `train_*`, `val_*`, `cv_*`, the running
+            selection (`selected_*`, `selected_epoch`) and `system/*`.
+        time_compute_s: the worker's seconds in training and validation so far in this process (not
+            start-up, not checkpointing); with Tune's `time_total_s` it tells the overhead apart.
+        time_setup_s: the worker's seconds from its start to its first epoch (data, model, restore).
+        resumed_from_epoch: the epoch of the checkpoint this process restored, 0 if none.
+        checkpointed: whether this epoch wrote a checkpoint (`tuning.trainer.CheckpointPolicy`).
+        restored: the restored checkpoint's own report, re-sent once with the first report after a
+            restart (the driver logs that epoch if its report was lost); None otherwise.
+        checkpoints_skipped: damaged checkpoints passed over for an older one, one message each,
+            sent once with the first report.
+    """
+
+    metrics: dict[str, Any]
+    time_compute_s: float = 0.0
+    time_setup_s: float = 0.0
+    resumed_from_epoch: int = 0
+    checkpointed: bool = False
+    restored: dict[str, Any] | None = None
+    checkpoints_skipped: list[str] = field(default_factory=list)
+
+    FIELDS = ("time_compute_s", "time_setup_s", "resumed_from_epoch", "checkpointed", "restored",
+              "checkpoints_skipped")
+
+    @property
+    def epoch(self) -> int:
+        return int(self.metrics.get("epoch", 0))
+
+    @property
+    def retrained(self) -> bool:
+        """Whether the values come from an epoch just trained, rather than being the re-sent report
+        of the checkpoint a finished run restored (sent as both the report and its `restored`)."""
+        return not (self.restored is not None and int(self.restored.get("epoch", -1)) == self.epoch)
+
+    def to_dict(self, with_restart: bool = True) -> dict[str, Any]:
+        """The flat dict Ray Train reports; `with_restart=False` leaves out `restored` and
+        `checkpoints_skipped` (what a checkpoint's own metrics file keeps)."""
+        out = {**self.metrics, "time_compute_s": self.time_compute_s, "time_setup_s": self.time_setup_s,
+               "resumed_from_epoch": self.resumed_from_epoch, "checkpointed": self.checkpointed}
+        if with_restart and self.restored is not None:
+            out["restored"] = self.restored
+        if with_restart and self.checkpoints_skipped:
+            out["checkpoints_skipped"] = list(self.checkpoints_skipped)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EpochReport:
+        """From a report as Tune or Ray Train hands it to the driver (their own keys, such as
+        `timestamp` or `checkpoint_path`, stay in `metrics`)."""
+        restored = values.get("restored")
+        skipped = values.get("checkpoints_skipped")
+        return cls(
+            metrics={k: v for k, v in values.items() if k not in cls.FIELDS},
+            time_compute_s=float(values.get("time_compute_s") or 0.0),
+            time_setup_s=float(values.get("time_setup_s") or 0.0),
+            resumed_from_epoch=int(values.get("resumed_from_epoch") or 0),
+            checkpointed=bool(values.get("checkpointed", False)),
+            restored=dict(restored) if isinstance(restored, Mapping) else None,
+            checkpoints_skipped=[str(m) for m in skipped] if isinstance(skipped, (list, tuple)) else [],
+        )
+
+
+@dataclass
 class EpochSelection:
     """The one rule that picks a trial's epoch: the highest `metric` (the mean over validation
     folds), and among tied epochs the latest. Latest, because Ray Train's checkpoint retention

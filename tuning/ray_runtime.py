@@ -23,13 +23,24 @@ LOCAL_RAY_ENV = {
 }
 
 
+# Run first in every process of a local Ray (`tuning.ray_worker_setup`): the cluster's own address
+# in RAY_ADDRESS, for Ray's state API when the machine runs more than one Ray.
+WORKER_SETUP_HOOK = "tuning.ray_worker_setup.pin_cluster_address"
+
+
+def local_runtime_env() -> dict[str, Any]:
+    """The runtime environment of a local Ray: `LOCAL_RAY_ENV` and `WORKER_SETUP_HOOK` (the hook
+    module is found through the `PYTHONPATH` that `LOCAL_RAY_ENV` sets)."""
+    return {"env_vars": dict(LOCAL_RAY_ENV), "worker_process_setup_hook": WORKER_SETUP_HOOK}
+
+
 def local_init_kwargs(num_cpus: int | None = None, verbose: bool = False) -> dict[str, Any]:
     """`ray.init` arguments of a local Ray (also used by tests that start their own)."""
     kwargs: dict[str, Any] = {
         # the dashboard serves the state API that Ray Train uses to clean up after stopped trials
         "include_dashboard": True,
         "log_to_driver": verbose,
-        "runtime_env": {"env_vars": dict(LOCAL_RAY_ENV)},
+        "runtime_env": local_runtime_env(),
     }
     if num_cpus is not None:
         kwargs["num_cpus"] = num_cpus

@@ -36,6 +36,7 @@ from ray.tune import Callback
 
 from cfcml.config import PROJECT_ROOT
 from cfcml.data.manifest import PreparedDataset
+from tuning.outcome import EpochReport
 from tuning.preflight import tracking_uri_choice
 
 LOGGED_PREFIXES = ("train_", "val_", "cv_", "selected_", "system/")
@@ -235,11 +236,24 @@ def reason_line(text: str) -> str:
 
 
 def retrained(values: dict[str, Any]) -> bool:
-    """Whether a report's own values come from an epoch just trained, rather than being the re-sent
-    metrics of the checkpoint a finished run restored (`tuning.trainer` sends those as both the
-    report and its `restored`)."""
-    restored = values.get("restored")
-    return not (isinstance(restored, dict) and restored.get("epoch") == values.get("epoch"))
+    """Whether a report's own values come from an epoch just trained (`EpochReport.retrained`)."""
+    return EpochReport.from_dict(values).retrained
+
+
+def log_epoch_once(client: MlflowClient, run_id: str, values: dict[str, Any], last_epoch: int,
+                   timestamp_ms: int | None = None, retrained: bool = False) -> int:
+    """Log one reported epoch's metrics at step=epoch, each epoch once: an epoch at or below
+    `last_epoch` (the newest the run holds) is skipped when it is re-sent, and logged again when it
+    was `retrained` (`log_retrained_epoch`). Returns the run's newest epoch after it."""
+    epoch = int(values.get("epoch", 0))
+    if epoch <= last_epoch:
+        if retrained:
+            stamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+            log_retrained_epoch(client, run_id, values, epoch, stamp)
+        return last_epoch
+    logged = {k: v for k, v in values.items() if k.startswith(LOGGED_PREFIXES)}
+    log_metrics(client, run_id, {**logged, "epoch": epoch}, step=epoch, timestamp_ms=timestamp_ms)
+    return epoch
 
 
 def log_retrained_epoch(client: MlflowClient, run_id: str, values: dict[str, Any], epoch: int,
@@ -282,6 +296,7 @@ class SearchTracker(Callback):
         self._last: dict[str, str] = {}  # trial id -> latest checkpoint path
         self._reasons: dict[str, str] = {}  # trial id -> why it failed (FAILURE_TAG)
         self._client: MlflowClient | None = None
+        self._plotter: Any = None  # one background thread drawing finished trials' plots
 
     @property
     def client(self) -> MlflowClient:
@@ -290,8 +305,8 @@ class SearchTracker(Callback):
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
-        """Tune saves its callbacks with the experiment state: leave the client out."""
-        return {**self.__dict__, "_client": None}
+        """Tune saves its callbacks with the experiment state: leave the client and thread out."""
+        return {**self.__dict__, "_client": None, "_plotter": None}
 
     def _run_for(self, trial: Any) -> str:
         tid = trial.trial_id
@@ -325,17 +340,17 @@ class SearchTracker(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self._run_for(trial)
         timestamp = int(result.get("timestamp", 0))
+        report = EpochReport.from_dict(result)
         # A resumed trial first re-sends the metrics of the checkpoint it restarted from: an
         # interruption can land between that checkpoint and its report reaching this driver.
-        restored = result.get("restored")
-        if isinstance(restored, dict):
-            self._log_epoch(trial.trial_id, run_id, restored, timestamp)
-        skipped = result.get("checkpoints_skipped")
+        if report.restored is not None:
+            self._log_epoch(trial.trial_id, run_id, report.restored, timestamp)
+        skipped = report.checkpoints_skipped
         if skipped:  # a damaged checkpoint the restarted trial passed over for an older one
             for message in skipped:
                 print(f"warning: trial {trial.trial_id}: {message}", flush=True)
-            self.client.set_tag(run_id, "cfcml.checkpoint_skipped", "; ".join(map(str, skipped))[:5000])
-        self._log_epoch(trial.trial_id, run_id, result, timestamp, retrained=retrained(result))
+            self.client.set_tag(run_id, "cfcml.checkpoint_skipped", "; ".join(skipped)[:5000])
+        self._log_epoch(trial.trial_id, run_id, result, timestamp, retrained=report.retrained)
         if result.get("checkpoint_path"):
             self._last[trial.trial_id] = result["checkpoint_path"]
         score = result.get(self.metric)
@@ -354,16 +369,9 @@ class SearchTracker(Callback):
                 self._best[trial.trial_id] = (float(score), result.get("checkpoint_path"))
 
     def _log_epoch(self, trial_id: str, run_id: str, values: dict, timestamp: int, retrained: bool = False) -> None:
-        """Log one epoch's metrics at step=epoch. An epoch already in the run is skipped when it is
-        re-sent, and logged again when it was `retrained` (`log_retrained_epoch`)."""
-        epoch = int(values.get("epoch", 0))
-        if epoch <= self._last_epoch.get(trial_id, 0):
-            if retrained:
-                log_retrained_epoch(self.client, run_id, values, epoch, timestamp * 1000)
-            return
-        logged = {k: v for k, v in values.items() if k.startswith(LOGGED_PREFIXES)}
-        log_metrics(self.client, run_id, {**logged, "epoch": epoch}, step=epoch, timestamp_ms=timestamp * 1000)
-        self._last_epoch[trial_id] = epoch
+        """Log one epoch's metrics at step=epoch, each epoch once (`log_epoch_once`)."""
+        self._last_epoch[trial_id] = log_epoch_once(self.client, run_id, values, self._last_epoch.get(trial_id, 0),
+                                                    timestamp * 1000, retrained)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")
@@ -380,6 +388,13 @@ class SearchTracker(Callback):
         for trial in trials:
             if trial.status not in ("TERMINATED", "ERROR") and trial.trial_id in self._runs:
                 self.client.set_terminated(self._runs[trial.trial_id], "KILLED")
+        self.wait_for_plots()
+
+    def wait_for_plots(self) -> None:
+        """Block until the plots of finished trials are logged (the end of the search)."""
+        plotter, self.__dict__["_plotter"] = self.__dict__.get("_plotter"), None
+        if plotter is not None:
+            plotter.shutdown(wait=True)
 
     def _finish(self, trial: Any, status: str) -> None:
         run_id = self._run_for(trial)
@@ -390,16 +405,27 @@ class SearchTracker(Callback):
             client.set_tag(run_id, "cfcml.selected_cv_score", f"{best[0]:.6g}")  # max over its epochs
         source = best[1] if best is not None and self.plots_from == "best" else self._last.get(trial.trial_id)
         if source:
-            try:
-                self._log_plots(client, run_id, source)
-            except Exception as exc:  # a missing plot must not fail the search
-                client.set_tag(run_id, "cfcml.plot_error", repr(exc)[:500])
+            # Off Tune's event loop (reading and verifying the checkpoint, drawing, uploading take
+            # seconds that the next trial's start would wait for): one background thread with its
+            # own client, awaited by on_experiment_end. A driver killed outright may lose them.
+            if self.__dict__.get("_plotter") is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfcml-plots")
+            self._plotter.submit(self._plot_quietly, run_id, source)
         if status != "FINISHED":
             from tuning.lifecycle import END_REASON_TAG
 
             error = getattr(trial, "error_file", None) or getattr(trial, "local_path", None) or "its logs"
             client.set_tag(run_id, END_REASON_TAG, f"the trial raised an error; see {error}"[:5000])
         client.set_terminated(run_id, status)
+
+    def _plot_quietly(self, run_id: str, source: str) -> None:
+        client = MlflowClient(self.tracking_uri)
+        try:
+            self._log_plots(client, run_id, source)
+        except Exception as exc:  # a missing plot must not fail the search
+            client.set_tag(run_id, "cfcml.plot_error", repr(exc)[:500])
 
     def _finish_line(self, trial: Any, status: str) -> str:
         """One console line per finished trial."""
@@ -461,16 +487,11 @@ class TrainRunTracker(UserCallback):
             history = self._client.get_metric_history(self.run_id, "epoch")
             self._last_epoch = int(max((m.value for m in history), default=0))
         values = metrics[0]
-        restored = values.get("restored")
-        for epoch_values in ([restored] if isinstance(restored, dict) else []) + [values]:
-            epoch = int(epoch_values.get("epoch", 0))
-            if epoch <= self._last_epoch:
-                if epoch_values is values and retrained(values):  # retrained after a restart: it wins
-                    log_retrained_epoch(self._client, self.run_id, values, epoch, int(time.time() * 1000))
-                continue
-            logged = {k: v for k, v in epoch_values.items() if k.startswith(LOGGED_PREFIXES)}
-            log_metrics(self._client, self.run_id, {**logged, "epoch": epoch}, step=epoch)
-            self._last_epoch = epoch
+        report = EpochReport.from_dict(values)
+        if report.restored is not None:
+            self._last_epoch = log_epoch_once(self._client, self.run_id, report.restored, self._last_epoch)
+        self._last_epoch = log_epoch_once(self._client, self.run_id, values, self._last_epoch,
+                                          retrained=report.retrained)
 
 
 def write_json_artifact(client: MlflowClient, run_id: str, data: Any, name: str) -> None:

@@ -1,13 +1,16 @@
-"""Ray Train glue: run `cfcml.training.CrossValidation` on a `TorchTrainer` worker group.
+"""Ray Train glue: run `cfcml.training.CrossValidation` on a Ray Train worker group.
 
-`train_loop_per_worker` is what every DDP worker runs: it rebuilds the folds from the prepared
-dataset, resumes from the newest intact checkpoint when there is one (a restarted worker group
-after a crash, or a resumed search), and reports every epoch's metrics with a checkpoint (all folds'
-models, optimisers, schedulers and prototype banks, plus the out-of-fold predictions of that
-epoch; see `tuning.checkpoints`), plus what the worker's machine did in that epoch
-(`SystemMetrics`). A damaged checkpoint is skipped for the newest intact older one and named in the
-first report (`checkpoints_skipped`). `fit` launches it; inside a Tune trial its reports are
-forwarded to Tune by `TuneReportCallback`.
+`train_loop_per_worker` is what every worker runs: it rebuilds the folds from the prepared
+dataset, resumes from the newest intact checkpoint when there is one (`Resumption`: a restarted
+worker group after a crash, or a resumed search), and reports every epoch as an `EpochReport`
+(`report_epoch`), with a checkpoint when `CheckpointPolicy` says so: every
+`train.checkpoint_every` epochs, each newly selected epoch and the last (all folds' models,
+optimisers, schedulers and prototype banks, plus the out-of-fold predictions of that epoch; see
+`tuning.checkpoints`), written off the training path on local storage. Rank 0 also reports what
+its machine did in that epoch (`SystemMetrics`). A damaged checkpoint is skipped for the newest
+intact older one and named in the first report (`checkpoints_skipped`). `fit` launches it on
+`trainer_class`'s trainer; inside a Tune trial its reports are forwarded to Tune by
+`TuneReportCallback`.
 """
 from __future__ import annotations
 
@@ -167,6 +170,135 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Which epochs of a run write a checkpoint: every `every` epochs, each epoch that becomes the
+    run's selected epoch (so the selected epoch's weights and out-of-fold predictions exist, which
+    the best trial, its plots and the final model read), and the last epoch (`max_epochs`).
+
+    Writing every epoch cost a smoke trial a few seconds an epoch (all folds' weights and Adam
+    moments, hashed, copied by Ray); a crash now retrains up to `every - 1` epochs instead, from
+    the newest checkpoint, and reports them again (the driver keeps the retrained values:
+    `tuning.outcome.lineage`).
+
+    Args:
+        every: `train.checkpoint_every`, positive; 1 = every epoch.
+        max_epochs: the run's last epoch.
+    """
+
+    every: int
+    max_epochs: int
+
+    def due(self, epoch: int, selected_epoch: int | None = None) -> bool:
+        """Whether `epoch` (1-based) writes one; `selected_epoch`: the run's selected epoch after
+        this one (None for a run without selection, such as a final model)."""
+        return epoch >= self.max_epochs or epoch % self.every == 0 or selected_epoch == epoch
+
+
+class Resumption:
+    """What a run restarted from a checkpoint carries into its first report: the restored epoch's
+    metrics (`restored`; the driver logs that epoch if its report was lost) and the damaged
+    checkpoints passed over (`skipped`). `load` restores `cv` (and `selection`) from Ray Train's
+    checkpoint, if any; `first_report` hands both over once."""
+
+    def __init__(self) -> None:
+        self.restored: dict[str, Any] = {}
+        self.skipped: list[str] = []
+        self.from_epoch = 0
+
+    @classmethod
+    def load(cls, checkpoint: Any, cv: Any, selection: Any, run_dir: str | None = None) -> Resumption:
+        """`checkpoint`: Ray Train's (None on a first start); `run_dir`: the run's folder, whose
+        newest checkpoint folder is used when Ray Train has none to give (its snapshot was damaged
+        and moved aside, `tuning.state_files`)."""
+        import ray.train
+
+        from tuning.checkpoints import restorable
+
+        out = cls()
+        if checkpoint is None and run_dir:
+            # checkpoint folders only: the damaged snapshot moved aside is named checkpoint_manager_...
+            found = sorted(p for p in Path(run_dir).glob("checkpoint_*")
+                           if p.is_dir() and not p.name.startswith("checkpoint_manager"))
+            checkpoint = ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
+        if checkpoint is not None:  # a restarted worker group (or a resumed search) continues
+            with checkpoint.as_directory() as d:
+                reader = restorable(d, log=out.skipped.append)
+                if reader is not None:
+                    cv.load_state_dict(reader.state(map_location=cv.device))
+                    out.restored = reader.metrics()
+                    if selection is not None:  # epochs after the checkpoint are retrained and re-selected
+                        selection.restore(out.restored)
+            for message in out.skipped:
+                print(f"[cfcml] {message}", flush=True)
+        out.from_epoch = cv.epoch
+        return out
+
+    def first_report(self) -> tuple[dict[str, Any] | None, list[str]]:
+        """(restored metrics or None, skipped checkpoints) the first time, then (None, [])."""
+        restored, skipped = self.restored or None, self.skipped
+        self.restored, self.skipped = {}, []
+        return restored, skipped
+
+
+def _detached(state: Any) -> Any:
+    """A copy of a state dict whose tensors training no longer changes (a clone of each; about
+    14 ms for the smoke model's 3,400 tensors, where writing them takes 60 ms)."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, state)
+
+
+def report_epoch(report: Any, saved: tuple[Any, Any, Any] | None, due: bool, local: bool) -> None:
+    """Report one epoch to Ray Train, with a checkpoint when `due` (every rank alike).
+
+    Args:
+        report: the epoch's `EpochReport`.
+        saved: on the rank that writes (rank 0) of a due epoch, (state dict, out-of-fold frame or
+            None, test frame or None) for `tuning.checkpoints.write_checkpoint`; else None.
+        due: whether this epoch checkpoints (`CheckpointPolicy.due`).
+        local: whether the run's storage is a local folder. Then the files are written straight
+            into it, on Ray Train's upload thread, from a copy of the state taken now: the next
+            epoch trains meanwhile (Ray Train delivers reports in order, so that epoch's report
+            waits for this write, and the run's end waits for the last one); nothing is copied.
+            On remote storage they are written to a local folder, which Ray Train uploads before
+            `report` returns.
+    """
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    from tuning.checkpoints import write_checkpoint
+
+    values = report.to_dict()
+    if not due:
+        ray.train.report(values)
+        return
+    metrics = report.to_dict(with_restart=False)  # the checkpoint's own file: no one-off restart fields
+    if not local:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if saved is not None:
+                write_checkpoint(tmp, saved[0], metrics, saved[1], saved[2])
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(values, checkpoint=checkpoint)
+        return
+    checkpoint, write = None, None
+    if saved is not None:
+        state, oof, test = _detached(saved[0]), saved[1], saved[2]
+        storage = ray.train.get_context().get_storage()
+
+        def write(_placeholder: Any, name: str) -> Any:
+            path = storage.build_checkpoint_path_from_name(name)
+            write_checkpoint(path, state, metrics, oof, test)
+            return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
+
+        # Ray Train wants a folder to report; `write` fills the real one, this one is removed.
+        checkpoint = ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="cfcml-checkpoint-"))
+    ray.train.report(values, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                     checkpoint_upload_fn=write, delete_local_checkpoint_after_upload=True)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -175,8 +307,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cfcml.data.manifest import PreparedDataset
     from cfcml.metrics import selection_key
     from cfcml.training import CrossValidation, TrainingDiverged, cv_splits, prediction_frame
-    from tuning.checkpoints import restorable, write_checkpoint
-    from tuning.outcome import EpochSelection
+    from tuning.outcome import EpochReport, EpochSelection
 
     t_start = time.perf_counter()
     _quiet_report_log()
@@ -190,36 +321,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = prepared.spec
     selection = None if job.final else EpochSelection(
         selection_key(spec.task, len(spec.classes), spec.selection_metric, cfg.train.selection_metric))
-
-    restored: dict[str, Any] = {}  # the restored epoch's metrics, re-sent with the first report
-    skipped: list[str] = []  # damaged checkpoints passed over, reported with the first epoch
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and config.get("run_dir"):
-        # Ray Train's snapshot was damaged and moved aside (tuning.state_files): its checkpoint
-        # folders are still there; continue from the newest intact one.
-        # checkpoint folders only: the damaged snapshot moved aside is named checkpoint_manager_...
-        found = sorted(p for p in Path(config["run_dir"]).glob("checkpoint_*")
-                       if p.is_dir() and not p.name.startswith("checkpoint_manager"))
-        ckpt = ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
-    if ckpt is not None:  # a restarted worker group (or a resumed search) continues where it stopped
-        with ckpt.as_directory() as d:
-            reader = restorable(d, log=skipped.append)
-            if reader is not None:
-                cv.load_state_dict(reader.state(map_location=cv.device))
-                restored = reader.metrics()
-                if selection is not None:  # epochs after the checkpoint are retrained and re-selected
-                    selection.restore(restored)
-        for message in skipped:
-            print(f"[cfcml] {message}", flush=True)
-    resumed_from = cv.epoch
+    resumption = Resumption.load(ray.train.get_checkpoint(), cv, selection, config.get("run_dir"))
+    policy = CheckpointPolicy(cfg.train.checkpoint_every, job.max_epochs)
 
     t_ready = time.perf_counter()
     rank = ray.train.get_context().get_world_rank()
     compute_s = 0.0  # this process's time in training/validation, to tell start-up overhead apart
-    if restored and cv.epoch >= job.max_epochs:
+    if resumption.restored and cv.epoch >= job.max_epochs:
         # The run had finished, but its last report may never have reached the driver (killed in
         # between): send that epoch's metrics once more; the tracker logs an epoch only once.
-        ray.train.report({**restored, "restored": restored, "resumed_from_epoch": resumed_from})
+        restored, _ = resumption.first_report()
+        report = EpochReport.from_dict(restored)
+        report.restored, report.resumed_from_epoch = restored, resumption.from_epoch
+        ray.train.report(report.to_dict())
         return
     system = SystemMetrics(cv.device) if rank == 0 else None  # only rank 0's report reaches Tune
     try:
@@ -237,7 +351,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             compute_s += time.perf_counter() - t0
             if selection is not None:
                 metrics.update(selection.update(metrics))
-            metrics.update(time_compute_s=compute_s, time_setup_s=t_ready - t_start, resumed_from_epoch=resumed_from)
             if system is not None:
                 metrics.update(system.epoch())
             test = None
@@ -247,16 +360,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 frame = prepared.test_frame()
                 probs = sum(cv.predict(f, prepared.dataset(frame, f.normalizer)) for f in cv.folds) / len(cv.folds)
                 test = prediction_frame(frame, probs, prepared.spec.classes)
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    write_checkpoint(tmp, cv.state_dict(), metrics, oof, test)  # this epoch only
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                if restored:
-                    metrics["restored"], restored = restored, {}
-                if skipped:  # named on the driver's console and on the trial's MLflow run
-                    metrics["checkpoints_skipped"], skipped = skipped, []
-                ray.train.report(metrics, checkpoint=checkpoint)
+            restored, skipped = resumption.first_report()
+            # Every rank decides alike (the same epoch and selection), so all write or none do.
+            due = policy.due(cv.epoch, None if selection is None else selection.epoch)
+            report = EpochReport(metrics, time_compute_s=compute_s, time_setup_s=t_ready - t_start,
+                                 resumed_from_epoch=resumption.from_epoch, checkpointed=due, restored=restored,
+                                 checkpoints_skipped=skipped)
+            report_epoch(report, (cv.state_dict(), oof, test) if due and rank == 0 else None, due,
+                         local=config.get("run_dir") is not None)
     finally:
         if system is not None:
             system.close()
@@ -275,9 +386,31 @@ def _write_failure(path: str, exc: Any) -> None:
     os.replace(tmp, path)
 
 
+def trainer_class(workers: int, use_gpu: bool) -> type:
+    """The Ray Train trainer for a run: `TorchTrainer` (a torch process group across the workers,
+    CUDA devices set) for several workers or a GPU; for one CPU worker, Ray Train's
+    `DataParallelTrainer` without a backend, which runs the same loop with the same checkpoints,
+    restarts and reports but needs no process group. It keeps torch out of the processes that build
+    and drive the trainer (Tune's trial actor, Ray Train's controller): `ray.train.torch` imports
+    torch, about 2 CPU-seconds per trial on each of them.
+
+    Args:
+        workers: `train.workers`, positive.
+        use_gpu: whether the workers get GPUs (`train.gpus_per_worker > 0`).
+    """
+    if workers == 1 and not use_gpu:
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        return DataParallelTrainer
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer
+
+
 def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbacks: list | None = None,
         label: str | None = None) -> Any:
-    """Run `train_loop_per_worker` on a TorchTrainer; a rerun with the same name resumes.
+    """Run `train_loop_per_worker` on a Ray Train trainer (`trainer_class`); a rerun with the same
+    name resumes.
 
     Ray Train keeps the best checkpoint by `metric` and the latest one (two if no metric), so a
     damaged latest checkpoint leaves an older one to restart from. Worker crashes restart the
@@ -286,7 +419,6 @@ def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbac
     TrainingDiverged naming `label` (default `name`), the fold and the epoch.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     t = job.experiment.train
     use_gpu = t.gpus_per_worker > 0
@@ -297,7 +429,7 @@ def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbac
         if metric else CheckpointConfig(num_to_keep=2)
     failure = Path(storage_path) / name / FAILURE_FILE
     failure.unlink(missing_ok=True)  # a rerun (a resumed search) starts without the last run's verdict
-    trainer = TorchTrainer(
+    trainer = trainer_class(t.workers, use_gpu)(
         train_loop_per_worker,
         # run_dir: where this run's checkpoint folders are, should Ray Train's snapshot be lost
         train_loop_config={"job": job, "failure_file": str(failure),

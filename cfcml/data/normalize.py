@@ -70,6 +70,20 @@ class TabularNormalizer:
         assert self.mean is not None and self.std is not None
         return {"fields": self.numeric, "mean": self.mean.tolist(), "std": self.std.tolist()}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check `state` (from `state_dict`) against this normaliser, fitted on the same training
+        rows (a restored fold): the datasets were built with these statistics, so a checkpoint
+        whose statistics differ (the prepared data changed under it) raises ValueError rather than
+        being resumed with inputs scaled otherwise than its weights learnt. Unfitted: takes them."""
+        other = TabularNormalizer.from_state(self.spec, state)
+        if self.mean is None or self.std is None:
+            self.mean, self.std = other.mean, other.std
+            return
+        if not (np.allclose(self.mean, other.mean, rtol=1e-9, atol=0)
+                and np.allclose(self.std, other.std, rtol=1e-9, atol=0)):
+            raise ValueError("the checkpoint's normaliser statistics differ from this fold's training rows: "
+                             "the prepared dataset changed since the checkpoint was written")
+
     @classmethod
     def from_state(cls, spec: DatasetSpec, state: dict[str, Any]) -> TabularNormalizer:
         norm = cls(spec)

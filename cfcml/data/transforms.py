@@ -18,7 +18,11 @@ from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import (
+
+from cfcml import _monai
+
+_monai.light()  # only the MONAI modules used, not all of MONAI (see cfcml._monai)
+from monai.transforms import (  # noqa: E402
     Compose,
     MapTransform,
     RandAffined,
@@ -28,8 +32,8 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 
-from cfcml.data.images import resize_linear
-from cfcml.data.spec import DatasetSpec
+from cfcml.data.images import resize_linear  # noqa: E402
+from cfcml.data.spec import DatasetSpec  # noqa: E402
 
 KEY = "image"  # the stacked modalities of one sample
 

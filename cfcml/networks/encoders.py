@@ -24,13 +24,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import ResidualUnit
-from monai.networks.nets.swin_unetr import SwinTransformer, compute_mask, get_window_size
-from torch import nn
 
-from cfcml.config import ConfigError, ModelConfig
-from cfcml.networks.mamba import Mamba
-from cfcml.networks.res_mamba import ResMambaEncoder
+from cfcml import _monai
+
+_monai.light()  # only the MONAI modules used, not all of MONAI (see cfcml._monai)
+from monai.networks.blocks import ResidualUnit  # noqa: E402
+from monai.networks.nets.swin_unetr import SwinTransformer, compute_mask, get_window_size  # noqa: E402
+from torch import nn  # noqa: E402
+
+from cfcml.config import ConfigError, ModelConfig  # noqa: E402
+from cfcml.networks.mamba import Mamba  # noqa: E402
+from cfcml.networks.res_mamba import ResMambaEncoder  # noqa: E402
 
 
 class MambaMixer(nn.Module):

@@ -22,14 +22,14 @@ def test_two_workers_across_two_nodes(men_prepared, tiny_experiment, tmp_path: P
     import ray
     from ray.cluster_utils import Cluster
 
-    from tuning.ray_runtime import LOCAL_RAY_ENV
+    from tuning.ray_runtime import local_runtime_env
 
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
     cluster.add_node(num_cpus=1)
     try:
-        ray.init(address=cluster.address, runtime_env={"env_vars": LOCAL_RAY_ENV}, log_to_driver=False)
+        ray.init(address=cluster.address, runtime_env=local_runtime_env(), log_to_driver=False)
         cluster.wait_for_nodes()
         m = run_probe(str(men_prepared.out_dir), tiny_experiment, str(tmp_path), "two-nodes")
         assert m["distinct_nodes"] == 2

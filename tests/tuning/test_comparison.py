@@ -114,3 +114,50 @@ def test_comparisons_show_each_variants_calibration_and_subgroups(tmp_path: Path
     data = json.loads(json.dumps(result.to_json()))
     assert data["variants"]["cfcml"]["subgroups"][0]["field"] == "sex"
     assert len(data["variants"]["cfcml"]["calibration"]["ece"]) == 3
+
+
+@pytest.mark.parametrize("with_oracle", [True, False])
+def test_the_oracle_travels_as_oracle_scores_into_the_table_the_json_and_the_figures(tmp_path: Path,
+                                                                                      with_oracle: bool) -> None:
+    import json
+
+    from cfcml.metrics import bootstrap_ci
+    from cfcml.oracle import OracleScores
+    from tuning.comparison import figures, write_outputs
+
+    rng = np.random.default_rng(2)
+    y = np.arange(60) % 3
+    trials = [{"variant": "cfcml", "seed": 0, "metrics": {"cv_macro_auc": 0.8}, "test_probs": _probs(y, 1.0, rng)}]
+    variants = aggregate(trials, "multiclass", ["a", "b", "c"], y, ["cfcml"], n_boot=100)
+    probs = _probs(y, 0.3, rng)
+    test = bootstrap_ci("multiclass", y, probs, n_boot=100, seed=0)
+    features = ["img_signal", "tab_signal", "img_signal*tab_signal"]
+    oracle = OracleScores(features, {"macro_auc": 0.97, "balanced_accuracy": 0.9}, test, probs) if with_oracle \
+        else None
+    result = ComparisonResult("men", "cv_macro_auc", "macro_auc", "multiclass", ["a", "b", "c"], variants, y, oracle,
+                              3, 2, 1)
+    paths = write_outputs(result, tmp_path / "out")
+    assert [p.name for p in paths] == ["comparison.md", "comparison.json", "roc_test.png", "metric_bars.png"]
+
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    data = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    figs = figures(result)
+    roc_labels = [line.get_label() for line in figs["roc_test.png"].axes[0].get_lines()]
+    bar_lines = {line.get_label(): line.get_ydata()[0] for line in figs["metric_bars.png"].axes[0].get_lines()}
+    if not with_oracle:
+        assert "*oracle*" not in text and data["oracle"] is None
+        assert not any(label.startswith("oracle") for label in [*roc_labels, *bar_lines])
+        return
+    auc, low, high = test["macro_auc"]
+    acc, acc_low, acc_high = test["balanced_accuracy"]
+    assert (f"| *oracle* (generator latents) | 0.970 | 0.900 | {auc:.3f} [{low:.3f}, {high:.3f}] "
+            f"| {acc:.3f} [{acc_low:.3f}, {acc_high:.3f}] | | |") in text
+    assert "(img_signal, tab_signal, img_signal*tab_signal)" in text
+    # the JSON keeps its layout: points and CIs apart, no test probabilities
+    assert data["oracle"] == {
+        "features": features, "cv": {"macro_auc": 0.97, "balanced_accuracy": 0.9},
+        "test": {k: pytest.approx(v[0], abs=1e-6) for k, v in test.items()},
+        "test_ci": {k: [pytest.approx(v[1], abs=1e-6), pytest.approx(v[2], abs=1e-6)] for k, v in test.items()}}
+    assert f"oracle ({auc:.3f})" in roc_labels  # its ROC curve, from its test probabilities
+    assert bar_lines["oracle macro_auc"] == pytest.approx(auc)  # its test points as the reference lines
+    assert bar_lines["oracle balanced_accuracy"] == pytest.approx(acc)

@@ -126,3 +126,24 @@ def test_published_figures_say_they_were_selected() -> None:
                                     "selected_train_loss": 0.2, "last_epoch_cv_macro_auc": 0.8}
     assert published_cv(trial, ("cv_",)) == {"selected_cv_macro_auc": 0.9, "last_epoch_cv_macro_auc": 0.8}
     assert not any(k.startswith(("best_", "cv_")) for k in published_cv(trial))  # nothing unlabelled
+
+
+@pytest.mark.parametrize("restored, skipped", [(None, []), ({"epoch": 2, "cv_auc": 0.5}, ["checkpoint_x: truncated"])])
+def test_an_epoch_report_survives_the_flat_dict_ray_carries(restored, skipped) -> None:
+    from tuning.outcome import EpochReport
+
+    report = EpochReport({"epoch": 3, "cv_auc": 0.7, "system/cpu": 50.0}, time_compute_s=4.5, time_setup_s=2.0,
+                         resumed_from_epoch=2 if restored else 0, checkpointed=True, restored=restored,
+                         checkpoints_skipped=skipped)
+    flat = report.to_dict()
+    assert flat["cv_auc"] == 0.7 and flat["time_compute_s"] == 4.5
+    assert EpochReport.from_dict({**flat, "timestamp": 1}).to_dict() == {**flat, "timestamp": 1}
+    assert set(report.to_dict(with_restart=False)) == set(flat) - {"restored", "checkpoints_skipped"}
+    assert report.retrained  # epoch 3 was trained, not re-sent
+
+
+def test_a_re_sent_finished_epoch_is_not_a_retrained_one() -> None:
+    from tuning.outcome import EpochReport
+
+    restored = {"epoch": 4, "cv_auc": 0.8}
+    assert not EpochReport.from_dict({**restored, "restored": restored}).retrained
