@@ -80,13 +80,19 @@ class PlacementGroupJanitor(Callback):
         self._checked = time.monotonic()
         self.sweep()
 
-    def sweep(self) -> set[str]:
-        """One check; returns the ids removed by it."""
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # No trial of this search runs any more: what is orphaned now goes at once (on a Ray that
+        # outlives the search, such as a cluster, its CPUs would otherwise stay reserved).
+        self.sweep(at_once=True)
+
+    def sweep(self, at_once: bool = False) -> set[str]:
+        """One check; returns the ids removed by it. `at_once`: remove what is orphaned now,
+        without waiting for a second sighting (no Ray Train run of this job is starting)."""
         try:
             found = orphaned_placement_groups()
         except Exception:  # the state API is unavailable (no dashboard): Ray Train's own cleaner remains
             return set()
-        gone = found & self._suspects
+        gone = found if at_once else found & self._suspects
         self._suspects = found - gone
         if gone:
             remove_placement_groups(gone)

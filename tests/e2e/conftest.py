@@ -51,4 +51,10 @@ def ray_local(_ray_session):
 
     if not ray.is_initialized():
         ray.init(**local_init_kwargs(num_cpus=2))
+    else:
+        # A test that stopped a Ray Train run mid-restart (Ctrl-C, a killed driver) may have left
+        # its workers' CPUs reserved on this shared Ray; no run is alive between tests.
+        from tuning.placement_groups import PlacementGroupJanitor
+
+        PlacementGroupJanitor().sweep(at_once=True)
     return ray

@@ -56,7 +56,7 @@ def test_a_dead_controllers_placement_group_is_freed_while_another_ray_runs(ray_
 
     controller = Controller.remote()
     ray.get(controller.ready.remote())
-    pg = placement_group([{"CPU": 1}])
+    pg = placement_group([{"CPU": 0.01}])
     ray.get(pg.ready(), timeout=60)
     # as Ray Train's PlacementGroupCleanerCallback starts it
     cleaner = ray.remote(num_cpus=0)(PlacementGroupCleaner).options(lifetime="detached").remote(
@@ -86,7 +86,7 @@ def test_the_janitor_frees_an_unused_train_placement_group_and_keeps_used_and_tu
 
     from tuning.placement_groups import PlacementGroupJanitor
 
-    @ray.remote(num_cpus=0.5)
+    @ray.remote(num_cpus=0.01)
     class Worker:  # stands for a Ray Train worker
         def __init__(self, start_s: float = 0.0) -> None:
             time.sleep(start_s)
@@ -94,25 +94,33 @@ def test_the_janitor_frees_an_unused_train_placement_group_and_keeps_used_and_tu
         def ready(self) -> bool:
             return True
 
-    groups = {name: placement_group([bundle]) for name, bundle in
-              (("orphan", {"CPU": 0.5}), ("used", {"CPU": 0.5}), ("starting", {"CPU": 0.5}),
-               ("tune_trial", {"memory": 1}))}
-    for pg in groups.values():
-        ray.get(pg.ready(), timeout=60)
-    on = {name: PlacementGroupSchedulingStrategy(groups[name]) for name in ("used", "starting")}
-    used = Worker.options(scheduling_strategy=on["used"]).remote()
-    ray.get(used.ready.remote())
-    starting = Worker.options(scheduling_strategy=on["starting"]).remote(30.0)  # in __init__ for 30 s
+    groups: dict = {}
+    actors: list = []
     janitor = PlacementGroupJanitor(period_s=0.1)
     try:
+        for name, bundle in (("orphan", {"CPU": 0.01}), ("used", {"CPU": 0.01}), ("starting", {"CPU": 0.01}),
+                             ("tune_trial", {"memory": 1})):
+            groups[name] = placement_group([bundle])
+            ray.get(groups[name].ready(), timeout=60)
+        on = {name: PlacementGroupSchedulingStrategy(groups[name]) for name in ("used", "starting")}
+        actors.append(Worker.options(scheduling_strategy=on["used"]).remote())
+        ray.get(actors[0].ready.remote())
+        actors.append(Worker.options(scheduling_strategy=on["starting"]).remote(30.0))  # in __init__ for 30 s
         time.sleep(2)  # the starting worker's process is up and in __init__
-        assert janitor.sweep() == set()  # first seen: a suspect only
-        assert janitor.sweep() == {groups["orphan"].id.hex()}
+        first = janitor.sweep()
+        assert groups["orphan"].id.hex() not in first  # first seen: a suspect only
+        assert groups["orphan"].id.hex() in janitor.sweep()
         states = {name: placement_group_table(pg)["state"] for name, pg in groups.items()}
         assert states == {"orphan": "REMOVED", "used": "CREATED", "starting": "CREATED", "tune_trial": "CREATED"}
+        # at the search's end, with no run of it left, an orphan goes on its first sighting
+        groups["late"] = placement_group([{"CPU": 0.01}])
+        ray.get(groups["late"].ready(), timeout=60)
+        janitor.on_experiment_end([])
+        assert placement_group_table(groups["late"])["state"] == "REMOVED"
+        assert placement_group_table(groups["used"])["state"] == "CREATED"
     finally:
-        ray.kill(used)
-        ray.kill(starting)
+        for actor in actors:
+            ray.kill(actor)
         for pg in groups.values():
             if placement_group_table(pg).get("state") != "REMOVED":
                 remove_placement_group(pg)
