@@ -5,28 +5,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_men import prepare_tiny_men, tiny_experiment
 
-from cfcml.config import OptimConfig, load_experiment
-from cfcml.data.prepare import prepare_dataset
-from cfcml.data.synthetic import make_men
+from cfcml.config import OptimConfig
 from cfcml.training import CrossValidation, Split, TrainingDiverged, lr_factor
-
-SIZE = (32, 32, 8)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory):
-    root = make_men(tmp_path_factory.mktemp("train") / "men", patients=30, seed=3, size=SIZE)
-    return prepare_dataset("men", root, folds=2, fold_seed=0, image_size=SIZE)
+    return prepare_tiny_men(tmp_path_factory.mktemp("train"), patients=30, seed=3)
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_experiment("men").replace({
-        "model": {"encoder_width": 4, "encoder_blocks": 2, "mixer_stages": [4], "dim": 32, "latents_img": 4,
-                  "latents_tab": 4},
-        "train": {"batch_size": 6, "folds": 2}, "loss": {"momentum": 0.5},
-    })
+    return tiny_experiment(loss={"momentum": 0.5})
 
 
 def test_lr_schedule_warms_up_then_steps():

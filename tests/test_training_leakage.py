@@ -13,29 +13,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_men import prepare_tiny_men, tiny_experiment
 
-from cfcml.config import load_experiment
 from cfcml.data.manifest import PreparedDataset
-from cfcml.data.prepare import prepare_dataset
-from cfcml.data.synthetic import make_men
 from cfcml.training import CrossValidation, cv_splits
-
-SIZE = (32, 32, 8)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
-    root = make_men(tmp_path_factory.mktemp("leak") / "men", patients=30, seed=5, size=SIZE)
-    return prepare_dataset("men", root, folds=2, fold_seed=0, image_size=SIZE)
+    return prepare_tiny_men(tmp_path_factory.mktemp("leak"), patients=30, seed=5)
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_experiment("men").replace({
-        "model": {"encoder_width": 4, "encoder_blocks": 2, "mixer_stages": [4], "dim": 32, "latents_img": 4,
-                  "latents_tab": 4},
-        "train": {"batch_size": 6, "folds": 2}, "loss": {"class_weights": "balanced"},
-    })
+    return tiny_experiment(loss={"class_weights": "balanced"})
 
 
 def _fitted(cv: CrossValidation) -> list[tuple[np.ndarray, np.ndarray, torch.Tensor]]:

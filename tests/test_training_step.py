@@ -7,27 +7,21 @@ import math
 
 import pytest
 import torch
+from tiny_men import SIZE, TINY_MODEL, prepare_tiny_men, tiny_experiment
 
 from cfcml.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig, from_dict, load_experiment
-from cfcml.data.prepare import prepare_dataset
-from cfcml.data.synthetic import make_men
 from cfcml.losses import CFCMLLoss
 from cfcml.networks import CFCML, ImageInput
 from cfcml.training import CrossValidation, Split, largest_batch, make_optimizer
 
-SIZE = (32, 32, 8)
-TINY_MODEL = {"encoder_width": 4, "encoder_blocks": 2, "mixer_stages": [4], "dim": 32, "latents_img": 4,
-              "latents_tab": 4}
-
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory):
-    root = make_men(tmp_path_factory.mktemp("step") / "men", patients=24, seed=5, size=SIZE)
-    return prepare_dataset("men", root, folds=2, fold_seed=0, image_size=SIZE)
+    return prepare_tiny_men(tmp_path_factory.mktemp("step"), patients=24, seed=5)
 
 
 def tiny_cfg(**train) -> ExperimentConfig:
-    return load_experiment("men").replace({"model": TINY_MODEL, "train": {"batch_size": 4, "folds": 2, **train}})
+    return tiny_experiment(batch_size=train.pop("batch_size", 4), train=train)
 
 
 def final_cv(prepared, cfg: ExperimentConfig, device: str = "cpu") -> CrossValidation:
