@@ -255,19 +255,10 @@ def scan_table(device: torch.device, tiny: bool, bandwidth: float | None, bandwi
             if time.perf_counter() - began > budget_s:
                 print(f"{where} skipped: the --budget-s of {budget_s:g} s is spent")
                 continue
-            try:
-                t = scan_row(backend, dim, length, sequences, device, reps)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{where} out of GPU memory", flush=True)
+            t, error = guarded_row(where, device, scan_row, backend, dim, length, sequences, device, reps)
+            failed |= error
+            if t is None:
                 continue
-            except Exception as exc:  # report and go on
-                failed = True
-                traceback.print_exc(file=sys.stderr)
-                print(f"{where} error: {type(exc).__name__}: {exc}", flush=True)
-                continue
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
             moved = sum(scan_bytes(sequences, dim, length, SCAN_STATES))
             rate = moved / t["fwd_bwd"]
             share = f"{rate / bandwidth:.1%}" if bandwidth else "n/a"
@@ -275,6 +266,48 @@ def scan_table(device: torch.device, tiny: bool, bandwidth: float | None, bandwi
                   f"{rate / 1e9:>8.1f} {share:>8}", flush=True)
     print()
     return failed
+
+
+def guarded_row(where: str, device: torch.device, row: Any, *args: Any) -> tuple[Any, bool]:
+    """Run one table row, `row(*args)`: (its result, False); (None, False) when it ran out of GPU memory;
+    (None, True) when it raised, with the traceback on stderr and one line naming the row
+    (`where`): one broken row must not hide the others. The CUDA cache is emptied after each."""
+    try:
+        return row(*args), False
+    except torch.cuda.OutOfMemoryError:
+        print(f"{where} out of GPU memory", flush=True)
+        return None, False
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        print(f"{where} error: {type(exc).__name__}: {exc}", flush=True)
+        return None, True
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def step_table_row(prepared: Any, setting: tuple[str, bool, dict[str, Any]], device: torch.device, kind: str,
+                   label: str, row_batch: int, batch: int, warmup: int, steps: int, workers: int, profile: bool,
+                   bare: dict[tuple[int, bool], float]) -> tuple[dict[str, Any], int]:
+    """One row of the step table, (its figures, the batch it ran at), for the experiment of
+    `setting` = (dataset, tiny, row options): a `run_epoch` row (kind "epoch", its note comparing
+    it with the bare step at that batch in `bare`), or a bare step at `row_batch` or, for kind
+    "max", at the largest batch that fits; the fp32 row at the default `batch` counts the FLOPs
+    (and is profiled with `profile`)."""
+    cfg = experiment(*setting)
+    if kind == "epoch":
+        r = epoch_row(prepared, cfg, device, row_batch, workers)
+        ref = bare.get((row_batch, bool(cfg.train.cuda_graphs)))
+        if ref:
+            r["note"] += f"; {r['samples_s'] / ref:.0%} of the bare step"
+        if r.get("graphs"):
+            r["note"] += f"; {r['graphs']}"
+        return r, row_batch
+    if kind == "max":
+        row_batch = find_max_batch(prepared, cfg, device, batch)
+    first = label == "fp32" and row_batch == batch
+    return bare_step(prepared, cfg, device, row_batch, warmup, steps, count_flops=first,
+                     profile=profile and first), row_batch
 
 
 def experiment(dataset: str, tiny: bool, options: dict[str, Any]) -> ExperimentConfig:
@@ -451,36 +484,18 @@ def main(argv: list[str] | None = None) -> int:
                 if time.perf_counter() - began > args.budget_s:
                     print(f"{dataset:<8} {label:<30} skipped: the --budget-s of {args.budget_s:g} s is spent")
                     continue
-                try:
-                    cfg = experiment(dataset, tiny, options)
-                    if kind == "epoch":
-                        r = epoch_row(prepared, cfg, device, row_batch, 0 if tiny else args.workers)
-                        ref = bare.get((row_batch, bool(options.get("train.cuda_graphs"))))
-                        if ref:
-                            r["note"] += f"; {r['samples_s'] / ref:.0%} of the bare step"
-                        if r.get("graphs"):
-                            r["note"] += f"; {r['graphs']}"
-                    else:
-                        if kind == "max":
-                            row_batch = find_max_batch(prepared, cfg, device, batch)
-                        first = label == "fp32" and row_batch == batch
-                        r = bare_step(prepared, cfg, device, row_batch, warmup, steps,
-                                      count_flops=first, profile=args.profile and first)
-                        if first:
-                            flops = r["flops"]
-                        if kind == "bare":
-                            bare[(row_batch, bool(options.get("train.cuda_graphs")))] = r["samples_s"]
-                except torch.cuda.OutOfMemoryError:
-                    print(f"{dataset:<8} {label:<30} {row_batch:>5} out of GPU memory", flush=True)
+                out, error = guarded_row(
+                    f"{dataset:<8} {label:<30} {row_batch:>5}", device, step_table_row, prepared,
+                    (dataset, tiny, options), device, kind, label, row_batch, batch, warmup, steps,
+                    0 if tiny else args.workers, args.profile, bare)
+                failed |= error
+                if out is None:
                     continue
-                except Exception as exc:  # report and go on: one broken row should not hide the others
-                    failed = True
-                    traceback.print_exc(file=sys.stderr)
-                    print(f"{dataset:<8} {label:<30} {row_batch:>5} error: {type(exc).__name__}: {exc}", flush=True)
-                    continue
-                finally:
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                r, row_batch = out
+                if kind != "epoch" and label == "fp32" and row_batch == batch:
+                    flops = r["flops"]
+                if kind == "bare":
+                    bare[(row_batch, bool(options.get("train.cuda_graphs")))] = r["samples_s"]
                 gflop = flops / 1e9
                 mfu = (flops * r["samples_s"] / (peak * 1e12)) if peak and flops == flops else None
                 print(f"{dataset:<8} {label:<30} {row_batch:>5} {r['step_s']:>8.3f} {r['samples_s']:>10.1f} "
