@@ -230,6 +230,10 @@ class TrainConfig:
         prefetch_factor: batches each loader worker keeps ready (used when loader_workers > 0).
         max_failures: restarts of a trial's Ray Train workers after a crash (a preempted node, an
             out-of-memory kill), each from the last checkpoint; 0 fails the trial at once.
+        stall_timeout_s: seconds a running trial may go without reporting an epoch, on top of the
+            longest silence (start-up plus first epoch, or one epoch) seen from any trial of the
+            run so far, before `tuning.watchdog.TrialWatchdog` names what it waits for and fails it
+            (`cfcml.failure_reason`); the search goes on without it. Positive; default 600.
         checkpoint_every: a run writes a checkpoint every this many epochs, plus at each epoch
             that becomes its selected epoch and at its last epoch (`tuning.trainer.CheckpointPolicy`);
             1 = every epoch. A crash retrains at most this many epochs minus one. Positive.
@@ -262,6 +266,7 @@ class TrainConfig:
     cuda_graphs: bool = False
     prefetch_factor: int = 2
     max_failures: int = 2
+    stall_timeout_s: float = 600.0
     checkpoint_every: int = 5
     image_size: tuple[int, ...] | None = None
     seed: int = 0
@@ -270,7 +275,7 @@ class TrainConfig:
     field_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "workers", "prefetch_factor", "checkpoint_every")
+        _positive(self, "epochs", "batch_size", "workers", "prefetch_factor", "checkpoint_every", "stall_timeout_s")
         for name in ("modality_dropout", "field_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"must be in [0, 1), got {getattr(self, name)!r}", name)

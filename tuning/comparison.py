@@ -426,7 +426,7 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: Any, run_i
         param_space={"variant": tune.grid_search(list(plan.variants)), "seed": tune.grid_search(list(plan.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=trial_concurrency(plan.base.train)),
         name=f"compare-{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(plan.runs_dir / "ray"),
-        callbacks=[tracker], reporter=reporter,
+        callbacks=[tracker], reporter=reporter, stall_s=plan.base.train.stall_timeout_s,
     )
     results = fit_tuner(tuner)
     from tuning.lifecycle import end_children

@@ -31,6 +31,7 @@ from tuning.trial import run_trial
 
 STATE_FILE = "cfcml_search.json"
 STATE_SAVE_PERIOD_S = "5"  # Tune's experiment state, see run_search
+REPORT_EVERY_S = 60  # Tune's status table on the console at most this often (one line per finished trial besides)
 
 
 class SearchInterrupted(RuntimeError):
@@ -183,7 +184,7 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
         searcher, scheduler = search_algorithms(run, target)
         reporter = tune.CLIReporter(
             metric_columns={"epoch": "epoch", metric: metric, target: target, "train_loss": "train_loss"},
-            parameter_columns=run.search.keys, max_report_frequency=15, sort_by_metric=True,
+            parameter_columns=run.search.keys, max_report_frequency=REPORT_EVERY_S, sort_by_metric=True,
         )
         tuner = build_tuner(
             trainable,
@@ -193,6 +194,7 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
                 num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run.experiment.train),
             ),
             name=run.name, storage_path=str(run.storage), callbacks=[tracker, *callbacks], reporter=reporter,
+            stall_s=run.experiment.train.stall_timeout_s,
         )
     # TUNE_GLOBAL_CHECKPOINT_S: save the experiment state (what --resume continues from) at most
     # every 5 s rather than Tune's automatic 10 s or more, so a driver killed outright (SIGKILL, a

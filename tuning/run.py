@@ -31,7 +31,7 @@ DEFAULT_RUNS_DIR = PROJECT_ROOT / "runs"
 # Settings a resumed search may take anew: they decide how fast and where trials run and how often a
 # crashed worker is retried, not what is trained or selected. Every other resolved setting (the
 # experiment, the search file, the trial count, the data by content) must equal the recorded one.
-RESUME_MAY_CHANGE = ("train.max_failures", "train.cpus_per_worker", "train.prefetch_factor")
+RESUME_MAY_CHANGE = ("train.max_failures", "train.cpus_per_worker", "train.prefetch_factor", "train.stall_timeout_s")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

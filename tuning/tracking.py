@@ -211,8 +211,15 @@ FAILURE_TAG = "cfcml.failure_reason"  # on a failed trial's run: the error's one
 
 
 def failure_reason(trial: Any) -> str:
-    """One line saying why a Tune trial failed, from the error Tune recorded for it (its error.txt
-    holds every failure's traceback): see `reason_line`."""
+    """One line saying why a Tune trial failed: the watchdog's verdict if it failed a stalled trial
+    (`tuning.watchdog.STALL_FILE` in the trial's folder), else from the error Tune recorded for it
+    (its error.txt holds every failure's traceback): see `reason_line`."""
+    from tuning.watchdog import STALL_FILE
+
+    folder = getattr(trial, "local_path", None)
+    stalled = Path(folder) / STALL_FILE if folder else None
+    if stalled is not None and stalled.is_file():
+        return stalled.read_text(encoding="utf-8").strip()
     path = getattr(trial, "error_file", None)
     try:
         text = Path(path).read_text() if path else ""

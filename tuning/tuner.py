@@ -83,19 +83,22 @@ def build_trainable(trial: Callable[..., None], **bound: Any) -> Any:
 
 
 def build_tuner(trainable: Any, *, param_space: dict[str, Any], tune_config: Any, name: str, storage_path: str,
-                callbacks: list, reporter: Any) -> Any:
+                callbacks: list, reporter: Any, stall_s: float) -> Any:
     """A new `tune.Tuner`: experiment `name` under `storage_path`, `callbacks` (the MLflow
-    tracker first) and a `PlacementGroupJanitor` (`tuning.placement_groups`: the CPUs of a Ray
-    Train run that Tune stopped mid-restart), `reporter` (a `tune.CLIReporter`) for the console
-    table. A restored Tuner keeps the callbacks saved with it."""
+    tracker first), a `PlacementGroupJanitor` (`tuning.placement_groups`: the CPUs of a Ray
+    Train run whose controller died) and a `TrialWatchdog` (`tuning.watchdog`: a trial silent for
+    `stall_s` seconds more than the longest silence seen is failed, naming what it waited for),
+    `reporter` (a `tune.CLIReporter`) for the console table. A restored Tuner keeps the callbacks
+    saved with it."""
     from ray import tune
 
     from tuning.placement_groups import PlacementGroupJanitor
+    from tuning.watchdog import TrialWatchdog
 
     return tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(name=name, storage_path=storage_path,
-                                  callbacks=[*callbacks, PlacementGroupJanitor()],
+                                  callbacks=[*callbacks, PlacementGroupJanitor(), TrialWatchdog(stall_s)],
                                   progress_reporter=reporter, verbose=1),
     )
 

@@ -56,5 +56,5 @@ def ray_local(_ray_session):
         # its workers' CPUs reserved on this shared Ray; no run is alive between tests.
         from tuning.placement_groups import PlacementGroupJanitor
 
-        PlacementGroupJanitor().sweep(at_once=True)
+        PlacementGroupJanitor().sweep()
     return ray
