@@ -24,6 +24,7 @@ is `tuning.run`'s job (one documented precedence).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -141,6 +142,9 @@ def _param(key: str, raw: Any, where: str, base: ExperimentConfig) -> Param:
             low, high = float(raw["low"]), float(raw["high"])
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"{where}: numeric low and high are required for dist: {dist}") from None
+        for name, value in (("low", low), ("high", high)):
+            if not math.isfinite(value):  # nan, .inf, -.inf, "nan", 1e999: no distribution samples them
+                raise ConfigError(f"{where}.{name}: expected a finite number, got {raw[name]!r}")
         if not low < high or (dist == "loguniform" and low <= 0):
             raise ConfigError(f"{where}: need 0 < low < high for loguniform, low < high otherwise")
         if dist == "int" and not (low.is_integer() and high.is_integer()):

@@ -141,3 +141,37 @@ def test_the_command_line_is_checked_against_the_space_too(tmp_path):
     with pytest.raises(ConfigError, match=r"with --set and the flags\): space.model.dim.values\[1\]: 36 .*"
                                           r"not divisible by 8 heads"):
         SearchRun.build("men", path, overrides={"model.heads": 8})
+
+
+# ------------------------------------------------------------------ non-finite bounds and choices
+
+
+@pytest.mark.parametrize("space,match", [
+    ("loss.tau_sam: {dist: loguniform, low: 0.02, high: .inf}", r"space.loss.tau_sam.high: expected a finite number, "
+                                                                  r"got inf$"),
+    ("loss.momentum: {dist: uniform, low: -.inf, high: 0.5}", r"space.loss.momentum.low: expected a finite number, "
+                                                                r"got -inf$"),
+    ("loss.momentum: {dist: uniform, low: .nan, high: 0.5}", r"space.loss.momentum.low: expected a finite number, "
+                                                               r"got nan$"),
+    ("model.dim: {dist: int, low: 8, high: .inf}", r"space.model.dim.high: expected a finite number, got inf$"),
+    ("loss.w_cp: {dist: uniform, low: 0.1, high: 'inf'}", r"space.loss.w_cp.high: expected a finite number, "
+                                                            r"got 'inf'$"),
+    # a choice value is judged by the key's own rule, which refuses nan and inf
+    ("loss.momentum: {dist: choice, values: [0.0, .nan]}", r"space.loss.momentum.values\[1\]: nan can be sampled "
+                                                            r".*expected a finite number, got nan$"),
+    ("loss.w_cp: {dist: choice, values: [.inf, 0.1]}", r"space.loss.w_cp.values\[0\]: inf can be sampled "
+                                                        r".*expected a finite number, got inf$"),
+])
+def test_search_bounds_and_choices_must_be_finite(tmp_path, base, space, match):
+    path = write(tmp_path, f"space:\n  {space}\n")
+    with pytest.raises(ConfigError, match=match) as info:
+        load_search(path, base)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_set_optim_lr_nan_is_refused_when_the_search_is_resolved(tmp_path):
+    """The bug report: `--set optim.lr=nan` passed validation and every trial failed in Ray."""
+    from tuning.run import SearchRun
+
+    with pytest.raises(ConfigError, match=r"^config\.optim\.lr: expected a finite number, got nan$"):
+        SearchRun.build("men", "smoke", overrides=parse_set(["optim.lr=nan"]), runs_dir=tmp_path)
