@@ -4,7 +4,8 @@ An experiment is `conf/experiments/<dataset>.yaml` (model, loss, optimiser and t
 optionally deep-merged with overrides (a search config's `overrides:` section, CLI flags). Every key
 is checked against the dataclasses below at load time, so a typo or a bad value fails before any
 work starts, with the key's dotted path in the message. Every float must be finite (`check_floats`,
-`ALLOWS_INF`).
+`ALLOWS_INF`), and a YAML mapping may not name a key twice (`load_yaml`, for every YAML the
+platform reads).
 """
 from __future__ import annotations
 
@@ -454,13 +455,57 @@ def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names one key twice (PyYAML would keep the last value without a word)."""
+
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        where = f"twice on line {first_line}" if first_line == second_line else \
+            f"at lines {first_line} and {second_line}"
+        super().__init__(f"duplicate key {key!r} {where}")
+        self.key, self.lines = key, (first_line, second_line)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping naming a key twice (DuplicateKeyError with both
+    line numbers), at any depth and in flow style (`{low: 1, low: 2}`) too. Keys brought in by a
+    merge key (`<<: *base`) may be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise DuplicateKeyError(key, first, line)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as `yaml.safe_load` does, but a mapping with a duplicate key raises
+    `DuplicateKeyError` (a `yaml.YAMLError`). Every YAML the platform reads goes through it: the
+    experiment, dataset and search files (`read_yaml`) and `--set` values."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping. ConfigError naming the file when it is missing, is not
+    YAML, names a key twice in one mapping ("duplicate key 'num_samples' at lines 2 and 5: give
+    it once") or holds no mapping at the top level."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}: give it once") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -8,7 +8,9 @@ import pytest
 
 from cfcml.config import (
     ALLOWS_INF,
+    CONF_DIR,
     ConfigError,
+    DuplicateKeyError,
     ExperimentConfig,
     LossConfig,
     ModelConfig,
@@ -18,7 +20,10 @@ from cfcml.config import (
     deep_merge,
     from_dict,
     load_experiment,
+    load_yaml,
 )
+
+MEN_YAML = CONF_DIR / "datasets" / "men.yaml"
 
 
 def load(**sections):
@@ -248,3 +253,40 @@ def test_only_a_field_that_documents_inf_accepts_it_and_none_accepts_nan():
         from_dict(_Window, {"edges": ["inf"]}, "w")
     with pytest.raises(ConfigError, match=r"^edges\[1\]: expected a finite number, got -inf$"):
         _Window(edges=(0.0, -math.inf))
+
+
+# ------------------------------------------------------------------ a key given twice in one mapping
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("dataset: men\noptim:\n  lr: 0.001\n  gamma: 0.5\n  lr: 0.1\n", "lr", "at lines 3 and 5"),
+    ("optim: {lr: 0.001}\nmodel: {dim: 64}\noptim: {lr: 0.1}\n", "optim", "at lines 1 and 3"),
+    ("loss: {w_cp: 0.1, w_cp: 0.2}\n", "w_cp", "twice on line 1"),  # flow style
+])
+def test_an_experiment_file_naming_a_key_twice_is_refused_with_both_lines(tmp_path, text, key, lines):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(str(path))
+    assert str(info.value) == f"{path}: duplicate key {key!r} {lines}: give it once"
+
+
+def test_a_dataset_spec_naming_a_key_twice_is_refused_with_both_lines(tmp_path):
+    from cfcml.data.spec import load_dataset_spec
+
+    text = MEN_YAML.read_text()
+    path = tmp_path / "mine.yaml"
+    path.write_text(text + "task: binary\n")  # men.yaml says task: multiclass
+    first = 1 + text.splitlines().index("task: multiclass")
+    with pytest.raises(ConfigError) as info:
+        load_dataset_spec(path)
+    assert str(info.value) == f"{path}: duplicate key 'task' at lines {first} and {len(text.splitlines()) + 1}: " \
+                              "give it once"
+
+
+def test_a_yaml_merge_key_may_still_be_overridden():
+    """`<<: *base` then a key of its own is what a merge is for, not a key said twice."""
+    assert load_yaml("base: &b {lr: 0.1, gamma: 0.5}\noptim:\n  <<: *b\n  lr: 0.01\n")["optim"] == \
+        {"lr": 0.01, "gamma": 0.5}
+    with pytest.raises(DuplicateKeyError, match="duplicate key 'lr' at lines 3 and 4"):
+        load_yaml("base: &b {lr: 0.1}\noptim:\n  lr: 0.01\n  lr: 0.02\n")

@@ -175,3 +175,27 @@ def test_set_optim_lr_nan_is_refused_when_the_search_is_resolved(tmp_path):
 
     with pytest.raises(ConfigError, match=r"^config\.optim\.lr: expected a finite number, got nan$"):
         SearchRun.build("men", "smoke", overrides=parse_set(["optim.lr=nan"]), runs_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ a search file that says two things
+
+
+@pytest.mark.parametrize("text,message", [
+    ("num_samples: 2\nmax_epochs: 3\nnum_samples: 40\n", "duplicate key 'num_samples' at lines 1 and 3"),
+    ("space:\n  loss.tau_sam: {dist: loguniform, low: 0.02, high: 0.5}\n"
+     "  loss.tau_sam: {dist: loguniform, low: 0.1, high: 0.2}\n", "duplicate key 'loss.tau_sam' at lines 2 and 3"),
+    ("space:\n  loss.momentum: {dist: uniform, low: 0.0, low: 0.5, high: 0.9}\n",
+     "duplicate key 'low' twice on line 2"),
+    ("overrides:\n  model.dim: 32\n  model.dim: 64\n", "duplicate key 'model.dim' at lines 2 and 3"),
+])
+def test_a_search_file_naming_a_key_twice_is_refused_with_both_lines(tmp_path, base, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_search(path, base)
+    assert str(info.value) == f"{path}: {message}: give it once"
+
+
+def test_a_set_value_naming_a_key_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"^--set 'model=\{dim: 32, dim: 64\}': the value is not valid YAML "
+                                          r"\(duplicate key 'dim' twice on line 1\)$"):
+        parse_set(["model={dim: 32, dim: 64}"])
