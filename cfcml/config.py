@@ -3,13 +3,16 @@
 An experiment is `conf/experiments/<dataset>.yaml` (model, loss, optimiser and training sections),
 optionally deep-merged with overrides (a search config's `overrides:` section, CLI flags). Every key
 is checked against the dataclasses below at load time, so a typo or a bad value fails before any
-work starts, with the key's dotted path in the message.
+work starts, with the key's dotted path in the message. Every float must be finite (`check_floats`,
+`ALLOWS_INF`), and a YAML mapping may not name a key twice (`load_yaml`, for every YAML the
+platform reads).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +49,31 @@ def _non_negative(section: Any, *names: str) -> None:
         value = getattr(section, name)
         if value < 0:
             raise ConfigError(f"must be >= 0, got {value!r}", name)
+
+
+# Field metadata of a float (or tuple-of-floats) field that accepts -inf and inf, which its
+# docstring must say; every other float setting must be finite, and none may be nan.
+ALLOWS_INF = "allows_inf"
+
+
+def _finite(value: float, path: str, allow_inf: bool = False) -> float:
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        wanted = "a number or -.inf / .inf" if allow_inf else "a finite number"
+        raise ConfigError(f"expected {wanted}, got {value!r}", path)
+    return value
+
+
+def check_floats(section: Any) -> None:
+    """Every float of a config dataclass's fields (tuples' items too) is finite, or +-inf where the
+    field's metadata holds `ALLOWS_INF`; nan never. ConfigError naming the field (items as
+    `name[i]`). `from_dict` applies the same rule to every float it reads; each section below calls
+    this first in `__post_init__`, so a config built in code is held to it too."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, v in items:
+            if isinstance(v, float):
+                _finite(v, f.name if i is None else f"{f.name}[{i}]", f.metadata.get(ALLOWS_INF, False))
 
 
 # model.scan's values (the Literal below spells them again for from_dict's type check)
@@ -111,6 +139,7 @@ class ModelConfig:
     cie: bool = True
 
     def __post_init__(self) -> None:
+        check_floats(self)
         _positive(self, "encoder_width", "encoder_blocks", "mamba_d_state", "mamba_d_conv", "mamba_expand",
                   "swin_patch", "swin_window", "dim", "latents_img", "latents_tab", "heads")
         if self.dim % self.heads:
@@ -170,6 +199,7 @@ class LossConfig:
     class_weights: Literal["none", "balanced"] = "none"
 
     def __post_init__(self) -> None:
+        check_floats(self)
         _positive(self, "tau_sam", "tau_up", "tau_cp")
         _non_negative(self, "w_cls", "w_sam", "w_up", "w_cp")
         if not 0.0 <= self.momentum < 1.0:
@@ -196,6 +226,7 @@ class OptimConfig:
     gamma: float = 0.8
 
     def __post_init__(self) -> None:
+        check_floats(self)
         _positive(self, "lr", "step_size")
         _non_negative(self, "encoder_lr_mult", "weight_decay", "warmup_epochs")
         if not 0.0 < self.gamma <= 1.0:
@@ -275,6 +306,7 @@ class TrainConfig:
     field_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        check_floats(self)
         _positive(self, "epochs", "batch_size", "workers", "prefetch_factor", "checkpoint_every", "stall_timeout_s")
         for name in ("modality_dropout", "field_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -314,7 +346,7 @@ class ExperimentConfig:
         return node
 
 
-def _check_value(tp: Any, value: Any, path: str) -> Any:
+def _check_value(tp: Any, value: Any, path: str, allow_inf: bool = False) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -331,7 +363,7 @@ def _check_value(tp: Any, value: Any, path: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _check_value(arg, value, path)
+                return _check_value(arg, value, path, allow_inf)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
@@ -343,7 +375,7 @@ def _check_value(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1]
-        return tuple(_check_value(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+        return tuple(_check_value(item, v, f"{path}[{i}]", allow_inf) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if tp is bool:
@@ -362,7 +394,7 @@ def _check_value(tp: Any, value: Any, path: str) -> Any:
                 raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        return _finite(float(value), path, allow_inf)  # nan, "nan", .inf, "-inf", 1e999
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -375,7 +407,9 @@ def _key(path: str, name: str) -> str:
 
 
 def from_dict(cls: type, data: Any, path: str = "config") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values."""
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values (a float
+    must be finite: nan never, +-inf only in a field with `ALLOWS_INF` metadata); ConfigError
+    naming `path` and the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -386,7 +420,7 @@ def from_dict(cls: type, data: Any, path: str = "config") -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _check_value(hints[name], data[name], _key(path, name))
+            kwargs[name] = _check_value(hints[name], data[name], _key(path, name), f.metadata.get(ALLOWS_INF, False))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_key(path, name)}: required key is missing")
     try:
@@ -426,13 +460,57 @@ def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names one key twice (PyYAML would keep the last value without a word)."""
+
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        where = f"twice on line {first_line}" if first_line == second_line else \
+            f"at lines {first_line} and {second_line}"
+        super().__init__(f"duplicate key {key!r} {where}")
+        self.key, self.lines = key, (first_line, second_line)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping naming a key twice (DuplicateKeyError with both
+    line numbers), at any depth and in flow style (`{low: 1, low: 2}`) too. Keys brought in by a
+    merge key (`<<: *base`) may be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise DuplicateKeyError(key, first, line)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as `yaml.safe_load` does, but a mapping with a duplicate key raises
+    `DuplicateKeyError` (a `yaml.YAMLError`). Every YAML the platform reads goes through it: the
+    experiment, dataset and search files (`read_yaml`) and `--set` values."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping. ConfigError naming the file when it is missing, is not
+    YAML, names a key twice in one mapping ("duplicate key 'num_samples' at lines 2 and 5: give
+    it once") or holds no mapping at the top level."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}: give it once") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -1,18 +1,29 @@
 """Experiment config: every bad key or value fails at load, naming the dotted key."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 
 from cfcml.config import (
+    ALLOWS_INF,
+    CONF_DIR,
     ConfigError,
+    DuplicateKeyError,
     ExperimentConfig,
     LossConfig,
     ModelConfig,
+    OptimConfig,
     TrainConfig,
+    check_floats,
     deep_merge,
     from_dict,
     load_experiment,
+    load_yaml,
 )
+
+MEN_YAML = CONF_DIR / "datasets" / "men.yaml"
 
 
 def load(**sections):
@@ -184,3 +195,98 @@ def test_input_dropout_is_off_in_every_published_recipe():
     for name in ("men", "derm7pt", "derm7pt_public"):
         train = load_experiment(name).train
         assert train.modality_dropout == 0.0 and train.field_dropout == 0.0
+
+
+# ------------------------------------------------------------------ non-finite numbers (nan, inf)
+
+
+@pytest.mark.parametrize("override,key,shown", [
+    ({"optim.lr": "nan"}, "optim.lr", "nan"),            # --set optim.lr=nan (YAML reads it as a string)
+    ({"optim.lr": float("nan")}, "optim.lr", "nan"),     # --set optim.lr=.nan
+    ({"loss.w_cp": float("inf")}, "loss.w_cp", "inf"),   # a loss weight
+    ({"loss.w_sam": "-inf"}, "loss.w_sam", "-inf"),
+    ({"train.cpus_per_worker": -float("inf")}, "train.cpus_per_worker", "-inf"),
+    ({"model.dropout": 1e999}, "model.dropout", "inf"),  # YAML's 1e999 overflows to inf
+    ({"optim.gamma": "NaN"}, "optim.gamma", "nan"),
+])
+def test_every_float_setting_must_be_finite(override, key, shown):
+    with pytest.raises(ConfigError, match=rf"^config\.{key}: expected a finite number, got {shown}$"):
+        load_experiment("men").replace(override)
+
+
+def test_nan_in_an_experiment_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("dataset: men\noptim:\n  lr: .nan\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(str(path))
+    assert str(info.value) == f"{path}: optim.lr: expected a finite number, got nan"
+
+
+@pytest.mark.parametrize("build,key", [
+    (lambda: OptimConfig(lr=float("nan")), "lr"),
+    (lambda: LossConfig(w_cls=float("inf")), "w_cls"),
+    (lambda: TrainConfig(gpus_per_worker=-float("inf")), "gpus_per_worker"),
+    (lambda: ModelConfig(dropout=float("nan")), "dropout"),
+])
+def test_sections_built_in_code_refuse_non_finite_floats(build, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: expected a finite number"):
+        build()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Window:
+    """A section with a field that documents +-inf (an open end); `edges` does not."""
+
+    bounds: tuple[float, ...] = dataclasses.field(default=(0.0, 1.0), metadata={ALLOWS_INF: True})
+    edges: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_floats(self)
+
+
+def test_only_a_field_that_documents_inf_accepts_it_and_none_accepts_nan():
+    assert from_dict(_Window, {"bounds": ["-inf", 3]}).bounds == (-math.inf, 3.0)
+    assert _Window(bounds=(0.0, math.inf)).bounds[1] == math.inf
+    with pytest.raises(ConfigError, match=r"^w.bounds\[1\]: expected a number or -.inf / .inf, got nan$"):
+        from_dict(_Window, {"bounds": [0, float("nan")]}, "w")
+    with pytest.raises(ConfigError, match=r"^w.edges\[0\]: expected a finite number, got inf$"):
+        from_dict(_Window, {"edges": ["inf"]}, "w")
+    with pytest.raises(ConfigError, match=r"^edges\[1\]: expected a finite number, got -inf$"):
+        _Window(edges=(0.0, -math.inf))
+
+
+# ------------------------------------------------------------------ a key given twice in one mapping
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("dataset: men\noptim:\n  lr: 0.001\n  gamma: 0.5\n  lr: 0.1\n", "lr", "at lines 3 and 5"),
+    ("optim: {lr: 0.001}\nmodel: {dim: 64}\noptim: {lr: 0.1}\n", "optim", "at lines 1 and 3"),
+    ("loss: {w_cp: 0.1, w_cp: 0.2}\n", "w_cp", "twice on line 1"),  # flow style
+])
+def test_an_experiment_file_naming_a_key_twice_is_refused_with_both_lines(tmp_path, text, key, lines):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(str(path))
+    assert str(info.value) == f"{path}: duplicate key {key!r} {lines}: give it once"
+
+
+def test_a_dataset_spec_naming_a_key_twice_is_refused_with_both_lines(tmp_path):
+    from cfcml.data.spec import load_dataset_spec
+
+    text = MEN_YAML.read_text()
+    path = tmp_path / "mine.yaml"
+    path.write_text(text + "task: binary\n")  # men.yaml says task: multiclass
+    first = 1 + text.splitlines().index("task: multiclass")
+    with pytest.raises(ConfigError) as info:
+        load_dataset_spec(path)
+    assert str(info.value) == f"{path}: duplicate key 'task' at lines {first} and {len(text.splitlines()) + 1}: " \
+                              "give it once"
+
+
+def test_a_yaml_merge_key_may_still_be_overridden():
+    """`<<: *base` then a key of its own is what a merge is for, not a key said twice."""
+    assert load_yaml("base: &b {lr: 0.1, gamma: 0.5}\noptim:\n  <<: *b\n  lr: 0.01\n")["optim"] == \
+        {"lr": 0.01, "gamma": 0.5}
+    with pytest.raises(DuplicateKeyError, match="duplicate key 'lr' at lines 3 and 4"):
+        load_yaml("base: &b {lr: 0.1}\noptim:\n  lr: 0.01\n  lr: 0.02\n")

@@ -30,8 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli_args.add_data_root(p, help="dataset folder (raw or prepared); default data/<dataset>")
     p.add_argument("--variants", help=f"comma list of {', '.join(VARIANTS)} (default: all; cfcml_tuned only "
                                       "with --from-search)")
-    p.add_argument("--from-search", help="a finished search's name: its best trial's searched values are "
-                                         "the cfcml_tuned variant")
+    p.add_argument("--from-search", help="a finished search of the same dataset (its name, the folder under "
+                                         "--runs-dir/ray): its best trial's searched values are the "
+                                         "cfcml_tuned variant")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per variant")
     cli_args.add_folds(p)
     p.add_argument("--max-epochs", type=int, help="epochs per model (sets train.epochs)")

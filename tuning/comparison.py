@@ -29,6 +29,7 @@ import numpy as np
 
 from cfcml.config import ConfigError, ExperimentConfig
 from cfcml.data.manifest import PreparedDataset
+from tuning.outcome import OUTCOME_FILE, SearchOutcome
 from tuning.trial import VariantTrials
 
 if TYPE_CHECKING:
@@ -104,6 +105,45 @@ def variant_configs(base: ExperimentConfig, names: list[str],
     return out
 
 
+def _dataset_name(dataset: str) -> str:
+    """A dataset as `--dataset` names it: "men", or an experiment file's path (named by its stem)."""
+    return Path(dataset).stem if Path(dataset).suffix else dataset
+
+
+def tuned_values(folder: Path, dataset: str, base: ExperimentConfig) -> dict[str, Any]:
+    """The searched values of the best trial of the finished search in `folder` (its
+    `outcome.json`), for the `cfcml_tuned` variant of a comparison on `dataset` whose configuration
+    is `base`. ConfigError ("--from-search: ...", naming the folder) when the search has not
+    finished or has no scored trial, tuned another dataset (both named), searched keys `base` does
+    not have (named), or found values `base` cannot take (e.g. a `model.dim` the comparison's
+    head count does not divide). Checked before anything starts."""
+    if not (folder / OUTCOME_FILE).is_file():
+        raise ConfigError(f"no finished search at {folder} ({OUTCOME_FILE} missing)", "--from-search")
+    outcome = SearchOutcome.load(folder / OUTCOME_FILE)
+    if _dataset_name(outcome.dataset) != _dataset_name(dataset):
+        raise ConfigError(f"the search in {folder} tuned dataset {outcome.dataset!r}, not this comparison's "
+                          f"{dataset!r}: its values are another experiment's", "--from-search")
+    best = outcome.best
+    if best is None:
+        raise ConfigError(f"the search in {folder} has no scored trial", "--from-search")
+    unknown = []
+    for key in dict.fromkeys([*outcome.searched, *best.params]):
+        try:
+            base.value(key)
+        except ConfigError:
+            unknown.append(key)
+    if unknown:
+        raise ConfigError(f"the search in {folder} searched {', '.join(unknown)}, which this comparison's "
+                          f"{dataset!r} configuration does not have", "--from-search")
+    tuned = dict(best.params)
+    try:
+        base.replace(tuned)
+    except ConfigError as exc:
+        raise ConfigError(f"the best trial of the search in {folder} ({tuned}) does not fit this comparison's "
+                          f"configuration: {exc}", "--from-search") from None
+    return tuned
+
+
 def plan_comparison(dataset: str, data_root: str | Path | None = None, *, variants: str | None = None,
                     from_search: str | None = None, seeds: int = 3, folds: int | None = None,
                     max_epochs: int | None = None, search: str | None = None, runs_dir: str | Path | None = None,
@@ -113,7 +153,6 @@ def plan_comparison(dataset: str, data_root: str | Path | None = None, *, varian
     """Resolve a comparison with the search's precedence (`tuning.run`): command line > the search
     file given by `search` (its overrides and budget) > experiment file > defaults."""
     from cfcml.config import PROJECT_ROOT, load_experiment
-    from tuning.outcome import OUTCOME_FILE, SearchOutcome
     from tuning.run import DEFAULT_RUNS_DIR, cli_overrides, resolve_experiment
     from tuning.space import SearchConfig, load_search
 
@@ -130,13 +169,7 @@ def plan_comparison(dataset: str, data_root: str | Path | None = None, *, varian
     tuned = None
     if from_search:
         check_name(from_search, "--from-search")
-        path = runs / "ray" / from_search / OUTCOME_FILE
-        if not path.is_file():
-            raise ConfigError(f"no finished search at {path.parent} ({OUTCOME_FILE} missing)", "--from-search")
-        best = SearchOutcome.load(path).best
-        if best is None:
-            raise ConfigError(f"search {from_search!r} has no scored trial", "--from-search")
-        tuned = dict(best.params)
+        tuned = tuned_values(runs / "ray" / from_search, dataset, base)
     names = [v.strip() for v in variants.split(",")] if variants else \
         [v for v in VARIANTS if v != "cfcml_tuned" or tuned is not None]
     if "cfcml" not in names:

@@ -188,7 +188,7 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
         )
         tuner = build_tuner(
             trainable,
-            param_space={p.key: p.tune_domain() for p in run.search.space},
+            param_space=run.search.param_space(),
             tune_config=tune.TuneConfig(
                 metric=target, mode="max", search_alg=searcher, scheduler=scheduler,
                 num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run.experiment.train),
@@ -268,7 +268,7 @@ def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResul
         # The selected epoch's own checkpoint, or none: weights of another epoch are never taken.
         path = row.get("checkpoint_path")
         checkpoint = path if isinstance(path, str) and ("://" in path or Path(path).exists()) else None
-        params = {key: result.config.get(key) for key in run.search.keys}
+        params = run.search.decode({key: result.config.get(key) for key in run.search.keys})
         last = rows[-1]
         trials.append(TrialResult(
             trial_id=str(row.get("trial_id", trial_id)),

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from cfcml.config import PROJECT_ROOT, ConfigError, ExperimentConfig, load_experiment
+from cfcml.config import PROJECT_ROOT, ConfigError, ExperimentConfig, load_experiment, load_yaml
 from tuning.space import SearchConfig, check_space, load_search, search_path
 
 DEFAULT_RUNS_DIR = PROJECT_ROOT / "runs"
@@ -35,13 +35,18 @@ RESUME_MAY_CHANGE = ("train.max_failures", "train.cpus_per_worker", "train.prefe
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """--set KEY=VALUE pairs; values are read as YAML (numbers, lists, true/false, null)."""
+    """--set KEY=VALUE pairs; values are read as YAML (numbers, lists, true/false, null).
+    ConfigError naming the pair for one without `=` or whose value is not YAML (a mapping value
+    naming a key twice included)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.pretrained=/weights/swin_t.pt")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
     return out
 
 

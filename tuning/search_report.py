@@ -40,8 +40,8 @@ def param_importance(trials: list[TrialResult], search: SearchConfig) -> dict[st
         return f"needs at least 3 scored trials (have {len(scored)})"
     dists: dict[str, Any] = {}
     for p in search.space:
-        if p.dist == "choice":
-            dists[p.key] = CategoricalDistribution(list(p.values))
+        if p.dist == "choice":  # as Optuna held them: a list value by its label (Param.to_tune)
+            dists[p.key] = CategoricalDistribution([p.to_tune(v) for v in p.values])
         elif p.dist == "int":
             dists[p.key] = IntDistribution(int(p.low), int(p.high))
         else:
@@ -49,7 +49,8 @@ def param_importance(trials: list[TrialResult], search: SearchConfig) -> dict[st
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
     for t in scored:
-        study.add_trial(optuna.trial.create_trial(params=t.params, distributions=dists, value=t.score))
+        params = {p.key: p.to_tune(t.params[p.key]) for p in search.space}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t.score))
     try:
         return dict(optuna.importance.get_param_importances(study))
     except Exception as exc:  # e.g. every trial scored the same: a report must not fail for it

@@ -17,6 +17,11 @@ A search config looks like
 A search file may start from another with `extends: NAME` (conf/search/NAME.yaml): its keys are
 merged over that file's.
 
+Every value the space can sample is checked against the experiment at load (`check_space`): finite
+bounds, each `choice` value as a value of its key. A `choice` may offer lists (a list-typed key
+such as `model.mixer_stages: {dist: choice, values: [[4], [3, 4]]}`); Tune and Optuna carry those
+as labels (`Param.to_tune`) and a trial decodes them (`SearchConfig.decode`).
+
 The experiment's own values for the searched keys (the public code's settings) are the first
 point Optuna evaluates. How these settings combine with the experiment file and the command line
 is `tuning.run`'s job (one documented precedence).
@@ -24,6 +29,8 @@ is `tuning.run`'s job (one documented precedence).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,15 +38,43 @@ from typing import Any, Literal
 from cfcml.config import CONF_DIR, ConfigError, ExperimentConfig, from_dict, known_names, read_config
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
+# what Optuna's categorical distribution holds (and compares by ==): anything else is carried as a label
+_PLAIN = (type(None), bool, int, float, str)
 
 
 @dataclass(frozen=True)
 class Param:
+    """One searched key. A `choice`'s `values` are the config's own typed values once loaded (a
+    list as a tuple, "5e-4" as 0.0005: `typed`)."""
+
     key: str  # dotted experiment key, also the Tune parameter name
     dist: str
     low: float | None = None
     high: float | None = None
     values: tuple[Any, ...] = ()
+
+    @property
+    def labelled(self) -> bool:
+        """Whether Tune and Optuna carry this choice's values as labels: a choice with a value that
+        is not None, a bool, a number or a string (a list, for a list-typed key such as
+        model.mixer_stages). Optuna's categorical distribution holds those plain values only,
+        and matches them by ==, which a list never equals its tuple (Optuna refused the first
+        point, the experiment's own `(4,)`, as "not in ([4], [3, 4])")."""
+        return self.dist == "choice" and not all(isinstance(v, _PLAIN) for v in self.values)
+
+    def to_tune(self, value: Any) -> Any:
+        """`value` (a config value of this key) as Tune and Optuna carry it: its JSON text for a
+        labelled choice (`(3, 4)` and `[3, 4]` both as "[3, 4]"), else itself."""
+        if not self.labelled:
+            return value
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+    def from_tune(self, value: Any) -> Any:
+        """The config value of what Tune hands a trial (`to_tune`'s inverse); a value that is not
+        one of this choice's labels is returned as it is, for the config to judge."""
+        if not self.labelled or not isinstance(value, str):
+            return value
+        return {self.to_tune(v): v for v in self.values}.get(value, value)
 
     def tune_domain(self) -> Any:
         from ray import tune
@@ -50,7 +85,16 @@ class Param:
             return tune.uniform(self.low, self.high)
         if self.dist == "int":
             return tune.randint(int(self.low), int(self.high) + 1)
-        return tune.choice(list(self.values))
+        return tune.choice([self.to_tune(v) for v in self.values])
+
+    def typed(self, base: ExperimentConfig) -> Param:
+        """A choice with each value as `base`'s config holds it (lists as tuples, numbers written
+        as strings as floats), so that values compare equal to the config's; ConfigError for a
+        value that is not a valid value of the key (`check_space` names it first)."""
+        if self.dist != "choice":
+            return self
+        return dataclasses.replace(self, values=tuple(base.replace({self.key: v}).value(self.key)
+                                                      for v in self.values))
 
     def bounds(self) -> list[tuple[str, Any]]:
         """(name, value) of every extreme the search can sample: low and high (Optuna may return
@@ -110,6 +154,16 @@ class SearchConfig:
     def keys(self) -> list[str]:
         return [p.key for p in self.space]
 
+    def param_space(self) -> dict[str, Any]:
+        """The Tuner's `param_space`: every searched key's Tune domain (`Param.tune_domain`)."""
+        return {p.key: p.tune_domain() for p in self.space}
+
+    def decode(self, config: dict[str, Any]) -> dict[str, Any]:
+        """What Tune hands a trial (dotted keys) as experiment overrides: each searched key's
+        value as the config holds it (`Param.from_tune`); other keys as they are."""
+        params = {p.key: p for p in self.space}
+        return {k: params[k].from_tune(v) if k in params else v for k, v in config.items()}
+
     def tpe_startup_trials(self, num_samples: int) -> int:
         """Random proposals before TPE models the results, for a search of `num_samples` trials
         (`--num-samples` may differ from the file's); see `startup_trials`."""
@@ -141,6 +195,9 @@ def _param(key: str, raw: Any, where: str, base: ExperimentConfig) -> Param:
             low, high = float(raw["low"]), float(raw["high"])
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"{where}: numeric low and high are required for dist: {dist}") from None
+        for name, value in (("low", low), ("high", high)):
+            if not math.isfinite(value):  # nan, .inf, -.inf, "nan", 1e999: no distribution samples them
+                raise ConfigError(f"{where}.{name}: expected a finite number, got {raw[name]!r}")
         if not low < high or (dist == "loguniform" and low <= 0):
             raise ConfigError(f"{where}: need 0 < low < high for loguniform, low < high otherwise")
         if dist == "int" and not (low.is_integer() and high.is_integer()):
@@ -202,9 +259,18 @@ def load_search(name_or_path: str, base: ExperimentConfig) -> SearchConfig:
         raise ConfigError(f"{where} space: expected a mapping of dotted keys to distributions")
     space = tuple(_param(k, v, f"{where} space.{k}", with_overrides) for k, v in space_raw.items())
     check_space(space, with_overrides, where)
+    space = tuple(p.typed(with_overrides) for p in space)
     return dataclasses.replace(cfg, overrides=overrides, space=space)
 
 
 def initial_point(search: SearchConfig, cfg: ExperimentConfig) -> dict[str, Any]:
-    """The experiment's own values of the searched keys (Optuna evaluates them first)."""
-    return {p.key: cfg.value(p.key) for p in search.space}
+    """The first point Optuna evaluates, as Tune carries it (`Param.to_tune`): the experiment's
+    own values of the searched keys, except a `choice` key whose experiment value is not among its
+    values, which takes its first value (Optuna cannot evaluate a choice it does not have)."""
+    point = {}
+    for p in search.space:
+        value = cfg.value(p.key)
+        if p.dist == "choice" and value not in p.values:
+            value = p.values[0]
+        point[p.key] = p.to_tune(value)
+    return point

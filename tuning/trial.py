@@ -19,12 +19,14 @@ if TYPE_CHECKING:
 
 
 def run_trial(config: dict[str, Any], *, run: SearchRun, prepared_dir: str, metric: str) -> None:
-    """One Tune trial: the sampled values (`config`, dotted keys) over the search's experiment,
-    trained on all folds by a Ray Train trainer (`tuning.trainer.fit`)."""
+    """One Tune trial: the sampled values (`config`, dotted keys, as Tune carries them:
+    `SearchConfig.decode`) over the search's experiment, trained on all folds by a Ray Train
+    trainer (`tuning.trainer.fit`)."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    _fit(run.experiment.replace(dict(config)), prepared_dir, run.max_epochs, name=f"trial_{trial_id}",
+    experiment = run.experiment.replace(run.search.decode(dict(config)))
+    _fit(experiment, prepared_dir, run.max_epochs, name=f"trial_{trial_id}",
          storage_path=str(run.storage / "train"), metric=metric, label=f"trial {trial_id}")
 
 

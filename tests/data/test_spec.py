@@ -99,6 +99,12 @@ def _bad(tmp_path: Path, edit) -> str:
     (lambda d: d["evaluation"]["bands"][0].update(name="sex"), "evaluation.bands[0].name"),
     (lambda d: d["evaluation"].update(target_sensitivity=1.2), "evaluation.target_sensitivity"),
     (lambda d: d["evaluation"].update(ece_bins=1), "evaluation.ece_bins"),
+    # non-finite numbers (written as YAML's .nan / .inf): nan passed every range check before
+    (lambda d: d["intensity"].update(clip=[0, float("nan")]), "intensity.clip[1]: expected a finite number, got nan"),
+    (lambda d: d["augment"]["gaussian_noise"].update(std=float("inf")),
+     "augment.gaussian_noise.std: expected a finite number, got inf"),
+    (lambda d: d["evaluation"]["bands"][0].update(edges=[-float("inf"), 50]),
+     "evaluation.bands[0].edges[0]: expected a finite number, got -inf"),
 ])
 def test_bad_key_fails_naming_the_key(tmp_path: Path, edit, message: str) -> None:
     text = _bad(tmp_path, edit)

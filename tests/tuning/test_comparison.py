@@ -161,3 +161,58 @@ def test_the_oracle_travels_as_oracle_scores_into_the_table_the_json_and_the_fig
     assert f"oracle ({auc:.3f})" in roc_labels  # its ROC curve, from its test probabilities
     assert bar_lines["oracle macro_auc"] == pytest.approx(auc)  # its test points as the reference lines
     assert bar_lines["oracle balanced_accuracy"] == pytest.approx(acc)
+
+
+def _finished_search(runs: Path, name: str, dataset: str, params: dict, searched: list[str] | None = None) -> Path:
+    """A search folder as a finished search leaves it: its state file and outcome.json."""
+    from tuning.driver import SearchState
+
+    folder = runs / "ray" / name
+    SearchState("parent", f"sqlite:///{runs / 'mlflow.db'}", "1", {"dataset": dataset}).save(folder)
+    SearchOutcome(dataset, "cv_auc", [TrialResult("t1", params=params, score=0.8, epoch=2)], str(folder), "p",
+                  "u", "1", "parent", searched if searched is not None else list(params)).save()
+    return folder
+
+
+def test_a_search_of_another_dataset_is_refused_naming_both_and_the_folder(tmp_path: Path) -> None:
+    """The bug report: a MEN search was taken as Derm7pt's tuned configuration (exit 0)."""
+    folder = _finished_search(tmp_path, "men-default", "men", {"loss.w_cp": 0.1})
+    with pytest.raises(ConfigError) as info:
+        plan_comparison("derm7pt", tmp_path, runs_dir=tmp_path, from_search="men-default", search="smoke")
+    assert str(info.value) == (f"--from-search: the search in {folder} tuned dataset 'men', not this comparison's "
+                               "'derm7pt': its values are another experiment's")
+
+
+def test_the_compare_command_refuses_it_before_ray_starts(tmp_path: Path, capsys) -> None:
+    from tuning.compare import main
+
+    folder = _finished_search(tmp_path, "men-default", "men", {"loss.w_cp": 0.1})
+    code = main(["--dataset", "derm7pt", "--data-root", str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path),
+                 "--from-search", "men-default", "--search", "smoke"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: --from-search: the search in {folder} tuned dataset 'men', not this comparison's "
+                          "'derm7pt'")
+
+
+@pytest.mark.parametrize("params,searched,match", [
+    ({"loss.w_cp": 0.1, "loss.w_xyz": 0.2}, None, r"searched loss.w_xyz, which this comparison's 'men' "
+                                                  r"configuration does not have$"),
+    ({"loss.w_cp": 0.1}, ["loss.w_cp", "model.depth"], r"searched model.depth, which"),
+    ({"model.dim": 36}, None, r"does not fit this comparison's configuration: config.model.heads: "
+                              r"dim 36 is not divisible by 8 heads$"),
+])
+def test_searched_values_the_comparison_cannot_take_are_refused_naming_them(tmp_path: Path, params, searched,
+                                                                            match) -> None:
+    folder = _finished_search(tmp_path, "men-x", "men", params, searched)
+    with pytest.raises(ConfigError, match=rf"^--from-search: .*{folder}.*{match}"):
+        plan_comparison("men", tmp_path, runs_dir=tmp_path, from_search="men-x", search="smoke",
+                        overrides={"model.heads": 8})
+
+
+def test_a_tuned_list_value_is_read_back_into_the_config(tmp_path: Path) -> None:
+    _finished_search(tmp_path, "men-stages", "men", {"model.mixer_stages": [3, 4]})
+    plan = plan_comparison("men", tmp_path, runs_dir=tmp_path, from_search="men-stages", search="smoke",
+                           variants="cfcml_tuned", seeds=1)
+    assert plan.variants["cfcml_tuned"].model.mixer_stages == (3, 4)
+    assert plan.variants["cfcml"].model.mixer_stages == (4,)  # the smoke search's

@@ -72,3 +72,18 @@ def test_report_without_a_final_model_or_enough_trials(prepared, tmp_path: Path)
     assert "Not shown: needs at least 3 scored trials (have 2)" in text
     assert "report/importance.png" not in figures
     assert isinstance(param_importance(out.trials, search_file(tmp_path)), str)
+
+
+def test_importance_covers_a_list_valued_choice_as_read_back_from_outcome_json(tmp_path: Path) -> None:
+    """outcome.json holds a list choice as a JSON list, the search file as the config's tuple;
+    Optuna's categorical distribution takes neither, so both become the label Optuna searched."""
+    path = tmp_path / "s.yaml"
+    path.write_text("space:\n  model.mixer_stages: {dist: choice, values: [[4], [3, 4]]}\n"
+                    "  loss.tau_sam: {dist: uniform, low: 0.02, high: 0.5}\n")
+    search = load_search(str(path), load_experiment("men"))
+    trials = [TrialResult(f"t{i}", params={"model.mixer_stages": [4] if i % 2 else (3, 4), "loss.tau_sam": 0.05 * i},
+                          score=0.5 + 0.1 * (i % 2) + 0.01 * i) for i in range(1, 7)]
+    out = SearchOutcome("men", "cv_macro_auc", trials, str(tmp_path / "men-x"), "p", "u", "1", "r", search.keys)
+    out.save(tmp_path / "outcome.json")
+    importance = param_importance(SearchOutcome.load(tmp_path / "outcome.json").trials, search)
+    assert isinstance(importance, dict) and set(importance) == {"model.mixer_stages", "loss.tau_sam"}

@@ -141,3 +141,128 @@ def test_the_command_line_is_checked_against_the_space_too(tmp_path):
     with pytest.raises(ConfigError, match=r"with --set and the flags\): space.model.dim.values\[1\]: 36 .*"
                                           r"not divisible by 8 heads"):
         SearchRun.build("men", path, overrides={"model.heads": 8})
+
+
+# ------------------------------------------------------------------ non-finite bounds and choices
+
+
+@pytest.mark.parametrize("space,match", [
+    ("loss.tau_sam: {dist: loguniform, low: 0.02, high: .inf}", r"space.loss.tau_sam.high: expected a finite number, "
+                                                                  r"got inf$"),
+    ("loss.momentum: {dist: uniform, low: -.inf, high: 0.5}", r"space.loss.momentum.low: expected a finite number, "
+                                                                r"got -inf$"),
+    ("loss.momentum: {dist: uniform, low: .nan, high: 0.5}", r"space.loss.momentum.low: expected a finite number, "
+                                                               r"got nan$"),
+    ("model.dim: {dist: int, low: 8, high: .inf}", r"space.model.dim.high: expected a finite number, got inf$"),
+    ("loss.w_cp: {dist: uniform, low: 0.1, high: 'inf'}", r"space.loss.w_cp.high: expected a finite number, "
+                                                            r"got 'inf'$"),
+    # a choice value is judged by the key's own rule, which refuses nan and inf
+    ("loss.momentum: {dist: choice, values: [0.0, .nan]}", r"space.loss.momentum.values\[1\]: nan can be sampled "
+                                                            r".*expected a finite number, got nan$"),
+    ("loss.w_cp: {dist: choice, values: [.inf, 0.1]}", r"space.loss.w_cp.values\[0\]: inf can be sampled "
+                                                        r".*expected a finite number, got inf$"),
+])
+def test_search_bounds_and_choices_must_be_finite(tmp_path, base, space, match):
+    path = write(tmp_path, f"space:\n  {space}\n")
+    with pytest.raises(ConfigError, match=match) as info:
+        load_search(path, base)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_set_optim_lr_nan_is_refused_when_the_search_is_resolved(tmp_path):
+    """The bug report: `--set optim.lr=nan` passed validation and every trial failed in Ray."""
+    from tuning.run import SearchRun
+
+    with pytest.raises(ConfigError, match=r"^config\.optim\.lr: expected a finite number, got nan$"):
+        SearchRun.build("men", "smoke", overrides=parse_set(["optim.lr=nan"]), runs_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ a search file that says two things
+
+
+@pytest.mark.parametrize("text,message", [
+    ("num_samples: 2\nmax_epochs: 3\nnum_samples: 40\n", "duplicate key 'num_samples' at lines 1 and 3"),
+    ("space:\n  loss.tau_sam: {dist: loguniform, low: 0.02, high: 0.5}\n"
+     "  loss.tau_sam: {dist: loguniform, low: 0.1, high: 0.2}\n", "duplicate key 'loss.tau_sam' at lines 2 and 3"),
+    ("space:\n  loss.momentum: {dist: uniform, low: 0.0, low: 0.5, high: 0.9}\n",
+     "duplicate key 'low' twice on line 2"),
+    ("overrides:\n  model.dim: 32\n  model.dim: 64\n", "duplicate key 'model.dim' at lines 2 and 3"),
+])
+def test_a_search_file_naming_a_key_twice_is_refused_with_both_lines(tmp_path, base, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_search(path, base)
+    assert str(info.value) == f"{path}: {message}: give it once"
+
+
+def test_a_set_value_naming_a_key_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"^--set 'model=\{dim: 32, dim: 64\}': the value is not valid YAML "
+                                          r"\(duplicate key 'dim' twice on line 1\)$"):
+        parse_set(["model={dim: 32, dim: 64}"])
+
+
+# ------------------------------------------------------------------ choices are typed as their key
+
+
+@pytest.mark.parametrize("space,match", [
+    # a list-typed key: every choice a list of the element type
+    ("model.mixer_stages: {dist: choice, values: [[4], 4]}",
+     r"space.model.mixer_stages.values\[1\]: 4 can be sampled .*model.mixer_stages: expected a list, got 4$"),
+    ("model.mixer_stages: {dist: choice, values: [[4], [3, x]]}",
+     r"space.model.mixer_stages.values\[1\]: \[3, 'x'\] can be sampled .*mixer_stages\[1\]: expected an integer"),
+    ("train.image_size: {dist: choice, values: [[32, 32, 8], [32, 0.5]]}",
+     r"space.train.image_size.values\[1\]: \[32, 0.5\] can be sampled .*image_size\[1\]: expected an integer"),
+    # a scalar key: no list among its choices
+    ("model.dim: {dist: choice, values: [32, [64]]}",
+     r"space.model.dim.values\[1\]: \[64\] can be sampled .*model.dim: expected an integer, got \[64\]$"),
+    ("model.variant: {dist: choice, values: [cfcml, [image_only]]}",
+     r"space.model.variant.values\[1\]: \['image_only'\] can be sampled .*expected one of"),
+])
+def test_every_choice_is_checked_as_a_value_of_its_key(tmp_path, base, space, match):
+    path = write(tmp_path, f"space:\n  {space}\n")
+    with pytest.raises(ConfigError, match=match) as info:
+        load_search(path, base)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_choices_are_held_as_the_config_holds_them(tmp_path, base):
+    search = load_search(write(tmp_path, "space:\n  model.mixer_stages: {dist: choice, values: [[4], [3, 4]]}\n"
+                                         "  optim.lr: {dist: choice, values: [5e-4, 1.0e-3]}\n"), base)
+    stages, lr = search.space
+    assert stages.values == ((4,), (3, 4)) and lr.values == (5e-4, 1e-3)  # YAML reads 5e-4 as a string
+    assert stages.labelled and not lr.labelled
+
+
+def test_a_sampled_list_choice_makes_a_valid_config(tmp_path):
+    """The bug report: a list-valued choice failed after Ray started (Optuna: "'(4,)' not in ([4],
+    [3, 4])"). Optuna's own searcher, as the search builds it, proposes the first point and then
+    samples; every proposal Tune would hand a trial decodes into a valid experiment."""
+    from tuning.driver import search_algorithms
+    from tuning.run import SearchRun
+
+    path = write(tmp_path, "space:\n  model.mixer_stages: {dist: choice, values: [[4], [3, 4]]}\n"
+                           "  train.image_size: {dist: choice, values: [null, [32, 32, 8]]}\n"
+                           "  loss.tau_sam: {dist: loguniform, low: 0.02, high: 0.5}\n")
+    run = SearchRun.build("men", path, overrides={"model.mixer_stages": [4]}, runs_dir=tmp_path, num_samples=12)
+    searcher, _ = search_algorithms(run, "selected_cv_macro_auc")
+    assert searcher.set_search_properties("selected_cv_macro_auc", "max", run.search.param_space())
+    seen = set()
+    for i in range(12):
+        proposal = searcher.suggest(f"t{i}")
+        cfg = run.experiment.replace(run.search.decode(proposal))
+        if i == 0:  # the experiment's own values come first
+            assert (cfg.model.mixer_stages, cfg.train.image_size, cfg.loss.tau_sam) == ((4,), None, 0.07)
+        seen.add((cfg.model.mixer_stages, cfg.train.image_size))
+        assert cfg.model.mixer_stages in ((4,), (3, 4)) and cfg.train.image_size in (None, (32, 32, 8))
+        searcher.on_trial_complete(f"t{i}", {"selected_cv_macro_auc": 0.5 + 0.01 * i})
+    assert {s for s, _ in seen} == {(4,), (3, 4)}
+
+
+def test_a_choice_without_the_experiment_value_starts_from_its_first_value(tmp_path, base):
+    """Optuna cannot evaluate a choice it does not have (it failed the first trial after Ray
+    started); the other searched keys keep the experiment's values."""
+    search = load_search(write(tmp_path, "space:\n  model.mixer_stages: {dist: choice, values: [[4], [3, 4]]}\n"
+                                         "  loss.tau_sam: {dist: loguniform, low: 0.02, high: 0.5}\n"), base)
+    assert base.model.mixer_stages == (2, 3, 4)
+    assert initial_point(search, base) == {"model.mixer_stages": "[4]", "loss.tau_sam": 0.07}
+    assert search.decode(initial_point(search, base)) == {"model.mixer_stages": (4,), "loss.tau_sam": 0.07}
