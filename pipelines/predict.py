@@ -83,23 +83,26 @@ def load_model(uri: str, tracking_uri: str | None, runs_dir: Path) -> tuple[Any,
 
 def read_rows(path: Path, spec: Any) -> Any:
     """The CSV as text (categories stay "1", not 1.0; blanks stay blank), read by prepare's reader
-    (`read_text_csv`); the served model types the values by the spec. The index is the file's line
-    number: every error names it."""
-    import pandas as pd
-
-    from cfcml.data.adapters import read_text_csv
+    (`read_text_csv`: duplicate header names refused, blank rows skipped with a note); the served
+    model types the values by the spec. The index is the file line each record starts on: every
+    error names it."""
+    from cfcml.data.adapters import TableError, blank_rows_note, read_text_csv
     from tuning.served_model import input_columns
 
     if not path.is_file():
         raise PredictError(f"rows file {path} does not exist")
     try:  # prepare's own reader: header spaces, BOM, CRLF and padded values read as prepare reads them
         frame = read_text_csv(path)
-    except (ValueError, OSError) as exc:
-        raise PredictError(f"cannot read {path} as CSV: {exc}") from None
+    except TableError as exc:
+        raise PredictError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise PredictError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if frame.attrs["blank_lines"]:
+        print(f"note: {path}: {blank_rows_note(frame)}", file=sys.stderr)
     missing = [c for c in input_columns(spec) if c not in frame.columns]
     if missing:
         raise PredictError(f"{path} lacks column(s) {missing}; the model needs {input_columns(spec)}")
-    frame.index = pd.RangeIndex(2, len(frame) + 2, name=f"{path.name} line")  # line 1 is the header
+    frame.index.name = f"{path.name} line"  # (read_text_csv's index: the line each record starts on)
     return frame
 
 

@@ -184,6 +184,51 @@ def test_a_csv_spelled_as_prepare_reads_it_gives_the_same_predictions(registered
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
 
 
+@pytest.mark.parametrize("spell", [str, str.upper, lambda name: f" {name} "], ids=["same", "upper case", "spaces"])
+@pytest.mark.parametrize("column", ["path_t1", "age"])
+def test_a_rows_file_naming_a_column_twice_is_refused_naming_the_column(registered, tmp_path, capsys, column,
+                                                                         spell) -> None:
+    """A second `path_t1` (or `age`) was dropped in silence and the first one predicted on."""
+    frame = pd.read_csv(registered["rows"], dtype=str, keep_default_na=False)
+    rows = tmp_path / "rows.csv"
+    text = frame.to_csv(index=False).splitlines()
+    other = frame["path_t2" if column == "path_t1" else "age"].tolist()
+    rows.write_text("\n".join([f"{text[0]},{spell(column)}", *[f"{line},{v}" for line, v in zip(text[1:], other)]]))
+    out = tmp_path / "preds.csv"
+    assert predict(registered, rows, out) == 2
+    first, second = frame.columns.get_loc(column) + 1, len(frame.columns) + 1
+    err = refused(capsys, out)
+    assert err.startswith(f"error: {rows}: column{'s' if spell is str.upper else ''} {column!r}") and "\n" not in err
+    assert err.endswith(f"in the header (fields {first} and {second} of line 1); rename or remove all but one")
+
+
+def test_blank_rows_are_skipped_with_a_note_naming_their_lines(registered, tmp_path, capsys) -> None:
+    lines = registered["rows"].read_text().splitlines()
+    blank = "," * lines[0].count(",")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("\n".join([lines[0], blank, *lines[1:], " ,  , ", ""]) + "\n")
+    assert predict(registered, registered["rows"], tmp_path / "a.csv") == 0
+    capsys.readouterr()
+    assert predict(registered, rows, tmp_path / "b.csv") == 0
+    assert (f"note: {rows}: skipped 2 blank row(s) of separators only (lines 2, {len(lines) + 2})"
+            in capsys.readouterr().err)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+
+
+def test_an_error_after_a_value_spanning_lines_names_the_file_line_the_row_starts_on(registered, tmp_path,
+                                                                                    capsys) -> None:
+    frame = pd.read_csv(registered["rows"], dtype=str, keep_default_na=False)
+    frame["comment"] = ["seen twice:\nfirst visit\nsecond visit", *[""] * (len(frame) - 1)]
+    frame.loc[1, "path_t1"] = "../../../../etc/passwd"
+    rows = tmp_path / "rows.csv"
+    frame.to_csv(rows, index=False)
+    out = tmp_path / "preds.csv"
+    assert predict(registered, rows, out) == 2
+    assert refused(capsys, out).startswith(  # line 1 the header, lines 2-4 the first row
+        f"error: rows.csv line 5 (patient '{frame.loc[1, 'patient_id']}'), column 'path_t1': path "
+        "'../../../../etc/passwd' escapes")
+
+
 @pytest.mark.parametrize("fill, code_words", [
     (lambda v: np.zeros_like(v), "every voxel is 0"),
     (lambda v: np.full_like(v, 417), "every non-zero voxel is 417"),
