@@ -344,3 +344,28 @@ def test_ctrl_c_while_caching_prints_one_line_exits_130_and_removes_only_what_th
     else:
         assert out.is_dir() and {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
     assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_ctrl_c_while_validating_writes_nothing_and_says_so(men_base: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    import cfcml.data.validation as validation
+    from pipelines.prepare import main
+
+    check_image = validation.check_image
+    calls = []
+
+    def check_then_ctrl_c(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return check_image(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "check_image", check_then_ctrl_c)
+    out = tmp_path / "out"
+    assert main(["--dataset", "men", "--data-root", str(men_base), "--out", str(out), "--folds", str(FOLDS),
+                 "--image-size", *map(str, MEN_SIZE), "--workers", "1"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: prepare stopped before writing anything"
+    assert not out.exists() and len(calls) < 18 * 3
