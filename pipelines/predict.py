@@ -13,6 +13,11 @@ missing token; a blank image path is accepted only by a model trained with modal
 Image paths resolve under the
 data root recorded when the model was registered (or `--data-root` / $CFCML_DATA_ROOT); a path
 that leaves it is refused: the model itself enforces this, whoever calls it.
+
+A model runs no code of its own here: its folder must carry this platform's served-model code
+(tuning/served_model_code.py, byte for byte) and nothing else to import, and it loads with pickle
+deserialisation off; any other model is refused before anything of it is loaded, unless
+`--trust-model-code` (then MLflow loads it as it is, running its code).
 """
 from __future__ import annotations
 
@@ -48,17 +53,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           "$MLFLOW_TRACKING_URI or <runs-dir>/mlflow.db)")
     p.add_argument("--batch-rows", type=int, default=32, help="rows per model call (the progress bar's step)")
     p.add_argument("--raw", action="store_true", help="the network's own probabilities, not the calibrated ones")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="load a model whose code is not this platform's own served-model code (or that holds a "
+                        "pickle), running that code in this process; without it such a model is refused before "
+                        "anything of it is loaded")
     p.add_argument("--operating-point", metavar="NAME",
                    help="add the decision at this operating point, '<class>:<name>' (e.g. 'MEL:youden', "
                         "'Grade_1:sensitivity_0.90'; the name alone for a binary task); the model card lists them")
     return p.parse_args(argv)
 
 
-def load_model(uri: str, tracking_uri: str | None, runs_dir: Path) -> tuple[Any, Any]:
-    """(pyfunc model, its CFCMLModel) from a models:/ or runs:/ URI or a local folder."""
+def load_model(uri: str, tracking_uri: str | None, runs_dir: Path, trust_code: bool = False) -> tuple[Any, Any]:
+    """(pyfunc model, its CFCMLModel) from a models:/ or runs:/ URI or a local folder.
+
+    Unless `trust_code`, the model folder (a registry's or a run's model is downloaded first) must
+    pass `served_model.check_model_code` (the platform's own served-model code, nothing else)
+    before MLflow loads it, and it loads with pickle deserialisation off
+    ($MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false); PredictError otherwise. `trust_code`: MLflow
+    loads the folder as it is, running its code and pickles."""
+    import shutil
+    import tempfile
+
     import mlflow
 
-    if not uri.startswith(("models:/", "runs:/")) and "://" not in uri:  # a local model folder
+    from tuning.served_model import UntrustedModelError, check_model_code
+
+    local = not uri.startswith(("models:/", "runs:/")) and "://" not in uri
+    if local:  # a local model folder
         path = Path(uri).expanduser()
         if not (path / "MLmodel").is_file():
             raise PredictError(f"model folder {path} not found (no {path / 'MLmodel'})")
@@ -70,11 +91,27 @@ def load_model(uri: str, tracking_uri: str | None, runs_dir: Path) -> tuple[Any,
         tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
         mlflow.set_tracking_uri(tracking_uri)
         where = f"{uri} (tracking URI {tracking_uri})"
+    download = None if local or trust_code else Path(tempfile.mkdtemp(prefix="cfcml-model-"))
+    path_before = list(sys.path)
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        if download is not None:  # checked where it lies, then loaded from there (quietly, as load_model did)
+            with _environ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+                uri = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(download),
+                                                          tracking_uri=tracking_uri)
+        if not trust_code:
+            check_model_code(uri, name=None if local else f"model {where}")
+        with contextlib.nullcontext() if trust_code else _environ("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false"):
+            model = mlflow.pyfunc.load_model(uri)
+    except UntrustedModelError as exc:
+        raise PredictError(str(exc)) from None
     except Exception as exc:  # MlflowException, OSError, ...: one line, not a traceback
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PredictError(f"model {where} not found or not loadable: {detail}") from None
+    finally:  # MLflow put the model's code/ folder first on sys.path: nothing more is imported from it
+        if not trust_code:  # (a trusted model may import its own modules as it predicts)
+            sys.path[:] = path_before
+        if download is not None:  # everything was read into memory by load_context
+            shutil.rmtree(download, ignore_errors=True)
     python_model = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
     if not hasattr(python_model, "check_input"):
         raise PredictError(f"model {where} is not a CFCML model (no CFCML pyfunc inside)")
@@ -83,23 +120,26 @@ def load_model(uri: str, tracking_uri: str | None, runs_dir: Path) -> tuple[Any,
 
 def read_rows(path: Path, spec: Any) -> Any:
     """The CSV as text (categories stay "1", not 1.0; blanks stay blank), read by prepare's reader
-    (`read_text_csv`); the served model types the values by the spec. The index is the file's line
-    number: every error names it."""
-    import pandas as pd
-
-    from cfcml.data.adapters import read_text_csv
+    (`read_text_csv`: duplicate header names refused, blank rows skipped with a note); the served
+    model types the values by the spec. The index is the file line each record starts on: every
+    error names it."""
+    from cfcml.data.adapters import TableError, blank_rows_note, read_text_csv
     from tuning.served_model import input_columns
 
     if not path.is_file():
         raise PredictError(f"rows file {path} does not exist")
     try:  # prepare's own reader: header spaces, BOM, CRLF and padded values read as prepare reads them
         frame = read_text_csv(path)
-    except (ValueError, OSError) as exc:
-        raise PredictError(f"cannot read {path} as CSV: {exc}") from None
+    except TableError as exc:
+        raise PredictError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise PredictError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if frame.attrs["blank_lines"]:
+        print(f"note: {path}: {blank_rows_note(frame)}", file=sys.stderr)
     missing = [c for c in input_columns(spec) if c not in frame.columns]
     if missing:
         raise PredictError(f"{path} lacks column(s) {missing}; the model needs {input_columns(spec)}")
-    frame.index = pd.RangeIndex(2, len(frame) + 2, name=f"{path.name} line")  # line 1 is the header
+    frame.index.name = f"{path.name} line"  # (read_text_csv's index: the line each record starts on)
     return frame
 
 
@@ -198,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError(f"rows file {args.rows} does not exist")
         check_output_file(args.out, inputs=[args.rows], what="--out")
         with _environ(ROOT_ENV, root):
-            model, python_model = load_model(args.model, args.tracking_uri, args.runs_dir)
+            model, python_model = load_model(args.model, args.tracking_uri, args.runs_dir, args.trust_model_code)
             params = operating_params(python_model, args.raw, args.operating_point)
             frame = read_rows(args.rows, python_model.spec)
             print(f"{len(frame)} rows from {args.rows}; images under {python_model.data_root}")

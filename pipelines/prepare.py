@@ -6,7 +6,8 @@
 
 --dataset names conf/datasets/NAME.yaml or a dataset YAML of your own; its `source.layout` picks
 the reader (men, derm7pt or manifest). Exit status 1 with the full problem report when validation
-fails (nothing is written then).
+fails (nothing is written then). Ctrl-C prints one line, removes the partial output folder the run
+created (never one that existed before) and exits with status 130.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import sys
 from pathlib import Path
 
 from cfcml.config import ConfigError
-from cfcml.data.prepare import prepare_dataset, summary
+from cfcml.data.prepare import PrepareInterrupted, prepare_dataset, summary
 from cfcml.data.validation import DatasetValidationError
 from tuning import cli_args
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                                    image_size=tuple(args.image_size) if args.image_size else None,
                                    spec=args.spec, csv=args.csv, workers=args.workers, progress=True,
                                    log=lambda msg: print(msg, flush=True))
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, the partial output removed, the shell's 130
+        print(exc if isinstance(exc, PrepareInterrupted) else "interrupted: prepare stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except DatasetValidationError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ read. `CFCMLModel.predict` always runs this check, so no caller (REST server, `m
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from cfcml.config import PROJECT_ROOT, ExperimentConfig
 from tuning.checkpoints import FoldWeights
@@ -349,6 +351,71 @@ def write_bundle(directory: str | Path, *, spec: Any, experiment: ExperimentConf
 
 
 MODEL_CODE = Path(__file__).with_name("served_model_code.py")  # the registered model's code (models-from-code)
+PYFUNC_LOADERS = ("mlflow.pyfunc.loaders.code_model", "mlflow.pyfunc.model")  # MLflow's python-model loaders
+PLATFORM_PACKAGES = ("cfcml", "tuning")  # what log_and_register ships in a model's code/ folder
+TRUST_FLAG = "--trust-model-code"
+
+
+class UntrustedModelError(ValueError):
+    """A model folder whose loading would run code that is not the platform's own; str() is one
+    line naming the file (relative to the folder)."""
+
+
+def check_model_code(folder: str | Path, name: str | None = None) -> None:
+    """Refuse a model folder whose loading (`mlflow.pyfunc.load_model`) would run code other than
+    the platform's, before anything of it is imported or unpickled; reads only `MLmodel` (YAML,
+    safe_load) and compares files by content.
+
+    The platform's models (`log_and_register`) pass: MLmodel's python_function flavour loads with
+    MLflow's own loader (`mlflow.pyfunc.loaders.code_model`, or `mlflow.pyfunc.model`) from code
+    (`model_code_path`, no pickled `python_model`), that code file is byte-identical (SHA-256) to
+    this platform's `served_model_code.py`, and the `code/` folder holds only the `cfcml` and
+    `tuning` packages (already imported in this process, as this module imports them, so the
+    copies are never imported: the platform's own modules serve the model).
+
+    Raises UntrustedModelError for: an unreadable or non-mapping MLmodel, no python_function
+    flavour, another loader module, a pickled python model, a code file that differs from
+    `served_model_code.py` (or is missing), anything else in the code folder (a module there would
+    be imported ahead of the installed packages). `name`: what the message calls the model
+    (default "model folder <folder>"), e.g. the models:/ URI it was downloaded from."""
+    folder = Path(folder)
+    refuse = _refuser(name or f"model folder {folder}")
+    try:
+        meta = yaml.safe_load((folder / "MLmodel").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise refuse("MLmodel", f"cannot be read as YAML ({str(exc).splitlines()[0]})") from None
+    flavor = ((meta or {}).get("flavors") or {}).get("python_function") if isinstance(meta, dict) else None
+    if not isinstance(flavor, dict):
+        raise refuse("MLmodel", "has no python_function flavour")
+    if flavor.get("loader_module") not in PYFUNC_LOADERS:
+        raise refuse("MLmodel", f"names loader module {flavor.get('loader_module')!r}, not MLflow's "
+                                f"{PYFUNC_LOADERS[0]!r}: importing it would run code of its own")
+    if not flavor.get("model_code_path"):
+        pickled = flavor.get("python_model") or "its python model"
+        raise refuse(str(pickled), "is a pickled python model, not the platform's served-model code: unpickling it "
+                                   "would run whatever code it holds")
+    data = folder / str(flavor["data"]) if flavor.get("data") else folder  # where MLflow looks for the code
+    code = data / Path(str(flavor["model_code_path"])).name
+    rel = os.path.relpath(code, folder)
+    if not code.is_file():
+        raise refuse(rel, "(the model's code file, named by MLmodel) does not exist")
+    if hashlib.sha256(code.read_bytes()).digest() != hashlib.sha256(MODEL_CODE.read_bytes()).digest():
+        raise refuse(rel, "is not the platform's served-model code (its content differs from "
+                          "tuning/served_model_code.py)")
+    if flavor.get("code"):
+        code_dir = folder / str(flavor["code"])
+        for entry in sorted(code_dir.iterdir()) if code_dir.is_dir() else []:
+            if not (entry.name in PLATFORM_PACKAGES and entry.is_dir()):
+                raise refuse(os.path.relpath(entry, folder),
+                             f"is not one of the platform's packages {list(PLATFORM_PACKAGES)}: loading would put it "
+                             "ahead of the installed packages")
+
+
+def _refuser(name: str) -> Any:
+    def refuse(file: str, why: str) -> UntrustedModelError:
+        return UntrustedModelError(f"{name}: {file} {why}; refused before loading anything of it "
+                                   f"(pass {TRUST_FLAG} to run a model's own code)")
+    return refuse
 
 
 def placeholder_example(spec: Any) -> pd.DataFrame:

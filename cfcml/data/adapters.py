@@ -8,6 +8,7 @@ without a table row) go to the report; value-level checks are validation.py's jo
 """
 from __future__ import annotations
 
+import csv
 import posixpath
 from pathlib import Path
 from typing import Callable
@@ -17,39 +18,124 @@ import pandas as pd
 
 from cfcml.config import ConfigError
 from cfcml.data.spec import DatasetSpec
-from cfcml.data.validation import ValidationReport
+from cfcml.data.validation import ValidationReport, normalise_id
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".npy")
 DEV_SPLITS = {"dev", "train", "training", "valid", "val", "validation"}
 
 
 def read_table(path: Path, root: Path, report: ValidationReport) -> pd.DataFrame | None:
-    """A CSV read as text (no type guessing: "007" stays "007", missing stays ""), or None."""
+    """A CSV read by `read_text_csv`, or None when it is missing or refused (each problem reported,
+    naming the file and the column); skipped blank rows are a warning naming their lines."""
     rel = _rel(path, root)
     if not path.is_file():
         report.add("missing_table", "table file does not exist", file=rel)
         return None
     try:
-        return read_text_csv(path)
-    except ValueError as exc:
-        report.add("unreadable_table", str(exc), file=rel)
+        table = read_text_csv(path)
+    except TableError as exc:
+        for code, message, column in exc.problems:
+            report.add(code, message, file=rel, column=column)
         return None
+    except OSError as exc:
+        report.add("unreadable_table", f"cannot open the table ({exc.strerror or exc})", file=rel)
+        return None
+    if table.attrs["blank_lines"]:
+        report.warn("blank_rows", blank_rows_note(table), file=rel)
+    return table
+
+
+class TableError(ValueError):
+    """A CSV `read_text_csv` refuses. `problems`: (code, message, column or None) per problem,
+    code "unreadable_table" (not UTF-8, not parseable, a row longer than the header) or
+    "duplicate_column"; str() is the messages joined on one line."""
+
+    def __init__(self, problems: list[tuple[str, str, str | None]]):
+        self.problems = list(problems)
+        super().__init__("; ".join(message for _, message, _ in self.problems))
 
 
 def read_text_csv(path: Path) -> pd.DataFrame:
-    """The one CSV reader of every table a user gives (prepare's tables, predict's rows): all
-    cells as text, nothing guessed ("007" stays "007", a blank stays ""), and the spelling
-    variations of hand-edited or exported CSVs read alike: a UTF-8 byte-order mark, CRLF line
-    ends, spaces after the commas, and spaces around header names and values are dropped.
+    """The one CSV reader of every table a user gives (prepare's tables of every layout,
+    predict's rows): all cells as text, nothing guessed ("007" stays "007", a blank stays ""), and
+    the spelling variations of hand-edited or exported CSVs read alike: a UTF-8 byte-order mark,
+    CRLF line ends, spaces after the commas, and spaces around header names and values are dropped.
 
-    Raises ValueError ("cannot parse CSV (...)", one line) when the file is not a CSV or not UTF-8;
-    OSError when it cannot be opened."""
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot parse CSV ({exc})".replace("\n", " ")) from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df.map(lambda v: v.strip() if isinstance(v, str) else v)
+    Returns one row per record, the columns named by the header (an empty header name becomes
+    "Unnamed: <0-based position>", as pandas names it), the index (named "line") the 1-based file
+    line where each record starts, so a quoted value spanning lines does not shift later rows'
+    numbers. Blank rows (every field empty or spaces, e.g. a spreadsheet's ",,,,") are skipped;
+    `attrs["blank_lines"]` lists the lines of those holding separators (empty lines are skipped
+    silently). A row shorter than the header is padded with blanks.
+
+    Raises TableError (one line) when the file is not UTF-8 or not parseable CSV, a row has more
+    non-blank fields than the header, or two header names are one name after stripping spaces,
+    Unicode NFKC normalisation and case folding (`validation.normalise_id`; code
+    "duplicate_column", naming the column and its positions, since any reader would silently use
+    only one of them); OSError when it cannot be opened."""
+    header: list[str] | None = None
+    header_line = 0
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    blank: list[int] = []
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh, skipinitialspace=True)
+        start = 1  # the file line the next record starts on
+        try:
+            for fields in reader:
+                line, start = start, reader.line_num + 1
+                if not fields or all(not f.strip() for f in fields):
+                    if fields:
+                        blank.append(line)
+                    continue
+                if header is None:
+                    header, header_line = [f.strip() for f in fields], line
+                    continue
+                if len(fields) > len(header):
+                    if any(f.strip() for f in fields[len(header):]):
+                        raise TableError([("unreadable_table", f"line {line} has {len(fields)} fields, the header "
+                                           f"(line {header_line}) has {len(header)}", None)])
+                    fields = fields[:len(header)]  # trailing empty fields (a trailing comma)
+                rows.append([f.strip() for f in fields] + [""] * (len(header) - len(fields)))
+                lines.append(line)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise TableError([("unreadable_table", f"cannot parse CSV (line {start}: {exc})", None)]) from None
+    if header is None:
+        raise TableError([("unreadable_table", "cannot parse CSV (the file holds no header line)", None)])
+    names = [name or f"Unnamed: {i}" for i, name in enumerate(header)]
+    _refuse_duplicate_names(header, header_line)
+    frame = pd.DataFrame(rows, columns=names, index=pd.Index(lines, name="line", dtype="int64"), dtype=object)
+    frame.attrs["blank_lines"] = blank
+    return frame
+
+
+def _refuse_duplicate_names(header: list[str], line: int) -> None:
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(header):
+        if name:  # empty names (trailing commas) are "Unnamed: <i>", distinct
+            positions.setdefault(normalise_id(name), []).append(i)
+    problems = []
+    for where in (w for w in positions.values() if len(w) > 1):
+        fields = _and([str(i + 1) for i in where])
+        if len({header[i] for i in where}) == 1:
+            what = f"column {header[where[0]]!r} appears {len(where)} times in the header"
+        else:
+            what = f"columns {_and([repr(header[i]) for i in where])} are one name (ignoring case) in the header"
+        problems.append(("duplicate_column", f"{what} (fields {fields} of line {line}); rename or remove all but "
+                                             "one", header[where[0]]))
+    if problems:
+        raise TableError(problems)
+
+
+def _and(items: list[str]) -> str:
+    return ", ".join(items[:-1]) + f" and {items[-1]}"
+
+
+def blank_rows_note(table: pd.DataFrame) -> str:
+    """'skipped N blank row(s) (line(s) ...)' for a table read by `read_text_csv`."""
+    lines = table.attrs["blank_lines"]
+    shown = ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
+    return f"skipped {len(lines)} blank row(s) of separators only (line{'s' if len(lines) > 1 else ''} {shown})"
 
 
 def _require_columns(df: pd.DataFrame, columns: list[str], file: str, report: ValidationReport) -> list[str]:
@@ -100,11 +186,11 @@ def read_men(root: Path, spec: DatasetSpec, report: ValidationReport, **_: objec
     if table is not None:
         unchecked = set(_require_columns(table, [id_col] + [f.name for f in spec.fields], table_rel, report))
         if id_col in table.columns:
-            for i, row in table.iterrows():
+            for line, row in table.iterrows():
                 pid = row[id_col]
                 if pid in by_id:
-                    report.add("duplicate_id", f"patient id appears more than once in the table (row {i + 2})",
-                               patient=pid, file=table_rel)
+                    report.add("duplicate_id", f"patient id appears more than once in the table (again on line "
+                               f"{line})", patient=pid, file=table_rel)
                 else:
                     by_id[pid] = row
 
@@ -149,7 +235,7 @@ def read_derm7pt(root: Path, spec: DatasetSpec, report: ValidationReport, **_: o
 
     split_of = _derm7pt_splits(meta_path.parent, len(meta), root, report)
     rows = []
-    for i, row in meta.iterrows():
+    for i, (line, row) in enumerate(meta.iterrows()):  # i: the 0-based row number the index files use
         raw = row[spec.label]
         pid = row[id_col]
         cls = spec.class_of(raw)
@@ -157,10 +243,11 @@ def read_derm7pt(root: Path, spec: DatasetSpec, report: ValidationReport, **_: o
             continue  # a diagnosis outside this task
         if i not in split_of:
             if split_of:  # (no split files at all was reported already)
-                report.add("bad_split", f"case (row {i} of {meta_rel}) is in none of the split files", patient=pid)
+                report.add("bad_split", f"case (row {i} of {meta_rel}, line {line}) is in none of the split files",
+                           patient=pid)
             continue
         rows.append({"patient_id": pid, "label_name": cls if cls is not None else raw,
-                     "split": split_of[i], "origin": f"{meta_rel} row {i}",
+                     "split": split_of[i], "origin": f"{meta_rel} row {i} (line {line})",
                      **{f"path_{m.name}": _join(spec.source.image_dir, row[c])
                         for m, c in zip(spec.modalities, path_cols)},
                      **_field_values(row, spec)})
@@ -185,17 +272,17 @@ def _derm7pt_splits(meta_dir: Path, n_rows: int, root: Path, report: ValidationR
         table = read_table(path, root, report)
         if table is None or _require_columns(table, ["indexes"], rel, report):
             continue
-        for j, value in enumerate(table["indexes"]):
+        for line, value in table["indexes"].items():
             try:
                 idx = int(value)
             except ValueError:
-                report.add("bad_split", f"row {j + 2}: index {value!r} is not an integer", file=rel, column="indexes")
+                report.add("bad_split", f"line {line}: index {value!r} is not an integer", file=rel, column="indexes")
                 continue
             if not 0 <= idx < n_rows:
-                report.add("bad_split", f"row {j + 2}: index {idx} is outside the {n_rows} rows of meta.csv",
+                report.add("bad_split", f"line {line}: index {idx} is outside the {n_rows} rows of meta.csv",
                            file=rel, column="indexes")
             elif idx in first_file:
-                report.add("bad_split", f"row {j + 2}: meta.csv row {idx} is already listed in {first_file[idx]}",
+                report.add("bad_split", f"line {line}: meta.csv row {idx} is already listed in {first_file[idx]}",
                            file=rel, column="indexes")
             else:
                 split_of[idx], first_file[idx] = split, rel
@@ -227,7 +314,7 @@ def read_manifest(root: Path, spec: DatasetSpec, report: ValidationReport, *, cs
     unchecked = _require_columns(table, [f.name for f in spec.fields], csv_rel, report)
 
     rows = []
-    for i, row in table.iterrows():
+    for line, row in table.iterrows():
         pid, raw = row[id_col], row[spec.label]
         cls = spec.class_of(raw)
         if cls is None and raw in spec.source.ignored_labels:
@@ -236,11 +323,11 @@ def read_manifest(root: Path, spec: DatasetSpec, report: ValidationReport, *, cs
         if split_col:
             value = row[split_col].lower()
             if value not in DEV_SPLITS | {"test"}:
-                report.add("bad_split", f"split {row[split_col]!r} is not one of dev/train/valid/test",
-                           patient=pid, column=split_col)
+                report.add("bad_split", f"split {row[split_col]!r} (line {line}) is not one of "
+                           "dev/train/valid/test", patient=pid, column=split_col, file=csv_rel)
             split = "test" if value == "test" else "dev"
         rows.append({"patient_id": pid, "label_name": cls if cls is not None else raw, "split": split,
-                     "origin": f"{csv_rel} row {i + 2}",
+                     "origin": f"{csv_rel} line {line}",
                      **{f"path_{m.name}": _join(spec.source.image_dir, row[c])
                         for m, c in zip(spec.modalities, path_cols)},
                      **_field_values(row, spec)})

@@ -88,13 +88,16 @@ def build_cache(manifest: pd.DataFrame, spec: DatasetSpec, root: Path, cache_dir
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="caching images", unit="img")
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
         for name, stamp in pool.map(work, jobs):
             entries[name] = stamp
             if bar is not None:
                 bar.update()
-    if bar is not None:
-        bar.close()
+    finally:  # on Ctrl-C or an error: the queued images are dropped, the ones in flight finish (no .tmp left)
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
     tmp = meta_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"settings": cache_settings(spec), "entries": entries}, indent=1, sort_keys=True))
     os.replace(tmp, meta_path)

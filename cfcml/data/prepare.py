@@ -7,6 +7,7 @@ leaves a previous prepare in the same output folder intact.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -50,6 +51,10 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     own). Raises DatasetValidationError carrying the full report on any problem, and
     cfcml.outputs.OutputPathError (a ValueError) before reading anything when `out` is a file,
     lies under a file, is not writable, or its manifest.parquet / prepare.json would be `csv`.
+    Ctrl-C raises PrepareInterrupted (a KeyboardInterrupt, one line) once the folders this run
+    created (the output folder, or `cache/` or the cache folder of this size inside an existing
+    one) are removed; an error while writing removes them too. A folder that existed before the
+    run, a previous prepare's, is never removed.
 
     dataset: a dataset config name (conf/datasets/<dataset>.yaml) or a dataset YAML path; its
     `source.layout` picks the adapter. spec: a dataset YAML that replaces it ("manifest" + spec is
@@ -69,7 +74,56 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     for name in (MANIFEST_FILE, INFO_FILE):
         check_output_file(out_dir / name, inputs, what="prepare's output")
     workers = workers or default_workers()
+    cache_dir = cache_dir_for(out_dir, ds_spec)
+    created = _first_missing(cache_dir)  # the topmost folder this run creates (None: all exist already)
+    try:
+        return _prepare(root, ds_spec, out_dir, cache_dir, folds, fold_seed, csv, workers, progress, log, t0)
+    except BaseException as exc:  # Ctrl-C or an error while writing: what this run created goes
+        removed = _remove_partial(created, out_dir, cache_dir)
+        if isinstance(exc, KeyboardInterrupt):
+            raise PrepareInterrupted(_interrupted(removed, out_dir, cache_dir)) from None
+        raise
 
+
+class PrepareInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `prepare_dataset`, raised after the folders the run had created were removed
+    (never one that existed before it); str() is one line saying what was removed."""
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost missing folder on the way to `path` (what mkdir(parents=True) would create)."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_partial(created: Path | None, out_dir: Path, cache_dir: Path) -> Path | None:
+    """Remove the folder tree this run created (None when it created none) and its temporary
+    files in folders that existed before; returns the removed folder, if any."""
+    if created is not None and created.exists():
+        shutil.rmtree(created, ignore_errors=True)
+        return created
+    for tmp in (out_dir / (INFO_FILE + ".tmp"), out_dir / (MANIFEST_FILE + ".tmp"), cache_dir / "cache.json.tmp"):
+        tmp.unlink(missing_ok=True)
+    return None
+
+
+def _interrupted(removed: Path | None, out_dir: Path, cache_dir: Path) -> str:
+    if removed is not None:
+        return f"interrupted: prepare stopped and removed its partial output {removed}"
+    if cache_dir.exists():
+        return (f"interrupted: prepare stopped; the manifest in {out_dir} was not replaced (cache entries already "
+                "built are kept for the next run)")
+    return "interrupted: prepare stopped before writing anything"
+
+
+def _prepare(root: Path, ds_spec: DatasetSpec, out_dir: Path, cache_dir: Path, folds: int, fold_seed: int,
+             csv: str | Path | None, workers: int, progress: bool, log: Callable[[str], None],
+             t0: float) -> PreparedDataset:
+    """prepare_dataset's work once its output folder was checked: validate, cache, write."""
     records, report = validate_dataset(root, ds_spec, folds=folds, fold_seed=fold_seed,
                                        csv=Path(csv) if csv else None, workers=workers)
     if not report.ok:
@@ -80,7 +134,6 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     log(f"validated {len(records)} patients in {t_valid:.1f}s")
 
     manifest = build_manifest(records, ds_spec, folds, fold_seed)
-    cache_dir = cache_dir_for(out_dir, ds_spec)
     stats = build_cache(manifest, ds_spec, root, cache_dir, workers=workers, progress=progress,
                         hashes=report.content_hashes)
     info = {

@@ -269,7 +269,8 @@ def _check_images(records: pd.DataFrame, spec: DatasetSpec, root: Path, report: 
 
     by_path: dict[str, list[int]] = {}
     by_hash: dict[str, list[tuple[int, str]]] = {}
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # decoding (zlib, libjpeg) releases the GIL
+    pool = ThreadPoolExecutor(max(1, workers))  # decoding (zlib, libjpeg) releases the GIL
+    try:
         for i, problems, warnings, seen in pool.map(check, jobs):
             pid = jobs[i][1]
             for code, msg, rel in problems:
@@ -282,6 +283,8 @@ def _check_images(records: pd.DataFrame, spec: DatasetSpec, root: Path, report: 
                     by_path[resolved].append(i)
                 if all(j != i for j, _ in by_hash.setdefault(digest, [])):
                     by_hash[digest].append((i, rel))
+    finally:  # on Ctrl-C: the queued files are dropped, not all read first
+        pool.shutdown(wait=True, cancel_futures=True)
     _check_shared_images(records, root, by_path, by_hash, report)
 
 

@@ -295,3 +295,77 @@ def test_a_bad_output_folder_is_refused_before_validation(men_root: Path, tmp_pa
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("error: prepare's output") and "\n" not in err, err
     assert "Grade_9" not in err and afile.read_bytes() == before
+
+
+# --- Ctrl-C: one line, exit 130, only what the run created is removed -------------------------------
+
+@pytest.mark.parametrize("before", ["no output folder", "an empty output folder", "a prepare of another size"])
+def test_ctrl_c_while_caching_prints_one_line_exits_130_and_removes_only_what_the_run_created(
+        men_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        before: str) -> None:
+    """A real SIGINT, sent to this process while the third image is being cached (as Ctrl-C in the
+    terminal sends it), reaches prepare as KeyboardInterrupt in the main thread."""
+    import signal
+
+    import cfcml.data.cache as cache
+    from pipelines.prepare import main
+
+    out = tmp_path / "out"
+    if before == "an empty output folder":
+        out.mkdir()
+    if before == "a prepare of another size":
+        prepare_dataset("men", men_base, out, folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else {}
+    calls = []
+
+    def preprocess_then_ctrl_c(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return preprocess(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "preprocess", preprocess_then_ctrl_c)
+    code = main(["--dataset", "men", "--data-root", str(men_base), "--out", str(out), "--folds", str(FOLDS),
+                 "--image-size", "8", "8", "4", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 130 and 3 <= len(calls) < 18 * 3
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: prepare stopped and removed its partial output ") and "\n" not in last
+    removed = Path(last.rsplit(" ", 1)[1])
+    expected = {"no output folder": out, "an empty output folder": out / "cache"}.get(before)
+    if expected is not None:
+        assert removed == expected
+    else:  # the new size's cache folder only; the previous prepare is untouched
+        assert removed.parent == out / "cache" and removed.name.startswith("8x8x4-")
+    assert not removed.exists()
+    if before == "no output folder":
+        assert not out.exists()
+    else:
+        assert out.is_dir() and {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_ctrl_c_while_validating_writes_nothing_and_says_so(men_base: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    import cfcml.data.validation as validation
+    from pipelines.prepare import main
+
+    check_image = validation.check_image
+    calls = []
+
+    def check_then_ctrl_c(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return check_image(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "check_image", check_then_ctrl_c)
+    out = tmp_path / "out"
+    assert main(["--dataset", "men", "--data-root", str(men_base), "--out", str(out), "--folds", str(FOLDS),
+                 "--image-size", *map(str, MEN_SIZE), "--workers", "1"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: prepare stopped before writing anything"
+    assert not out.exists() and len(calls) < 18 * 3

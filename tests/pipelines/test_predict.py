@@ -184,6 +184,51 @@ def test_a_csv_spelled_as_prepare_reads_it_gives_the_same_predictions(registered
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
 
 
+@pytest.mark.parametrize("spell", [str, str.upper, lambda name: f" {name} "], ids=["same", "upper case", "spaces"])
+@pytest.mark.parametrize("column", ["path_t1", "age"])
+def test_a_rows_file_naming_a_column_twice_is_refused_naming_the_column(registered, tmp_path, capsys, column,
+                                                                         spell) -> None:
+    """A second `path_t1` (or `age`) was dropped in silence and the first one predicted on."""
+    frame = pd.read_csv(registered["rows"], dtype=str, keep_default_na=False)
+    rows = tmp_path / "rows.csv"
+    text = frame.to_csv(index=False).splitlines()
+    other = frame["path_t2" if column == "path_t1" else "age"].tolist()
+    rows.write_text("\n".join([f"{text[0]},{spell(column)}", *[f"{line},{v}" for line, v in zip(text[1:], other)]]))
+    out = tmp_path / "preds.csv"
+    assert predict(registered, rows, out) == 2
+    first, second = frame.columns.get_loc(column) + 1, len(frame.columns) + 1
+    err = refused(capsys, out)
+    assert err.startswith(f"error: {rows}: column{'s' if spell is str.upper else ''} {column!r}") and "\n" not in err
+    assert err.endswith(f"in the header (fields {first} and {second} of line 1); rename or remove all but one")
+
+
+def test_blank_rows_are_skipped_with_a_note_naming_their_lines(registered, tmp_path, capsys) -> None:
+    lines = registered["rows"].read_text().splitlines()
+    blank = "," * lines[0].count(",")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("\n".join([lines[0], blank, *lines[1:], " ,  , ", ""]) + "\n")
+    assert predict(registered, registered["rows"], tmp_path / "a.csv") == 0
+    capsys.readouterr()
+    assert predict(registered, rows, tmp_path / "b.csv") == 0
+    assert (f"note: {rows}: skipped 2 blank row(s) of separators only (lines 2, {len(lines) + 2})"
+            in capsys.readouterr().err)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+
+
+def test_an_error_after_a_value_spanning_lines_names_the_file_line_the_row_starts_on(registered, tmp_path,
+                                                                                    capsys) -> None:
+    frame = pd.read_csv(registered["rows"], dtype=str, keep_default_na=False)
+    frame["comment"] = ["seen twice:\nfirst visit\nsecond visit", *[""] * (len(frame) - 1)]
+    frame.loc[1, "path_t1"] = "../../../../etc/passwd"
+    rows = tmp_path / "rows.csv"
+    frame.to_csv(rows, index=False)
+    out = tmp_path / "preds.csv"
+    assert predict(registered, rows, out) == 2
+    assert refused(capsys, out).startswith(  # line 1 the header, lines 2-4 the first row
+        f"error: rows.csv line 5 (patient '{frame.loc[1, 'patient_id']}'), column 'path_t1': path "
+        "'../../../../etc/passwd' escapes")
+
+
 @pytest.mark.parametrize("fill, code_words", [
     (lambda v: np.zeros_like(v), "every voxel is 0"),
     (lambda v: np.full_like(v, 417), "every non-zero voxel is 417"),
@@ -330,3 +375,118 @@ def test_an_unknown_operating_point_is_one_line_naming_the_known_ones(registered
     out = tmp_path / "preds.csv"
     assert predict(registered, registered["rows"], out, "--operating-point", "nope") == 2
     assert "--operating-point: no operating point 'nope'; known: Grade_2_invasion:youden" in refused(capsys, out)
+
+
+# --- a model folder runs no code of its own ---------------------------------------------------------
+
+def model_folder(registered: dict, dest: Path) -> Path:
+    """The registered model's folder, as the platform logged it (a run's artifacts)."""
+    mlflow.set_tracking_uri(registered["uri"])
+    return Path(mlflow.artifacts.download_artifacts(f"runs:/{registered['run_id']}/model", dst_path=str(dest)))
+
+
+def writes(marker: Path) -> str:
+    """Python source that creates `marker` when it runs."""
+    return f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+
+
+def crafted(folder: Path, how: str, marker: Path) -> str:
+    """Make the platform's model folder run code that creates `marker` on loading; returns the
+    file (relative to the folder) the refusal must name."""
+    import pickle
+
+    import yaml
+
+    meta = yaml.safe_load((folder / "MLmodel").read_text())
+    flavor = meta["flavors"]["python_function"]
+    if how == "its own model code":
+        code = folder / Path(flavor["model_code_path"]).name
+        code.write_text(writes(marker) + code.read_text())
+        return code.name
+    if how == "a loader module in its code folder":
+        loader = "def _load_pyfunc(path):\n    raise RuntimeError('crafted')\n"
+        (folder / "code" / "cfcml_loader.py").write_text(writes(marker) + loader)
+        flavor["loader_module"] = "cfcml_loader"
+        (folder / "MLmodel").write_text(yaml.safe_dump(meta))
+        return "MLmodel"
+    if how == "a module in its code folder":
+        (folder / "code" / "nibabel.py").write_text(writes(marker))
+        return "code/nibabel.py"
+    if how == "a pickled python model":
+        class Payload:
+            def __reduce__(self):
+                return (Path.write_text, (marker, "ran"))
+
+        (folder / "python_model.pkl").write_bytes(pickle.dumps(Payload()))
+        del flavor["model_code_path"]
+        flavor["python_model"] = "python_model.pkl"
+        (folder / "MLmodel").write_text(yaml.safe_dump(meta))
+        return "python_model.pkl"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["its own model code", "a loader module in its code folder",
+                                 "a module in its code folder", "a pickled python model"])
+def test_a_model_folder_carrying_code_of_its_own_is_refused_before_any_of_it_runs(registered, tmp_path, capsys,
+                                                                                   how) -> None:
+    folder = model_folder(registered, tmp_path / "model")
+    marker = tmp_path / "code-ran"
+    file = crafted(folder, how, marker)
+    capsys.readouterr()  # (the download's progress bar)
+    out = tmp_path / "preds.csv"
+    assert predict(registered, registered["rows"], out, model=str(folder)) == 2
+    err = refused(capsys, out)
+    assert err.startswith(f"error: model folder {folder.resolve()}: {file} ") and "\n" not in err
+    assert err.endswith("; refused before loading anything of it (pass --trust-model-code to run a model's own code)")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", ["its own model code", "a loader module in its code folder", "a pickled python model"])
+def test_the_crafted_folders_do_run_their_code_when_trusted(registered, tmp_path, how) -> None:
+    """What the refusals above prevent: MLflow loading these folders runs their code."""
+    folder = model_folder(registered, tmp_path / "model")
+    marker = tmp_path / "code-ran"
+    crafted(folder, how, marker)
+    predict(registered, registered["rows"], tmp_path / "preds.csv", "--trust-model-code", model=str(folder))
+    assert marker.read_text() == "ran"
+
+
+def test_a_logged_model_carrying_code_of_its_own_is_refused_by_its_uri(registered, tmp_path, capsys) -> None:
+    folder = model_folder(registered, tmp_path / "model")
+    marker = tmp_path / "code-ran"
+    crafted(folder, "its own model code", marker)
+    client = mlflow.MlflowClient(registered["uri"])
+    run_id = client.create_run(client.get_run(registered["run_id"]).info.experiment_id).info.run_id
+    client.log_artifacts(run_id, str(folder), "model")
+    capsys.readouterr()  # (this test's own download)
+    out = tmp_path / "preds.csv"
+    assert predict(registered, registered["rows"], out, model=f"runs:/{run_id}/model") == 2
+    assert refused(capsys, out) == (
+        f"error: model runs:/{run_id}/model (tracking URI {registered['uri']}): served_model_code.py is not the "
+        "platform's served-model code (its content differs from tuning/served_model_code.py); refused before "
+        "loading anything of it (pass --trust-model-code to run a model's own code)")
+    assert not marker.exists()
+
+
+def test_trust_model_code_loads_a_model_whose_code_differs(registered, tmp_path, capsys) -> None:
+    folder = model_folder(registered, tmp_path / "model")
+    marker = tmp_path / "code-ran"
+    crafted(folder, "its own model code", marker)  # the platform's code, with one line more
+    assert predict(registered, registered["rows"], tmp_path / "a.csv", model=str(folder)) == 2
+    assert not marker.exists()
+    assert predict(registered, registered["rows"], tmp_path / "b.csv", "--trust-model-code", model=str(folder)) == 0
+    assert marker.read_text() == "ran"
+    assert predict(registered, registered["rows"], tmp_path / "c.csv") == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "b.csv"), pd.read_csv(tmp_path / "c.csv"))
+
+
+def test_the_platforms_model_folder_passes_the_check_and_loads_with_pickles_off(registered, tmp_path) -> None:
+    from pipelines.predict import load_model
+
+    folder = model_folder(registered, tmp_path / "model")
+    assert sorted(p.name for p in (folder / "code").iterdir()) == ["cfcml", "tuning"]
+    before = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+    model, python_model = load_model(str(folder), None, tmp_path)
+    assert type(python_model).__module__ == "tuning.served_model"
+    assert str(folder / "code") not in sys.path  # nothing more is imported from the folder
+    assert os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION") == before

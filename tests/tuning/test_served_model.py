@@ -23,6 +23,8 @@ from tuning.served_model import (
     ROOT_ENV,
     CFCMLModel,
     InputError,
+    UntrustedModelError,
+    check_model_code,
     input_columns,
     log_and_register,
     placeholder_example,
@@ -222,6 +224,7 @@ def test_the_mlflow_pyfunc_has_no_parameters_and_enforces_the_root(bundle, rows,
     mlflow.pyfunc.save_model(tmp_path / "model", python_model=str(MODEL_CODE), artifacts={"bundle": str(bundle)},
                              signature=signature, input_example=placeholder_example(prepared.spec),
                              pip_requirements=["torch", "mlflow"])
+    check_model_code(tmp_path / "model")  # the platform's code, nothing else: predict.py loads it
     model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
     assert model.metadata.signature.params is None
     np.testing.assert_allclose(model.predict(rows).to_numpy().sum(1), 1.0, rtol=1e-5)
@@ -337,7 +340,19 @@ def test_a_registered_model_is_loaded_from_code_with_no_patient_in_its_example(p
     assert set(example[numeric].stack().dropna().astype(float)) <= {0.0}
 
     # loading imports the project's class (pickle refused outright) and predicts as the bundle does
+    check_model_code(local)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     model = mlflow.pyfunc.load_model(str(local))
     assert type(model.unwrap_python_model()).__module__ == "tuning.served_model"
     np.testing.assert_allclose(model.predict(rows).to_numpy(), served.predict(None, rows).to_numpy(), rtol=1e-6)
+
+
+def test_a_cloudpickled_model_is_refused_before_its_pickle_is_loaded(bundle, tmp_path) -> None:
+    """How models were logged before models-from-code: the python model pickled into the folder."""
+    mlflow.pyfunc.save_model(tmp_path / "model", python_model=CFCMLModel(), artifacts={"bundle": str(bundle)},
+                             pip_requirements=["torch", "mlflow"])
+    with pytest.raises(UntrustedModelError) as info:
+        check_model_code(tmp_path / "model", name="model m")
+    assert str(info.value) == ("model m: python_model.pkl is a pickled python model, not the platform's served-model "
+                               "code: unpickling it would run whatever code it holds; refused before loading "
+                               "anything of it (pass --trust-model-code to run a model's own code)")
