@@ -15,6 +15,7 @@ import pandas as pd
 
 from cfcml.data.adapters import ADAPTERS
 from cfcml.data.cache import build_cache, cache_dir_for
+from cfcml.data.images import max_image_bytes
 from cfcml.data.manifest import INFO_FILE, MANIFEST_FILE, PreparedDataset, build_manifest, fingerprint, write_manifest
 from cfcml.data.spec import DatasetSpec, load_dataset_spec, spec_to_dict
 from cfcml.data.validation import DatasetValidationError, ValidationReport, default_workers, validate_records
@@ -49,7 +50,8 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     `<root>/prepared`, or `<root>/prepared-<spec name>` for a config that is not the layout's
     own). Raises DatasetValidationError carrying the full report on any problem, and
     cfcml.outputs.OutputPathError (a ValueError) before reading anything when `out` is a file,
-    lies under a file, is not writable, or its manifest.parquet / prepare.json would be `csv`.
+    lies under a file, is not writable, or its manifest.parquet / prepare.json would be `csv`;
+    ValueError when $CFCML_MAX_IMAGE_BYTES (images.max_image_bytes) is not a size.
 
     dataset: a dataset config name (conf/datasets/<dataset>.yaml) or a dataset YAML path; its
     `source.layout` picks the adapter. spec: a dataset YAML that replaces it ("manifest" + spec is
@@ -62,6 +64,7 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     if spec is None and dataset == "manifest":
         raise ValueError("the manifest adapter needs a dataset YAML (spec=... / --spec PATH)")
     ds_spec = load_dataset_spec(spec or dataset, image_size)
+    max_image_bytes()  # a bad $CFCML_MAX_IMAGE_BYTES: ValueError now, not once per image
     out_dir = Path(out).resolve() if out else root / default_prepared_name(ds_spec)
     # before any image is read: a folder that cannot be written, or that would replace an input
     inputs = [Path(csv)] if csv else []

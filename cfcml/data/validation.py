@@ -143,20 +143,29 @@ def check_field_value(value: object, f: TabularField, spec: DatasetSpec) -> tupl
 @dataclass
 class CheckedImage:
     """One image as the validator read it: the array (float32 [C, *spatial], canonical orientation),
-    its geometry (None for photos and .npy) and a warning (clip saturation) or None."""
+    its geometry (None for photos and .npy) and its warnings, (code, text) pairs:
+    "clipped_image" (clip saturation, images.check_content) and "qform_sform_differ" (the two
+    orientation fields of a NIfTI header differ numerically, images.check_orientation)."""
 
     array: np.ndarray
     geometry: Geometry | None
-    warning: str | None
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
 
 def check_image(path: Path, m: ImageModality, spec: DatasetSpec) -> CheckedImage:
-    """The one image check, shared by prepare and the served model (predict): decode fully,
-    reorient, refuse degenerate content. ImageError (its `code` the problem kind) when the file is
-    unreadable, truncated, of the wrong shape, or carries nothing to normalise (see
+    """The one image check, shared by prepare and the served model (predict): check the size the
+    header promises, decode fully, reorient, refuse degenerate content. ImageError (its `code` the
+    problem kind) when the file is unreadable, truncated, of the wrong shape, larger than
+    images.max_image_bytes() ("image_too_large", refused before decompressing), has a qform and an
+    sform of different orientations ("orientation_conflict"), or carries nothing to normalise (see
     images.check_content)."""
     arr, geometry = read_image_geometry(path, m)
-    return CheckedImage(arr, geometry, check_content(arr, spec.intensity))
+    warnings = []
+    if geometry is not None and geometry.warning:
+        warnings.append(("qform_sform_differ", geometry.warning))
+    if (clipped := check_content(arr, spec.intensity)) is not None:
+        warnings.append(("clipped_image", clipped))
+    return CheckedImage(arr, geometry, warnings)
 
 
 def geometry_problem(geometries: dict[str, Geometry | None]) -> str | None:
@@ -259,8 +268,7 @@ def _check_images(records: pd.DataFrame, spec: DatasetSpec, root: Path, report: 
             except ImageError as exc:
                 problems.append((exc.code, f"{m.name} image: {exc}", rel))
                 continue
-            if checked.warning:
-                warnings.append(("clipped_image", f"{m.name} image: {checked.warning}", rel))
+            warnings += [(code, f"{m.name} image: {text}", rel) for code, text in checked.warnings]
             geometries[m.name] = checked.geometry
             seen.append((rel, str(path), content_hash(path)))
         if len(geometries) == len(spec.modalities) and (why := geometry_problem(geometries)):
