@@ -32,7 +32,7 @@ def validate_dataset(root: Path, spec: DatasetSpec, *, folds: int = 5, fold_seed
         report.add("missing_folder", "dataset root does not exist", file=str(root))
         return None, report
     records = ADAPTERS[spec.source.layout](root, spec, report, csv=csv, seed=fold_seed)
-    validate_records(records, spec, root, folds, report, workers=workers or default_workers())
+    validate_records(records, spec, root, folds, report, workers=workers or default_workers(), fold_seed=fold_seed)
     return records, report
 
 

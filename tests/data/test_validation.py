@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from crafted_images import PNG_GREY, PNG_RGB, nifti_header_only, png_header_only
 from PIL import Image
 
@@ -532,3 +533,75 @@ def test_a_bad_size_limit_is_one_line_before_any_image_is_read(men_root: Path, t
     with pytest.raises(ValueError, match=r"^\$CFCML_MAX_IMAGE_BYTES='plenty' is not a size"):
         prepare_dataset("men", men_root, tmp_path / "out", folds=FOLDS, image_size=MEN_SIZE, workers=2)
 
+
+# --- splits: every part a search scores on holds patients ---------------------------------------------
+
+def relabel(root: Path, split_file: str, diagnosis_prefix: str | None, to: str) -> None:
+    """Every case of `split_file` (train/valid/test_indexes.csv) whose diagnosis starts with the
+    prefix (None: every case) gets diagnosis `to`."""
+    rows = set(pd.read_csv(root / "meta" / split_file)["indexes"])
+
+    def fn(m: pd.DataFrame) -> None:
+        hit = m.index.isin(rows) & (m["diagnosis"].str.startswith(diagnosis_prefix) if diagnosis_prefix else True)
+        m.loc[hit, "diagnosis"] = to
+    edit_meta(root, fn)
+
+
+def ignored_in(root: Path, *split_files: str) -> int:
+    """How many cases of these split files have a diagnosis derm7pt.yaml ignores."""
+    ignored = set(yaml.safe_load(Path("conf/datasets/derm7pt.yaml").read_text())["source"]["ignored_labels"])
+    rows = set().union(*(set(pd.read_csv(root / "meta" / f)["indexes"]) for f in split_files))
+    meta = pd.read_csv(root / "meta" / "meta.csv", dtype=str, keep_default_na=False)
+    return int((meta.index.isin(rows) & meta["diagnosis"].isin(ignored)).sum())
+
+
+def test_label_filtering_that_leaves_no_test_patient_is_refused(derm_root: Path, tmp_path: Path) -> None:
+    relabel(derm_root, "test_indexes.csv", None, "lentigo")  # an ignored diagnosis: every test case dropped
+    n = ignored_in(derm_root, "test_indexes.csv")
+    report = expect_problems("derm7pt", derm_root, tmp_path / "out", [
+        ("empty_split", f"the test split has no patients after label filtering (source.ignored_labels dropped {n} "
+                        f"of its rows): the final model could not be tested")])
+    assert report.codes() == {"empty_split"}
+
+
+def test_a_men_layout_without_test_patients_is_refused(men_root: Path, tmp_path: Path) -> None:
+    test_ids = [d.name for d in (men_root / "test").glob("*/*")]
+    shutil.rmtree(men_root / "test")
+    edit_csv(men_root / "clinical.csv", lambda df: df[~df["patient_id"].isin(test_ids)])
+    report = expect_problems("men", men_root, tmp_path / "out",
+                             [("empty_split", "the test split has no patients: the final model could not be tested")])
+    assert report.codes() == {"empty_split"}
+
+
+@pytest.mark.parametrize("prefix, to, cls", [
+    ("melanoma", "lentigo", "MEL"),  # every development melanoma has an ignored diagnosis
+    (None, "melanoma", "NEV"),  # every development case is a melanoma (nothing filtered: no word of it)
+])
+def test_label_filtering_that_empties_a_class_of_the_development_split_is_refused(derm_root: Path, tmp_path: Path,
+                                                                                  prefix: str | None, to: str,
+                                                                                  cls: str) -> None:
+    dev = ("train_indexes.csv", "valid_indexes.csv")
+    for split_file in dev:
+        relabel(derm_root, split_file, prefix, to)
+    n = ignored_in(derm_root, *dev)
+    filtered = f" after label filtering (source.ignored_labels dropped {n} of its rows)" if n else ""
+    report = expect_problems("derm7pt", derm_root, tmp_path / "out", [
+        ("empty_class", f"class {cls!r} has no patient in the development split{filtered}: the model cannot learn "
+                        f"it")])
+    assert report.codes() == {"empty_class"}
+
+
+def test_a_class_missing_from_the_test_split_is_warned_naming_split_and_class(derm_root: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    from pipelines.prepare import main
+
+    relabel(derm_root, "test_indexes.csv", "melanoma", "seborrheic keratosis")
+    n = ignored_in(derm_root, "test_indexes.csv")
+    assert main(["--dataset", "derm7pt", "--data-root", str(derm_root), "--out", str(tmp_path / "out"),
+                 "--folds", str(FOLDS), "--image-size", *map(str, DERM_SIZE)]) == 0
+    out = capsys.readouterr().out
+    warned = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: [missing_class] class 'MEL' has no patient in the test split after label filtering "
+                      f"(source.ignored_labels dropped {n} of its rows): its test sensitivity and AUC are undefined"]
+    info = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert info["counts"]["split"]["test"]["MEL"] == 0 and info["warnings"] == [warned[0].removeprefix("warning: ")]
