@@ -13,10 +13,11 @@ sizes and a shift; `qform_code`) and the sform (a general affine; `sform_code`);
 "not set". The affine used everywhere here (reorientation, voxel spacing, the voxel-grid check) is
 nibabel's `img.affine`, i.e. `Nifti1Header.get_best_affine()`: the sform when sform_code > 0, else
 the qform when qform_code > 0, else the base affine from the voxel sizes alone (nibabel
-documentation, "Radiology vs neurology conventions" / "The NIfTI images" pages; the NIfTI-1
-standard, nifti1.h "3D IMAGE (VOLUME) ORIENTATION AND LOCATION IN SPACE", methods 2 and 3). When
-both codes are set the two must describe the same orientation (`check_orientation`), since tools
-disagree on which one they read (ITK/SimpleITK and some viewers prefer the qform).
+documentation, "Working with NIfTI images", section "Choosing the image affine",
+https://nipy.org/nibabel/nifti_images.html; the NIfTI-1 standard, nifti1.h "3D IMAGE (VOLUME)
+ORIENTATION AND LOCATION IN SPACE", methods 1 to 3). When both codes are set the two must describe
+the same orientation (`check_orientation`), since tools disagree on which one they read (RNifti's
+`xform`, for one, reads the qform first by default; ITK-based tools choose by rules of their own).
 
 Size: before anything is decompressed, the size the header promises (NIfTI and .npy: the shape;
 photos: width x height x bands, read by `PIL.Image.open` without decoding) is checked against
