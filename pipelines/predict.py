@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from mlflow.exceptions import MlflowException
 
+    from cfcml.data.images import max_image_bytes
     from cfcml.outputs import OutputPathError, atomic_write, check_output_file
     from tuning.served_model import ROOT_ENV, InputError
 
@@ -236,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.rows.is_file():  # before the model loads: the quick mistakes first
             raise PredictError(f"rows file {args.rows} does not exist")
+        try:
+            max_image_bytes()
+        except ValueError as exc:
+            raise PredictError(str(exc)) from None
         check_output_file(args.out, inputs=[args.rows], what="--out")
         with _environ(ROOT_ENV, root):
             model, python_model = load_model(args.model, args.tracking_uri, args.runs_dir, args.trust_model_code)

@@ -219,8 +219,7 @@ def _check_row_images(spec: Any, files: list[Path | None], name: str) -> tuple[l
         except (ImageError, OSError) as exc:
             problems.append(f"{where}: cannot read {m.name} image {path}: {exc}")
             continue
-        if c.warning:
-            warnings.append(f"{where}: {m.name} image {path}: {c.warning}")
+        warnings += [f"{where}: {m.name} image {path}: {text}" for _, text in c.warnings]
         checked.append(c)
     given = {m.name: c.geometry for m, c in zip(spec.modalities, checked) if c is not None}
     if not problems and (why := geometry_problem(given)):

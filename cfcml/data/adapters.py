@@ -5,6 +5,10 @@ validation names it), split ("dev" | "test"), origin (where the row came from, f
 path_<modality> (root-relative POSIX paths), and one column per clinical field holding the raw
 text. Structural problems (missing table, column or folder; table rows without images and images
 without a table row) go to the report; value-level checks are validation.py's job.
+
+`records.attrs["ignored_rows"]`: how many rows each split lost to `source.ignored_labels`
+("dev", "test", or "" where the split was not known yet), so that a split or class left empty
+can be blamed on the label filtering.
 """
 from __future__ import annotations
 
@@ -147,11 +151,14 @@ def _require_columns(df: pd.DataFrame, columns: list[str], file: str, report: Va
     return missing
 
 
-def _finish(rows: list[dict], spec: DatasetSpec, unchecked: set[str] | list[str] = ()) -> pd.DataFrame:
+def _finish(rows: list[dict], spec: DatasetSpec, unchecked: set[str] | list[str] = (),
+            ignored_rows: dict[str, int] | None = None) -> pd.DataFrame:
     """Records frame; `unchecked` fields had no column to read (already reported), so validation
-    skips their values instead of reporting every patient as missing them."""
+    skips their values instead of reporting every patient as missing them. ignored_rows: split ->
+    rows dropped for an ignored label."""
     records = pd.DataFrame(rows) if rows else _empty_records(spec)
     records.attrs["unchecked_fields"] = set(unchecked)
+    records.attrs["ignored_rows"] = dict(ignored_rows or {})
     return records
 
 
@@ -235,11 +242,13 @@ def read_derm7pt(root: Path, spec: DatasetSpec, report: ValidationReport, **_: o
 
     split_of = _derm7pt_splits(meta_path.parent, len(meta), root, report)
     rows = []
+    ignored: dict[str, int] = {}
     for i, (line, row) in enumerate(meta.iterrows()):  # i: the 0-based row number the index files use
         raw = row[spec.label]
         pid = row[id_col]
         cls = spec.class_of(raw)
         if cls is None and raw in spec.source.ignored_labels:
+            ignored[split_of.get(i, "")] = ignored.get(split_of.get(i, ""), 0) + 1
             continue  # a diagnosis outside this task
         if i not in split_of:
             if split_of:  # (no split files at all was reported already)
@@ -259,7 +268,7 @@ def read_derm7pt(root: Path, spec: DatasetSpec, report: ValidationReport, **_: o
         for p in sorted(image_dir.rglob("*")):
             if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) and _rel(p, root) not in referenced:
                 report.add("no_table_row", f"image is not referenced by any row of {meta_rel}", file=_rel(p, root))
-    return _finish(rows, spec, unchecked)
+    return _finish(rows, spec, unchecked, ignored)
 
 
 def _derm7pt_splits(meta_dir: Path, n_rows: int, root: Path, report: ValidationReport) -> dict[int, str]:
@@ -314,10 +323,14 @@ def read_manifest(root: Path, spec: DatasetSpec, report: ValidationReport, *, cs
     unchecked = _require_columns(table, [f.name for f in spec.fields], csv_rel, report)
 
     rows = []
+    ignored: dict[str, int] = {}
     for line, row in table.iterrows():
         pid, raw = row[id_col], row[spec.label]
         cls = spec.class_of(raw)
         if cls is None and raw in spec.source.ignored_labels:
+            value = row[split_col].lower() if split_col else ""
+            split = "" if not split_col else "test" if value == "test" else "dev" if value in DEV_SPLITS else ""
+            ignored[split] = ignored.get(split, 0) + 1
             continue
         split = "dev"
         if split_col:
@@ -331,7 +344,7 @@ def read_manifest(root: Path, spec: DatasetSpec, report: ValidationReport, *, cs
                      **{f"path_{m.name}": _join(spec.source.image_dir, row[c])
                         for m, c in zip(spec.modalities, path_cols)},
                      **_field_values(row, spec)})
-    records = _finish(rows, spec, unchecked)
+    records = _finish(rows, spec, unchecked, ignored)
     if not split_col and not records.empty:
         records["split"] = holdout_split(records["patient_id"], records["label_name"],
                                          spec.source.test_fraction, seed)

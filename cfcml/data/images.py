@@ -7,9 +7,28 @@ Orientation: a NIfTI volume is brought to the closest canonical (RAS+) voxel ord
 nibabel's `as_closest_canonical` before anything else, so two scans of the same anatomy stored
 with mirrored or permuted voxel orders (a flipped affine) give the same array. A photo is turned
 upright by its EXIF orientation tag (Pillow's `ImageOps.exif_transpose`), as viewers show it.
+
+Which affine: a NIfTI header holds two voxel -> world transforms, the qform (a rotation, voxel
+sizes and a shift; `qform_code`) and the sform (a general affine; `sform_code`); a code of 0 means
+"not set". The affine used everywhere here (reorientation, voxel spacing, the voxel-grid check) is
+nibabel's `img.affine`, i.e. `Nifti1Header.get_best_affine()`: the sform when sform_code > 0, else
+the qform when qform_code > 0, else the base affine from the voxel sizes alone (nibabel
+documentation, "Working with NIfTI images", section "Choosing the image affine",
+https://nipy.org/nibabel/nifti_images.html; the NIfTI-1 standard, nifti1.h "3D IMAGE (VOLUME)
+ORIENTATION AND LOCATION IN SPACE", methods 1 to 3). When both codes are set the two must describe
+the same orientation (`check_orientation`), since tools disagree on which one they read (RNifti's
+`xform`, for one, reads the qform first by default; ITK-based tools choose by rules of their own).
+
+Size: before anything is decompressed, the size the header promises (NIfTI and .npy: the shape;
+photos: width x height x bands, read by `PIL.Image.open` without decoding) is checked against
+`max_image_bytes()` (`check_size`), so a small compressed file that expands to gigabytes (a
+decompression bomb) is refused in one line instead of filling the memory.
 """
 from __future__ import annotations
 
+import math
+import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,19 +50,72 @@ class ImageError(Exception):
 
 CLIP_WARN_SHARE = 0.5  # warn when more than this share of a volume's voxels is saturated by the clip window
 GEOMETRY_ATOL = 1e-3  # relative tolerance on voxel spacing and direction cosines; origins: this share of a voxel
+# The most memory one image may take once read (float32, 4 bytes per value): 512 MiB holds a 512^3
+# volume, a 11585x11585 grey or a 6689x6689 RGB photo. $CFCML_MAX_IMAGE_BYTES overrides it.
+MAX_IMAGE_BYTES = 512 * 2**20
+MAX_IMAGE_BYTES_ENV = "CFCML_MAX_IMAGE_BYTES"
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
+          "t": 2**40, "tib": 2**40}
+
+
+def max_image_bytes() -> int:
+    """The size limit of one image once read (bytes of its float32 array): $CFCML_MAX_IMAGE_BYTES
+    when set, else MAX_IMAGE_BYTES (512 MiB).
+
+    The variable takes a whole number of bytes ("1073741824") or one with a binary unit: KiB, MiB,
+    GiB, TiB (or K, M, G, T), case-insensitive ("2GiB", "768 MiB"). Raises ValueError naming the
+    variable when it is anything else or not positive.
+    """
+    raw = os.environ.get(MAX_IMAGE_BYTES_ENV, "").strip()
+    if not raw:
+        return MAX_IMAGE_BYTES
+    match = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", raw)
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not match or not unit or int(match.group(1)) <= 0:
+        raise ValueError(f"${MAX_IMAGE_BYTES_ENV}={raw!r} is not a size: give a positive whole number of bytes, "
+                         f"or one with KiB, MiB or GiB (e.g. 2GiB)")
+    return int(match.group(1)) * unit
+
+
+def format_bytes(n: int | float) -> str:
+    """1536 -> '1.5 KiB', 8 * 2**30 -> '8 GiB' (binary units)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_size(shape: tuple[int, ...], what: str) -> None:
+    """Refuse an image whose header promises more than `max_image_bytes()` once read as float32.
+
+    shape: every axis the header promises, channels included; what: how it was learnt, e.g.
+    "the header promises shape [4096, 4096, 512] int16". Raises ImageError "image_too_large"
+    (one line: the shape, the size, the limit and how to raise it). Called before any pixel or
+    voxel is decompressed.
+    """
+    values = math.prod(int(s) for s in shape)
+    size, limit = values * 4, max_image_bytes()
+    if size > limit:
+        raise ImageError("image_too_large", f"{what}: {values:,} values, {format_bytes(size)} once read as float32, "
+                                            f"over the limit of {format_bytes(limit)} per image "
+                                            f"(${MAX_IMAGE_BYTES_ENV}); refused before decompressing it")
 
 
 @dataclass(frozen=True)
 class Geometry:
     """Where a volume's voxels lie in the scanner's space, after canonical reorientation.
 
-    shape: spatial voxels (H, W, D); spacing: voxel size in mm per axis; affine: the 4x4 voxel ->
-    world (mm) matrix of the canonical (RAS+) array. None for images without one (.npy, photos).
+    shape: spatial voxels (H, W, D); spacing: voxel size in mm per axis (the lengths of the
+    affine's columns, nibabel.affines.voxel_sizes); affine: the 4x4 voxel -> world (mm) matrix of
+    the canonical (RAS+) array (nibabel's `img.affine`, see the module docstring). warning: why the
+    header's qform and sform differ numerically while agreeing on the orientation
+    (`check_orientation`), else None. None for images without one (.npy, photos).
     """
 
     shape: tuple[int, ...]
     spacing: tuple[float, ...]
     affine: np.ndarray
+    warning: str | None = None
 
     def mismatch(self, other: Geometry) -> str | None:
         """Why `other` does not lie on the same voxel grid as this one (within GEOMETRY_ATOL), or None."""
@@ -64,9 +136,12 @@ class Geometry:
 
 
 def read_image(path: Path, modality: ImageModality) -> np.ndarray:
-    """Decode `path` fully into float32 [C, *spatial] (NIfTI in canonical RAS+ voxel order,
-    photos upright by EXIF); ImageError when it is empty, truncated, unreadable, or has the wrong
-    dimensionality or channel count for `modality`."""
+    """Decode `path` fully into float32 [C, *spatial] (NIfTI in canonical RAS+ voxel order of
+    nibabel's `img.affine`, photos upright by EXIF). ImageError (its `code`) when it is empty,
+    truncated, unreadable, has the wrong dimensionality or channel count for `modality`, promises
+    more than `max_image_bytes()` ("image_too_large", before decompressing), or has a qform and an
+    sform of different orientations ("orientation_conflict", `check_orientation`); ValueError when
+    $CFCML_MAX_IMAGE_BYTES is not a size."""
     return read_image_geometry(path, modality)[0]
 
 
@@ -133,20 +208,89 @@ def check_content(arr: np.ndarray, intensity: IntensitySpec) -> str | None:
     return None
 
 
+def check_orientation(header: object, shape: tuple[int, ...]) -> str | None:
+    """Whether a NIfTI header's two orientation fields can be trusted; `shape` its spatial shape.
+
+    Nothing to check unless both qform_code and sform_code are > 0 (then nibabel, and so this
+    module, reads the sform). Raises ImageError "orientation_conflict" when the two give different
+    axis orientations (nibabel.orientations.aff2axcodes, e.g. LAS against RAS): tools that read
+    the qform would show the volume mirrored or permuted against what is cached here. Returns a
+    warning when the orientations agree but the two differ beyond GEOMETRY_ATOL (voxel sizes or
+    directions by more than 0.1%, origins by more than half a voxel: `Geometry.mismatch`); None
+    when they agree within it (converters round the qform's quaternion, so small differences are
+    the rule, not a fault).
+    """
+    if not hasattr(header, "get_sform"):  # ANALYZE-style headers hold one affine
+        return None
+    from nibabel.orientations import aff2axcodes
+
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if not qcode or not scode:
+        return None
+    q_axes, s_axes = "".join(aff2axcodes(qform)), "".join(aff2axcodes(sform))
+    qname = f"qform (code {int(qcode)}, {_xform_name(qcode)})"
+    sname = f"sform (code {int(scode)}, {_xform_name(scode)})"
+    if q_axes != s_axes:
+        raise ImageError("orientation_conflict",
+                         f"its {qname} says {q_axes} but its {sname} says {s_axes}: a tool reading the qform shows it "
+                         f"mirrored or turned against one reading the sform (as nibabel and this pipeline do); fix the "
+                         f"header: keep the right field and set the other's code to 0")
+    spatial = tuple(int(s) for s in shape[:3])
+    why = _geometry(spatial, qform).mismatch(_geometry(spatial, sform))
+    if why is None:
+        return None
+    return f"its {qname} and {sname} agree on the orientation ({s_axes}) but differ (sform against qform: {why}); " \
+           f"the sform is used, as nibabel does"
+
+
+def _xform_name(code: int) -> str:
+    from nibabel.nifti1 import xform_codes
+
+    try:
+        return str(xform_codes.label[int(code)])
+    except KeyError:
+        return "not a NIfTI code"
+
+
+def _geometry(shape: tuple[int, ...], affine: np.ndarray, warning: str | None = None) -> Geometry:
+    from nibabel.affines import voxel_sizes
+
+    affine = np.asarray(affine, dtype=float)
+    return Geometry(shape, tuple(float(z) for z in voxel_sizes(affine)[:3]), affine, warning)
+
+
+def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header, without reading the data."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(fh)
+    return tuple(shape), dtype
+
+
 def _read_array(path: Path) -> tuple[np.ndarray, Geometry | None]:
+    max_image_bytes()  # a bad $CFCML_MAX_IMAGE_BYTES is a ValueError of its own, not an unreadable image
     try:
         if path.name.lower().endswith(".npy"):
+            shape, dtype = _npy_shape(path)
+            check_size(shape, f"the .npy header promises shape {list(shape)} {dtype}")
             return np.load(path, allow_pickle=False).astype(np.float32, copy=False), None
         import nibabel as nib
 
-        img = nib.load(path)
-        if len(img.shape) >= 3:  # the closest canonical (RAS+) voxel order: mirrored storage reads the same
-            img = nib.as_closest_canonical(img)
+        img = nib.load(path)  # the header only: the voxels stay on disk (and compressed) until get_fdata
+        check_size(img.shape, f"the header promises shape {list(img.shape)} {img.get_data_dtype()}")
+        warning = None
+        if len(img.shape) >= 3:
+            warning = check_orientation(img.header, img.shape)
+            img = nib.as_closest_canonical(img)  # the closest canonical (RAS+) voxel order of img.affine
         arr = np.asarray(img.get_fdata(dtype=np.float32))  # decompresses everything
-        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-        geometry = Geometry(tuple(int(s) for s in img.shape[:3]), zooms, np.asarray(img.affine, dtype=float)) \
+        geometry = _geometry(tuple(int(s) for s in img.shape[:3]), img.affine, warning) \
             if len(img.shape) >= 3 else None
         return arr, geometry
+    except ImageError:
+        raise
     except (EOFError, zlib.error) as exc:
         raise ImageError("truncated_image", f"file is truncated ({type(exc).__name__}: {exc})") from None
     except Exception as exc:  # nibabel raises a variety: ImageFileError, ValueError, OSError...
@@ -174,16 +318,24 @@ def _channels_first(arr: np.ndarray, m: ImageModality) -> np.ndarray:
 def _read_photo(path: Path, m: ImageModality) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    max_image_bytes()  # a bad $CFCML_MAX_IMAGE_BYTES is a ValueError of its own, not an unreadable image
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only (and refuses what Pillow deems a bomb)
+            convert = m.channels == 3 and im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV")
+            w, h = im.size
+            bands = 3 if convert else len(im.getbands())
+            check_size((h, w, bands), f"the header promises {w}x{h} pixels of {bands} band(s) (mode {im.mode})")
             im.load()  # decodes everything: a truncated JPEG/PNG fails here
             im = ImageOps.exif_transpose(im)  # upright as viewers show it (camera orientation tag)
-            if m.channels == 3 and im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
+            if convert:
                 im = im.convert("RGB")  # same colours, another encoding
             bands = len(im.getbands())
             arr = np.asarray(im)
     except UnidentifiedImageError:
         raise ImageError("unreadable_image", "not an image file Pillow can read") from None
+    except Image.DecompressionBombError as exc:  # over Pillow's own limit (2 x PIL.Image.MAX_IMAGE_PIXELS)
+        raise ImageError("image_too_large", f"refused before decompressing it by Pillow's limit "
+                                            f"(PIL.Image.MAX_IMAGE_PIXELS): {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         code = "truncated_image" if "truncated" in str(exc).lower() else "unreadable_image"
         raise ImageError(code, f"cannot decode image ({exc})") from None

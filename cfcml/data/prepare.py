@@ -16,6 +16,7 @@ import pandas as pd
 
 from cfcml.data.adapters import ADAPTERS
 from cfcml.data.cache import build_cache, cache_dir_for
+from cfcml.data.images import max_image_bytes
 from cfcml.data.manifest import INFO_FILE, MANIFEST_FILE, PreparedDataset, build_manifest, fingerprint, write_manifest
 from cfcml.data.spec import DatasetSpec, load_dataset_spec, spec_to_dict
 from cfcml.data.validation import DatasetValidationError, ValidationReport, default_workers, validate_records
@@ -32,7 +33,7 @@ def validate_dataset(root: Path, spec: DatasetSpec, *, folds: int = 5, fold_seed
         report.add("missing_folder", "dataset root does not exist", file=str(root))
         return None, report
     records = ADAPTERS[spec.source.layout](root, spec, report, csv=csv, seed=fold_seed)
-    validate_records(records, spec, root, folds, report, workers=workers or default_workers())
+    validate_records(records, spec, root, folds, report, workers=workers or default_workers(), fold_seed=fold_seed)
     return records, report
 
 
@@ -50,7 +51,8 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     `<root>/prepared`, or `<root>/prepared-<spec name>` for a config that is not the layout's
     own). Raises DatasetValidationError carrying the full report on any problem, and
     cfcml.outputs.OutputPathError (a ValueError) before reading anything when `out` is a file,
-    lies under a file, is not writable, or its manifest.parquet / prepare.json would be `csv`.
+    lies under a file, is not writable, or its manifest.parquet / prepare.json would be `csv`;
+    ValueError when $CFCML_MAX_IMAGE_BYTES (images.max_image_bytes) is not a size.
     Ctrl-C raises PrepareInterrupted (a KeyboardInterrupt, one line) once the folders this run
     created (the output folder, or `cache/` or the cache folder of this size inside an existing
     one) are removed; an error while writing removes them too. A folder that existed before the
@@ -67,6 +69,7 @@ def prepare_dataset(dataset: str, root: str | Path, out: str | Path | None = Non
     if spec is None and dataset == "manifest":
         raise ValueError("the manifest adapter needs a dataset YAML (spec=... / --spec PATH)")
     ds_spec = load_dataset_spec(spec or dataset, image_size)
+    max_image_bytes()  # a bad $CFCML_MAX_IMAGE_BYTES: ValueError now, not once per image
     out_dir = Path(out).resolve() if out else root / default_prepared_name(ds_spec)
     # before any image is read: a folder that cannot be written, or that would replace an input
     inputs = [Path(csv)] if csv else []

@@ -20,6 +20,7 @@ import pandas as pd
 
 from cfcml.data.images import Geometry, ImageError, check_content, read_image_geometry
 from cfcml.data.spec import DatasetSpec, ImageModality, TabularField
+from cfcml.data.splits import assign_folds, split_problems
 
 
 @dataclass(frozen=True)
@@ -143,20 +144,29 @@ def check_field_value(value: object, f: TabularField, spec: DatasetSpec) -> tupl
 @dataclass
 class CheckedImage:
     """One image as the validator read it: the array (float32 [C, *spatial], canonical orientation),
-    its geometry (None for photos and .npy) and a warning (clip saturation) or None."""
+    its geometry (None for photos and .npy) and its warnings, (code, text) pairs:
+    "clipped_image" (clip saturation, images.check_content) and "qform_sform_differ" (the two
+    orientation fields of a NIfTI header differ numerically, images.check_orientation)."""
 
     array: np.ndarray
     geometry: Geometry | None
-    warning: str | None
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
 
 def check_image(path: Path, m: ImageModality, spec: DatasetSpec) -> CheckedImage:
-    """The one image check, shared by prepare and the served model (predict): decode fully,
-    reorient, refuse degenerate content. ImageError (its `code` the problem kind) when the file is
-    unreadable, truncated, of the wrong shape, or carries nothing to normalise (see
+    """The one image check, shared by prepare and the served model (predict): check the size the
+    header promises, decode fully, reorient, refuse degenerate content. ImageError (its `code` the
+    problem kind) when the file is unreadable, truncated, of the wrong shape, larger than
+    images.max_image_bytes() ("image_too_large", refused before decompressing), has a qform and an
+    sform of different orientations ("orientation_conflict"), or carries nothing to normalise (see
     images.check_content)."""
     arr, geometry = read_image_geometry(path, m)
-    return CheckedImage(arr, geometry, check_content(arr, spec.intensity))
+    warnings = []
+    if geometry is not None and geometry.warning:
+        warnings.append(("qform_sform_differ", geometry.warning))
+    if (clipped := check_content(arr, spec.intensity)) is not None:
+        warnings.append(("clipped_image", clipped))
+    return CheckedImage(arr, geometry, warnings)
 
 
 def geometry_problem(geometries: dict[str, Geometry | None]) -> str | None:
@@ -180,8 +190,9 @@ def check_path(root: Path, rel: str) -> Path:
 
 
 def validate_records(records: pd.DataFrame, spec: DatasetSpec, root: Path, folds: int,
-                     report: ValidationReport, workers: int = 1) -> None:
-    """Check every row and image of the uniform records table (see adapters.py) into `report`."""
+                     report: ValidationReport, workers: int = 1, fold_seed: int = 0) -> None:
+    """Check every row and image of the uniform records table (see adapters.py) into `report`;
+    the splits on the folds `fold_seed` draws (as build_manifest will)."""
     root = root.resolve()
     if records.empty:
         report.add("empty_dataset", f"no patients found for {spec.name} under {root}")
@@ -190,7 +201,7 @@ def validate_records(records: pd.DataFrame, spec: DatasetSpec, root: Path, folds
     _check_labels(records, spec, report)
     _check_fields(records, spec, report)
     _check_images(records, spec, root, report, workers)
-    _check_class_sizes(records, spec, folds, report)
+    _check_splits(records, spec, folds, fold_seed, report)
 
 
 def _check_ids(records: pd.DataFrame, report: ValidationReport) -> None:
@@ -259,8 +270,7 @@ def _check_images(records: pd.DataFrame, spec: DatasetSpec, root: Path, report: 
             except ImageError as exc:
                 problems.append((exc.code, f"{m.name} image: {exc}", rel))
                 continue
-            if checked.warning:
-                warnings.append(("clipped_image", f"{m.name} image: {checked.warning}", rel))
+            warnings += [(code, f"{m.name} image: {text}", rel) for code, text in checked.warnings]
             geometries[m.name] = checked.geometry
             seen.append((rel, str(path), content_hash(path)))
         if len(geometries) == len(spec.modalities) and (why := geometry_problem(geometries)):
@@ -307,16 +317,23 @@ def _check_shared_images(records: pd.DataFrame, root: Path, by_path: dict[str, l
                        patient=str(records["patient_id"].iloc[rows[0][0]]), file=rows[0][1])
 
 
-def _check_class_sizes(records: pd.DataFrame, spec: DatasetSpec, folds: int, report: ValidationReport) -> None:
-    dev = records[records["split"] == "dev"]
-    if dev.empty:
-        report.add("empty_dataset", "the development split has no patients")
-        return
-    counts = dev["label_name"].value_counts()
-    for c in spec.classes:
-        n = int(counts.get(c, 0))
-        if n < folds:
-            report.add("small_class", f"class {c!r} has {n} development patient(s), fewer than the {folds} folds")
+def _check_splits(records: pd.DataFrame, spec: DatasetSpec, folds: int, fold_seed: int,
+                  report: ValidationReport) -> None:
+    """Every class in the development split (enough for the folds), a test split, every fold's
+    validation part non-empty (splits.split_problems), on the folds prepare will draw."""
+    known = records["label_name"].isin(spec.classes)
+    rows = records[known]
+    fold = None
+    dev_counts = rows.loc[rows["split"] == "dev", "label_name"].value_counts()
+    if all(dev_counts.get(c, 0) >= folds for c in spec.classes):  # StratifiedKFold can draw them
+        labels = rows["label_name"].map(spec.classes.index).astype("int64")  # as build_manifest does
+        fold = assign_folds(rows["patient_id"].astype(str), labels, rows["split"].astype(str), folds, fold_seed)
+    problems, warnings = split_problems(rows["split"], rows["label_name"], fold, spec.classes, folds,
+                                        records.attrs.get("ignored_rows"))
+    for code, message in problems:
+        report.add(code, message)
+    for code, message in warnings:
+        report.warn(code, message)
 
 
 def default_workers() -> int:

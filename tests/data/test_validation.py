@@ -12,6 +12,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from crafted_images import PNG_GREY, PNG_RGB, nifti_header_only, png_header_only
 from PIL import Image
 
 from cfcml.data.prepare import prepare_dataset
@@ -445,3 +447,161 @@ def test_cli_exits_nonzero_with_the_full_report(men_root: Path, tmp_path: Path, 
     assert code == 1
     assert "2 problem(s)" in err and "missing_file" in err and "'old'" in err and p.name in err
     assert not out.exists()
+
+
+# --- two orientation fields: refused when they disagree on the orientation --------------------------
+
+def with_fields(f: Path, qform_of: Callable[[np.ndarray, tuple[int, ...]], np.ndarray], qcode: int = 1,
+                scode: int = 1) -> None:
+    """`f` saved again with its sform as it was and a qform made from it (and these codes)."""
+    img = nib.load(f)
+    out = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+    out.set_qform(qform_of(img.affine.copy(), img.shape), code=qcode)
+    out.set_sform(img.affine, code=scode)
+    nib.save(out, f)
+
+
+def mirrored_lr(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    affine[0, 3] += (shape[0] - 1) * affine[0, 0]
+    affine[:, 0] *= -1
+    return affine
+
+
+def mirrored_si(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    affine[2, 3] += (shape[2] - 1) * affine[2, 2]
+    affine[:, 2] *= -1
+    return affine
+
+
+@pytest.mark.parametrize("qform_of, axes, qcode, scode", [(mirrored_lr, "LAS", 1, 1), (mirrored_lr, "LAS", 1, 2),
+                                                           (mirrored_si, "RAI", 2, 1)])
+def test_a_volume_whose_qform_and_sform_disagree_on_the_orientation_is_refused(men_root: Path, tmp_path: Path,
+                                                                               qform_of, axes, qcode, scode) -> None:
+    p = patient_dir(men_root, "Grade_2_invasion", i=1)
+    with_fields(p / "adc_bbox.nii.gz", qform_of, qcode, scode)
+    report = expect_problems("men", men_root, tmp_path / "out", [
+        ("orientation_conflict", p.name), ("orientation_conflict", f"{p.name}/adc_bbox.nii.gz"),
+        ("orientation_conflict", f"adc image: its qform (code {qcode}, "),
+        ("orientation_conflict", f"says {axes} but its sform (code {scode}, ")])
+    assert len(report.problems) == 1
+
+
+def test_a_qform_off_the_sform_but_of_its_orientation_is_warned_and_the_sform_used(men_root: Path, men_prepared,
+                                                                                   tmp_path: Path) -> None:
+    p = patient_dir(men_root, "Grade_1", i=2)
+    shifted = lambda a, shape: a + np.pad([[0, 0, 0, 10.0]], ((0, 3), (0, 0)))  # noqa: E731
+    with_fields(p / "t1_bbox.nii.gz", shifted, 1, 2)
+    prepared = prepare_dataset("men", men_root, tmp_path / "out", folds=FOLDS, image_size=MEN_SIZE, workers=2)
+    warned = [w for w in prepared.info["warnings"] if w.startswith("[qform_sform_differ]")]
+    assert len(warned) == 1 and f"patient {p.name!r}" in warned[0] and f"{p.name}/t1_bbox.nii.gz" in warned[0]
+    assert "qform (code 1, scanner) and sform (code 2, aligned) agree on the orientation (RAS)" in warned[0]
+    np.testing.assert_array_equal(np.load(prepared.cache_path(p.name, "t1")), np.load(men_prepared.cache_path(p.name,
+                                                                                                              "t1")))
+
+
+# --- decompression bombs: the size the header promises, checked before decompressing ----------------
+
+def test_a_nifti_promising_gigabytes_is_refused_naming_patient_and_file(men_root: Path, tmp_path: Path) -> None:
+    p = patient_dir(men_root, "Grade_2_noninvasion")
+    nifti_header_only(p / "t2_bbox.nii.gz", (4096, 4096, 512), np.int16)  # 32 GiB as float32, 0.1 KB on disk
+    report = expect_problems("men", men_root, tmp_path / "out", [
+        ("image_too_large", p.name), ("image_too_large", f"{p.name}/t2_bbox.nii.gz"),
+        ("image_too_large", "t2 image: the header promises shape [4096, 4096, 512] int16"),
+        ("image_too_large", "over the limit of 512 MiB per image ($CFCML_MAX_IMAGE_BYTES)")])
+    assert len(report.problems) == 1
+
+
+@pytest.mark.parametrize("width, height, colour_type, words", [
+    (14000, 14000, PNG_GREY, "Image size (196000000 pixels) exceeds limit"),  # Pillow's own limit
+    (7000, 7000, PNG_RGB, "7000x7000 pixels of 3 band(s)"),  # ours, under Pillow's
+])
+def test_a_photo_promising_gigabytes_is_refused_naming_case_and_file(derm_root: Path, tmp_path: Path, width: int,
+                                                                     height: int, colour_type: int, words: str) -> None:
+    meta = pd.read_csv(derm_root / "meta" / "meta.csv", dtype=str)
+    i = task_row(derm_root, "clark")
+    rel = meta.at[i, "derm"]
+    png_header_only(derm_root / "images" / rel, width, height, colour_type)  # PNG bytes under its .jpg name
+    report = expect_problems("derm7pt", derm_root, tmp_path / "out", [
+        ("image_too_large", rel), ("image_too_large", meta.at[i, "case_num"]), ("image_too_large", words),
+        ("image_too_large", "refused before decompressing")])
+    assert len(report.problems) == 1 and "\n" not in report.problems[0].render()
+
+
+def test_a_bad_size_limit_is_one_line_before_any_image_is_read(men_root: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CFCML_MAX_IMAGE_BYTES", "plenty")
+    with pytest.raises(ValueError, match=r"^\$CFCML_MAX_IMAGE_BYTES='plenty' is not a size"):
+        prepare_dataset("men", men_root, tmp_path / "out", folds=FOLDS, image_size=MEN_SIZE, workers=2)
+
+
+# --- splits: every part a search scores on holds patients ---------------------------------------------
+
+def relabel(root: Path, split_file: str, diagnosis_prefix: str | None, to: str) -> None:
+    """Every case of `split_file` (train/valid/test_indexes.csv) whose diagnosis starts with the
+    prefix (None: every case) gets diagnosis `to`."""
+    rows = set(pd.read_csv(root / "meta" / split_file)["indexes"])
+
+    def fn(m: pd.DataFrame) -> None:
+        hit = m.index.isin(rows) & (m["diagnosis"].str.startswith(diagnosis_prefix) if diagnosis_prefix else True)
+        m.loc[hit, "diagnosis"] = to
+    edit_meta(root, fn)
+
+
+def ignored_in(root: Path, *split_files: str) -> int:
+    """How many cases of these split files have a diagnosis derm7pt.yaml ignores."""
+    ignored = set(yaml.safe_load(Path("conf/datasets/derm7pt.yaml").read_text())["source"]["ignored_labels"])
+    rows = set().union(*(set(pd.read_csv(root / "meta" / f)["indexes"]) for f in split_files))
+    meta = pd.read_csv(root / "meta" / "meta.csv", dtype=str, keep_default_na=False)
+    return int((meta.index.isin(rows) & meta["diagnosis"].isin(ignored)).sum())
+
+
+def test_label_filtering_that_leaves_no_test_patient_is_refused(derm_root: Path, tmp_path: Path) -> None:
+    relabel(derm_root, "test_indexes.csv", None, "lentigo")  # an ignored diagnosis: every test case dropped
+    n = ignored_in(derm_root, "test_indexes.csv")
+    report = expect_problems("derm7pt", derm_root, tmp_path / "out", [
+        ("empty_split", f"the test split has no patients after label filtering (source.ignored_labels dropped {n} "
+                        f"of its rows): the final model could not be tested")])
+    assert report.codes() == {"empty_split"}
+
+
+def test_a_men_layout_without_test_patients_is_refused(men_root: Path, tmp_path: Path) -> None:
+    test_ids = [d.name for d in (men_root / "test").glob("*/*")]
+    shutil.rmtree(men_root / "test")
+    edit_csv(men_root / "clinical.csv", lambda df: df[~df["patient_id"].isin(test_ids)])
+    report = expect_problems("men", men_root, tmp_path / "out",
+                             [("empty_split", "the test split has no patients: the final model could not be tested")])
+    assert report.codes() == {"empty_split"}
+
+
+@pytest.mark.parametrize("prefix, to, cls", [
+    ("melanoma", "lentigo", "MEL"),  # every development melanoma has an ignored diagnosis
+    (None, "melanoma", "NEV"),  # every development case is a melanoma (nothing filtered: no word of it)
+])
+def test_label_filtering_that_empties_a_class_of_the_development_split_is_refused(derm_root: Path, tmp_path: Path,
+                                                                                  prefix: str | None, to: str,
+                                                                                  cls: str) -> None:
+    dev = ("train_indexes.csv", "valid_indexes.csv")
+    for split_file in dev:
+        relabel(derm_root, split_file, prefix, to)
+    n = ignored_in(derm_root, *dev)
+    filtered = f" after label filtering (source.ignored_labels dropped {n} of its rows)" if n else ""
+    report = expect_problems("derm7pt", derm_root, tmp_path / "out", [
+        ("empty_class", f"class {cls!r} has no patient in the development split{filtered}: the model cannot learn "
+                        f"it")])
+    assert report.codes() == {"empty_class"}
+
+
+def test_a_class_missing_from_the_test_split_is_warned_naming_split_and_class(derm_root: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    from pipelines.prepare import main
+
+    relabel(derm_root, "test_indexes.csv", "melanoma", "seborrheic keratosis")
+    n = ignored_in(derm_root, "test_indexes.csv")
+    assert main(["--dataset", "derm7pt", "--data-root", str(derm_root), "--out", str(tmp_path / "out"),
+                 "--folds", str(FOLDS), "--image-size", *map(str, DERM_SIZE)]) == 0
+    out = capsys.readouterr().out
+    warned = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: [missing_class] class 'MEL' has no patient in the test split after label filtering "
+                      f"(source.ignored_labels dropped {n} of its rows): its test sensitivity and AUC are undefined"]
+    info = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert info["counts"]["split"]["test"]["MEL"] == 0 and info["warnings"] == [warned[0].removeprefix("warning: ")]

@@ -345,6 +345,15 @@ def test_an_unknown_model_is_one_line(registered, tmp_path, capsys, model, messa
     assert err.startswith(message) and "\n" not in err
 
 
+def test_an_image_size_limit_that_is_not_a_size_is_one_line_before_the_model_loads(registered, tmp_path, capsys,
+                                                                                   monkeypatch) -> None:
+    monkeypatch.setenv("CFCML_MAX_IMAGE_BYTES", "big")
+    out = tmp_path / "preds.csv"
+    assert predict(registered, registered["rows"], out, model="models:/no-such-model/1") == 2
+    assert refused(capsys, out) == "error: $CFCML_MAX_IMAGE_BYTES='big' is not a size: give a positive whole number " \
+                                   "of bytes, or one with KiB, MiB or GiB (e.g. 2GiB)"
+
+
 def test_a_missing_rows_file_is_one_line(registered, tmp_path, capsys) -> None:
     out = tmp_path / "preds.csv"
     assert predict(registered, tmp_path / "absent.csv", out) == 2

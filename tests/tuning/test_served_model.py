@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from crafted_images import nifti_header_only
 
 from cfcml.config import load_experiment
 from cfcml.data.prepare import prepare_dataset
@@ -178,6 +179,36 @@ def test_a_constant_volume_is_refused_naming_the_row_and_file(served, rows, prep
     rows.loc[0, "path_adc"] = flat.name
     with pytest.raises(InputError, match=rf"^row 0 .*column 'path_adc': cannot read adc image .*{flat.name}: "
                                          rf"every non-zero voxel is 300"):
+        served.predict(None, rows)
+
+
+def test_an_image_promising_gigabytes_is_refused_before_decompressing_naming_row_and_file(served, rows, prepared,
+                                                                                         tmp_path) -> None:
+    bomb = nifti_header_only(prepared.root / f"bomb-{tmp_path.name}.nii.gz", (4096, 4096, 512), np.int16)
+    rows.loc[1, "path_t1"] = bomb.name
+    pid = rows.loc[1, "patient_id"]
+    with pytest.raises(InputError, match=rf"^row 1 \(patient '{pid}'\), column 'path_t1': cannot read t1 image "
+                                         rf".*{bomb.name}: the header promises shape \[4096, 4096, 512\] int16: "
+                                         rf".* 32 GiB once read as float32, over the limit of 512 MiB per image"):
+        served.predict(None, rows)
+
+
+def test_a_volume_whose_qform_and_sform_disagree_is_refused_naming_row_file_and_codes(served, rows, prepared,
+                                                                                      tmp_path) -> None:
+    import nibabel as nib
+
+    src = nib.load(prepared.root / rows.loc[0, "path_t2"])
+    qform = src.affine.copy()
+    qform[:, 0] *= -1  # left-right mirrored
+    img = nib.Nifti1Image(np.asarray(src.dataobj), src.affine)
+    img.set_qform(qform, code=1)
+    img.set_sform(src.affine, code=2)
+    conflicting = prepared.root / f"qform-{tmp_path.name}.nii.gz"
+    nib.save(img, conflicting)
+    rows.loc[0, "path_t2"] = conflicting.name
+    with pytest.raises(InputError, match=rf"^row 0 .*column 'path_t2': cannot read t2 image .*{conflicting.name}: its "
+                                         rf"qform \(code 1, scanner\) says LAS but its sform \(code 2, aligned\) "
+                                         rf"says RAS"):
         served.predict(None, rows)
 
 
