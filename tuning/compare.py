@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"comparing {', '.join(plan.variants)} on {plan.dataset}: {len(plan.seeds)} seed(s) x "
           f"{prepared.folds} folds x {plan.max_epochs} epochs")
     try:
-        with ray_session(plan.address, verbose=plan.verbose):
+        with ray_session(plan.address, verbose=plan.verbose, train=plan.base.train):
             result = run_comparison(plan, prepared)
+    except ConfigError as exc:  # Ray did not start, or the variants' workers cannot fit on it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # the comparison's runs are FAILED with the reason (tuning.lifecycle)
         message = disk_full_message(exc, plan.runs_dir, next_step="run it again")
         if message is None:
