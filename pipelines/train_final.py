@@ -34,11 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     cli_args.add_explain(p)
     args = p.parse_args(argv)
     from cfcml.config import ConfigError
-    from tuning.preflight import check_name
+    from tuning.preflight import check_name, check_utf8
 
     storage = args.runs_dir.resolve() / "ray"
     name = args.name or (f"{args.dataset}-{args.search}" if args.search else None)
     try:
+        check_utf8(("--runs-dir", args.runs_dir), ("--name", args.name))
         if name is not None:
             check_name(name, "--name" if args.name else "--search")
     except ConfigError as exc:

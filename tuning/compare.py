@@ -46,12 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from tuning.comparison import markdown, plan_comparison
-    from tuning.preflight import check_ray_address, check_storage
+    from tuning.preflight import check_ray_address, check_storage, check_utf8
     from tuning.prepared import load_or_prepare
 
     args = parse_args(argv)
     t0 = time.time()
     try:
+        check_utf8(("--runs-dir", args.runs_dir), ("--name", args.name), ("--data-root", args.data_root),
+                   ("--out", args.out), ("--tracking-uri", args.tracking_uri), ("--from-search", args.from_search))
         plan = plan_comparison(
             args.dataset, args.data_root, variants=args.variants, from_search=args.from_search, seeds=args.seeds,
             folds=args.folds, max_epochs=args.max_epochs, search=args.search, runs_dir=args.runs_dir,

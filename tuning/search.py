@@ -97,6 +97,7 @@ def _main(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         check_ray_address,
         check_runs_dir,
         check_storage,
+        check_utf8,
         model_parameters,
         search_bytes,
     )
@@ -105,6 +106,8 @@ def _main(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
 
     t_start = time.time()
     try:
+        check_utf8(("--runs-dir", args.runs_dir), ("--name", args.name), ("--data-root", args.data_root),
+                   ("--tracking-uri", args.tracking_uri))
         run = build_run(args)
         check_runs_dir(run.runs_dir)
         experiment = f"cfcml-{run.dataset}"

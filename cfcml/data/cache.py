@@ -102,7 +102,7 @@ def build_cache(manifest: pd.DataFrame, spec: DatasetSpec, root: Path, cache_dir
     hashes = hashes or {}
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta_path = cache_dir / "cache.json"
-    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    old = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
     entries: dict[str, dict[str, Any]] = old.get("entries", {}) if old.get("settings") == cache_settings(spec) else {}
 
     jobs = []
@@ -137,7 +137,8 @@ def build_cache(manifest: pd.DataFrame, spec: DatasetSpec, root: Path, cache_dir
     if bar is not None:
         bar.close()
     tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"settings": cache_settings(spec), "entries": entries}, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps({"settings": cache_settings(spec), "entries": entries}, indent=1, sort_keys=True),
+                   encoding="utf-8")
     os.replace(tmp, meta_path)
     n_total = len(manifest) * len(spec.modalities)
     return {"built": len(jobs), "reused": n_total - len(jobs), "total": n_total}
