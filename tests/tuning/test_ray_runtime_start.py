@@ -1,4 +1,5 @@
-"""Starting Ray (`tuning.ray_runtime`): a Ray that does not start, and trials that cannot fit on
+"""Starting Ray (`tuning.ray_runtime`; its e2e tests with another Ray on the machine are in
+tests/e2e/test_ray_runtime.py): a Ray that does not start, and trials that cannot fit on
 the cluster, are one line and exit 2 from every entry point that starts Ray, before any trial."""
 from __future__ import annotations
 
