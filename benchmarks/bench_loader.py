@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<8} {r['wall']:11.1f} {r['cpu']:16.1f} {r['best']:18.1f}")
             print(f"{'ratio':<8} {ratio['wall']:10.1f}x {ratio['cpu']:15.1f}x {ratio['best']:17.1f}x")
         if args.json:
-            args.json.write_text(json.dumps(result, indent=2))
+            args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
 
 

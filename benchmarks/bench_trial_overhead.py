@@ -123,10 +123,10 @@ def search_overheads(tmp: Path, samples: int, epochs: int) -> list[dict]:
     if rc != 0:
         sys.exit(rc)
     search_dir = runs / "ray" / "men-smoke"
-    outcome = json.loads((search_dir / "outcome.json").read_text())
+    outcome = json.loads((search_dir / "outcome.json").read_text(encoding="utf-8"))
     written = {}  # trial id -> epochs that wrote a checkpoint (EpochReport.checkpointed; absent before issue 16)
     for rows in search_dir.glob("*/result.json"):
-        for line in rows.read_text().splitlines():
+        for line in rows.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             written[row["trial_id"]] = written.get(row["trial_id"], 0) + int(row.get("checkpointed", True))
     return [{"epochs": t["epochs_run"], "wall": t["wall_s"], "compute": t["compute_s"],

@@ -108,12 +108,12 @@ def readme_section(results, args: argparse.Namespace, seconds: float) -> str:
 
 
 def write_readme(section: str, readme: Path) -> None:
-    text = readme.read_text()
+    text = readme.read_text(encoding="utf-8")
     if START in text and END in text:
         text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n## Quality (synthetic data)\n\n" + section + "\n"
-    readme.write_text(text)
+    readme.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

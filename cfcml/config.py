@@ -504,7 +504,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     YAML, names a key twice in one mapping ("duplicate key 'num_samples' at lines 2 and 5: give
     it once") or holds no mapping at the top level."""
     try:
-        data = load_yaml(Path(path).read_text())
+        data = load_yaml(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except DuplicateKeyError as exc:

@@ -34,11 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     cli_args.add_explain(p)
     args = p.parse_args(argv)
     from cfcml.config import ConfigError
-    from tuning.preflight import check_name
+    from tuning.preflight import check_name, check_utf8
 
     storage = args.runs_dir.resolve() / "ray"
     name = args.name or (f"{args.dataset}-{args.search}" if args.search else None)
     try:
+        check_utf8(("--runs-dir", args.runs_dir), ("--name", args.name))
         if name is not None:
             check_name(name, "--name" if args.name else "--search")
     except ConfigError as exc:
@@ -49,6 +50,19 @@ def main(argv: list[str] | None = None) -> int:
         what = f"search {name!r}" if name else f"finished {args.dataset} search"
         print(f"error: no {what} under {storage} (no {OUTCOME_FILE}); run tuning/search.py first", file=sys.stderr)
         return 2
+    from tuning.locks import search_lock
+
+    try:  # not while the search itself (or another final step of it) runs
+        with search_lock(storage, outcome_file.parent.name):
+            return _final(args, storage, outcome_file)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _final(args: argparse.Namespace, storage: Path, outcome_file: Path) -> int:
+    from cfcml.config import ConfigError
+
     print(f"final step of the search at {outcome_file.parent}")
 
     from cfcml.data.manifest import PreparedDataset
@@ -65,10 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from tuning.prepared import check_cache
+
     prepared = PreparedDataset.load(outcome.prepared_dir)
     try:
-        with ray_session(args.address, verbose=args.verbose):
+        check_cache(prepared, what=f"{outcome_file}: prepared_dir")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        best = outcome.best
+        train = best.experiment.train if best and best.experiment else None
+        with ray_session(args.address, verbose=args.verbose, train=train):
             train_final(prepared, outcome, storage=storage, explain=args.explain_test_patients)
+    except ConfigError as exc:  # Ray did not start, or the final model's workers cannot fit on it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # the final run is FAILED with the reason (tuning.lifecycle)
         message = disk_full_message(exc, args.runs_dir, next_step="run the same command again")
         if message is None:

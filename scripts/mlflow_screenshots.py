@@ -53,7 +53,7 @@ def small_search(work: Path) -> str:
 def start_ui(uri: str, port: int, log: Path) -> subprocess.Popen:
     mlflow = VENV_BIN / "mlflow"
     proc = subprocess.Popen([str(mlflow if mlflow.exists() else "mlflow"), "ui", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", uri], stdout=log.open("w"),
+                             "--port", str(port), "--backend-store-uri", uri], stdout=log.open("w", encoding="utf-8"),
                             stderr=subprocess.STDOUT, start_new_session=True)  # its own group: stopped as one
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -69,7 +69,7 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], metrics: dict
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     _atomic(d / STATE_FILE, lambda p: torch.save(state, p))
-    _atomic(d / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=1)))
+    _atomic(d / METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=1), encoding="utf-8"))
     if oof is not None and len(oof):
         _atomic(d / OOF_FILE, lambda p: oof.to_csv(p, index=False))
     if test is not None:
@@ -77,7 +77,7 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], metrics: dict
     files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
              for f in sorted(d.iterdir()) if f.name != INDEX_FILE and f.is_file() and not f.name.endswith(".tmp")}
     index = {"epoch": int(state["epoch"]), "files": files}
-    _atomic(d / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=1)))
+    _atomic(d / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=1), encoding="utf-8"))
     return d
 
 
@@ -95,7 +95,7 @@ class CheckpointReader:
         if not index_path.is_file():
             raise CheckpointError(f"{index_path}: missing; the checkpoint at {self.dir} was not completely written")
         try:
-            index = json.loads(index_path.read_text())
+            index = json.loads(index_path.read_text(encoding="utf-8"))
             files = index["files"]
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index_path}: unreadable ({exc})") from None
@@ -134,7 +134,7 @@ class CheckpointReader:
 
     def metrics(self) -> dict[str, Any]:
         path = self.dir / METRICS_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     def oof(self) -> pd.DataFrame | None:
         path = self.dir / OOF_FILE

@@ -47,12 +47,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from tuning.comparison import markdown, plan_comparison
-    from tuning.preflight import check_ray_address, check_storage
+    from tuning.preflight import check_ray_address, check_storage, check_utf8
     from tuning.prepared import load_or_prepare
 
     args = parse_args(argv)
     t0 = time.time()
     try:
+        check_utf8(("--runs-dir", args.runs_dir), ("--name", args.name), ("--data-root", args.data_root),
+                   ("--out", args.out), ("--tracking-uri", args.tracking_uri), ("--from-search", args.from_search))
         plan = plan_comparison(
             args.dataset, args.data_root, variants=args.variants, from_search=args.from_search, seeds=args.seeds,
             folds=args.folds, max_epochs=args.max_epochs, search=args.search, runs_dir=args.runs_dir,
@@ -79,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"comparing {', '.join(plan.variants)} on {plan.dataset}: {len(plan.seeds)} seed(s) x "
           f"{prepared.folds} folds x {plan.max_epochs} epochs")
     try:
-        with ray_session(plan.address, verbose=plan.verbose):
+        with ray_session(plan.address, verbose=plan.verbose, train=plan.base.train):
             result = run_comparison(plan, prepared)
+    except ConfigError as exc:  # Ray did not start, or the variants' workers cannot fit on it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # the comparison's runs are FAILED with the reason (tuning.lifecycle)
         message = disk_full_message(exc, plan.runs_dir, next_step="run it again")
         if message is None:

@@ -397,8 +397,8 @@ def figures(result: ComparisonResult) -> dict[str, Any]:
 def write_outputs(result: ComparisonResult, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "comparison.md", out_dir / "comparison.json"]
-    paths[0].write_text(markdown(result))
-    paths[1].write_text(json.dumps(result.to_json(), indent=1))
+    paths[0].write_text(markdown(result), encoding="utf-8")
+    paths[1].write_text(json.dumps(result.to_json(), indent=1), encoding="utf-8")
     for fname, fig in figures(result).items():
         fig.savefig(out_dir / fname, dpi=110)
         paths.append(out_dir / fname)

@@ -52,7 +52,7 @@ class SearchState:
         path = search_dir / STATE_FILE
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         return cls(data["parent_run_id"], data["tracking_uri"], data["experiment_id"], data.get("settings"))
 
     def changed(self, settings: dict[str, Any]) -> list[str]:
@@ -70,7 +70,7 @@ class SearchState:
 
     def save(self, search_dir: Path) -> None:
         search_dir.mkdir(parents=True, exist_ok=True)
-        (search_dir / STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
+        (search_dir / STATE_FILE).write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
 
 
 def trial_concurrency(t: TrainConfig) -> int:

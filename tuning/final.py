@@ -141,7 +141,7 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
     from tuning.checkpoints import TEST_FILE, open_checkpoint
     from tuning.served_model import log_and_register
     from tuning.tracking import TrainRunTracker, log_figure, log_metrics, log_params
-    from tuning.trainer import TrainJob, fit
+    from tuning.trainer import TrainJob, fit, ray_train_name
 
     print(f"\n=== final model: best configuration retrained on all {len(prepared.dev_frame())} development "
           f"patients for {best.epoch} epochs, then tested once on {len(prepared.test_frame())} held-out patients ===")
@@ -149,7 +149,7 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
     from tuning.state_files import repair_train_snapshots
 
     job = TrainJob(best.experiment, str(prepared.out_dir), best.epoch, final=True, predict_test=True)
-    name = f"final_{Path(outcome.search_dir).name}_{best.trial_id}"
+    name = ray_train_name(f"final_{Path(outcome.search_dir).name}_{best.trial_id}")
     repair_train_snapshots([Path(storage) / "train" / name])  # a rerun after a full disk or a crash
     result = fit(job, name=name,
                  storage_path=str(Path(storage) / "train"), metric=None,

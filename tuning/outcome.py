@@ -224,12 +224,12 @@ class SearchOutcome:
         data = dataclasses.asdict(self)
         data["trials"] = [t.to_dict() for t in self.trials]
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str))
+        tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> SearchOutcome:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
         data["trials"] = [TrialResult.from_dict(t) for t in data["trials"]]
         return cls(**data)

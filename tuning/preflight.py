@@ -15,7 +15,8 @@ names the flag (or `MLFLOW_TRACKING_URI`), the folder or URI and the reason, and
 Other stores (databases, Databricks) are left to MLflow.
 
 The same way (one line naming the flag or variable, exit 2, nothing written), the entry points
-also run `check_name` (a search's or comparison's name can be a folder and a filter value),
+also run `check_utf8` (a path or name with letters beyond ASCII needs a Python that reads and
+writes file names as UTF-8), `check_name` (a search's or comparison's name can be a folder and a filter value),
 `check_experiment` through `check_storage(experiment=...)` (the dataset's experiment is not
 deleted in the store), `check_ray_address` (the cluster of --address or $RAY_ADDRESS answers)
 and, once the data is prepared, `check_free_space` with the estimate of `search_bytes`.
@@ -82,6 +83,40 @@ def check_name(name: str, flag: str = "--name", parent: Path | None = None) -> s
             raise bad(f"its folder's path is {path} bytes; with the {PATH_BELOW_NAME_BYTES} bytes of folders "
                       f"below it that exceeds PATH_MAX ({PATH_MAX_BYTES}); use a shorter --runs-dir or name")
     return name
+
+
+def check_utf8(*named: tuple[str, Any]) -> None:
+    """Raise ConfigError (one line naming the flag) if a path or name given as (flag, value) cannot
+    be written the same by every process of a run.
+
+    Every path and name the platform writes (runs folder, search name, data root, patient ids,
+    MLflow artifact paths) is UTF-8 on disk and in MLflow, and the processes of a local Ray run in
+    UTF-8 mode (`tuning.ray_runtime.LOCAL_RAY_ENV`: PYTHONUTF8=1). Python is in UTF-8 mode under
+    LANG=C / LC_ALL=C / POSIX by itself (PEP 540) and under any *.UTF-8 locale; under another
+    locale (ISO-8859-1, or PYTHONUTF8=0) this process would encode a non-ASCII name otherwise than
+    Ray's workers, or could not decode it at all (undecodable bytes), so it is refused here,
+    before anything is written: ASCII values always pass."""
+    import codecs
+    import locale
+    import sys
+
+    encoding = sys.getfilesystemencoding()
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    for flag, value in named:
+        if value is None:
+            continue
+        text = str(value)
+        try:
+            text.encode("utf-8")
+            decodable = True
+        except UnicodeEncodeError:  # bytes this Python's file-system encoding could not decode
+            decodable = False
+        if decodable and (utf8 or text.isascii()):
+            continue
+        shown = text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        raise ConfigError(f"{flag} {shown}: holds letters beyond ASCII, and this Python reads and writes file names "
+                          f"as {encoding} (locale {locale.setlocale(locale.LC_CTYPE)}, UTF-8 mode off); run it "
+                          f"with PYTHONUTF8=1 (or LC_ALL=C.UTF-8) so that every process writes them as UTF-8")
 
 
 def tracking_uri_choice(tracking_uri: str | None, runs_dir: Path) -> tuple[str, str]:

@@ -90,6 +90,26 @@ def settings_mismatch(recorded: dict[str, Any], asked: dict[str, Any], dataset: 
     return out
 
 
+def check_cache(prepared: PreparedDataset, what: str = "--data-root") -> PreparedDataset:
+    """Raise ConfigError (one line naming `what`, the file and its patient) unless every cache file
+    of `prepared` is there at the size its shape needs (`cfcml.data.cache.damaged_entries`: one
+    `stat` a file). A truncated or deleted file was otherwise found by a trial, after Ray started.
+    Returns `prepared`."""
+    from cfcml.data.cache import damaged_entries
+
+    bad = damaged_entries(prepared.manifest, prepared.spec, prepared.cache_dir)
+    if bad:
+        pid, modality, path, problem = bad[0]
+        more = f" (and {len(bad) - 1} more cache file(s))" if len(bad) > 1 else ""
+        sizes = {tuple(m.size) for m in prepared.spec.modalities}
+        size = f" --image-size {' '.join(map(str, sizes.pop()))}" if len(sizes) == 1 else ""
+        raise ConfigError(f"{what} {prepared.out_dir}: the cached {modality} image of patient {pid!r}, {path}, "
+                          f"{problem}{more}; prepare it again (only damaged or changed images are rebuilt): "
+                          f"python pipelines/prepare.py --dataset {prepared.spec.name} --data-root {prepared.root} "
+                          f"--out {prepared.out_dir} --folds {prepared.folds} --fold-seed {prepared.fold_seed}{size}")
+    return prepared
+
+
 def load_or_prepare(dataset: str, root: Path, *, folds: int, fold_seed: int | None,
                     image_size: tuple[int, ...] | None, log: Callable[[str], None] = print) -> PreparedDataset:
     """`root` holding manifest.parquet is used as prepared when its prepare record matches every
@@ -114,7 +134,7 @@ def load_or_prepare(dataset: str, root: Path, *, folds: int, fold_seed: int | No
             raise ConfigError(f"--data-root: {root} was prepared with other settings ({'; '.join(problems)}); "
                               f"pass the recorded values, or point --data-root at the raw dataset "
                               f"{prepared.root} to prepare it anew beside this folder")
-        return prepared
+        return check_cache(prepared)
     if not root.is_dir():
         raise ConfigError(f"--data-root: no dataset at {root}. Generate one with "
                           f"`python pipelines/make_synthetic.py --dataset {dataset} --data-root {root}` "
@@ -138,7 +158,8 @@ def load_or_prepare(dataset: str, root: Path, *, folds: int, fold_seed: int | No
     from cfcml.outputs import OutputPathError
 
     try:
-        return prepare_dataset(dataset, root, out, folds=folds, fold_seed=fold_seed,
-                               image_size=image_size, progress=True, log=log)
+        prepared = prepare_dataset(dataset, root, out, folds=folds, fold_seed=fold_seed,
+                                   image_size=image_size, progress=True, log=log)
     except OutputPathError as exc:  # e.g. <root>/prepared is a file: one line, before any image is read
         raise ConfigError(f"--data-root: {exc}") from None
+    return check_cache(prepared)

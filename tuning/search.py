@@ -12,6 +12,7 @@ command line > search file > experiment file > defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -82,15 +83,39 @@ def check_resume(run: SearchRun, state: SearchState, fingerprint: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # The search's lock (tuning.locks), held until this returns or raises (Ctrl-C included).
+    with contextlib.ExitStack() as held:
+        return _main(args, held)
+
+
+def _main(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from cfcml.data.spec import load_dataset_spec
-    from tuning.preflight import check_free_space, check_ray_address, check_storage, model_parameters, search_bytes
+    from tuning.locks import search_lock
+    from tuning.preflight import (
+        check_free_space,
+        check_ray_address,
+        check_runs_dir,
+        check_storage,
+        check_utf8,
+        model_parameters,
+        search_bytes,
+    )
     from tuning.prepared import load_or_prepare
     from tuning.state_files import check_resume_state
 
-    args = parse_args(argv)
     t_start = time.time()
     try:
+        check_utf8(("--runs-dir", args.runs_dir), ("--name", args.name), ("--data-root", args.data_root),
+                   ("--tracking-uri", args.tracking_uri))
         run = build_run(args)
+        check_runs_dir(run.runs_dir)
+        experiment = f"cfcml-{run.dataset}"
+        if not run.resume:  # (a resumed search's store is its state file's, checked below)
+            check_storage(run.runs_dir, run.tracking_uri, experiment=experiment)
+        # One command at a time on this search (a second one of the same name, a --resume of a
+        # running one), before its folder is looked at.
+        held.enter_context(search_lock(run.storage, run.name))
         if run.search_dir.exists() and not run.resume:
             raise ConfigError(f"a search named {run.name!r} already exists at {run.search_dir}; pass --resume to "
                               f"continue it, or --name to start a new one")
@@ -100,12 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         if run.resume:  # state files a full disk or a crash cut short: named, or moved aside
             check_resume_state(run.search_dir, run.storage / "train", STATE_FILE)
         state = SearchState.load(run.search_dir) if run.resume else None
-        experiment = f"cfcml-{run.dataset}"
         if state is not None:
             check_storage(run.runs_dir, state.tracking_uri, source=f"{run.search_dir / STATE_FILE}: tracking_uri",
                           experiment=experiment)
-        else:
-            check_storage(run.runs_dir, run.tracking_uri, experiment=experiment)
         check_ray_address(run.address)
         t = run.experiment.train
         # Room for the checkpoints, before the data is prepared (the dataset file's spec at the
@@ -130,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuning.final import register_cv_ensemble, train_final
     from tuning.lifecycle import DiskGuard, disk_full_message, release_reserves, reserve_space
     from tuning.preflight import checkpoint_bytes, tracking_uri_choice
-    from tuning.ray_runtime import ray_session
+    from tuning.ray_runtime import SEARCH_FLAGS, ray_session
     from tuning.report import print_summary
     from tuning.search_report import write_report
     from tuning.tracking import ui_url
@@ -143,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         reserve_space(Path(store[len("sqlite:///"):]).parent)
     guard = DiskGuard(run.runs_dir, checkpoint_bytes(parameters, t.folds) + 2**20)
     try:
-        with ray_session(run.address, verbose=run.verbose):
+        # Ray that did not start, or trials that cannot fit on it: one line, before any trial starts
+        with ray_session(run.address, verbose=run.verbose, train=t, flags=SEARCH_FLAGS):
             try:
                 outcome = run_search(run, prepared, callbacks=[guard])
             except SearchInterrupted as exc:
@@ -170,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 register_cv_ensemble(prepared, outcome)
                 final = None
         report = write_report(outcome, prepared, run.search, final)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         message = disk_full_message(exc, run.runs_dir, needed)
         if message is None:

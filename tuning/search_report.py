@@ -186,7 +186,7 @@ def write_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
     text, figures = build_report(outcome, prepared, search, final, oracle_scores(prepared))
     folder = Path(outcome.search_dir)
     path = folder / REPORT_FILE
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     client = MlflowClient(outcome.tracking_uri)
     client.log_artifact(outcome.parent_run_id, str(path))
     for name, fig in figures.items():

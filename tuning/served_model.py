@@ -271,7 +271,7 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
             importlib.import_module(module)
 
         bundle = Path(context.artifacts["bundle"])
-        meta = json.loads((bundle / BUNDLE_META).read_text())
+        meta = json.loads((bundle / BUNDLE_META).read_text(encoding="utf-8"))
         self.spec = spec_from_dict(meta["spec"], "model bundle spec")
         self.root = meta["root"]
         self.experiment = from_dict(ExperimentConfig, meta["experiment"], "model bundle experiment")
@@ -345,7 +345,7 @@ def write_bundle(directory: str | Path, *, spec: Any, experiment: ExperimentConf
     (bundle / BUNDLE_META).write_text(json.dumps({
         "spec": spec_to_dict(spec), "experiment": experiment.to_dict(), "root": str(Path(root).resolve()),
         "calibration": calibrator.to_dict() if calibrator is not None else None,
-    }, default=str))
+    }, default=str), encoding="utf-8")
     return bundle
 
 
@@ -380,7 +380,7 @@ def check_model_code(folder: str | Path, name: str | None = None) -> None:
     folder = Path(folder)
     refuse = _refuser(name or f"model folder {folder}")
     try:
-        meta = yaml.safe_load((folder / "MLmodel").read_text())
+        meta = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise refuse("MLmodel", f"cannot be read as YAML ({str(exc).splitlines()[0]})") from None
     flavor = ((meta or {}).get("flavors") or {}).get("python_function") if isinstance(meta, dict) else None

@@ -38,7 +38,7 @@ TRIAL_ID = re.compile(r"(?<![0-9a-f])([0-9a-f]{5}_\d{5}|[0-9a-f]{8})(?![0-9a-f])
 def damaged_json(path: Path) -> str | None:
     """Why `path` is not a readable JSON file (None if it is)."""
     try:
-        json.loads(Path(path).read_text())
+        json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return f"{type(exc).__name__}: {exc}"[:200]
     return None

@@ -222,7 +222,7 @@ def failure_reason(trial: Any) -> str:
         return stalled.read_text(encoding="utf-8").strip()
     path = getattr(trial, "error_file", None)
     try:
-        text = Path(path).read_text() if path else ""
+        text = Path(path).read_text(encoding="utf-8") if path else ""
     except OSError:
         text = ""
     return reason_line(text)
@@ -504,5 +504,5 @@ class TrainRunTracker(UserCallback):
 def write_json_artifact(client: MlflowClient, run_id: str, data: Any, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
-        path.write_text(json.dumps(data, indent=1, default=str))
+        path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
         client.log_artifact(run_id, str(path))

@@ -382,7 +382,7 @@ def _write_failure(path: str, exc: Any) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps({"fold": exc.fold, "epoch": exc.epoch, "what": exc.what}))
+    Path(tmp).write_text(json.dumps({"fold": exc.fold, "epoch": exc.epoch, "what": exc.what}), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -407,10 +407,28 @@ def trainer_class(workers: int, use_gpu: bool) -> type:
     return TorchTrainer
 
 
+def ray_train_name(name: str) -> str:
+    """`name` as a Ray Train run's name: ASCII. Ray Train tags its metrics with the run's name, and
+    Ray encodes metric tags as ASCII (`ray._raylet.Metric.record`, python/ray/includes/metric.pxi
+    upstream), so a run named after a search called "süche" failed in its controller with "'ascii'
+    codec can't encode character '\\xfc'" (Ray 2.60). An ASCII name is kept as it is; another
+    loses its accents (NFKD), other non-ASCII characters become "_", and 8 hex digits of its hash
+    keep two such names apart: "final_süche_1a2b" -> "final_suche_1a2b-<hash>". The run's folder is
+    named the same."""
+    if name.isascii():
+        return name
+    import hashlib
+    import unicodedata
+
+    plain = "".join(c if c.isascii() else "" if unicodedata.combining(c) else "_"
+                    for c in unicodedata.normalize("NFKD", name))
+    return f"{plain}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
 def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbacks: list | None = None,
         label: str | None = None) -> Any:
-    """Run `train_loop_per_worker` on a Ray Train trainer (`trainer_class`); a rerun with the same
-    name resumes.
+    """Run `train_loop_per_worker` on a Ray Train trainer (`trainer_class`) as the run
+    `ray_train_name(name)`; a rerun with the same name resumes.
 
     Ray Train keeps the best checkpoint by `metric` and the latest one (two if no metric), so a
     damaged latest checkpoint leaves an older one to restart from. Worker crashes restart the
@@ -420,6 +438,7 @@ def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbac
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
+    name = ray_train_name(name)
     t = job.experiment.train
     use_gpu = t.gpus_per_worker > 0
     resources = {"CPU": t.cpus_per_worker}
@@ -449,6 +468,6 @@ def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbac
 
         from cfcml.training import TrainingDiverged
 
-        data = json.loads(failure.read_text())
+        data = json.loads(failure.read_text(encoding="utf-8"))
         raise TrainingDiverged(data["fold"], data["epoch"], data["what"], trial=label or name)
     return result

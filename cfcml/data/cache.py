@@ -52,6 +52,47 @@ def cache_file(cache_dir: Path, patient_id: str, modality: str) -> Path:
     return Path(cache_dir) / f"{safe}__{modality}.npy"
 
 
+def expected_bytes(shape: tuple[int, ...]) -> int:
+    """The size of an intact cache file of `shape`: `np.save`'s header (format 1.0, padded to 64
+    bytes) plus the CACHE_DTYPE array."""
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(CACHE_DTYPE)),
+                                                  "fortran_order": False, "shape": tuple(shape)})
+    return len(header.getvalue()) + int(np.prod(shape)) * np.dtype(CACHE_DTYPE).itemsize
+
+
+def damage(path: Path, shape: tuple[int, ...]) -> str | None:
+    """Why the cache file `path` of an array of `shape` cannot be read (None if it can), from its
+    size alone: missing, or shorter or longer than an intact file (`expected_bytes`)."""
+    try:
+        size = Path(path).stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as exc:
+        return f"cannot be read ({(exc.strerror or str(exc)).lower()})"
+    want = expected_bytes(shape)
+    if size < want:
+        return f"is truncated ({size} of {want} bytes)"
+    if size > want:
+        return f"is {size} bytes, {want} expected"
+    return None
+
+
+def damaged_entries(manifest: pd.DataFrame, spec: DatasetSpec, cache_dir: Path) -> list[tuple[str, str, Path, str]]:
+    """(patient id, modality, file, what is wrong) of every cache file of `manifest` that is
+    missing, truncated or of another size than its modality's shape needs (one `stat` a file)."""
+    out = []
+    for pid in manifest["patient_id"]:
+        for m in spec.modalities:
+            path = cache_file(cache_dir, pid, m.name)
+            problem = damage(path, (m.channels, *m.size))
+            if problem:
+                out.append((str(pid), m.name, path, problem))
+    return out
+
+
 def build_cache(manifest: pd.DataFrame, spec: DatasetSpec, root: Path, cache_dir: Path, workers: int = 1,
                 progress: bool = False, hashes: dict[str, str] | None = None) -> dict[str, int]:
     """Decode + preprocess every image of the manifest into `cache_dir`; returns counts.
@@ -61,7 +102,7 @@ def build_cache(manifest: pd.DataFrame, spec: DatasetSpec, root: Path, cache_dir
     hashes = hashes or {}
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta_path = cache_dir / "cache.json"
-    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    old = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
     entries: dict[str, dict[str, Any]] = old.get("entries", {}) if old.get("settings") == cache_settings(spec) else {}
 
     jobs = []
@@ -71,8 +112,8 @@ def build_cache(manifest: pd.DataFrame, spec: DatasetSpec, root: Path, cache_dir
             src = Path(root) / rel
             target = cache_file(cache_dir, row["patient_id"], m.name)
             stamp = {"source": rel, "blake2b": hashes.get(rel) or content_hash(src)}
-            if entries.get(target.name) == stamp and target.exists():
-                continue
+            if entries.get(target.name) == stamp and damage(target, (m.channels, *m.size)) is None:
+                continue  # unchanged source, intact entry (a truncated or deleted one is rebuilt)
             jobs.append((src, m, target, stamp))
 
     def work(job):  # -> (file name, stamp)
@@ -99,7 +140,8 @@ def build_cache(manifest: pd.DataFrame, spec: DatasetSpec, root: Path, cache_dir
         if bar is not None:
             bar.close()
     tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"settings": cache_settings(spec), "entries": entries}, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps({"settings": cache_settings(spec), "entries": entries}, indent=1, sort_keys=True),
+                   encoding="utf-8")
     os.replace(tmp, meta_path)
     n_total = len(manifest) * len(spec.modalities)
     return {"built": len(jobs), "reused": n_total - len(jobs), "total": n_total}

@@ -72,7 +72,7 @@ def write_manifest(manifest: pd.DataFrame, out_dir: Path, info: dict[str, Any]) 
     """Write prepare.json and then manifest.parquet, each atomically (tmp file + rename)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     info_tmp = out_dir / (INFO_FILE + ".tmp")
-    info_tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+    info_tmp.write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
     os.replace(info_tmp, out_dir / INFO_FILE)
     table = pa.Table.from_pandas(manifest, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(info).encode()})

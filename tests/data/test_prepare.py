@@ -369,3 +369,25 @@ def test_ctrl_c_while_validating_writes_nothing_and_says_so(men_base: Path, tmp_
                  "--image-size", *map(str, MEN_SIZE), "--workers", "1"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted: prepare stopped before writing anything"
     assert not out.exists() and len(calls) < 18 * 3
+
+
+@pytest.mark.parametrize("patient_id", ["Müller_0001", "Ñúñez Pérez 7", "患者_3"])
+def test_accented_patient_ids_under_an_accented_data_root_prepare_and_read_back(patient_id: str,
+                                                                                tmp_path: Path) -> None:
+    """Hospital folders and patient ids carry accents: the raw folder, the patient's image folder and
+    id beyond ASCII; the cache file name stays ASCII (`cache_file`) and distinct."""
+    from cfcml.data.cache import damaged_entries
+    from cfcml.data.synthetic import make_men
+
+    root = make_men(tmp_path / "Klinik Düsseldorf" / "men", patients=12, seed=0, size=(16, 16, 4))
+    (folder,) = root.glob("*/*/MEN_0001")
+    folder.rename(folder.with_name(patient_id))
+    csv = root / "clinical.csv"
+    csv.write_text(csv.read_text(encoding="utf-8").replace("MEN_0001,", f"{patient_id},"), encoding="utf-8")
+    prepared = prepare_dataset("men", root, tmp_path / "präpariert", folds=2, fold_seed=0, image_size=(16, 16, 4))
+    again = PreparedDataset.load(prepared.out_dir)
+    assert patient_id in set(again.manifest["patient_id"])
+    path = again.cache_path(patient_id, "t1")
+    assert path.name.isascii() and path.is_file()
+    assert damaged_entries(again.manifest, again.spec, again.cache_dir) == []
+    assert again.info["root"] == str(root.resolve())

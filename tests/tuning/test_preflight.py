@@ -271,3 +271,34 @@ def test_too_little_free_space_for_the_search_is_refused_with_both_figures(tmp_p
     # every trial's two kept checkpoints of every fold dominate: 12 bytes a parameter a fold
     assert search_bytes(10**6, 5, 20) - search_bytes(10**6, 5, 10) == 10 * 2 * 5 * 12 * 10**6
     assert search_bytes(0, 5, 10) == SPACE_FLOOR_BYTES
+
+
+# ------------------------------------------- paths and names beyond ASCII (issue 19, point 6)
+
+@pytest.mark.parametrize("flag", ["--runs-dir", "--name", "--data-root"])
+def test_a_path_or_name_beyond_ascii_is_refused_in_one_line_where_python_does_not_write_utf8(
+        flag: str, raw_men: Path, tmp_path: Path) -> None:
+    accented = {"--runs-dir": str(tmp_path / "rüns"), "--name": "süche", "--data-root": str(tmp_path / "dätä")}
+    args = _search(raw_men, tmp_path / "runs")
+    if flag == "--name":
+        args += ["--name", accented[flag]]
+    else:
+        args[args.index(flag) + 1] = accented[flag]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "PYTHONIOENCODING"))}
+    env.update(LANG="C", LC_ALL="C", PYTHONUTF8="0", RAY_TMPDIR=str(tmp_path / "ray"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "tuning" / "search.py"), *args], cwd=PROJECT_ROOT,
+                         env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
+    assert out.returncode == 2
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"error: {flag} ") and line.endswith(
+        "holds letters beyond ASCII, and this Python reads and writes file names as ascii (locale C, UTF-8 mode "
+        "off); run it with PYTHONUTF8=1 (or LC_ALL=C.UTF-8) so that every process writes them as UTF-8"), line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ray").exists()
+
+
+def test_paths_and_names_beyond_ascii_pass_where_python_writes_utf8(tmp_path: Path) -> None:
+    from tuning.preflight import check_utf8
+
+    assert sys.getfilesystemencoding() == "utf-8"  # the tests' own locale (C.UTF-8) or UTF-8 mode
+    check_utf8(("--runs-dir", tmp_path / "rüns"), ("--name", "Ñúñez 患者"), ("--data-root", None))

@@ -58,3 +58,19 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_epoch_not
         assert torch.equal(copy["folds"][0]["model"][key], value)
     assert torch.equal(copy["folds"][0]["optimizer"]["state"][0]["exp_avg"], moment)
     assert copy["epoch"] == 1
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("trial_1a2b3c4d", "trial_1a2b3c4d"),
+    ("final_it's mine_1a2b", "final_it's mine_1a2b"),  # ASCII stays as it is (a rerun finds its run)
+    ("final_süche_1a2b", "final_suche_1a2b-"),
+    ("compare_Ñúñez_x", "compare_Nunez_x-"),
+    ("final_患者_x", "final____x-"),
+])
+def test_a_ray_train_run_name_is_ascii_and_names_beyond_ascii_stay_distinct(name: str, expected: str) -> None:
+    from tuning.trainer import ray_train_name
+
+    out = ray_train_name(name)
+    assert out.isascii() and out.startswith(expected) and ray_train_name(out) == out
+    if not name.isascii():  # 8 hex digits of the name's hash: not the run of the ASCII name it resembles
+        assert len(out) == len(expected) + 8 and ray_train_name(expected[:-1]) != out
