@@ -1,6 +1,6 @@
 """The trial watchdog (`tuning.watchdog`) on real Ray Tune and Ray Train: a trial whose Ray Train
-run can never get its CPUs is named with what it waits for and failed, and the rest of the
-experiment finishes."""
+run can never get its CPUs is named with what it waits for and failed; a trial whose workers are
+alive but slow to report is named and waited for; the rest of the experiment finishes."""
 from __future__ import annotations
 
 import time
@@ -22,15 +22,18 @@ def _trainable(config: dict) -> None:
             tune.report({"epoch": epoch})
         return
 
-    def loop(_: dict) -> None:
+    def loop(train_config: dict) -> None:
+        time.sleep(train_config["epoch_s"])
         ray.train.report({"epoch": 1})
 
-    DataParallelTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                        run_config=RunConfig(name="stuck", storage_path=config["storage"])).fit()
+    slow = config["kind"] == "slow"  # its worker fits beside the others; its one epoch lasts 45 s
+    DataParallelTrainer(loop, train_loop_config={"epoch_s": 45 if slow else 0},
+                        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.01 if slow else 1}),
+                        run_config=RunConfig(name=config["kind"], storage_path=config["storage"])).fit()
 
 
-def test_a_trial_waiting_for_cpus_that_never_free_is_named_and_failed_and_the_rest_finishes(ray_local,
-                                                                                            tmp_path, capsys) -> None:
+def test_a_trial_waiting_for_cpus_that_never_free_is_failed_and_one_training_slowly_is_waited_for(
+        ray_local, tmp_path, capsys) -> None:
     import sys
 
     import ray
@@ -53,9 +56,9 @@ def test_a_trial_waiting_for_cpus_that_never_free_is_named_and_failed_and_the_re
     try:
         tuner = tune.Tuner(
             tune.with_resources(_trainable, {"cpu": 0, "memory": 1}),  # as tuning.tuner
-            param_space={"kind": tune.grid_search(["quick", "stuck"]), "storage": str(tmp_path / "train")},
+            param_space={"kind": tune.grid_search(["quick", "stuck", "slow"]), "storage": str(tmp_path / "train")},
             run_config=tune.RunConfig(name="watchdog", storage_path=str(tmp_path), verbose=0, callbacks=[
-                Reasons(), PlacementGroupJanitor(period_s=0.5), TrialWatchdog(stall_s=15, period_s=0.5)]),
+                Reasons(), PlacementGroupJanitor(period_s=0.5), TrialWatchdog(stall_s=25, period_s=0.5)]),
         )
         started = time.monotonic()
         results = tuner.fit()
@@ -63,12 +66,15 @@ def test_a_trial_waiting_for_cpus_that_never_free_is_named_and_failed_and_the_re
     finally:
         remove_placement_group(hog)
     status = {r.config["kind"]: ("ERROR" if r.error else "TERMINATED") for r in results}
-    assert status == {"quick": "TERMINATED", "stuck": "ERROR"}
+    assert status == {"quick": "TERMINATED", "stuck": "ERROR", "slow": "TERMINATED"}, reasons
     assert took < 120
     line = reasons["stuck"]
-    assert "stalled: nothing reported for" in line and "train.stall_timeout_s 15 s" in line
+    assert "stalled: nothing reported for" in line and "train.stall_timeout_s 25 s" in line
     assert "a placement group of [{'CPU': 1.0}]" in line, line
-    assert f"[cfcml] {line}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"[cfcml] {line}" in out
+    noted = [x for x in out.splitlines() if x.endswith("alive and training (a busy machine?): waiting")]
+    assert len(noted) == 1 and noted[0].startswith("[cfcml] trial ")  # the slow one, named once
     time.sleep(1)  # the killed trial's controller is dead: its placement group goes on the next sweep
     PlacementGroupJanitor().sweep()
     assert orphaned_placement_groups() == set()
