@@ -194,3 +194,18 @@ def test_the_real_triton_kernels_pass_the_check_under_the_interpreter(monkeypatc
     result = checker.verdict("cpu")
     assert result.ok, result.describe()
     assert check_shape(8)[3] == 29 and max(result.errors.values()) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_compiled_triton_kernels_pass_the_check_on_this_gpu():
+    """What `auto` does on first use on a GPU: the compiled kernels against chunked (never run yet)."""
+    pytest.importorskip("triton")
+    import time
+
+    checker = ScanSelfCheck()
+    t0 = time.perf_counter()
+    result = checker.verdict("cuda")
+    first = time.perf_counter() - t0
+    print(f"self-check on {result.device}: {result.describe()}; first check {first:.2f} s")
+    assert result.ok, result.describe()
+    assert checked_scan("auto", torch.device("cuda")) in ("triton", "mamba_ssm")
