@@ -102,7 +102,8 @@ class EpochReport:
             checkpointed=bool(values.get("checkpointed", False)),
             restored=dict(restored) if isinstance(restored, Mapping) else None,
             checkpoints_skipped=[str(m) for m in skipped] if isinstance(skipped, (list, tuple)) else [],
-            scan_backend=str(values["scan_backend"]) if values.get("scan_backend") is not None else None,
+            # a string or nothing (a results table gives NaN where a report had none)
+            scan_backend=values.get("scan_backend") if isinstance(values.get("scan_backend"), str) else None,
         )
 
 

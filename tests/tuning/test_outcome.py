@@ -139,6 +139,7 @@ def test_an_epoch_report_survives_the_flat_dict_ray_carries(restored, skipped) -
     assert flat["cv_auc"] == 0.7 and flat["time_compute_s"] == 4.5 and flat["scan_backend"] == "chunked"
     assert EpochReport.from_dict(flat).scan_backend == "chunked"
     assert EpochReport.from_dict({"epoch": 1}).scan_backend is None
+    assert EpochReport.from_dict({"epoch": 1, "scan_backend": float("nan")}).scan_backend is None
     assert EpochReport.from_dict({**flat, "timestamp": 1}).to_dict() == {**flat, "timestamp": 1}
     assert set(report.to_dict(with_restart=False)) == set(flat) - {"restored", "checkpoints_skipped"}
     assert report.retrained  # epoch 3 was trained, not re-sent
