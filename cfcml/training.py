@@ -35,6 +35,7 @@ from cfcml.graphs import GraphedForward, GraphedStep
 from cfcml.losses import CFCMLLoss
 from cfcml.metrics import compute_metrics
 from cfcml.networks import CFCML, build_model
+from cfcml.networks.mamba import model_scan_backend
 from cfcml.predict import ModelInputs, predict_proba
 
 
@@ -204,7 +205,13 @@ def _world() -> tuple[int, int]:
 
 
 class CrossValidation:
-    """K folds (models, optimisers, schedulers, prototype banks) trained together."""
+    """K folds (models, optimisers, schedulers, prototype banks) trained together.
+
+    `scan_backend` is the selective scan the models' Mamba blocks run on `device`
+    (`cfcml.networks.mamba.model_scan_backend`: "chunked" for `model.scan: auto` on CPU, "none"
+    without Mamba blocks). Building raises `cfcml.networks.scan_check.ScanSelfCheckError` when
+    `model.scan: triton` fails its self-check on a CUDA device.
+    """
 
     def __init__(
         self,
@@ -221,6 +228,10 @@ class CrossValidation:
         # Called as step_hook(fold_index, fold) after every optimiser step (tests, diagnostics).
         self.step_hook: Callable[[int, Fold], None] | None = None
         self.folds = [self._make_fold(k, s) for k, s in enumerate(splits)]
+        # What the Mamba blocks' selective scan runs on this device ("none" without Mamba blocks),
+        # resolved now, eagerly: on CUDA the triton scan's self-check runs here, before any
+        # torch.compile or CUDA graph capture of the step (cfcml/networks/scan_check.py).
+        self.scan_backend = model_scan_backend(self.folds[0].model, self.device)
 
     def _make_fold(self, k: int, split: Split) -> Fold:
         cfg = self.cfg

@@ -48,6 +48,9 @@ class EpochReport:
             restart (the driver logs that epoch if its report was lost); None otherwise.
         checkpoints_skipped: damaged checkpoints passed over for an older one, one message each,
             sent once with the first report.
+        scan_backend: the selective scan the run's model actually runs ("chunked", "triton", ...,
+            "none" without Mamba blocks; `cfcml.training.CrossValidation.scan_backend`), sent with
+            every report; the driver tags the run with it (`tuning.tracking.SCAN_BACKEND_TAG`).
     """
 
     metrics: dict[str, Any]
@@ -57,9 +60,10 @@ class EpochReport:
     checkpointed: bool = False
     restored: dict[str, Any] | None = None
     checkpoints_skipped: list[str] = field(default_factory=list)
+    scan_backend: str | None = None
 
     FIELDS = ("time_compute_s", "time_setup_s", "resumed_from_epoch", "checkpointed", "restored",
-              "checkpoints_skipped")
+              "checkpoints_skipped", "scan_backend")
 
     @property
     def epoch(self) -> int:
@@ -80,6 +84,8 @@ class EpochReport:
             out["restored"] = self.restored
         if with_restart and self.checkpoints_skipped:
             out["checkpoints_skipped"] = list(self.checkpoints_skipped)
+        if self.scan_backend is not None:
+            out["scan_backend"] = self.scan_backend
         return out
 
     @classmethod
@@ -96,6 +102,8 @@ class EpochReport:
             checkpointed=bool(values.get("checkpointed", False)),
             restored=dict(restored) if isinstance(restored, Mapping) else None,
             checkpoints_skipped=[str(m) for m in skipped] if isinstance(skipped, (list, tuple)) else [],
+            # a string or nothing (a results table gives NaN where a report had none)
+            scan_backend=values.get("scan_backend") if isinstance(values.get("scan_backend"), str) else None,
         )
 
 

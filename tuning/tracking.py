@@ -40,6 +40,10 @@ from tuning.outcome import EpochReport
 from tuning.preflight import tracking_uri_choice
 
 LOGGED_PREFIXES = ("train_", "val_", "cv_", "selected_", "system/")
+# On every trial run and final run: the selective scan its model actually ran (`EpochReport.scan_backend`:
+# "chunked", "triton", ...; "chunked" where `auto` fell back after the triton self-check; "none" without
+# Mamba blocks), set from the run's first report (cfcml/networks/scan_check.py, docs/gpu.md).
+SCAN_BACKEND_TAG = "cfcml.scan_backend"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind (not GenAI)
 
@@ -247,6 +251,16 @@ def retrained(values: dict[str, Any]) -> bool:
     return EpochReport.from_dict(values).retrained
 
 
+def tag_scan_backend(client: MlflowClient, run_id: str, report: EpochReport, tagged: str | None) -> str | None:
+    """Set `SCAN_BACKEND_TAG` on `run_id` from `report` when it carries a backend other than
+    `tagged` (the value this caller set last). Returns the run's value now."""
+    backend = report.scan_backend
+    if backend is None or backend == tagged:
+        return tagged
+    client.set_tag(run_id, SCAN_BACKEND_TAG, backend)
+    return backend
+
+
 def log_epoch_once(client: MlflowClient, run_id: str, values: dict[str, Any], last_epoch: int,
                    timestamp_ms: int | None = None, retrained: bool = False) -> int:
     """Log one reported epoch's metrics at step=epoch, each epoch once: an epoch at or below
@@ -302,6 +316,7 @@ class SearchTracker(Callback):
         self._best: dict[str, tuple[float, str | None]] = {}  # trial id -> (score, checkpoint path)
         self._last: dict[str, str] = {}  # trial id -> latest checkpoint path
         self._reasons: dict[str, str] = {}  # trial id -> why it failed (FAILURE_TAG)
+        self._scan_backends: dict[str, str | None] = {}  # trial id -> its SCAN_BACKEND_TAG as set
         self._client: MlflowClient | None = None
         self._plotter: Any = None  # one background thread drawing finished trials' plots
 
@@ -348,6 +363,8 @@ class SearchTracker(Callback):
         run_id = self._run_for(trial)
         timestamp = int(result.get("timestamp", 0))
         report = EpochReport.from_dict(result)
+        scans = self.__dict__.setdefault("_scan_backends", {})  # (a tracker saved before it had one)
+        scans[trial.trial_id] = tag_scan_backend(self.client, run_id, report, scans.get(trial.trial_id))
         # A resumed trial first re-sends the metrics of the checkpoint it restarted from: an
         # interruption can land between that checkpoint and its report reaching this driver.
         if report.restored is not None:
@@ -480,6 +497,7 @@ class TrainRunTracker(UserCallback):
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._last_epoch: int | None = None
+        self._scan_backend: str | None = None  # the run's SCAN_BACKEND_TAG as set
         self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -495,6 +513,8 @@ class TrainRunTracker(UserCallback):
             self._last_epoch = int(max((m.value for m in history), default=0))
         values = metrics[0]
         report = EpochReport.from_dict(values)
+        self.__dict__["_scan_backend"] = tag_scan_backend(self._client, self.run_id, report,
+                                                          self.__dict__.get("_scan_backend"))
         if report.restored is not None:
             self._last_epoch = log_epoch_once(self._client, self.run_id, report.restored, self._last_epoch)
         self._last_epoch = log_epoch_once(self._client, self.run_id, values, self._last_epoch,

@@ -365,7 +365,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             due = policy.due(cv.epoch, None if selection is None else selection.epoch)
             report = EpochReport(metrics, time_compute_s=compute_s, time_setup_s=t_ready - t_start,
                                  resumed_from_epoch=resumption.from_epoch, checkpointed=due, restored=restored,
-                                 checkpoints_skipped=skipped)
+                                 checkpoints_skipped=skipped, scan_backend=cv.scan_backend)
             report_epoch(report, (cv.state_dict(), oof, test) if due and rank == 0 else None, due,
                          local=config.get("run_dir") is not None)
     finally:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cfcml.networks.scan import SCAN_BACKENDS, resolve_scan, selective_scan
+from cfcml.networks.scan import SCAN_BACKENDS, checked_scan, selective_scan
 
 
 class Mamba(nn.Module):
@@ -63,8 +63,9 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def native_reverse(self, device: torch.device) -> bool:
-        """Whether `forward(x, reverse=True)` runs without flipped copies on `device` (the triton scan)."""
-        return resolve_scan(self.scan, device) == "triton"
+        """Whether `forward(x, reverse=True)` runs without flipped copies on `device` (the triton scan,
+        after its self-check on CUDA: `checked_scan`)."""
+        return checked_scan(self.scan, device) == "triton"
 
     def forward(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """x [B, L, d_model] -> [B, L, d_model].
@@ -91,3 +92,23 @@ class Mamba(nn.Module):
         # the scan returns float32 (triton, mamba_ssm: u's dtype); the projection's own dtype (autocast
         # casts it further if on)
         return self.out_proj(y.transpose(1, 2).to(self.out_proj.weight.dtype))
+
+
+def model_scan_backend(model: nn.Module, device: torch.device | str) -> str:
+    """The selective scan that `model`'s Mamba blocks actually run on `device` (`checked_scan`: on
+    CUDA this runs the triton self-check if it has not run yet in this process).
+
+    Args:
+        model: any module; its `Mamba` blocks are looked up.
+        device: where the model runs.
+
+    Returns:
+        "sequential", "pscan", "chunked", "mamba_ssm" or "triton"; several of them joined by ","
+        (sorted) when the blocks differ; "none" when the model has no Mamba block.
+
+    Raises:
+        ScanSelfCheckError: a block names `triton` explicitly and its self-check failed on `device`.
+    """
+    device = torch.device(device)
+    names = {checked_scan(m.scan, device) for m in model.modules() if isinstance(m, Mamba)}
+    return ",".join(sorted(names)) or "none"

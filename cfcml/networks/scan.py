@@ -29,6 +29,11 @@ Backends (all give the same numbers to float32 rounding; tests/networks/test_sca
   triton is installed, else `chunked` (on CPU the fastest path at every MEN stage size measured,
   2-6x mambapy's pscan at the long ones; CHUNK).
 
+The self-check (cfcml/networks/scan_check.py): the first time a process would run `triton` on a
+CUDA device (through `auto` or by name) it compares the kernels with `chunked` at a small shape,
+forward and backward, once per device. On a failure `auto` falls back to `chunked` with one warning,
+and `triton` named explicitly raises `ScanSelfCheckError`. `checked_scan` says what runs.
+
 The pure-PyTorch backends compute in float32 whatever the autocast dtype: exp(delta * A) and a
 long product of them lose too much in bfloat16. `mamba_ssm` and `triton` take bfloat16 inputs and
 keep their state and sums in float32 inside the kernel.
@@ -83,6 +88,32 @@ def resolve_scan(backend: str, device: torch.device) -> str:
     return "chunked"
 
 
+def checked_scan(backend: str, device: torch.device) -> str:
+    """The backend that actually runs for `backend` on `device`: `resolve_scan`, then for `triton` on a
+    CUDA device the self-check's verdict (cfcml/networks/scan_check.py; run on the first call per
+    device and process, then cached).
+
+    Args:
+        backend: a `model.scan` value: "auto", "sequential", "pscan", "chunked", "mamba_ssm" or "triton".
+        device: where the scan runs.
+
+    Returns:
+        One of "sequential", "pscan", "chunked", "mamba_ssm", "triton": "chunked" where `auto`
+        resolved to `triton` on CUDA and the self-check failed (one ScanSelfCheckWarning).
+
+    Raises:
+        ValueError: an unknown backend.
+        ScanSelfCheckError: `triton` named explicitly and its self-check failed on this CUDA device.
+    """
+    device = torch.device(device)
+    name = resolve_scan(backend, device)
+    if name != "triton" or device.type != "cuda":
+        return name  # CPU: the interpreter path as before (tests), no check
+    from cfcml.networks.scan_check import CHECKER
+
+    return CHECKER.backend(backend, device)
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -111,8 +142,10 @@ def selective_scan(
     Raises:
         ValueError: an unknown backend; `mamba_ssm` on CPU tensors; `triton` without the triton
             package or on CPU tensors without TRITON_INTERPRET=1; a chunk that is not a power of two.
+        ScanSelfCheckError: `triton` named explicitly and its self-check failed on this CUDA device
+            (`checked_scan`; `auto` falls back to `chunked` instead).
     """
-    name = resolve_scan(backend, u.device)
+    name = checked_scan(backend, u.device)
     if name == "triton":
         from cfcml.networks.scan_triton import selective_scan_triton  # lazy: imports triton on first use
 

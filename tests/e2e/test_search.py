@@ -61,6 +61,7 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
         arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
         assert {"plots/roc_oof.png", "plots/confusion_oof.png"} <= arts
         assert _inputs(run) == dataset and run.data.tags["mlflow.source.git.commit"] != "unknown"
+        assert run.data.tags["cfcml.scan_backend"] == "chunked"  # what ran: model.scan auto on a CPU worker
         for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == \
                 [m.step for m in history], key  # measured on the trial's worker, every epoch
@@ -73,6 +74,7 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     m = final.data.metrics
     assert m["test_accuracy_ci_low"] <= m["test_accuracy"] <= m["test_accuracy_ci_high"]
     assert _inputs(final) == dataset and "mlflow.source.git.commit" in final.data.tags
+    assert final.data.tags["cfcml.scan_backend"] == "chunked"
     final_epochs = int(final.data.params["final_epochs"])
     for key in ("train_loss", "system/cpu_utilization_percentage", "system/process_memory_rss_megabytes"):
         assert sorted(m.step for m in client.get_metric_history(final.info.run_id, key)) == \

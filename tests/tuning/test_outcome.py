@@ -134,9 +134,12 @@ def test_an_epoch_report_survives_the_flat_dict_ray_carries(restored, skipped) -
 
     report = EpochReport({"epoch": 3, "cv_auc": 0.7, "system/cpu": 50.0}, time_compute_s=4.5, time_setup_s=2.0,
                          resumed_from_epoch=2 if restored else 0, checkpointed=True, restored=restored,
-                         checkpoints_skipped=skipped)
+                         checkpoints_skipped=skipped, scan_backend="chunked")
     flat = report.to_dict()
-    assert flat["cv_auc"] == 0.7 and flat["time_compute_s"] == 4.5
+    assert flat["cv_auc"] == 0.7 and flat["time_compute_s"] == 4.5 and flat["scan_backend"] == "chunked"
+    assert EpochReport.from_dict(flat).scan_backend == "chunked"
+    assert EpochReport.from_dict({"epoch": 1}).scan_backend is None
+    assert EpochReport.from_dict({"epoch": 1, "scan_backend": float("nan")}).scan_backend is None
     assert EpochReport.from_dict({**flat, "timestamp": 1}).to_dict() == {**flat, "timestamp": 1}
     assert set(report.to_dict(with_restart=False)) == set(flat) - {"restored", "checkpoints_skipped"}
     assert report.retrained  # epoch 3 was trained, not re-sent

@@ -169,6 +169,42 @@ def test_a_search_trials_retrained_epochs_win_and_re_sent_ones_add_nothing(clien
     assert tracker._best["t1"] == (0.6, "c1@101")  # the trial's plots come from epoch 1, not the discarded 3
 
 
+def test_trial_and_final_runs_are_tagged_with_the_scan_backend_their_worker_reports(client: MlflowClient,
+                                                                                    exp_id: str) -> None:
+    """`cfcml.scan_backend` comes from the reports (`EpochReport.scan_backend`), set once per value."""
+    from ray.tune.experiment import Trial
+
+    from tuning.tracking import SCAN_BACKEND_TAG, SearchTracker
+
+    calls: list[tuple[str, str]] = []
+
+    class Counting(MlflowClient):
+        def set_tag(self, run_id, key, value, *args, **kwargs):
+            if key == SCAN_BACKEND_TAG:
+                calls.append((run_id, value))
+            return super().set_tag(run_id, key, value, *args, **kwargs)
+
+    final = client.create_run(exp_id).info.run_id
+    tracker = TrainRunTracker(client.tracking_uri, final)
+    tracker._client = Counting(client.tracking_uri)
+    for n in (1, 2):
+        tracker.after_report(None, [_epoch(n, scan_backend="chunked")], None)
+    assert client.get_run(final).data.tags[SCAN_BACKEND_TAG] == "chunked" and calls == [(final, "chunked")]
+    assert "scan_backend" not in client.get_run(final).data.metrics
+
+    parent = client.create_run(exp_id).info.run_id
+    search = SearchTracker(client.tracking_uri, exp_id, parent, "search-scan", "cv_macro_auc", ["a", "b"], "binary")
+    search._client = Counting(client.tracking_uri)
+    trial = Trial("__fake", config={"loss.w_cp": 0.1}, trial_id="s1", stub=True)
+    search.on_trial_result(0, [trial], trial, {"epoch": 1, "timestamp": 1})  # an older worker: no field, no tag
+    run_id = search._runs["s1"]
+    assert SCAN_BACKEND_TAG not in client.get_run(run_id).data.tags
+    for n, backend in ((1, "triton"), (2, "triton"), (3, "chunked")):  # e.g. resumed on a machine without a GPU
+        search.on_trial_result(0, [trial], trial, {"epoch": n, "timestamp": n, "scan_backend": backend})
+    assert client.get_run(run_id).data.tags[SCAN_BACKEND_TAG] == "chunked"
+    assert calls[1:] == [(run_id, "triton"), (run_id, "chunked")]
+
+
 def test_system_metrics_use_mlflows_own_names_and_stop_with_the_loop() -> None:
     from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
 
