@@ -36,6 +36,16 @@ LOCAL_RAY_ENV = {
 }
 
 
+# Ray's own settings (RayConfig) of a local Ray. worker_niceness: Ray starts every worker process
+# (trial actors, Ray Train controllers and workers) at niceness 15 by default, so that its daemons
+# stay responsive on a shared node. On a laptop that also runs other work, every nice-0 process
+# then gets about 28 times a worker's share of a core (Linux CFS weights 1024 and 36): beside three
+# CPU-bound processes on 2 cores, the smoke search's trials took minutes to start their workers
+# and one epoch took more than 5 minutes (docs/architecture.md). At 0 a search shares the machine
+# evenly with what else runs; the raylet and GCS stay at 0 as well.
+LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+
+
 # Run first in every process of a local Ray (`tuning.ray_worker_setup`): the cluster's own address
 # in RAY_ADDRESS, for Ray's state API when the machine runs more than one Ray.
 WORKER_SETUP_HOOK = "tuning.ray_worker_setup.pin_cluster_address"
@@ -54,6 +64,7 @@ def local_init_kwargs(num_cpus: int | None = None, verbose: bool = False) -> dic
         "include_dashboard": True,
         "log_to_driver": verbose,
         "runtime_env": local_runtime_env(),
+        "_system_config": dict(LOCAL_RAY_SYSTEM_CONFIG),
     }
     if num_cpus is not None:
         kwargs["num_cpus"] = num_cpus

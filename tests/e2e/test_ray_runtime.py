@@ -73,3 +73,17 @@ def test_a_dead_controllers_placement_group_is_freed_while_another_ray_runs(ray_
         ray.util.remove_placement_group(pg)
         ray.kill(cleaner)
     assert state == "REMOVED"
+
+
+def test_a_local_ray_runs_its_workers_at_the_niceness_of_other_processes(ray_local) -> None:
+    """Ray's default worker niceness (15) starves trials beside any other busy process
+    (`tuning.ray_runtime.LOCAL_RAY_SYSTEM_CONFIG`); the project's local Ray runs them at 0."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote(), timeout=120) == os.nice(0) == 0
