@@ -6,10 +6,11 @@ the search runs. `TrialWatchdog` watches the time since each running trial start
 reported. Past `stall_s` plus the longest such silence seen from any trial that did report (a
 slow machine's first epoch is not a stall), it asks the cluster what the trial waits for
 (`waiting_for`). A trial whose Ray Train workers are all alive is training, only slowly (a busy
-machine: two trials' start-up and first epoch beside three CPU-bound processes on 2 cores took
-over 9 minutes): it is named once and waited for. Any other trial (waiting for its controller, a
-placement group, its workers' submission or start) is stuck: one line names it and what it waits
-for, the line is written beside the trial's results (`STALL_FILE`, read back by
+machine: at Ray's default worker niceness, two trials' start-up and first epoch beside three
+CPU-bound processes on 2 cores took over 9 minutes): it is named once and waited for. Any other
+trial (waiting for its controller, a placement group, its workers' submission or start) is
+stuck: one line names it and what it waits for, the line is written beside the trial's results
+(`STALL_FILE`, read back by
 `tuning.tracking.failure_reason` as the trial run's `cfcml.failure_reason` tag) and the trial's
 actor is killed. Tune then records the trial as failed (`FailureConfig(max_failures=0)`, Tune's
 default) and the search goes on: the other trials, the final model, and `--resume` (which retries
@@ -149,17 +150,16 @@ class TrialWatchdog(Callback):
         except Exception as exc:  # the GCS tables could not be read: say so, fail it all the same
             wait = TrialWait(f"something the cluster state does not show ({type(exc).__name__})")
         if not wait.training:
-            self.fail(trial, silent_s, wait.what)
+            self.fail(trial, actor, silent_s, wait.what)
         elif trial.trial_id not in self.noted:
             self.noted.add(trial.trial_id)
             print(f"[cfcml] trial {trial.trial_id}: nothing reported for {silent_s:.0f} s, but its workers are "
                   f"alive and training (a busy machine?): waiting", flush=True)
 
-    def fail(self, trial: Any, silent_s: float, waits: str) -> None:
+    def fail(self, trial: Any, actor: Any, silent_s: float, waits: str) -> None:
         """Name `trial` and what it waits for on the console and in its folder, and kill its actor."""
         import ray
 
-        actor = getattr(getattr(trial, "temporary_state", None), "ray_actor", None)
         line = (f"trial {trial.trial_id} stalled: nothing reported for {silent_s:.0f} s (limit {self.limit_s:.0f} s "
                 f"= train.stall_timeout_s {self.stall_s:.0f} s + the longest silence seen {self.longest_s:.0f} s); "
                 f"it was waiting for {waits}. Failed so that the search goes on")

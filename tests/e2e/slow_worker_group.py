@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-# seconds the controller waits after its placement group is ready (the janitor of 2026-12-06
+# seconds the controller waits after its placement group is ready (the janitor of 2026-11-30
 # removed a group that no actor used on two checks 2 s apart)
 DELAY_S = float(os.environ.get("CFCML_TEST_PG_READY_DELAY_S", "8"))
 

@@ -1,5 +1,5 @@
 """A search on a busy machine: more CPU-bound processes than cores run beside it the whole time
-(the placement-group janitor of 2026-12-06 took live trials' CPUs under load and `make demo` hung
+(the placement-group janitor of 2026-11-30 took live trials' CPUs under load and `make demo` hung
 2 times in 2). It finishes, every trial's MLflow run ends FINISHED, none is left RUNNING.
 
 Measured on the 2-core machine on 2026-12-07: 120 s with the local Ray's workers at niceness 0
