@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_search [--seeds 3] [--trials 8] [--epochs 8] [--patients 90]
 
-Runs the platform's own search (`tuning.driver.run_search`: real Ray Tune, OptunaSearch, ASHA,
+Runs the platform's own search (`tuning.hpo.driver.run_search`: real Ray Tune, OptunaSearch, ASHA,
 Ray Train trials, MLflow in a throwaway SQLite store) on a cheap configuration — the smoke
 search's tiny model on a synthetic MEN cohort at 32x32x8 — once per searcher and seed. Every
 epoch every trial reports is put on one time line (Tune's timestamps), and the best mean-CV
@@ -42,9 +42,9 @@ def at_budget(spent: np.ndarray, best: np.ndarray, budget: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     from cfcml.data.prepare import prepare_dataset
     from cfcml.data.synthetic import make_men
-    from tuning.driver import run_search
-    from tuning.ray_runtime import ray_session
-    from tuning.run import SearchRun
+    from tuning.hpo.driver import run_search
+    from tuning.hpo.run import SearchRun
+    from tuning.runtime.ray_cluster import ray_session
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)

@@ -5,12 +5,12 @@ figures taken close together):
 
 1. Import cost of the two fresh processes a trial starts, in a fresh interpreter each: the trial
    actor (the trial function's module, the `SearchRun` it is given, Tune's report callback and
-   what `tuning.trainer.fit` imports to build its trainer for one CPU worker) and the Ray Train
+   what `tuning.hpo.trainer.fit` imports to build its trainer for one CPU worker) and the Ray Train
    worker (`cfcml.training`); wall and CPU seconds, and whether torch / mlflow / ray were imported.
 2. The per-epoch checkpoint cost at the smoke size: `CrossValidation.state_dict()` plus
-   `tuning.checkpoints.write_checkpoint` (weights, Adam moments, out-of-fold predictions, hashes),
+   `tuning.records.checkpoints.write_checkpoint` (weights, Adam moments, out-of-fold predictions, hashes),
    and the part of it on the training path (since issue 16 only the state's copy,
-   `tuning.trainer._detached`; the write runs on Ray Train's upload thread).
+   `tuning.hpo.trainer._detached`; the write runs on Ray Train's upload thread).
 3. The fixed cost per trial: the smoke search run one trial at a time (`--max-concurrent 1` is
    implied by 1 CPU for Ray), at `--epochs` 1 and 3; per trial, overhead = wall (Tune's
    time_total_s) - compute (the worker's training and validation); the least-squares line of
@@ -20,7 +20,7 @@ figures taken close together):
 4. With `--orchestration`: what the machinery alone costs a trial, with no training at all. Tune
    runs `--samples` trials one at a time of (a) a plain Tune function trainable that reports once,
    (b) a one-worker Ray Train `DataParallelTrainer` inside the trial reporting once (what
-   `tuning.trainer.fit` builds for one CPU worker), (c) the same with `TorchTrainer` (what it built
+   `tuning.hpo.trainer.fit` builds for one CPU worker), (c) the same with `TorchTrainer` (what it built
    before issue 16); wall seconds per trial of `Tuner.fit()`, Tune's own start included.
 
     python -m benchmarks.bench_trial_overhead [--samples 2] [--epochs 1 3] [--skip-search] [--orchestration]
@@ -37,12 +37,12 @@ import time
 from pathlib import Path
 
 ACTOR_IMPORTS = """
-import tuning.run, ray.tune.integration.ray_train
-import tuning.trainer as t
+import tuning.hpo.run, ray.tune.integration.ray_train
+import tuning.hpo.trainer as t
 try:
-    import tuning.trial  # the trial function's module
-except ImportError:  # the code before issue 16: run_trial lived in tuning.driver
-    import tuning.driver
+    import tuning.hpo.trial  # the trial function's module
+except ImportError:  # the code before issue 16: run_trial lived in tuning.hpo.driver
+    import tuning.hpo.driver
 if hasattr(t, "trainer_class"):
     t.trainer_class(1, False)
 else:  # the code before issue 16: fit() imported ray.train.torch
@@ -77,9 +77,9 @@ def checkpoint_cost(tmp: Path, repeats: int = 3) -> dict:
     from cfcml.data.prepare import prepare_dataset
     from cfcml.data.synthetic import make_men
     from cfcml.training import CrossValidation, cv_splits
-    from tuning.checkpoints import write_checkpoint
-    from tuning.run import resolve_experiment
-    from tuning.space import load_search
+    from tuning.hpo.run import resolve_experiment
+    from tuning.hpo.space import load_search
+    from tuning.records.checkpoints import write_checkpoint
 
     size = (32, 32, 8)
     root = make_men(tmp / "men_ckpt", patients=60, seed=0, size=size)
@@ -96,7 +96,7 @@ def checkpoint_cost(tmp: Path, repeats: int = 3) -> dict:
         times.append(time.perf_counter() - t0)
         size_mb = sum(f.stat().st_size for f in d.iterdir()) / 1e6
     try:  # since issue 16 the training path only copies the state; the write is on Ray Train's upload thread
-        from tuning.trainer import _detached
+        from tuning.hpo.trainer import _detached
     except ImportError:  # before: the write was on the training path
         path_s = min(times)
     else:
@@ -167,7 +167,7 @@ def orchestration_cost(tmp: Path, samples: int) -> dict[str, float]:
     import ray
     from ray import tune
 
-    from tuning.ray_runtime import local_init_kwargs, scoped_env
+    from tuning.runtime.ray_cluster import local_init_kwargs, scoped_env
 
     out = {}
     ray.init(address="local", **local_init_kwargs(num_cpus=os.cpu_count()))

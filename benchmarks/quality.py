@@ -4,7 +4,7 @@
     python -m benchmarks.quality --quick          # a few minutes: fewer patients, epochs and seeds
 
 Four comparisons, each on the same folds, seeds and epoch budget for every variant (see
-tuning/comparison.py), with the demo search's small model (conf/search/demo.yaml: the smoke model
+tuning/evidence/comparison.py), with the demo search's small model (conf/search/demo.yaml: the smoke model
 with D=64) so that it fits a laptop:
 
 1. MEN, class signal split between images (Grade 1 vs 2) and table (invasion): every variant;
@@ -44,8 +44,8 @@ def machine() -> str:
 def run(args: argparse.Namespace) -> list[tuple[str, object, float]]:
     from cfcml.data.prepare import prepare_dataset
     from cfcml.data.synthetic import make_derm7pt, make_men
-    from tuning.comparison import plan_comparison, run_comparison
-    from tuning.ray_runtime import ray_session
+    from tuning.evidence.comparison import plan_comparison, run_comparison
+    from tuning.runtime.ray_cluster import ray_session
 
     work = args.work.resolve()
     men_size, derm_size = (32, 32, 8), (64, 64)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, object, float]]:
 
 
 def readme_section(results, args: argparse.Namespace, seconds: float) -> str:
-    from tuning.comparison import markdown
+    from tuning.evidence.comparison import markdown
 
     lines = [START, "", f"Measured {dt.date.today().isoformat()} on {machine()} by `python -m benchmarks.quality"
              f"{' --quick' if args.quick else ''}` in {seconds / 60:.0f} min: synthetic cohorts from "

@@ -263,21 +263,21 @@ class TrainConfig:
             out-of-memory kill), each from the last checkpoint; 0 fails the trial at once.
         stall_timeout_s: seconds a running trial may go without reporting an epoch, on top of the
             longest silence (start-up plus first epoch, or one epoch) seen from any trial of the
-            run so far, before `tuning.watchdog.TrialWatchdog` names what it waits for and fails it
+            run so far, before `tuning.runtime.watchdog.TrialWatchdog` names what it waits for and fails it
             (`cfcml.failure_reason`); the search goes on without it. Positive; default 600.
         checkpoint_every: a run writes a checkpoint every this many epochs, plus at each epoch
-            that becomes its selected epoch and at its last epoch (`tuning.trainer.CheckpointPolicy`);
+            that becomes its selected epoch and at its last epoch (`tuning.hpo.trainer.CheckpointPolicy`);
             1 = every epoch. A crash retrains at most this many epochs minus one. Positive.
         image_size: overrides the dataset's preprocessed image size (tiny demos), 2 or 3 sizes.
         seed: seeds weights, batch order and augmentation (not the folds: see the fold seed).
         selection_metric: the validation metric that selects trials and epochs (ASHA, the best
-            trial, the final model's epoch count), one of `cfcml.metrics.metric_names` of the task,
+            trial, the final model's epoch count), one of `cfcml.evaluation.metrics.metric_names` of the task,
             e.g. macro_auc, balanced_accuracy, auc; None = the dataset's `selection_metric`. AUCs
             judge rankings; balanced accuracy judges the argmax decisions (docs/evaluation.md).
         modality_dropout: per training sample, the probability of withholding each image modality
             (a zero image; at least one is kept), in [0, 1). 0 (the published recipe) = off. A
             model trained with it > 0 accepts a missing modality at prediction time
-            (cfcml/missing_inputs.py, docs/evaluation.md).
+            (cfcml/evaluation/missing_inputs.py, docs/evaluation.md).
         field_dropout: per training sample, the probability of replacing each clinical field by its
             missing token, in [0, 1). 0 (the published recipe) = off.
     """

@@ -31,9 +31,9 @@ from cfcml.config import ExperimentConfig, OptimConfig
 from cfcml.data.dataset import CachedDataset, ClassBalancedBatchSampler
 from cfcml.data.manifest import PreparedDataset
 from cfcml.data.normalize import TabularNormalizer
+from cfcml.evaluation.metrics import compute_metrics
 from cfcml.graphs import GraphedForward, GraphedStep
 from cfcml.losses import CFCMLLoss
-from cfcml.metrics import compute_metrics
 from cfcml.networks import CFCML, build_model
 from cfcml.networks.mamba import model_scan_backend
 from cfcml.predict import ModelInputs, predict_proba
@@ -326,7 +326,7 @@ class CrossValidation:
             losses = fold.graphed(batch) if fold.graphed is not None else None
             if losses is None:
                 inputs = ModelInputs.from_batch(batch, self.device)
-                if drop is not None:  # train.modality_dropout / field_dropout (cfcml/missing_inputs.py)
+                if drop is not None:  # train.modality_dropout / field_dropout (cfcml/evaluation/missing_inputs.py)
                     inputs = drop(inputs)
                 if channels_last:
                     inputs.images = [_channels_last(x) for x in inputs.images]
@@ -352,7 +352,7 @@ class CrossValidation:
         tc = self.cfg.train
         if tc.modality_dropout == 0 and tc.field_dropout == 0:
             return None
-        from cfcml.missing_inputs import drop_inputs
+        from cfcml.evaluation.missing_inputs import drop_inputs
 
         gen = torch.Generator().manual_seed(((tc.seed * 1009 + k) * 100003 + self.epoch) * 64 + self.rank)
         return lambda inputs: drop_inputs(inputs, tc.modality_dropout, tc.field_dropout, gen)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from cfcml.data.synthetic import LATENTS_FILE, SIGNALS, make_derm7pt, make_men
 from cfcml.outputs import check_output_dir
-from tuning import cli_args
+from tuning.cli import args as cli_args
 
 DEFAULTS = {  # patients, size (the public code trains on 128x128x24 volumes / 224x224 photos)
     "men": (60, (32, 32, 8)),

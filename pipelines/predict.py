@@ -15,7 +15,7 @@ data root recorded when the model was registered (or `--data-root` / $CFCML_DATA
 that leaves it is refused: the model itself enforces this, whoever calls it.
 
 A model runs no code of its own here: its folder must carry this platform's served-model code
-(tuning/served_model_code.py, byte for byte) and nothing else to import, and it loads with pickle
+(tuning/release/served_model_code.py, byte for byte) and nothing else to import, and it loads with pickle
 deserialisation off; any other model is refused before anything of it is loaded, unless
 `--trust-model-code` (then MLflow loads it as it is, running its code).
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cfcml.config import PROJECT_ROOT
-from tuning import cli_args
+from tuning.cli import args as cli_args
 
 EXIT_USAGE = 2
 
@@ -76,7 +76,7 @@ def load_model(uri: str, tracking_uri: str | None, runs_dir: Path, trust_code: b
 
     import mlflow
 
-    from tuning.served_model import UntrustedModelError, check_model_code
+    from tuning.release.served_model import UntrustedModelError, check_model_code
 
     local = not uri.startswith(("models:/", "runs:/")) and "://" not in uri
     if local:  # a local model folder
@@ -86,7 +86,7 @@ def load_model(uri: str, tracking_uri: str | None, runs_dir: Path, trust_code: b
         where = str(path.resolve())
         uri = str(path.resolve())
     else:
-        from tuning.tracking import default_tracking_uri
+        from tuning.tracking.store import default_tracking_uri
 
         tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
         mlflow.set_tracking_uri(tracking_uri)
@@ -124,7 +124,7 @@ def read_rows(path: Path, spec: Any) -> Any:
     model types the values by the spec. The index is the file line each record starts on: every
     error names it."""
     from cfcml.data.adapters import TableError, blank_rows_note, read_text_csv
-    from tuning.served_model import input_columns
+    from tuning.release.served_model import input_columns
 
     if not path.is_file():
         raise PredictError(f"rows file {path} does not exist")
@@ -153,7 +153,7 @@ def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int, out
     import pandas as pd
     from tqdm import tqdm
 
-    from tuning.served_model import check_images
+    from tuning.release.served_model import check_images
 
     classes = list(python_model.spec.classes)
     typed, files = python_model.check_input(frame)  # every bad row at once, before any model work
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cfcml.data.images import max_image_bytes
     from cfcml.outputs import OutputPathError, atomic_write, check_output_file
-    from tuning.served_model import ROOT_ENV, InputError
+    from tuning.release.served_model import ROOT_ENV, InputError
 
     # --data-root is the operator's override, read by the model as a server reads $CFCML_DATA_ROOT
     root = str(args.data_root.resolve()) if args.data_root is not None else os.environ.get(ROOT_ENV)

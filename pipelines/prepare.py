@@ -18,7 +18,7 @@ from pathlib import Path
 from cfcml.config import ConfigError
 from cfcml.data.prepare import PrepareInterrupted, prepare_dataset, summary
 from cfcml.data.validation import DatasetValidationError
-from tuning import cli_args
+from tuning.cli import args as cli_args
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 

@@ -1,5 +1,5 @@
 """Retrain the best configuration of a finished search on all development data, test it once,
-register it (the step `tuning/search.py` runs at its end; see `tuning/final.py`).
+register it (the step `tuning/search.py` runs at its end; see `tuning/release/final.py`).
 
     python pipelines/train_final.py --dataset men                 # the newest finished men search
     python pipelines/train_final.py --dataset men --search smoke  # the search named men-smoke
@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tuning import cli_args
-from tuning.outcome import OUTCOME_FILE, SearchOutcome
+from tuning.cli import args as cli_args
+from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
 
 
 def find_outcome(storage: Path, dataset: str, name: str | None) -> Path | None:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_args.add_explain(p)
     args = p.parse_args(argv)
     from cfcml.config import ConfigError
-    from tuning.preflight import check_name, check_utf8
+    from tuning.runtime.preflight import check_name, check_utf8
 
     storage = args.runs_dir.resolve() / "ray"
     name = args.name or (f"{args.dataset}-{args.search}" if args.search else None)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         what = f"search {name!r}" if name else f"finished {args.dataset} search"
         print(f"error: no {what} under {storage} (no {OUTCOME_FILE}); run tuning/search.py first", file=sys.stderr)
         return 2
-    from tuning.locks import search_lock
+    from tuning.runtime.locks import search_lock
 
     try:  # not while the search itself (or another final step of it) runs
         with search_lock(storage, outcome_file.parent.name):
@@ -66,10 +66,10 @@ def _final(args: argparse.Namespace, storage: Path, outcome_file: Path) -> int:
     print(f"final step of the search at {outcome_file.parent}")
 
     from cfcml.data.manifest import PreparedDataset
-    from tuning.final import train_final
-    from tuning.lifecycle import disk_full_message
-    from tuning.preflight import check_ray_address, check_storage
-    from tuning.ray_runtime import ray_session
+    from tuning.release.final import train_final
+    from tuning.runtime.preflight import check_ray_address, check_storage
+    from tuning.runtime.ray_cluster import ray_session
+    from tuning.tracking.lifecycle import disk_full_message
 
     outcome = SearchOutcome.load(outcome_file)
     try:
@@ -79,7 +79,7 @@ def _final(args: argparse.Namespace, storage: Path, outcome_file: Path) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from tuning.prepared import check_cache
+    from tuning.hpo.prepared import check_cache
 
     prepared = PreparedDataset.load(outcome.prepared_dir)
     try:
@@ -95,7 +95,7 @@ def _final(args: argparse.Namespace, storage: Path, outcome_file: Path) -> int:
     except ConfigError as exc:  # Ray did not start, or the final model's workers cannot fit on it
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # the final run is FAILED with the reason (tuning.lifecycle)
+    except Exception as exc:  # the final run is FAILED with the reason (tuning.tracking.lifecycle)
         message = disk_full_message(exc, args.runs_dir, next_step="run the same command again")
         if message is None:
             raise

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from mlflow.tracking import MlflowClient
 
-        from tuning.tracking import tag_filter
+        from tuning.tracking.store import tag_filter
 
         uri = args.store or small_search(work)
         client = MlflowClient(uri)

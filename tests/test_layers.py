@@ -1,6 +1,8 @@
 """Imports run one way: cfcml (the library) <- tuning (Ray, MLflow) <- entry points (pipelines/,
-tuning/search.py, tuning/compare.py). Checked on every import statement of every module, those
-inside functions included, by walking the syntax trees."""
+tuning/search.py, tuning/compare.py); inside `tuning`, its packages in the order of `TUNING_ORDER`
+(the map in tuning/__init__.py); and no module imports itself back through others (no cycles).
+Checked on every import statement of every module, those inside functions included, by walking the
+syntax trees."""
 from __future__ import annotations
 
 import ast
@@ -11,6 +13,8 @@ import pytest
 from cfcml.config import PROJECT_ROOT
 
 ENTRY_POINTS = {"tuning.search", "tuning.compare"}  # command-line modules inside tuning/
+# tuning's packages, lowest first: each may import only the ones before it (and cfcml)
+TUNING_ORDER = ("records", "runtime", "tracking", "hpo", "evidence", "release", "workflows", "cli")
 FRAMEWORKS = ("ray", "mlflow", "optuna")  # what the pure library must not know about
 
 
@@ -80,27 +84,28 @@ def test_the_library_at_run_time_loads_neither_mlflow_nor_ray(module: str) -> No
 
 def test_the_trial_actor_builds_a_one_cpu_worker_trainer_without_torch() -> None:
     # Tune's trial actor imports the trial function's module and builds the trainer; only the
-    # Ray Train workers need torch (tuning.trainer.trainer_class)
-    # (tuning.trial's module, the SearchRun it is given, Tune's report callback, the trainer class)
-    loaded = _loaded_after("import tuning.trial, tuning.run, tuning.trainer, ray.tune.integration.ray_train\n"
-                           "tuning.trainer.trainer_class(1, False)")
+    # Ray Train workers need torch (tuning.hpo.trainer.trainer_class)
+    # (tuning.hpo.trial's module, the SearchRun it is given, Tune's report callback, the trainer class)
+    loaded = _loaded_after("import tuning.hpo.trial, tuning.hpo.run, tuning.hpo.trainer\n"
+                           "import ray.tune.integration.ray_train\n"
+                           "tuning.hpo.trainer.trainer_class(1, False)")
     assert "ray" in loaded and "torch" not in loaded
 
 
 def test_a_comparison_trials_arguments_unpickle_in_the_trial_actor_without_torch(tmp_path: Path) -> None:
-    # what tune.with_parameters hands each comparison trial (tuning.trial.compare_trial); the
-    # ComparisonPlan itself would import tuning.comparison, and torch with it
+    # what tune.with_parameters hands each comparison trial (tuning.hpo.trial.compare_trial); the
+    # ComparisonPlan itself would import tuning.evidence.comparison, and torch with it
     import pickle
 
-    from tuning.comparison import plan_comparison
+    from tuning.evidence.comparison import plan_comparison
 
     plan = plan_comparison("men", tmp_path, search="smoke", runs_dir=tmp_path / "runs", seeds=1)
     path = tmp_path / "trials.pkl"
     path.write_bytes(pickle.dumps(plan.trials(str(tmp_path / "prepared"))))
-    loaded = _loaded_after(f"import pickle, tuning.trial, tuning.trainer, ray.tune.integration.ray_train\n"
+    loaded = _loaded_after(f"import pickle, tuning.hpo.trial, tuning.hpo.trainer, ray.tune.integration.ray_train\n"
                            f"trials = pickle.loads(open({str(path)!r}, 'rb').read())\n"
                            f"assert set(trials.variants) == {set(plan.variants)!r}\n"
-                           "tuning.trainer.trainer_class(1, False)")
+                           "tuning.hpo.trainer.trainer_class(1, False)")
     assert "ray" in loaded and "torch" not in loaded
 
 
@@ -112,3 +117,86 @@ def test_test_modules_have_unique_basenames() -> None:
     root = Path(__file__).resolve().parent
     names = Counter(p.name for p in root.rglob("test_*.py"))
     assert [n for n, count in names.items() if count > 1] == []
+
+
+def _module_names() -> set[str]:
+    return {m for package in ("cfcml", "tuning", "pipelines") for m, _ in modules(package)}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (anywhere in it; `from a import b` counts `a.b` when
+    that is a module, else `a`); a package's `__init__` is named by the package."""
+    known = {m.removesuffix(".__init__") for m in _module_names()}
+    graph: dict[str, set[str]] = {}
+    for package in ("cfcml", "tuning", "pipelines"):
+        for name, path in modules(package):
+            name = name.removesuffix(".__init__")
+            graph[name] = {n for n in imported(path) if n in known and n != name}
+    for name, targets in graph.items():  # `from a import b`: the module a.b when there is one, not also a
+        graph[name] = {n for n in targets if not any(o.startswith(n + ".") and o in targets for o in targets)
+                       or n in {"cfcml", "tuning", "pipelines"}} - {"cfcml", "tuning", "pipelines"}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_module_imports_itself_back_through_others() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_check_sees_a_circle_closed_inside_a_function() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _tuning_package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] == "tuning" else None
+
+
+@pytest.mark.parametrize("name,path", [m for m in modules("tuning") if _tuning_package(m[0])],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_a_tuning_package_imports_only_the_packages_below_it(name: str, path: Path) -> None:
+    own = TUNING_ORDER.index(_tuning_package(name))
+    higher = tuple(f"tuning.{p}" for p in TUNING_ORDER[own + 1:])
+    assert not offenders(imported(path), higher)
+
+
+def test_every_tuning_package_is_in_the_order_and_says_what_it_may_import() -> None:
+    packages = {p.name for p in (PROJECT_ROOT / "tuning").iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(TUNING_ORDER) - {"workflows"} or packages == set(TUNING_ORDER)
+    for package in packages:
+        assert "May import" in (PROJECT_ROOT / "tuning" / package / "__init__.py").read_text(), package

@@ -7,7 +7,7 @@ Every variant trains on the same folds with the same seeds and epoch budget, as 
 parallel as resources allow); each is evaluated by out-of-fold CV (mean and sd over seeds) and
 once on the held-out test split (its fold ensemble, bootstrap 95% CIs, paired AUC difference
 against `cfcml`). Writes comparison.md, comparison.json and plots into --out and onto a
-`comparison` MLflow run, and prints the table. See `tuning/comparison.py`.
+`comparison` MLflow run, and prints the table. See `tuning/evidence/comparison.py`.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import time
 from cfcml.config import ConfigError
 from cfcml.data.validation import DatasetValidationError
 from cfcml.outputs import OutputPathError, check_output_dir
-from tuning import cli_args
-from tuning.comparison import VARIANTS
-from tuning.run import parse_set
+from tuning.cli import args as cli_args
+from tuning.evidence.comparison import VARIANTS
+from tuning.hpo.run import parse_set
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,9 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuning.comparison import markdown, plan_comparison
-    from tuning.preflight import check_ray_address, check_storage, check_utf8
-    from tuning.prepared import load_or_prepare
+    from tuning.evidence.comparison import markdown, plan_comparison
+    from tuning.hpo.prepared import load_or_prepare
+    from tuning.runtime.preflight import check_ray_address, check_storage, check_utf8
 
     args = parse_args(argv)
     t0 = time.time()
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
 
-    from tuning.comparison import run_comparison
-    from tuning.lifecycle import disk_full_message
-    from tuning.ray_runtime import ray_session
+    from tuning.evidence.comparison import run_comparison
+    from tuning.runtime.ray_cluster import ray_session
+    from tuning.tracking.lifecycle import disk_full_message
 
     print(f"comparing {', '.join(plan.variants)} on {plan.dataset}: {len(plan.seeds)} seed(s) x "
           f"{prepared.folds} folds x {plan.max_epochs} epochs")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # Ray did not start, or the variants' workers cannot fit on it
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # the comparison's runs are FAILED with the reason (tuning.lifecycle)
+    except Exception as exc:  # the comparison's runs are FAILED with the reason (tuning.tracking.lifecycle)
         message = disk_full_message(exc, plan.runs_dir, next_step="run it again")
         if message is None:
             raise

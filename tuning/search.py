@@ -6,7 +6,7 @@ Each trial is one configuration trained on all K folds by a Ray Train `TorchTrai
 stops trials on the mean validation metric over folds. Every trial lands in MLflow as a child
 run of the search's parent run. At the end the best configuration is retrained on all
 development data, evaluated once on the held-out test split and registered (see
-`tuning/final.py`), unless --no-final. Settings combine as documented in `tuning/run.py`:
+`tuning/release/final.py`), unless --no-final. Settings combine as documented in `tuning/hpo/run.py`:
 command line > search file > experiment file > defaults.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 from cfcml.config import ConfigError
 from cfcml.data.validation import DatasetValidationError
-from tuning import cli_args
-from tuning.driver import STATE_FILE, SearchState
-from tuning.outcome import SearchOutcome
-from tuning.run import SearchRun, parse_set
+from tuning.cli import args as cli_args
+from tuning.hpo.driver import STATE_FILE, SearchState
+from tuning.hpo.run import SearchRun, parse_set
+from tuning.records.outcome import SearchOutcome
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +66,7 @@ def build_run(args: argparse.Namespace) -> SearchRun:
 def check_resume(run: SearchRun, state: SearchState, fingerprint: str) -> None:
     """A resumed search continues the experiment it started, or nothing: ConfigError naming every
     resolved setting that differs from the state file's record (both values), before Ray starts.
-    Only `tuning.run.RESUME_MAY_CHANGE` (and --verbose, --address, --no-final) may differ."""
+    Only `tuning.hpo.run.RESUME_MAY_CHANGE` (and --verbose, --address, --no-final) may differ."""
     source = run.search_dir / STATE_FILE
     if run.tracking_uri is not None and run.tracking_uri != state.tracking_uri:
         raise ConfigError(f"--resume: --tracking-uri {run.tracking_uri} is not this search's store "
@@ -84,15 +84,17 @@ def check_resume(run: SearchRun, state: SearchState, fingerprint: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # The search's lock (tuning.locks), held until this returns or raises (Ctrl-C included).
+    # The search's lock (tuning.runtime.locks), held until this returns or raises (Ctrl-C included).
     with contextlib.ExitStack() as held:
         return _main(args, held)
 
 
 def _main(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from cfcml.data.spec import load_dataset_spec
-    from tuning.locks import search_lock
-    from tuning.preflight import (
+    from tuning.hpo.prepared import load_or_prepare
+    from tuning.records.state_files import check_resume_state
+    from tuning.runtime.locks import search_lock
+    from tuning.runtime.preflight import (
         check_free_space,
         check_ray_address,
         check_runs_dir,
@@ -101,8 +103,6 @@ def _main(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         model_parameters,
         search_bytes,
     )
-    from tuning.prepared import load_or_prepare
-    from tuning.state_files import check_resume_state
 
     t_start = time.time()
     try:
@@ -148,14 +148,14 @@ def _main(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         print(exc, file=sys.stderr)
         return 1
 
-    from tuning.driver import SearchInterrupted, run_search
-    from tuning.final import register_cv_ensemble, train_final
-    from tuning.lifecycle import DiskGuard, disk_full_message, release_reserves, reserve_space
-    from tuning.preflight import checkpoint_bytes, tracking_uri_choice
-    from tuning.ray_runtime import SEARCH_FLAGS, ray_session
-    from tuning.report import print_summary
-    from tuning.search_report import write_report
-    from tuning.tracking import ui_url
+    from tuning.evidence.search_report import write_report
+    from tuning.evidence.summary import print_summary
+    from tuning.hpo.driver import SearchInterrupted, run_search
+    from tuning.release.final import register_cv_ensemble, train_final
+    from tuning.runtime.preflight import checkpoint_bytes, tracking_uri_choice
+    from tuning.runtime.ray_cluster import SEARCH_FLAGS, ray_session
+    from tuning.tracking.lifecycle import DiskGuard, disk_full_message, release_reserves, reserve_space
+    from tuning.tracking.store import ui_url
 
     # Room for MLflow to record the runs' end should the disk fill up (released then), and a
     # guard that stops the search while one more checkpoint still fits.
@@ -175,7 +175,7 @@ def _main(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             print_summary(outcome, time.time() - t_start)
             stop_on_full_disk(outcome)
             if outcome.best is None:  # every trial failed: nothing to retrain, register or report
-                from tuning.tracking import reason_line
+                from tuning.tracking.callbacks import reason_line
 
                 reasons = sorted({reason_line(t.error) for t in outcome.trials})
                 print(f"error: no trial of search {run.name!r} produced a score ({len(outcome.trials)} trial(s) "
@@ -200,13 +200,13 @@ def _main(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         message = disk_full_message(exc, run.runs_dir, needed)
         if message is None:
             raise
-        print(f"\nerror: {message}", file=sys.stderr)  # the runs are FAILED with the reason (tuning.lifecycle)
+        print(f"\nerror: {message}", file=sys.stderr)  # the runs are FAILED with the reason (tuning.tracking.lifecycle)
         return 1
     finally:
         release_reserves()
     print(f"\nreport: {report} (also on the parent run)")
     if final and final.get("evidence") is not None:  # what a clinical reader looks for first
-        from tuning.clinical import calibration_table, operating_table
+        from tuning.evidence.clinical import calibration_table, operating_table
 
         print("\nCalibration (the registered model returns the calibrated probabilities):")
         print("\n".join(calibration_table(final["evidence"])))
@@ -231,7 +231,7 @@ def stop_on_full_disk(outcome: SearchOutcome) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from tuning.lifecycle import end_run, is_disk_full, release_reserves
+    from tuning.tracking.lifecycle import end_run, is_disk_full, release_reserves
 
     full = next((t.error for t in outcome.trials if t.error and is_disk_full(RuntimeError(t.error))), None)
     if full is None:

@@ -125,7 +125,7 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class BandSpec:
-    """A numeric field cut into bands for subgroup figures (cfcml.subgroups.band_labels), e.g.
+    """A numeric field cut into bands for subgroup figures (cfcml.evaluation.subgroups.band_labels), e.g.
     {name: age_band, field: age, edges: [50, 65]} -> "<50", "50-65", ">=65"."""
 
     name: str  # the subgroup's name (may be listed in `evaluation.subgroups`)
@@ -160,7 +160,7 @@ class EvaluationSpec:
 class DatasetSpec:
     name: str
     task: Literal["multiclass", "binary"]
-    selection_metric: str  # key of cfcml.metrics.compute_metrics output used for model selection
+    selection_metric: str  # key of cfcml.evaluation.metrics.compute_metrics output used for model selection
     label: str  # label column of the source table (folder layouts: a name only)
     classes: tuple[str, ...]
     modalities: tuple[ImageModality, ...]

@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from cfcml.networks import scan as scan_module
+from cfcml.networks.scan_torch import selective_scan_torch
 
 TOLERANCE = 1e-3  # largest error allowed, relative to each tensor's largest magnitude
 SCALE_FLOOR = 1e-6  # below this magnitude the error is absolute
@@ -177,7 +177,7 @@ def compare_with_chunked(candidate: Candidate, device: torch.device | str, tile:
         for reverse in (False, True):
             direction = "reverse" if reverse else "forward"
             ref_in = [x.to(device).requires_grad_() for x in values]
-            ref = scan_module.selective_scan(*ref_in, backend="chunked", reverse=reverse)
+            ref = selective_scan_torch(*ref_in, backend="chunked", reverse=reverse)
             ref_grads = torch.autograd.grad(ref, ref_in, grad_out)
             inputs = _strided(values, device)
             try:

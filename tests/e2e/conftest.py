@@ -26,7 +26,7 @@ def men_prepared(men_raw: Path):
 @pytest.fixture(scope="session")
 def tiny_experiment():
     """The smoke search's tiny model on the e2e image size."""
-    from tuning.space import load_search
+    from tuning.hpo.space import load_search
 
     base = load_experiment("men")
     search = load_search("smoke", base)
@@ -47,14 +47,14 @@ def ray_local(_ray_session):
     """A local Ray of 2 CPUs, started once and reused (a test may shut it down for its own cluster)."""
     import ray
 
-    from tuning.ray_runtime import local_init_kwargs
+    from tuning.runtime.ray_cluster import local_init_kwargs
 
     if not ray.is_initialized():
         ray.init(**local_init_kwargs(num_cpus=2))
     else:
         # A test that stopped a Ray Train run mid-restart (Ctrl-C, a killed driver) may have left
         # its workers' CPUs reserved on this shared Ray; no run is alive between tests.
-        from tuning.placement_groups import PlacementGroupJanitor
+        from tuning.runtime.placement_groups import PlacementGroupJanitor
 
         PlacementGroupJanitor().sweep()
     return ray

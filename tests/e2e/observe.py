@@ -8,7 +8,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from tuning.tracking import tag_filter
+from tuning.tracking.store import tag_filter
 
 EXPERIMENT = "cfcml-men"
 

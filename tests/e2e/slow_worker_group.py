@@ -16,7 +16,7 @@ DELAY_S = float(os.environ.get("CFCML_TEST_PG_READY_DELAY_S", "8"))
 def slow_placement_group_ready() -> None:
     from ray.train.v2._internal.execution.worker_group import placement_group_handle
 
-    from tuning.ray_worker_setup import pin_cluster_address
+    from tuning.runtime.worker_setup import pin_cluster_address
 
     pin_cluster_address()
     handle = placement_group_handle.DefaultPlacementGroupHandle

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tuning.compare import main as compare_main
-from tuning.outcome import SearchOutcome, TrialResult
+from tuning.records.outcome import SearchOutcome, TrialResult
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tuning.checkpoints import STATE_FILE, CheckpointReader, open_checkpoint
-from tuning.trainer import TrainJob, fit
+from tuning.hpo.trainer import TrainJob, fit
+from tuning.records.checkpoints import STATE_FILE, CheckpointReader, open_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

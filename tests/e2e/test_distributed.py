@@ -22,7 +22,7 @@ def test_two_workers_across_two_nodes(men_prepared, tiny_experiment, tmp_path: P
     import ray
     from ray.cluster_utils import Cluster
 
-    from tuning.ray_runtime import local_runtime_env
+    from tuning.runtime.ray_cluster import local_runtime_env
 
     if ray.is_initialized():
         ray.shutdown()

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tuning.search import main as search_main
-from tuning.tracking import FAILURE_TAG
+from tuning.tracking.callbacks import FAILURE_TAG
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

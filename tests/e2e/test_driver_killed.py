@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from observe import checkpoints, epochs_logged, result_rows, runs, steps
 
 from cfcml.config import PROJECT_ROOT
-from tuning.outcome import OUTCOME_FILE, SearchOutcome
+from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
 from tuning.search import main as search_main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

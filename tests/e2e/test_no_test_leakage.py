@@ -1,5 +1,5 @@
 """The held-out test split shapes nothing a search computes: a trial run by the real trainer (Ray
-Train, `tuning.trainer`) on a dataset whose test rows have other labels, clinical values and
+Train, `tuning.hpo.trainer`) on a dataset whose test rows have other labels, clinical values and
 images reports the same metrics, epoch for epoch, and checkpoints the same normalisers as on the
 original. (tests/test_training_leakage.py checks the same of `CrossValidation` directly, and that
 a fold's normaliser and class weights ignore its validation rows.)"""
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tuning.checkpoints import open_checkpoint
-from tuning.trainer import TrainJob, fit
+from tuning.hpo.trainer import TrainJob, fit
+from tuning.records.checkpoints import open_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

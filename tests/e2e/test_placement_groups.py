@@ -1,4 +1,4 @@
-"""The placement-group janitor (`tuning.placement_groups`) on a real local Ray: it frees only the
+"""The placement-group janitor (`tuning.runtime.placement_groups`) on a real local Ray: it frees only the
 groups whose creator actor the GCS records as dead, so a live Ray Train run keeps its workers'
 CPUs however long its workers take to start (the hang of 2026-12-07: on a loaded machine the old
 janitor removed a live run's placement group and the run waited forever)."""
@@ -28,8 +28,8 @@ def test_a_train_run_slow_to_start_its_workers_keeps_its_placement_group_and_fin
     from ray.train import RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from tuning.placement_groups import PlacementGroupJanitor
-    from tuning.ray_runtime import LOCAL_RAY_ENV
+    from tuning.runtime.placement_groups import PlacementGroupJanitor
+    from tuning.runtime.ray_cluster import LOCAL_RAY_ENV
 
     env = {**LOCAL_RAY_ENV, "PYTHONPATH": os.pathsep.join([str(HERE), LOCAL_RAY_ENV["PYTHONPATH"]]),
            "CFCML_TEST_PG_READY_DELAY_S": "8"}
@@ -64,7 +64,7 @@ def test_the_janitor_frees_a_dead_creators_placement_group_and_keeps_live_and_dr
     import ray
     from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 
-    from tuning.placement_groups import PlacementGroupJanitor
+    from tuning.runtime.placement_groups import PlacementGroupJanitor
 
     @ray.remote(num_cpus=0)
     class Controller:  # stands for Ray Train's controller

@@ -1,4 +1,4 @@
-"""A local Ray started by the project (`tuning.ray_runtime`) with another Ray running on the same
+"""A local Ray started by the project (`tuning.runtime.ray_cluster`) with another Ray running on the same
 machine: Ray Train's placement-group cleaner still frees a dead controller's placement group.
 
 Found as a hang: a search run as a subprocess beside the tests' own Ray; Tune stopped a finished
@@ -77,7 +77,7 @@ def test_a_dead_controllers_placement_group_is_freed_while_another_ray_runs(ray_
 
 def test_a_local_ray_runs_its_workers_at_the_niceness_of_other_processes(ray_local) -> None:
     """Ray's default worker niceness (15) starves trials beside any other busy process
-    (`tuning.ray_runtime.LOCAL_RAY_SYSTEM_CONFIG`); the project's local Ray runs them at 0."""
+    (`tuning.runtime.ray_cluster.LOCAL_RAY_SYSTEM_CONFIG`); the project's local Ray runs them at 0."""
     import os
 
     import ray

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuning.checkpoints import open_checkpoint
-from tuning.trainer import TrainJob, fit
+from tuning.hpo.trainer import TrainJob, fit
+from tuning.records.checkpoints import open_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cfcml.calibration import apply_temperature
-from tuning.clinical import fit_from_oof
+from cfcml.evaluation.calibration import apply_temperature
+from tuning.evidence.clinical import fit_from_oof
 from tuning.search import main as search_main
-from tuning.tracking import tag_filter
+from tuning.tracking.store import tag_filter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -86,7 +86,8 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     patients = men_prepared.test_frame().groupby("label").head(2)["patient_id"]
     assert {f"explanations/{pid}.png" for pid in patients} <= explained
 
-    # the clinical evidence and the model card on the final run (tuning/clinical.py, tuning/model_card.py)
+    # the clinical evidence and the model card on the final run (tuning/evidence/clinical.py,
+    # tuning/release/model_card.py)
     clinical = {a.path for a in client.list_artifacts(final.info.run_id, "clinical")}
     assert {f"clinical/{name}" for name in (
         "reliability_oof.png", "reliability_test.png", "decision_curve_test.png", "subgroups_test.csv",
@@ -171,7 +172,7 @@ def test_a_search_with_accented_folders_and_name_finishes_under_the_c_locale(men
     """Hospital folders and names carry accents: --runs-dir, --data-root and --name beyond ASCII,
     the process locale C (no UTF-8 locale, PYTHONIOENCODING unset), a search through its final
     model. It failed after every trial had run: Ray Train tags its metrics with the run's name and
-    Ray encodes tags as ASCII (`tuning.trainer.ray_train_name`). One trial keeps it short (the final
+    Ray encodes tags as ASCII (`tuning.hpo.trainer.ray_train_name`). One trial keeps it short (the final
     model's run was the one that failed)."""
     import os
     import shutil

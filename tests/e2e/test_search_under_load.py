@@ -3,7 +3,7 @@
 2 times in 2). It finishes, every trial's MLflow run ends FINISHED, none is left RUNNING.
 
 Measured on the 2-core machine on 2026-12-07: 120 s with the local Ray's workers at niceness 0
-(`tuning.ray_runtime.LOCAL_RAY_SYSTEM_CONFIG`), 688 s at Ray's default 15."""
+(`tuning.runtime.ray_cluster.LOCAL_RAY_SYSTEM_CONFIG`), 688 s at Ray's default 15."""
 from __future__ import annotations
 
 import os

@@ -3,7 +3,7 @@ and OptunaSearch's metric `selected_key(cv_<metric>)`, ASHA on the epoch), the v
 study holds for every trial, stopped early by ASHA or not, is the trial's score as
 `collect_trials` selects it (the maximum over its epochs), not its last epoch's value.
 
-A function trainable stands in for the CFCML trainer: it reports what `tuning.trainer` reports
+A function trainable stands in for the CFCML trainer: it reports what `tuning.hpo.trainer` reports
 (the epoch's `cv_<metric>` and the running selection), for a score that peaks mid-training."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tuning.driver import collect_trials, search_algorithms
-from tuning.outcome import EpochSelection, selected_key
-from tuning.run import SearchRun
+from tuning.hpo.driver import collect_trials, search_algorithms
+from tuning.hpo.run import SearchRun
+from tuning.records.outcome import EpochSelection, selected_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

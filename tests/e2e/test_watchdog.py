@@ -1,4 +1,4 @@
-"""The trial watchdog (`tuning.watchdog`) on real Ray Tune and Ray Train: a trial whose Ray Train
+"""The trial watchdog (`tuning.runtime.watchdog`) on real Ray Tune and Ray Train: a trial whose Ray Train
 run can never get its CPUs is named with what it waits for and failed; a trial whose workers are
 alive but slow to report is named and waited for; the rest of the experiment finishes."""
 from __future__ import annotations
@@ -40,9 +40,9 @@ def test_a_trial_waiting_for_cpus_that_never_free_is_failed_and_one_training_slo
     from ray import cloudpickle, tune
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from tuning.placement_groups import PlacementGroupJanitor, orphaned_placement_groups
-    from tuning.tracking import failure_reason
-    from tuning.watchdog import TrialWatchdog
+    from tuning.runtime.placement_groups import PlacementGroupJanitor, orphaned_placement_groups
+    from tuning.runtime.watchdog import TrialWatchdog
+    from tuning.tracking.callbacks import failure_reason
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not import tests/
     reasons: dict[str, str] = {}
@@ -55,7 +55,7 @@ def test_a_trial_waiting_for_cpus_that_never_free_is_failed_and_one_training_slo
     ray.get(hog.ready(), timeout=60)
     try:
         tuner = tune.Tuner(
-            tune.with_resources(_trainable, {"cpu": 0, "memory": 1}),  # as tuning.tuner
+            tune.with_resources(_trainable, {"cpu": 0, "memory": 1}),  # as tuning.hpo.tuner
             param_space={"kind": tune.grid_search(["quick", "stuck", "slow"]), "storage": str(tmp_path / "train")},
             run_config=tune.RunConfig(name="watchdog", storage_path=str(tmp_path), verbose=0, callbacks=[
                 Reasons(), PlacementGroupJanitor(period_s=0.5), TrialWatchdog(stall_s=40, period_s=0.5)]),
@@ -81,7 +81,7 @@ def test_a_trial_waiting_for_cpus_that_never_free_is_failed_and_one_training_slo
 
 
 def test_the_watchdog_refuses_a_limit_that_is_not_positive() -> None:
-    from tuning.watchdog import TrialWatchdog
+    from tuning.runtime.watchdog import TrialWatchdog
 
     for stall_s, period_s in ((0, 1), (-5, 1), (600, 0), (float("nan"), 1)):
         with pytest.raises(ValueError, match="must be positive"):

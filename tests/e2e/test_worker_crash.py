@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from observe import epochs_logged, result_rows, runs, steps
 
-from tuning.outcome import lineage
+from tuning.records.outcome import lineage
 from tuning.search import main as search_main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

@@ -13,7 +13,7 @@ import pytest
 from cfcml.config import PROJECT_ROOT
 from pipelines.make_synthetic import parse_args as synthetic_args
 from pipelines.train_final import find_outcome
-from tuning.outcome import OUTCOME_FILE, SearchOutcome
+from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
 
 
 @pytest.mark.parametrize("flags", [["--data-root", "d", "--image-size", "16", "16", "4"],

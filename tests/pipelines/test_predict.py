@@ -16,17 +16,17 @@ import pandas as pd
 import pytest
 import torch
 
-from cfcml.calibration import Temperature, apply_temperature
 from cfcml.config import PROJECT_ROOT, load_experiment
 from cfcml.data.prepare import prepare_dataset
 from cfcml.data.synthetic import make_men
+from cfcml.evaluation.calibration import Temperature, apply_temperature
+from cfcml.evaluation.calibrator import Calibrator
+from cfcml.evaluation.operating_points import OperatingPoint
 from cfcml.networks import build_model
-from cfcml.operating_points import OperatingPoint
 from pipelines.predict import main
-from tuning.checkpoints import FoldWeights
-from tuning.clinical import Calibrator
-from tuning.served_model import ROOT_ENV, input_columns, log_and_register
-from tuning.space import load_search
+from tuning.hpo.space import load_search
+from tuning.records.checkpoints import FoldWeights
+from tuning.release.served_model import ROOT_ENV, input_columns, log_and_register
 
 SIZE = (32, 32, 8)
 CALIBRATOR = Calibrator(Temperature(1.7, 1.0, 0.9, 10),
@@ -472,7 +472,7 @@ def test_a_logged_model_carrying_code_of_its_own_is_refused_by_its_uri(registere
     assert predict(registered, registered["rows"], out, model=f"runs:/{run_id}/model") == 2
     assert refused(capsys, out) == (
         f"error: model runs:/{run_id}/model (tracking URI {registered['uri']}): served_model_code.py is not the "
-        "platform's served-model code (its content differs from tuning/served_model_code.py); refused before "
+        "platform's served-model code (its content differs from tuning/release/served_model_code.py); refused before "
         "loading anything of it (pass --trust-model-code to run a model's own code)")
     assert not marker.exists()
 
@@ -496,6 +496,6 @@ def test_the_platforms_model_folder_passes_the_check_and_loads_with_pickles_off(
     assert sorted(p.name for p in (folder / "code").iterdir()) == ["cfcml", "tuning"]
     before = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
     model, python_model = load_model(str(folder), None, tmp_path)
-    assert type(python_model).__module__ == "tuning.served_model"
+    assert type(python_model).__module__ == "tuning.release.served_model"
     assert str(folder / "code") not in sys.path  # nothing more is imported from the folder
     assert os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION") == before

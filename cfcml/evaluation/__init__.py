@@ -1,0 +1,4 @@
+"""Evaluation of predicted probabilities, without Ray or MLflow: metrics with bootstrap CIs
+(`metrics`), calibration (`calibration`), operating points (`operating_points`), decision curves
+(`decision_curves`), subgroups (`subgroups`), missing inputs (`missing_inputs`) and the Bayes oracle
+of synthetic cohorts (`oracle`)."""

@@ -1,0 +1,197 @@
+"""The report every search ends with: `search_report.md` plus plots, in the search folder and on
+the search's MLflow parent run.
+
+It shows what the search bought: the best configuration and how it was chosen (CV metrics per
+fold, the trials table, the optimisation history, a parallel-coordinates plot and each searched
+parameter's importance by Optuna's default importance evaluator over the finished trials), the final model's
+one test evaluation with bootstrap 95% CIs, and, for a synthetic dataset, the oracle's figures
+from the generator's latents. Every metric block shows the ranking (AUC) next to the decisions
+(balanced accuracy, the recall of every class).
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from cfcml.data.manifest import PreparedDataset
+from tuning.evidence.comparison import headline_metrics
+from tuning.hpo.space import SearchConfig
+from tuning.records.outcome import SearchOutcome, TrialResult
+
+REPORT_FILE = "search_report.md"
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if isinstance(x, float):
+        return "—" if math.isnan(x) else f"{x:.{digits}g}"
+    return "—" if x is None else str(x)
+
+
+def param_importance(trials: list[TrialResult], search: SearchConfig) -> dict[str, float] | str:
+    """Importance of each searched key over the scored trials by Optuna's default evaluator
+    (PED-ANOVA in Optuna 5), or why there is none."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    scored = [t for t in trials if t.scored and all(k in t.params for k in search.keys)]
+    if len(scored) < 3 or not search.space:
+        return f"needs at least 3 scored trials (have {len(scored)})"
+    dists: dict[str, Any] = {}
+    for p in search.space:
+        if p.dist == "choice":  # as Optuna held them: a list value by its label (Param.to_tune)
+            dists[p.key] = CategoricalDistribution([p.to_tune(v) for v in p.values])
+        elif p.dist == "int":
+            dists[p.key] = IntDistribution(int(p.low), int(p.high))
+        else:
+            dists[p.key] = FloatDistribution(p.low, p.high, log=p.dist == "loguniform")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for t in scored:
+        params = {p.key: p.to_tune(t.params[p.key]) for p in search.space}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t.score))
+    try:
+        return dict(optuna.importance.get_param_importances(study))
+    except Exception as exc:  # e.g. every trial scored the same: a report must not fail for it
+        return f"not computable ({type(exc).__name__}: {exc})"
+
+
+def _per_fold_table(best: TrialResult, names: list[str]) -> list[str]:
+    per_fold: dict[str, dict[int, float]] = {}
+    for key, value in best.metrics.items():
+        m = re.fullmatch(r"val_(.+)_fold(\d+)", key)
+        if m:
+            per_fold.setdefault(m.group(1), {})[int(m.group(2))] = value
+    folds = sorted({k for d in per_fold.values() for k in d})
+    if not folds:
+        return ["(no per-fold metrics)"]
+    order = [n for n in names if n in per_fold] + sorted(n for n in per_fold if n not in names)
+    lines = ["| metric | " + " | ".join(f"fold {k}" for k in folds) + " | mean (selected) | mean at last epoch |",
+             "|---" * (len(folds) + 3) + "|"]
+    for name in order:
+        cells = " | ".join(_fmt(per_fold[name].get(k)) for k in folds)
+        lines.append(f"| {name} | {cells} | {_fmt(best.metrics.get(f'cv_{name}'))} "
+                     f"| {_fmt(best.last_epoch_metrics.get(f'cv_{name}'))} |")
+    return lines
+
+
+def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: SearchConfig,
+                 final: dict[str, Any] | None, oracle: Any | None = None) -> tuple[str, dict[str, Any]]:
+    """(markdown, {file name: Figure})."""
+    from tuning.evidence.plots import plot_history, plot_importance, plot_parallel_coordinates
+
+    spec = prepared.spec
+    names = headline_metrics(spec.task, len(spec.classes))
+    metric = outcome.metric
+    scored = [t for t in outcome.trials if t.scored]
+    failed = [t for t in outcome.trials if not t.scored]
+    best = outcome.best
+    max_epochs = max((t.epochs_run for t in scored), default=0)
+    lines = [f"# Search `{Path(outcome.search_dir).name}` on {outcome.dataset}", "",
+             f"{len(outcome.trials)} trials ({len(scored)} scored, {len(failed)} without a score), selection "
+             f"metric `{metric}` (the mean over validation folds; the test split is never used to select). "
+             f"Classes: {', '.join(spec.classes)}.", ""]
+    figures: dict[str, Any] = {}
+    if best is None:
+        return "\n".join(lines + ["No trial produced a score."]) + "\n", figures
+
+    last = best.last_epoch_metrics.get(metric)
+    unselected = "The test figures below are the estimate nothing was selected on." if (final or {}).get("test") \
+        else "Only a test evaluation gives an estimate nothing was selected on."
+    lines += ["## Best configuration", "",
+              f"Trial `{best.trial_id}` at epoch {best.epoch} of {best.epochs_run}: {metric} = {best.score:.4f}, "
+              f"**selected** (optimistic: the maximum over its epochs and over the {len(scored)} trials). "
+              f"At its last epoch ({best.epochs_run}), not maximised over epochs: {_fmt(last)} (still the best of "
+              "the trials). " + unselected, "",
+              "| parameter | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in best.params.items()]
+    lines += ["", f"### CV metrics of the best trial at its selected epoch {best.epoch}, per validation fold", ""] \
+        + _per_fold_table(best, names)
+
+    lines += ["", "## Test (the final model, evaluated once)", ""]
+    test = (final or {}).get("test")
+    if test:
+        lines += [f"The best configuration retrained on all {len(prepared.dev_frame())} development patients for "
+                  f"{best.epoch} epochs, tested once on {len(prepared.test_frame())} held-out patients "
+                  "(bootstrap 95% CI, 1000 resamples).", "", "| metric | value | 95% CI |", "|---|---|---|"]
+        order = [n for n in names if n in test] + [n for n in test if n not in names]
+        lines += [f"| {n} | {test[n][0]:.4f} | [{test[n][1]:.4f}, {test[n][2]:.4f}] |" for n in order]
+    elif final is not None:
+        lines.append(f"Evaluated by an earlier run of this search's final step: see MLflow run {final.get('run_id')}.")
+    else:
+        lines.append("Not evaluated: the search ran with --no-final (the best trial's fold ensemble was "
+                     "registered without touching the test split).")
+    evidence = (final or {}).get("evidence")
+    if evidence is not None:  # calibration, operating points, decision curves, subgroups, missing inputs
+        from tuning.evidence.clinical import report_sections
+
+        lines += [""] + report_sections(evidence, names[:2], level="###")
+        figures.update({f"report/{Path(name).name}": fig for name, fig in evidence.figures.items()})
+    if oracle is not None:
+        auc = names[0]
+        lines += ["", "## Oracle (synthetic data)", "",
+                  f"A logistic regression on the generator's latent signals ({', '.join(oracle.features)}), on the "
+                  f"same folds: CV {auc} {oracle.cv[auc]:.4f}, balanced accuracy {oracle.cv['balanced_accuracy']:.4f}; "
+                  f"test {auc} {oracle.test[auc][0]:.4f} [{oracle.test[auc][1]:.4f}, {oracle.test[auc][2]:.4f}]. "
+                  "Read by this report only, never by training."]
+
+    header = [f"selected {metric}", "bal. acc.", "epoch", f"{metric} at last epoch", "ran",
+              *[k.split(".")[-1] for k in outcome.searched]]
+    lines += ["", "## Trials", "", f"Sorted by the selected {metric} (each trial's maximum over its epochs, at "
+              f"`epoch`; what ASHA, Optuna and the choice of the best trial act on); `ran` < {max_epochs} means "
+              "ASHA stopped the trial early.", "",
+              "| trial | " + " | ".join(header) + " |", "|---" * (1 + len(header)) + "|"]
+    for t in sorted(scored, key=lambda t: -(t.score or 0.0)):
+        cells = [f"{t.score:.4f}", _fmt(t.metrics.get("cv_balanced_accuracy")), t.epoch,
+                 _fmt(t.last_epoch_metrics.get(metric)), t.epochs_run,
+                 *[_fmt(t.params.get(k)) for k in outcome.searched]]
+        lines.append(f"| {t.trial_id} | " + " | ".join(str(c) for c in cells) + " |")
+    for t in failed:
+        lines.append(f"| {t.trial_id} | no score: {(t.error or '')[:120]} |" + " |" * (5 + len(outcome.searched)))
+
+    # outcome.trials is in the order the trials were created, i.e. the order Optuna proposed them
+    figures["report/history.png"] = plot_history([t.score for t in scored], f"selected {metric}")
+    if len(search.space) >= 1 and len(scored) >= 2:
+        log_keys = [p.key for p in search.space if p.dist == "loguniform"]
+        numeric = [p.key for p in search.space if p.dist != "choice"]
+        if numeric:
+            figures["report/parallel_coordinates.png"] = plot_parallel_coordinates(
+                [t.params for t in scored], [t.score for t in scored], numeric, log_keys)
+    importance = param_importance(outcome.trials, search)
+    lines += ["", "## Parameter importance", ""]
+    if isinstance(importance, dict):
+        lines += ["Optuna's default importance evaluator (PED-ANOVA) over the scored trials (each trial's "
+                  "selected score, its maximum over epochs):", "",
+                  "| parameter | importance |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in importance.items()]
+        figures["report/importance.png"] = plot_importance(importance)
+    else:
+        lines.append(f"Not shown: {importance}.")
+    lines += ["", "Plots: " + ", ".join(f"`{n}`" for n in figures)]
+    card = (final or {}).get("card")
+    if card:  # the registered model's card, its headings one level down
+        lines += ["", "## Model card of the registered model", "",
+                  *[("#" + line if line.startswith("#") else line) for line in card.splitlines()[1:]]]
+    return "\n".join(lines) + "\n", figures
+
+
+def write_report(outcome: SearchOutcome, prepared: PreparedDataset, search: SearchConfig,
+                 final: dict[str, Any] | None) -> Path:
+    """Write search_report.md (+ plots) into the search folder and onto the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from cfcml.evaluation.oracle import oracle_scores
+
+    text, figures = build_report(outcome, prepared, search, final, oracle_scores(prepared))
+    folder = Path(outcome.search_dir)
+    path = folder / REPORT_FILE
+    path.write_text(text, encoding="utf-8")
+    client = MlflowClient(outcome.tracking_uri)
+    client.log_artifact(outcome.parent_run_id, str(path))
+    for name, fig in figures.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target, dpi=110)
+        client.log_artifact(outcome.parent_run_id, str(target), str(Path(name).parent))
+    return path

@@ -1,0 +1,243 @@
+"""What a finished search hands to the next stages: one `TrialResult` per trial and the
+`SearchOutcome` (written as `outcome.json` in the search folder, read back by the final step,
+the report and `compare.py --from-search`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cfcml.config import ExperimentConfig, from_dict
+
+OUTCOME_FILE = "outcome.json"
+SELECTED_EPOCH = "selected_epoch"  # reported every epoch: the epoch `selected_key(metric)` comes from
+
+
+def selected_key(metric: str) -> str:
+    """The running selected score reported every epoch next to `metric` ("cv_<name>"):
+    "selected_cv_<name>", the maximum of `metric` over the trial's epochs so far. It is what Tune's
+    scheduler (ASHA) compares, what Optuna receives as a trial's value and what picks the best
+    trial, so all three act on one quantity."""
+    return f"selected_{metric}"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class EpochReport:
+    """One epoch as a Ray Train worker reports it (`tuning.hpo.trainer`), read back on the driver's side
+    (`tuning.tracking.store`, `tuning.hpo.driver`): Ray Train and Tune carry a flat dict, `to_dict` and
+    `from_dict` are its two ends, so the named fields are spelt in this class only.
+
+    Args:
+        metrics: the epoch's figures: `epoch` (1-based), `train_*`, `val_*`, `cv_*`, the running
+            selection (`selected_*`, `selected_epoch`) and `system/*`.
+        time_compute_s: the worker's seconds in training and validation so far in this process (not
+            start-up, not checkpointing); with Tune's `time_total_s` it tells the overhead apart.
+        time_setup_s: the worker's seconds from its start to its first epoch (data, model, restore).
+        resumed_from_epoch: the epoch of the checkpoint this process restored, 0 if none.
+        checkpointed: whether this epoch wrote a checkpoint (`tuning.hpo.trainer.CheckpointPolicy`).
+        restored: the restored checkpoint's own report, re-sent once with the first report after a
+            restart (the driver logs that epoch if its report was lost); None otherwise.
+        checkpoints_skipped: damaged checkpoints passed over for an older one, one message each,
+            sent once with the first report.
+        scan_backend: the selective scan the run's model actually runs ("chunked", "triton", ...,
+            "none" without Mamba blocks; `cfcml.training.CrossValidation.scan_backend`), sent with
+            every report; the driver tags the run with it (`tuning.tracking.store.SCAN_BACKEND_TAG`).
+    """
+
+    metrics: dict[str, Any]
+    time_compute_s: float = 0.0
+    time_setup_s: float = 0.0
+    resumed_from_epoch: int = 0
+    checkpointed: bool = False
+    restored: dict[str, Any] | None = None
+    checkpoints_skipped: list[str] = field(default_factory=list)
+    scan_backend: str | None = None
+
+    FIELDS = ("time_compute_s", "time_setup_s", "resumed_from_epoch", "checkpointed", "restored",
+              "checkpoints_skipped", "scan_backend")
+
+    @property
+    def epoch(self) -> int:
+        return int(self.metrics.get("epoch", 0))
+
+    @property
+    def retrained(self) -> bool:
+        """Whether the values come from an epoch just trained, rather than being the re-sent report
+        of the checkpoint a finished run restored (sent as both the report and its `restored`)."""
+        return not (self.restored is not None and int(self.restored.get("epoch", -1)) == self.epoch)
+
+    def to_dict(self, with_restart: bool = True) -> dict[str, Any]:
+        """The flat dict Ray Train reports; `with_restart=False` leaves out `restored` and
+        `checkpoints_skipped` (what a checkpoint's own metrics file keeps)."""
+        out = {**self.metrics, "time_compute_s": self.time_compute_s, "time_setup_s": self.time_setup_s,
+               "resumed_from_epoch": self.resumed_from_epoch, "checkpointed": self.checkpointed}
+        if with_restart and self.restored is not None:
+            out["restored"] = self.restored
+        if with_restart and self.checkpoints_skipped:
+            out["checkpoints_skipped"] = list(self.checkpoints_skipped)
+        if self.scan_backend is not None:
+            out["scan_backend"] = self.scan_backend
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EpochReport:
+        """From a report as Tune or Ray Train hands it to the driver (their own keys, such as
+        `timestamp` or `checkpoint_path`, stay in `metrics`)."""
+        restored = values.get("restored")
+        skipped = values.get("checkpoints_skipped")
+        return cls(
+            metrics={k: v for k, v in values.items() if k not in cls.FIELDS},
+            time_compute_s=float(values.get("time_compute_s") or 0.0),
+            time_setup_s=float(values.get("time_setup_s") or 0.0),
+            resumed_from_epoch=int(values.get("resumed_from_epoch") or 0),
+            checkpointed=bool(values.get("checkpointed", False)),
+            restored=dict(restored) if isinstance(restored, Mapping) else None,
+            checkpoints_skipped=[str(m) for m in skipped] if isinstance(skipped, (list, tuple)) else [],
+            # a string or nothing (a results table gives NaN where a report had none)
+            scan_backend=values.get("scan_backend") if isinstance(values.get("scan_backend"), str) else None,
+        )
+
+
+@dataclass
+class EpochSelection:
+    """The one rule that picks a trial's epoch: the highest `metric` (the mean over validation
+    folds), and among tied epochs the latest. Latest, because Ray Train's checkpoint retention
+    (`CheckpointConfig(checkpoint_score_attribute=...)`) ranks a later checkpoint above an earlier
+    one with the same score and deletes the earlier first: the selected epoch's weights are the ones
+    kept. Ties are common (an AUC of 1.0 on a small fold, a balanced accuracy that moves in steps).
+
+    `update` is called with every epoch's metrics in training order (the trial's worker does it,
+    `tuning.hpo.trainer`) and returns the fields reported with that epoch; `restore` continues from
+    the fields of the checkpoint a restarted trial resumes from, so the epochs it discarded (and
+    retrains) never count.
+
+    Args:
+        metric: the selection metric, "cv_<name>" (`cfcml.evaluation.metrics.selection_key`).
+    """
+
+    metric: str
+    score: float | None = None
+    epoch: int = 0
+
+    def update(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        value = metrics.get(self.metric)
+        if _finite(value) and (self.score is None or value >= self.score):
+            self.score, self.epoch = float(value), int(metrics["epoch"])
+        return {selected_key(self.metric): math.nan if self.score is None else self.score,
+                SELECTED_EPOCH: self.epoch}
+
+    def restore(self, metrics: Mapping[str, Any]) -> None:
+        value = metrics.get(selected_key(self.metric))
+        if _finite(value):
+            self.score, self.epoch = float(value), int(metrics.get(SELECTED_EPOCH, 0))
+
+
+SELECTED_NOTE = ("selected_*: the best trial at its selected epoch, a maximum over epochs and trials "
+                 "(optimistic); last_epoch_*: the same trial at its last epoch (no maximum over epochs, "
+                 "still the best of the trials); see docs/evaluation.md")
+
+
+def published_cv(trial: TrialResult, prefixes: tuple[str, ...] = ("cv_", "val_", "train_")) -> dict[str, float]:
+    """The figures a finished search publishes of its best trial, each named for how it was chosen:
+    `selected_<key>` for the metrics at the selected epoch (the trial's and epoch's maximum: an
+    optimistic estimate), `last_epoch_<key>` for the `cv_*` at its last epoch (not maximised over
+    epochs). Keys of `trial.metrics` starting with one of `prefixes` are published."""
+    out = {f"selected_{k}": v for k, v in trial.metrics.items() if k.startswith(prefixes)}
+    out.update({f"last_epoch_{k}": v for k, v in trial.last_epoch_metrics.items()})
+    return out
+
+
+def lineage(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A trial's epochs as the model that exists went through them, from its reports in the order
+    they were made: a report of an epoch at or below an earlier one (a restart from an older
+    checkpoint retrained it) replaces that epoch and drops every later one. Epochs strictly
+    increase in the result; retrained values win over discarded ones."""
+    out: list[Mapping[str, Any]] = []
+    for row in rows:
+        epoch = int(row["epoch"])
+        while out and int(out[-1]["epoch"]) >= epoch:
+            out.pop()
+        out.append(row)
+    return out
+
+
+@dataclass
+class TrialResult:
+    """One trial at its selected epoch by the CV selection metric (validation folds only).
+
+    `score` is selected: the maximum over the trial's epochs (`EpochSelection`), so an optimistic
+    estimate of that configuration; `last_epoch_metrics` holds the `cv_*` of its last epoch, which
+    no maximum over epochs touched. A trial that produced no score has `error` set and no `score`.
+    """
+
+    trial_id: str
+    params: dict[str, Any] = field(default_factory=dict)  # the searched values (dotted keys)
+    score: float | None = None  # the selection metric at `epoch`: its maximum over epochs
+    epoch: int = 0  # the selected epoch (latest of tied best ones): its weights, and the final model's length
+    epochs_run: int = 0
+    wall_s: float = 0.0  # Tune's clock for the trial function
+    compute_s: float = 0.0  # time in training and validation; wall_s - compute_s is start-up overhead
+    checkpoint_path: str | None = None  # that epoch's checkpoint, when Ray Train kept it
+    metrics: dict[str, float] = field(default_factory=dict)  # cv_*, val_*_fold<k>, train_* at `epoch`
+    last_epoch_metrics: dict[str, float] = field(default_factory=dict)  # cv_* at epoch `epochs_run`
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, the metric, timestamp
+    experiment: ExperimentConfig | None = None  # the full configuration the trial trained
+    error: str | None = None
+
+    @property
+    def scored(self) -> bool:
+        return self.score is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["experiment"] = self.experiment.to_dict() if self.experiment else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialResult:
+        data = dict(data)
+        if data.get("experiment") is not None:
+            data["experiment"] = from_dict(ExperimentConfig, data["experiment"], "outcome experiment")
+        return cls(**data)
+
+
+@dataclass
+class SearchOutcome:
+    dataset: str
+    metric: str  # cv_<selection metric>
+    trials: list[TrialResult]
+    search_dir: str
+    prepared_dir: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    searched: list[str] = field(default_factory=list)  # the dotted keys of the search space
+
+    @property
+    def best(self) -> TrialResult | None:
+        scored = [t for t in self.trials if t.scored]
+        return max(scored, key=lambda t: t.score) if scored else None  # type: ignore[arg-type,return-value]
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path else Path(self.search_dir) / OUTCOME_FILE
+        data = dataclasses.asdict(self)
+        data["trials"] = [t.to_dict() for t in self.trials]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchOutcome:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data["trials"] = [TrialResult.from_dict(t) for t in data["trials"]]
+        return cls(**data)

@@ -1,0 +1,294 @@
+"""The final stage of a search: retrain the best configuration on all development data, test it
+once, register it (or register the best trial's fold ensemble without testing).
+
+Choice: one model retrained on all development data (not the fold ensemble), for as many
+epochs as the best trial's best CV epoch, so that model selection stays on validation folds and
+the final model has seen every development patient. The held-out test split is read here and
+only here, once, after training; metrics come with bootstrap 95% confidence intervals. The model
+is registered as `cfcml-<dataset>` with its CV and test metrics.
+
+`register_cv_ensemble` registers the best trial's fold ensemble instead (`search.py --no-final`):
+no test evaluation happens then.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cfcml.data.manifest import PreparedDataset
+from tuning.records.outcome import SELECTED_NOTE, SearchOutcome, TrialResult, published_cv
+
+REGISTERED_TAG = "cfcml.registered_version"
+
+
+def registered_version(client: Any, run_id: str, model_name: str,
+                       tags: dict[str, str] | Callable[[str], dict[str, str]] | None = None) -> str | None:
+    """The registry's version of `run_id`'s model under `model_name`, read from the registry (the
+    run's `cfcml.registered_version` tag only says that one was registered once).
+
+    A version deleted from the registry (the model or the version, e.g. in the UI) is found again
+    if another version of the same run remains, else the run's logged model (`runs:/<id>/model`)
+    is registered again, tagged with `tags`; both are said on the console. Returns None when the
+    run has no registration to restore (never registered, or no logged model left): the caller
+    then trains and registers it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from tuning.tracking.store import filter_literal
+
+    tagged = client.get_run(run_id).data.tags.get(REGISTERED_TAG)
+    if tagged is None:
+        return None
+    try:
+        if client.get_model_version(model_name, tagged).run_id == run_id:
+            return tagged
+    except MlflowException:
+        pass
+    versions = client.search_model_versions(
+        f"name = {filter_literal(model_name)} and run_id = {filter_literal(run_id)}")
+    if versions:
+        version = str(max(int(v.version) for v in versions))
+        print(f"{model_name} version {tagged} of run {run_id} is not in the registry; version {version} of the "
+              f"same run is")
+    else:
+        print(f"{model_name} version {tagged} of run {run_id} is gone from the registry (deleted); registering "
+              f"the run's logged model again")
+        import mlflow
+
+        try:
+            mlflow.set_tracking_uri(client.tracking_uri)
+            version = str(mlflow.register_model(f"runs:/{run_id}/model", model_name).version)
+        except MlflowException as exc:
+            print(f"the run's logged model cannot be registered ({exc.message.splitlines()[0][:200]}); "
+                  f"training and registering it again")
+            return None
+        for key, value in ((tags(run_id) if callable(tags) else tags) or {}).items():
+            client.set_model_version_tag(model_name, version, key, value)
+    client.set_tag(run_id, REGISTERED_TAG, version)
+    return version
+
+
+def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: PreparedDataset,
+               tags: dict[str, str] | Callable[[str], dict[str, str]] | None = None) -> tuple[str, bool]:
+    """The search's `kind` run (final / cv-ensemble): reused if it exists, with its source tags and
+    the prepared dataset as input. Returns (run id, done): done when the registry holds its model
+    (`registered_version`, which registers a deleted one again with `tags`)."""
+    from tuning.tracking.store import find_run, log_provenance
+
+    run_id = find_run(client, outcome.experiment_id, **{"cfcml.search": outcome.search_dir, "cfcml.kind": kind})
+    if run_id is not None:
+        done = registered_version(client, run_id, f"cfcml-{outcome.dataset}", tags) is not None
+        if not done:
+            from tuning.tracking.lifecycle import reopen_run
+
+            reopen_run(client, run_id)
+        return run_id, done
+    run = client.create_run(outcome.experiment_id, run_name=kind, tags={
+        "mlflow.parentRunId": outcome.parent_run_id, "cfcml.search": outcome.search_dir, "cfcml.kind": kind,
+    })
+    log_provenance(client, run.info.run_id, prepared)
+    return run.info.run_id, False
+
+
+def _cv_tags(best: TrialResult, metric: str) -> dict[str, str]:
+    """The model version's CV tags: `selected_cv_*` (optimistic: the maximum over epochs and
+    trials) and `last_epoch_cv_*`, named by `published_cv`, with a note saying which is which."""
+    tags = {k: f"{v:.4f}" for k, v in published_cv(best, ("cv_",)).items()}
+    tags.update({"selection_metric": metric, "best_trial": best.trial_id, "selected_epoch": str(best.epoch),
+                 "selected_figures": SELECTED_NOTE})
+    return tags
+
+
+def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: str | Path,
+                explain: bool = False) -> dict[str, Any]:
+    """Retrain `outcome.best` on all development rows, test once, register. Idempotent: a search
+    whose final model is registered already is left alone.
+
+    explain: also log Grad-CAM and field-occlusion figures of a few test patients on the final run
+    (`--explain-test-patients`). Off by default: those figures show patients' images and clinical
+    fields, and anyone who can read the MLflow store can see them."""
+    from mlflow.tracking import MlflowClient
+
+    from tuning.tracking.lifecycle import owned_run
+
+    best = outcome.best
+    if best is None or best.experiment is None:
+        print("no best configuration: nothing to retrain")
+        return {}
+    client = MlflowClient(outcome.tracking_uri)
+
+    def tags_from_run(run_id: str) -> dict[str, str]:  # the version tags, if it is registered again
+        metrics = client.get_run(run_id).data.metrics
+        return {**_cv_tags(best, outcome.metric), "stage": "final",
+                **{k: f"{v:.4f} [{metrics.get(k + '_ci_low', float('nan')):.4f}, "
+                      f"{metrics.get(k + '_ci_high', float('nan')):.4f}]"
+                   for k, v in metrics.items() if k.startswith("test_") and not k.endswith(("_ci_low", "_ci_high"))}}
+
+    run_id, done = _child_run(client, outcome, "final", prepared, tags_from_run)
+    if done:
+        print(f"final model already trained and registered (run {run_id}); nothing to do")
+        return {"run_id": run_id}
+    with owned_run(client, run_id):  # FINISHED, or FAILED/KILLED with the reason, never left RUNNING
+        return _train_final(client, run_id, prepared, outcome, best, storage, explain)
+
+
+def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, best: TrialResult,
+                 storage: str | Path, explain: bool) -> dict[str, Any]:
+    from cfcml.config import flatten_dict
+    from cfcml.evaluation.metrics import bootstrap_ci, plot_confusion, plot_roc
+    from cfcml.training import frame_probs
+    from tuning.hpo.trainer import TrainJob, fit, ray_train_name
+    from tuning.records.checkpoints import TEST_FILE, open_checkpoint
+    from tuning.release.served_model import log_and_register
+    from tuning.tracking.callbacks import TrainRunTracker
+    from tuning.tracking.store import log_figure, log_metrics, log_params
+
+    print(f"\n=== final model: best configuration retrained on all {len(prepared.dev_frame())} development "
+          f"patients for {best.epoch} epochs, then tested once on {len(prepared.test_frame())} held-out patients ===")
+    log_params(client, run_id, {**flatten_dict(best.experiment.to_dict()), "final_epochs": best.epoch})
+    from tuning.records.state_files import repair_train_snapshots
+
+    job = TrainJob(best.experiment, str(prepared.out_dir), best.epoch, final=True, predict_test=True)
+    name = ray_train_name(f"final_{Path(outcome.search_dir).name}_{best.trial_id}")
+    repair_train_snapshots([Path(storage) / "train" / name])  # a rerun after a full disk or a crash
+    result = fit(job, name=name,
+                 storage_path=str(Path(storage) / "train"), metric=None,
+                 callbacks=[TrainRunTracker(outcome.tracking_uri, run_id)])  # per-epoch loss, system metrics
+    with open_checkpoint(result.checkpoint.path) as ckpt:
+        test = ckpt.test_predictions()
+        client.log_artifact(run_id, str(ckpt.file(TEST_FILE)), "predictions")
+        (weights,) = ckpt.fold_weights()
+    spec = prepared.spec
+    probs = frame_probs(test, spec.classes)
+    labels = test["label"].to_numpy()
+    ci = bootstrap_ci(spec.task, labels, probs, n_boot=1000, seed=0)
+    values = {}
+    for name, (point, low, high) in ci.items():
+        values.update({f"test_{name}": point, f"test_{name}_ci_low": low, f"test_{name}_ci_high": high})
+    log_metrics(client, run_id, {**values, **published_cv(best, ("cv_",))})  # test next to labelled CV
+    log_figure(client, run_id, plot_roc(labels, probs, list(spec.classes)), "plots/roc_test.png")
+    log_figure(client, run_id, plot_confusion(labels, probs, list(spec.classes)), "plots/confusion_test.png")
+
+    print(f"test metrics ({len(labels)} patients, bootstrap 95% CI, 1000 resamples):")
+    for name, (point, low, high) in ci.items():
+        print(f"  {name:20s} {point:7.4f}  [{low:.4f}, {high:.4f}]")
+    evidence = _clinical(client, run_id, prepared, best, test, weights)
+    tags = {**_cv_tags(best, outcome.metric), "stage": "final",
+            **{f"test_{k}": f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for k, v in ci.items()}}
+    info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,
+                            experiment=best.experiment, members=[weights],
+                            model_name=f"cfcml-{outcome.dataset}", tags=tags,
+                            calibrator=evidence.calibrator if evidence else None)
+    card = _card(client, run_id, prepared, outcome, "final", info.registered_model_version, ci, evidence,
+                 evidence.calibrator if evidence else None)
+    client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
+    print(f"registered cfcml-{outcome.dataset} version {info.registered_model_version}: "
+          f"mlflow.pyfunc.load_model('models:/cfcml-{outcome.dataset}/{info.registered_model_version}')")
+    if explain:
+        _explain(client, run_id, prepared, best, weights)
+    client.set_terminated(run_id, "FINISHED")
+    return {"run_id": run_id, "test": ci, "version": info.registered_model_version, "evidence": evidence,
+            "card": card}
+
+
+def _clinical(client: Any, run_id: str, prepared: PreparedDataset, best: TrialResult, test: Any,
+              weights: Any) -> Any:
+    """Calibration, operating points, decision curves, subgroups and withheld inputs
+    (tuning/evidence/clinical.py), logged under clinical/ and printed; None when the best trial's
+    out-of-fold predictions are gone."""
+    from tuning.evidence.clinical import (
+        calibration_table,
+        decision_table,
+        final_evidence,
+        log_evidence,
+        operating_table,
+    )
+    from tuning.evidence.comparison import headline_metrics
+
+    try:
+        evidence = final_evidence(prepared, best, test, weights)
+    except Exception as exc:  # the model is trained and tested: register it (uncalibrated), say why
+        client.set_tag(run_id, "cfcml.clinical_error", f"{type(exc).__name__}: {exc}"[:500])
+        print(f"warning: clinical evidence failed ({type(exc).__name__}: {exc}); the model is registered "
+              "without calibration or operating points")
+        return None
+    if evidence is None:
+        return None
+    names = headline_metrics(prepared.spec.task, len(prepared.spec.classes))
+    log_evidence(client, run_id, evidence, names[:2])
+    for title, table in (("calibration", calibration_table), ("operating points", operating_table),
+                         ("decision curves", decision_table)):
+        print(f"\n{title}:\n" + "\n".join(table(evidence)))
+    return evidence
+
+
+def _card(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, stage: str, version: Any,
+          test: Any, evidence: Any, calibrator: Any) -> str:
+    """The model card (tuning/release/model_card.py) on the run and as the registered version's description."""
+    from tuning.release.model_card import CARD_FILE, CardInputs, log_card, model_card
+
+    best = outcome.best
+    train = best.experiment.train
+    text = model_card(CardInputs(f"cfcml-{outcome.dataset}", version, stage, prepared, outcome, best, test, evidence,
+                                 calibrator, run_id, train.modality_dropout, train.field_dropout))
+    log_card(client, run_id, text, f"cfcml-{outcome.dataset}", version)
+    print(f"model card: {CARD_FILE} on run {run_id} and the description of cfcml-{outcome.dataset} version {version}")
+    return text
+
+
+def _explain(client: Any, run_id: str, prepared: PreparedDataset, best: TrialResult, weights: Any) -> None:
+    """Grad-CAM and field-occlusion figures of the registered final model on a few of the test
+    patients it was just evaluated on (tuning/release/explain.py). Only for looking: they select nothing.
+    A failure is reported and tagged on the run, never raised: the model is registered already."""
+    try:
+        from tuning.release.explain import ARTIFACT_DIR, log_explanations
+
+        names = log_explanations(client, run_id, prepared, best.experiment, weights, prepared.test_frame())
+        print(f"explanations: {len(names)} files under {ARTIFACT_DIR}/ on the final run")
+    except Exception as exc:
+        client.set_tag(run_id, "cfcml.explain_error", f"{type(exc).__name__}: {exc}"[:500])
+        print(f"warning: explanations failed ({type(exc).__name__}: {exc}); the registered model is unaffected")
+
+
+def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> dict[str, Any]:
+    """Register the best trial's fold models (its selected epoch) as one averaged ensemble."""
+    from mlflow.tracking import MlflowClient
+
+    from tuning.tracking.lifecycle import owned_run
+
+    best = outcome.best
+    if best is None or not best.checkpoint_path or best.experiment is None:
+        print("no best checkpoint: nothing to register")
+        return {}
+    client = MlflowClient(outcome.tracking_uri)
+    run_id, done = _child_run(client, outcome, "cv-ensemble", prepared,
+                              {**_cv_tags(best, outcome.metric), "stage": "cv-ensemble"})
+    if done:
+        return {"run_id": run_id}
+    with owned_run(client, run_id):
+        return _register_cv_ensemble(client, run_id, prepared, outcome, best)
+
+
+def _register_cv_ensemble(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome,
+                          best: TrialResult) -> dict[str, Any]:
+    from tuning.evidence.clinical import best_trial_calibrator
+    from tuning.records.checkpoints import open_checkpoint
+    from tuning.release.served_model import log_and_register
+    from tuning.tracking.store import log_metrics
+
+    with open_checkpoint(best.checkpoint_path) as ckpt:
+        members = ckpt.fold_weights()
+    log_metrics(client, run_id, published_cv(best, ("cv_",)))
+    fitted = best_trial_calibrator(prepared.spec, best)  # the fold models' own out-of-fold predictions
+    calibrator = fitted[0] if fitted else None
+    info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,
+                            experiment=best.experiment, members=members,
+                            model_name=f"cfcml-{outcome.dataset}",
+                            tags={**_cv_tags(best, outcome.metric), "stage": "cv-ensemble"}, calibrator=calibrator)
+    _card(client, run_id, prepared, outcome, "cv-ensemble", info.registered_model_version, None, None, calibrator)
+    client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
+    client.set_terminated(run_id, "FINISHED")
+    print(f"registered the best trial's {len(members)}-fold ensemble as cfcml-{outcome.dataset} "
+          f"version {info.registered_model_version}")
+    return {"run_id": run_id, "version": info.registered_model_version}
