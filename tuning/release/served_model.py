@@ -342,6 +342,21 @@ MODEL_CODE = Path(__file__).with_name("served_model_code.py")  # the registered 
 PYFUNC_LOADERS = ("mlflow.pyfunc.loaders.code_model", "mlflow.pyfunc.model")  # MLflow's python-model loaders
 PLATFORM_PACKAGES = ("cfcml", "tuning")  # what log_and_register ships in a model's code/ folder
 TRUST_FLAG = "--trust-model-code"
+# The distributions the served model's code imports directly (cfcml/ and tuning/ travel as its code
+# paths); pip installs what they require. tests/tuning/release/test_served_model.py checks that a
+# fresh interpreter importing the served model loads nothing outside them and their requirements.
+SERVED_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "scipy", "matplotlib", "monai", "mambapy",
+                   "einops", "nibabel", "pillow", "pyyaml", "tqdm")
+
+
+def served_requirements() -> list[str]:
+    """`SERVED_PACKAGES` pinned at their installed versions (`name==version`, a local label such as
+    torch's `+cpu` dropped, so that a GPU server resolves its own build), in the order listed: the
+    registered model's `requirements.txt`. What MLflow would infer without it (it loads the model in
+    a subprocess to see what it imports, ~20 s per registration), declared instead."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in SERVED_PACKAGES]
 
 
 class UntrustedModelError(ValueError):
@@ -460,8 +475,7 @@ def log_and_register(
     example is `placeholder_example` (no patient data); the bundle is first checked on two real
     development rows, which are not logged.
 
-    pip_requirements: the model's requirements; None lets MLflow infer them (it imports the model
-    in a subprocess, about 20 s)."""
+    pip_requirements: the model's requirements; default `served_requirements()`."""
     import logging
 
     from mlflow.models import infer_signature
@@ -489,7 +503,7 @@ def log_and_register(
                     input_example=example,
                     code_paths=[str(PROJECT_ROOT / "cfcml"), str(PROJECT_ROOT / "tuning")],
                     registered_model_name=model_name,
-                    pip_requirements=pip_requirements,
+                    pip_requirements=served_requirements() if pip_requirements is None else pip_requirements,
                 )
         finally:
             for name in quiet.LOGGERS:

@@ -387,3 +387,46 @@ def test_a_cloudpickled_model_is_refused_before_its_pickle_is_loaded(bundle, tmp
     assert str(info.value) == ("model m: python_model.pkl is a pickled python model, not the platform's served-model "
                                "code: unpickling it would run whatever code it holds; refused before loading "
                                "anything of it (pass --trust-model-code to run a model's own code)")
+
+
+def test_the_declared_requirements_cover_everything_the_served_model_imports() -> None:
+    """A fresh interpreter that loads the served model's code imports only distributions that pip
+    installs from `served_requirements()` (the listed ones and what they require), the standard
+    library and the platform's own code; each is pinned at its installed version, local label off."""
+    import importlib.metadata as md
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from cfcml.config import PROJECT_ROOT
+    from tuning.release.served_model import SERVED_PACKAGES, served_requirements
+
+    probe = ("import sys, json, importlib.metadata as md\nimport tuning.release.served_model_code\n"
+             "names = {m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)\n"
+             "dist = md.packages_distributions()\n"
+             "print(json.dumps(sorted(dist.get(n, []) for n in names if n in dist)))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                                       cwd=PROJECT_ROOT).stdout.strip().splitlines()[-1])
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    installed, todo = set(), [norm(n) for n in SERVED_PACKAGES]
+    while todo:
+        name = todo.pop()
+        if name in installed:
+            continue
+        installed.add(name)
+        try:
+            requires = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        todo += [norm(re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0]) for r in requires if "extra ==" not in r]
+    installed.add("cfcml")
+    # a top-level name shared by several distributions (a namespace: google, opentelemetry) needs one of them
+    missing = [dists for dists in loaded if not {norm(d) for d in dists} & installed]
+    assert not missing, f"imported by the served model but not required: {missing}"
+    pins = served_requirements()
+    assert [p.split("==")[0] for p in pins] == list(SERVED_PACKAGES)
+    assert all("+" not in p.split("==")[1] for p in pins)
