@@ -17,6 +17,7 @@ traceback or a wait without end:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -182,12 +183,40 @@ def check_cluster_fits(train: TrainConfig, *, joined: str | None = None, flags: 
     if not problems:
         return
     if joined is None:
-        raise ClusterTooSmall(f"{'; '.join(problems)} (a local Ray: this machine's CPUs and GPUs); the trials "
-                              f"would wait forever: lower them, or join a larger cluster with --address")
+        raise _local_too_small(problems)
     timeout = os.environ.get(START_TIMEOUT_ENV) or f"{RAY_TRAIN_START_TIMEOUT_DEFAULT_S:g}"
     print(f"warning: {'; '.join(problems)} (the cluster at {joined}, now); each trial waits for an autoscaler "
           f"to add nodes, up to {timeout} s ({START_TIMEOUT_ENV}) per start of its workers, then fails that "
           f"start (retried train.max_failures times)", file=warn or sys.stderr)
+
+
+def _local_too_small(problems: list[str]) -> ClusterTooSmall:
+    return ClusterTooSmall(f"{'; '.join(problems)} (a local Ray: this machine's CPUs and GPUs); the trials "
+                           f"would wait forever: lower them, or join a larger cluster with --address")
+
+
+def local_cpus(num_cpus: int | None = None) -> float:
+    """The CPUs a local Ray started with `num_cpus` will have: `num_cpus`, else what Ray detects
+    (its own count, which honours container CPU limits), else `os.cpu_count()`."""
+    if num_cpus is not None:
+        return float(num_cpus)
+    try:
+        from ray._private.utils import get_num_cpus  # Ray's own detection (private; a fallback below)
+
+        return float(get_num_cpus())
+    except Exception:
+        return float(os.cpu_count() or 1)
+
+
+def check_local_fits(train: TrainConfig, num_cpus: int | None = None, flags: dict[str, str] | None = None) -> None:
+    """Before a local Ray starts: a trial's workers fit in the CPUs it will have (`local_cpus`).
+    Its GPUs are known once it runs (`check_cluster_fits` checks them then). Raises ClusterTooSmall
+    with `check_cluster_fits`'s line, so a request that can never run is refused without the
+    seconds a Ray start costs."""
+    cpus = local_cpus(num_cpus)
+    problems = shortfall(train, {"CPU": cpus, "GPU": math.inf}, {"CPU": cpus, "GPU": math.inf}, flags)
+    if problems:
+        raise _local_too_small(problems)
 
 
 @contextlib.contextmanager
@@ -220,6 +249,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, verb
     from tuning.runtime.preflight import ray_address_choice
 
     address, what = ray_address_choice(address)
+    if train is not None and not address:
+        check_local_fits(train, num_cpus, flags)
     try:
         if address:
             ray.init(address=address, log_to_driver=verbose, logging_level=level)

@@ -120,6 +120,7 @@ def test_trials_a_local_ray_cannot_hold_are_refused_in_one_line_before_any_trial
         "cluster with --address"), line
     assert not (runs / "mlflow.db").exists()  # no run was started
     assert not list((runs / "ray").glob("*/cfcml_search.json"))
+    assert not list(ray_tmp.glob("**/session_*"))  # refused before a local Ray started (CPUs are known)
 
 
 JOINED = """
