@@ -24,8 +24,11 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
+# Two pytest workers (pytest-xdist): the end-to-end tests each start Ray with 2 CPUs and spend much of
+# their time waiting on it, so two at once finish sooner on 2 cores; `xdist_group("load")` keeps the
+# tests that load the machine on purpose (CPU hogs, stall timing) off each other (docs/architecture.md).
 test: lint
-	$(BIN)/python -m pytest -q --durations=12
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=12
 
 bench: install
 	$(BIN)/python -m benchmarks.bench_losses

@@ -9,6 +9,14 @@ from probes import run_probe
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_workers_hold_identical_weights_after_every_step(ray_local, men_prepared, tiny_experiment,
                                                              tmp_path: Path) -> None:
     m = run_probe(str(men_prepared.out_dir), tiny_experiment, str(tmp_path), "ddp")
@@ -26,7 +34,9 @@ def test_two_workers_across_two_nodes(men_prepared, tiny_experiment, tmp_path: P
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    # a free dashboard port: Cluster asks for Ray's default one, taken when another Ray runs on the machine
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                            "dashboard_port": _free_port()})
     cluster.add_node(num_cpus=1)
     try:
         ray.init(address=cluster.address, runtime_env=local_runtime_env(), log_to_driver=False)

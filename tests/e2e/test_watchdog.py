@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600), pytest.mark.xdist_group("load")]
 
 
 def _trainable(config: dict) -> None:
@@ -67,7 +67,7 @@ def test_a_trial_waiting_for_cpus_that_never_free_is_failed_and_one_training_slo
         remove_placement_group(hog)
     status = {r.config["kind"]: ("ERROR" if r.error else "TERMINATED") for r in results}
     assert status == {"quick": "TERMINATED", "stuck": "ERROR", "slow": "TERMINATED"}, reasons
-    assert took < 120
+    assert took < 240  # not forever: the stuck trial alone would hold the experiment until the test timeout
     line = reasons["stuck"]
     assert "stalled: nothing reported for" in line and "train.stall_timeout_s 40 s" in line
     assert "a placement group of [{'CPU': 1.0}]" in line, line
