@@ -249,11 +249,11 @@ def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResul
         rows = lineage(row for _, row in df.iterrows() if row.get("epoch") == row.get("epoch"))
         selection = EpochSelection(metric)
         for row in rows:
-            selection.update(row)
+            selection.update(row, ref=row)
         if selection.score is None:
             trials.append(TrialResult(trial_id=trial_id, error=f"no finite {metric} in any epoch"))
             continue
-        row = next(r for r in rows if int(r["epoch"]) == selection.epoch)
+        row = selection.selected
         # The selected epoch's own checkpoint, or none: weights of another epoch are never taken.
         path = row.get("checkpoint_path")
         checkpoint = path if isinstance(path, str) and ("://" in path or Path(path).exists()) else None
