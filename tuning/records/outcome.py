@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from cfcml.config import ExperimentConfig, from_dict
+from cfcml.evaluation import metric_keys
 
 OUTCOME_FILE = "outcome.json"
-SELECTED_EPOCH = "selected_epoch"  # reported every epoch: the epoch `selected_key(metric)` comes from
+SELECTED_EPOCH = metric_keys.SELECTED_EPOCH  # reported every epoch: the epoch `selected_key(metric)` comes from
 
 
 def selected_key(metric: str) -> str:
@@ -23,7 +24,7 @@ def selected_key(metric: str) -> str:
     "selected_cv_<name>", the maximum of `metric` over the trial's epochs so far. It is what Tune's
     scheduler (ASHA) compares, what Optuna receives as a trial's value and what picks the best
     trial, so all three act on one quantity."""
-    return f"selected_{metric}"
+    return metric_keys.selected(metric)
 
 
 def _finite(value: Any) -> bool:
@@ -202,13 +203,15 @@ SELECTED_NOTE = ("selected_*: the best trial at its selected epoch, a maximum ov
                  "still the best of the trials); see docs/evaluation.md")
 
 
-def published_cv(trial: TrialResult, prefixes: tuple[str, ...] = ("cv_", "val_", "train_")) -> dict[str, float]:
+def published_cv(trial: TrialResult,
+                 prefixes: tuple[str, ...] = metric_keys.prefixes(metric_keys.CV, metric_keys.VAL, metric_keys.TRAIN)
+                 ) -> dict[str, float]:
     """The figures a finished search publishes of its best trial, each named for how it was chosen:
     `selected_<key>` for the metrics at the selected epoch (the trial's and epoch's maximum: an
     optimistic estimate), `last_epoch_<key>` for the `cv_*` at its last epoch (not maximised over
     epochs). Keys of `trial.metrics` starting with one of `prefixes` are published."""
-    out = {f"selected_{k}": v for k, v in trial.metrics.items() if k.startswith(prefixes)}
-    out.update({f"last_epoch_{k}": v for k, v in trial.last_epoch_metrics.items()})
+    out = {metric_keys.selected(k): v for k, v in trial.metrics.items() if k.startswith(prefixes)}
+    out.update({metric_keys.last_epoch(k): v for k, v in trial.last_epoch_metrics.items()})
     return out
 
 
