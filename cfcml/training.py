@@ -31,6 +31,7 @@ from cfcml.config import ExperimentConfig, OptimConfig
 from cfcml.data.dataset import CachedDataset, ClassBalancedBatchSampler
 from cfcml.data.manifest import PreparedDataset
 from cfcml.data.normalize import TabularNormalizer
+from cfcml.evaluation import metric_keys
 from cfcml.evaluation.metrics import compute_metrics
 from cfcml.graphs import GraphedForward, GraphedStep
 from cfcml.losses import CFCMLLoss
@@ -344,7 +345,7 @@ class CrossValidation:
         if not _finite_everywhere(not bad, self.device):
             what = ", ".join(f"{key}={v}" for key, v in bad.items()) or "loss on another rank"
             raise TrainingDiverged(k, self.epoch + 1, f"training loss ({what})")
-        return {f"train_{key}": v / max(steps, 1) for key, v in zip(sums, means)}
+        return {metric_keys.train(key): v / max(steps, 1) for key, v in zip(sums, means)}
 
     def _input_dropout(self, k: int) -> Callable[[ModelInputs], ModelInputs] | None:
         """Fold k's dropout of whole inputs for this epoch, or None when both rates are 0. Its draws
@@ -429,7 +430,7 @@ class CrossValidation:
         for k, fold in enumerate(self.folds):
             train_stats = self.train_epoch(k)
             for key, value in train_stats.items():
-                metrics[f"{key}_fold{k}"] = value
+                metrics[metric_keys.fold(key, k)] = value
             if fold.val_set is None or fold.val is None:
                 continue
             probs = self.predict(fold, fold.val_set)
@@ -441,15 +442,15 @@ class CrossValidation:
                                                     torch.as_tensor(np.array(labels), dtype=torch.long)))
             per_fold.append(fold_metrics)
             for key, value in fold_metrics.items():
-                metrics[f"val_{key}_fold{k}"] = value
+                metrics[metric_keys.fold(metric_keys.val(key), k)] = value
             frame = prediction_frame(fold.val, probs, self.spec.classes)
             frame.insert(1, "fold", k)
             oof.append(frame)
         for key in per_fold[0] if per_fold else []:
             values = [m[key] for m in per_fold]
-            metrics[f"cv_{key}"] = float(np.nanmean(values)) if not all(map(math.isnan, values)) else math.nan
-        train_losses = [metrics[f"train_loss_fold{k}"] for k in range(len(self.folds))]
-        metrics["train_loss"] = float(np.mean(train_losses))
+            metrics[metric_keys.cv(key)] = float(np.nanmean(values)) if not all(map(math.isnan, values)) else math.nan
+        train_losses = [metrics[metric_keys.fold(metric_keys.TRAIN_LOSS, k)] for k in range(len(self.folds))]
+        metrics[metric_keys.TRAIN_LOSS] = float(np.mean(train_losses))
         self.epoch += 1
         metrics["epoch"] = self.epoch
         return metrics, (pd.concat(oof, ignore_index=True) if oof else pd.DataFrame())

@@ -6,6 +6,7 @@ syntax trees."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,83 @@ def test_every_tuning_package_is_in_the_order_and_says_what_it_may_import() -> N
     assert packages == set(TUNING_ORDER) - {"workflows"} or packages == set(TUNING_ORDER)
     for package in packages:
         assert "May import" in (PROJECT_ROOT / "tuning" / package / "__init__.py").read_text(), package
+
+
+# ------------------------------------------------------------------- the owner of metric names
+
+METRIC_KEYS_MODULE = Path("cfcml/evaluation/metric_keys.py")  # the one module that spells metric keys
+# a metric prefix at the start of a string or after a non-name character ("{variant}.cv_{k}"), a
+# fold suffix before a number or a placeholder, a CI bound's suffix
+METRIC_SPELLING = re.compile(r"(?<![A-Za-z0-9_])(?:cv|val|train|test|selected|last_epoch|diff)_[A-Za-z0-9_]*\*?"
+                             r"|(?<![A-Za-z0-9_])system/|_fold(?=[{(\d])|_ci_(?:low|high)")
+# names that share a prefix with metric keys but are none: settings, files, fields of results
+NOT_METRIC_KEYS = {
+    "test_fraction",  # the synthetic cohorts' test split share (cfcml/data)
+    "test_rows",  # the MLflow dataset profile's count of test rows
+    "test_predictions",  # a checkpoint's file name (test_predictions.csv)
+    "test_probs", "test_ci", "test_evaluation", "cv_sd", "diff_vs_cfcml",  # fields of a comparison's results
+    "last_epoch_metrics",  # the TrialResult field
+}
+
+
+def _strings(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, text) of every string literal that is not a docstring; an f-string's text has `{}`
+    where its placeholders are."""
+    docstrings, parts = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+        if isinstance(node, ast.JoinedStr):
+            parts.update(id(v) for v in node.values)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr) and id(node) not in parts:
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+            out.append((node.lineno, text))
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+              and id(node) not in parts):
+            out.append((node.lineno, node.value))
+    return sorted(out)
+
+
+def metric_spellings(path: Path, source: str | None = None) -> list[str]:
+    """"file:line: 'text'" per string literal of `path` that spells a metric key's prefix or suffix.
+    Not counted: docstrings; a family named in prose with a wildcard (`selected_cv_*`); the
+    platform's own MLflow tags (`cfcml.<name>`); `NOT_METRIC_KEYS`."""
+    found = []
+    for line, text in _strings(ast.parse(source if source is not None else path.read_text(), str(path))):
+        for m in METRIC_SPELLING.finditer(text):
+            word = m.group(0)
+            if word.endswith("*") or word in NOT_METRIC_KEYS or text[:m.start()].endswith("cfcml."):
+                continue
+            found.append(f"{path}:{line}: {text!r}")
+            break
+    return found
+
+
+def test_metric_keys_are_spelt_only_by_their_owner() -> None:
+    """A renamed metric must fail loudly: every key is built or parsed by cfcml.evaluation.metric_keys."""
+    found = [hit for package in ("cfcml", "tuning", "pipelines") for _, path in modules(package)
+             if path.relative_to(PROJECT_ROOT) != METRIC_KEYS_MODULE
+             for hit in metric_spellings(path.relative_to(PROJECT_ROOT), path.read_text())]
+    assert found == [], "metric keys spelt outside cfcml/evaluation/metric_keys.py:\n" + "\n".join(found)
+
+
+def test_the_metric_name_scan_sees_every_spelling(tmp_path: Path) -> None:
+    source = ('"""cv_auc in a docstring is prose."""\n'
+              'a = f"cv_{name}"\n'
+              'b = "val_" + name\n'
+              'c = f"{key}_fold{k}"\n'
+              'd = f"{variant}.test_{k}"\n'
+              'e = key + "_ci_low"\n'
+              'f = "system/cpu"\n'
+              'g = "selected_epoch"\n'
+              'h = "`selected_cv_*`: the maximum over epochs"\n'
+              'i = "cfcml.selected_cv_score"\n'
+              'j = "test_fraction"\n'
+              'k = "empty_fold"\n'
+              'm = "train.selection_metric"\n')
+    lines = [int(hit.split(":")[1]) for hit in metric_spellings(tmp_path / "m.py", source)]
+    assert lines == [2, 3, 4, 5, 6, 7, 8]

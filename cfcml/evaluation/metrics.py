@@ -29,6 +29,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from cfcml.evaluation import metric_keys
+
 TASKS = ("multiclass", "binary")
 
 
@@ -45,7 +47,7 @@ def selection_key(task: str, num_classes: int, dataset_metric: str, override: st
     if name not in known:
         key = "train.selection_metric" if override else "selection_metric (dataset spec)"
         raise ConfigError(f"{name!r} is not a {task} metric (known: {', '.join(known)})", key)
-    return f"cv_{name}"
+    return metric_keys.cv(name)
 
 
 def metric_names(task: str, num_classes: int) -> tuple[str, ...]:

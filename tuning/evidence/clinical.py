@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cfcml.evaluation import metric_keys
 from cfcml.evaluation.calibration import (
     CalibrationSummary,
     calibration_summary,
@@ -316,7 +317,7 @@ def subgroup_frame(ev: ClinicalEvidence) -> pd.DataFrame:
     for r in ev.subgroups:
         row = {"field": r.field, "category": r.category, "n": r.n, "too_small": r.too_small, "reason": r.reason}
         for name, (point, low, high) in r.metrics.items():
-            row |= {name: point, f"{name}_ci_low": low, f"{name}_ci_high": high}
+            row |= {name: point, metric_keys.ci_low(name): low, metric_keys.ci_high(name): high}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -326,7 +327,7 @@ def withheld_frame(ev: ClinicalEvidence) -> pd.DataFrame:
     for r in ev.withheld:
         row = {"withheld": r.name, "kind": r.kind}
         for name, (point, low, high) in r.metrics.items():
-            row |= {name: point, f"{name}_ci_low": low, f"{name}_ci_high": high}
+            row |= {name: point, metric_keys.ci_low(name): low, metric_keys.ci_high(name): high}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -355,7 +356,7 @@ def log_evidence(client: Any, run_id: str, ev: ClinicalEvidence, metrics: list[s
         values |= {f"{tag}_brier": s.brier[0], f"{tag}_ece": s.ece[0], f"{tag}_nll": s.nll}
     for r in ev.operating:
         for rate in RATES:
-            values[f"test_op_{r.point.class_name}_{r.point.name}_{rate}"] = r.rates[rate][0]
+            values[metric_keys.test(f"op_{r.point.class_name}_{r.point.name}_{rate}")] = r.rates[rate][0]
     log_metrics(client, run_id, values)
     return names
 

@@ -29,6 +29,8 @@ import numpy as np
 
 from cfcml.config import ConfigError, ExperimentConfig
 from cfcml.data.manifest import PreparedDataset
+from cfcml.evaluation import metric_keys
+from cfcml.evaluation.metric_keys import auc_metric, headline_metrics
 from tuning.hpo.trial import VariantTrials
 from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
 
@@ -46,17 +48,6 @@ BASELINES = {
     "late_concat": {"model.variant": "late_concat", "loss.fine": False},
 }
 VARIANTS = ("cfcml", "cfcml_tuned", *ABLATIONS, *BASELINES)
-
-
-def auc_metric(task: str) -> str:
-    return "macro_auc" if task == "multiclass" else "auc"
-
-
-def headline_metrics(task: str, num_classes: int) -> list[str]:
-    """What every report shows: the ranking (AUC), the decisions (balanced accuracy) and the
-    recall of every class."""
-    recalls = [f"acc_class_{k}" for k in range(num_classes)] if task == "multiclass" else ["specificity", "sensitivity"]
-    return [auc_metric(task), "balanced_accuracy", *recalls]
 
 
 @dataclass(frozen=True)
@@ -263,11 +254,12 @@ def aggregate(trials: list[dict[str, Any]], task: str, classes: list[str], y_tes
         mine = [t for t in trials if t["variant"] == name]
         result = VariantResult(name, seeds_done=len(mine))
         if mine:
-            keys = [k for k in mine[0]["metrics"] if k.startswith("cv_")]
+            keys = [k for k in mine[0]["metrics"] if metric_keys.is_cv(k)]
             for k in keys:
                 values = np.array([t["metrics"].get(k, np.nan) for t in mine], dtype=float)
-                result.cv[k[3:]] = float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
-                result.cv_sd[k[3:]] = float(np.nanstd(values)) if not np.isnan(values).all() else math.nan
+                name = metric_keys.parse(k).name
+                result.cv[name] = float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
+                result.cv_sd[name] = float(np.nanstd(values)) if not np.isnan(values).all() else math.nan
             result.test_probs = np.mean([t["test_probs"] for t in mine], axis=0)
             result.test = bootstrap_ci(task, y_test, result.test_probs, n_boot=n_boot, seed=0)
         out.append(result)
@@ -493,10 +485,10 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: Any, run_i
     paths = write_outputs(result, plan.out_dir)
     values = {}
     for v in result.variants:
-        values.update({f"{v.name}.cv_{k}": x for k, x in v.cv.items()})
-        values.update({f"{v.name}.test_{k}": x[0] for k, x in v.test.items()})
+        values.update({metric_keys.variant(v.name, metric_keys.cv(k)): x for k, x in v.cv.items()})
+        values.update({metric_keys.variant(v.name, metric_keys.test(k)): x[0] for k, x in v.test.items()})
         if v.diff_vs_cfcml:
-            values[f"{v.name}.diff_{result.auc}"] = v.diff_vs_cfcml[0]
+            values[metric_keys.variant(v.name, metric_keys.diff(result.auc))] = v.diff_vs_cfcml[0]
     log_metrics(client, run_id, values)
     for path in paths:
         client.log_artifact(run_id, str(path))

@@ -11,12 +11,12 @@ from the generator's latents. Every metric block shows the ranking (AUC) next to
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 from cfcml.data.manifest import PreparedDataset
-from tuning.evidence.comparison import headline_metrics
+from cfcml.evaluation import metric_keys
+from cfcml.evaluation.metric_keys import headline_metrics
 from tuning.hpo.space import SearchConfig
 from tuning.records.outcome import SearchOutcome, TrialResult
 
@@ -58,11 +58,7 @@ def param_importance(trials: list[TrialResult], search: SearchConfig) -> dict[st
 
 
 def _per_fold_table(best: TrialResult, names: list[str]) -> list[str]:
-    per_fold: dict[str, dict[int, float]] = {}
-    for key, value in best.metrics.items():
-        m = re.fullmatch(r"val_(.+)_fold(\d+)", key)
-        if m:
-            per_fold.setdefault(m.group(1), {})[int(m.group(2))] = value
+    per_fold = metric_keys.per_fold(best.metrics, metric_keys.VAL)
     folds = sorted({k for d in per_fold.values() for k in d})
     if not folds:
         return ["(no per-fold metrics)"]
@@ -71,8 +67,8 @@ def _per_fold_table(best: TrialResult, names: list[str]) -> list[str]:
              "|---" * (len(folds) + 3) + "|"]
     for name in order:
         cells = " | ".join(_fmt(per_fold[name].get(k)) for k in folds)
-        lines.append(f"| {name} | {cells} | {_fmt(best.metrics.get(f'cv_{name}'))} "
-                     f"| {_fmt(best.last_epoch_metrics.get(f'cv_{name}'))} |")
+        lines.append(f"| {name} | {cells} | {_fmt(best.metrics.get(metric_keys.cv(name)))} "
+                     f"| {_fmt(best.last_epoch_metrics.get(metric_keys.cv(name)))} |")
     return lines
 
 
@@ -143,7 +139,7 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
               "ASHA stopped the trial early.", "",
               "| trial | " + " | ".join(header) + " |", "|---" * (1 + len(header)) + "|"]
     for t in sorted(scored, key=lambda t: -(t.score or 0.0)):
-        cells = [f"{t.score:.4f}", _fmt(t.metrics.get("cv_balanced_accuracy")), t.epoch,
+        cells = [f"{t.score:.4f}", _fmt(t.metrics.get(metric_keys.cv("balanced_accuracy"))), t.epoch,
                  _fmt(t.last_epoch_metrics.get(metric)), t.epochs_run,
                  *[_fmt(t.params.get(k)) for k in outcome.searched]]
         lines.append(f"| {t.trial_id} | " + " | ".join(str(c) for c in cells) + " |")

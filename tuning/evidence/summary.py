@@ -1,9 +1,9 @@
 """The end-of-search summary printed to the terminal."""
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from cfcml.evaluation import metric_keys
 from tuning.records.outcome import SearchOutcome
 
 
@@ -42,16 +42,12 @@ def print_summary(outcome: SearchOutcome, seconds: float) -> None:
           f"{_fmt(best.last_epoch_metrics.get(metric, '—'))}")
     for k, v in best.params.items():
         print(f"  {k} = {_fmt(v)}")
-    per_fold: dict[str, dict[int, float]] = {}
-    for key, value in best.metrics.items():
-        m = re.fullmatch(r"val_(.+)_fold(\d+)", key)
-        if m:
-            per_fold.setdefault(m.group(1), {})[int(m.group(2))] = value
+    per_fold = metric_keys.per_fold(best.metrics, metric_keys.VAL)
     if per_fold:
         folds = sorted({k for d in per_fold.values() for k in d})
         print("  per-fold validation metrics:")
         print("    " + "metric".ljust(18) + "".join(f"fold{k}".rjust(9) for k in folds) + "mean".rjust(9))
         for name, values in per_fold.items():
-            mean = best.metrics.get(f"cv_{name}", float("nan"))
+            mean = best.metrics.get(metric_keys.cv(name), float("nan"))
             cells = "".join(f"{values.get(k, float('nan')):9.4f}" for k in folds)
             print("    " + name.ljust(18) + cells + f"{mean:9.4f}")

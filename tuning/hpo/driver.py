@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cfcml.data.manifest import PreparedDataset
+from cfcml.evaluation import metric_keys
 from tuning.hpo.run import SearchRun
 from tuning.hpo.trial import run_trial
 from tuning.records.outcome import (
@@ -172,7 +173,8 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
     else:
         searcher, scheduler = search_algorithms(run, target)
         reporter = tune.CLIReporter(
-            metric_columns={"epoch": "epoch", metric: metric, target: target, "train_loss": "train_loss"},
+            metric_columns={"epoch": "epoch", metric: metric, target: target,
+                            metric_keys.TRAIN_LOSS: metric_keys.TRAIN_LOSS},
             parameter_columns=run.search.keys, max_report_frequency=REPORT_EVERY_S, sort_by_metric=True,
         )
         tuner = build_tuner(
@@ -211,7 +213,7 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
     if best:
         log_metrics(client, state.parent_run_id, published_cv(best))
         client.set_tag(state.parent_run_id, "cfcml.best_trial", best.trial_id)
-        client.set_tag(state.parent_run_id, "cfcml.selected_figures", SELECTED_NOTE)
+        client.set_tag(state.parent_run_id, f"cfcml.{metric_keys.SELECTED_FIGURES}", SELECTED_NOTE)
         write_json_artifact(client, state.parent_run_id, best.to_dict(), "best_configuration.json")
     if best:
         client.set_terminated(state.parent_run_id, "FINISHED")
@@ -249,11 +251,11 @@ def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResul
         rows = lineage(row for _, row in df.iterrows() if row.get("epoch") == row.get("epoch"))
         selection = EpochSelection(metric)
         for row in rows:
-            selection.update(row)
+            selection.update(row, ref=row)
         if selection.score is None:
             trials.append(TrialResult(trial_id=trial_id, error=f"no finite {metric} in any epoch"))
             continue
-        row = next(r for r in rows if int(r["epoch"]) == selection.epoch)
+        row = selection.selected
         # The selected epoch's own checkpoint, or none: weights of another epoch are never taken.
         path = row.get("checkpoint_path")
         checkpoint = path if isinstance(path, str) and ("://" in path or Path(path).exists()) else None
@@ -268,8 +270,8 @@ def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResul
             wall_s=float(df["time_total_s"].iloc[-1]),
             compute_s=EpochReport.from_dict(df.iloc[-1].to_dict()).time_compute_s,
             checkpoint_path=checkpoint,
-            metrics=_numbers(row, ("cv_", "val_", "train_")),
-            last_epoch_metrics=_numbers(last, ("cv_",)),
+            metrics=_numbers(row, metric_keys.prefixes(metric_keys.CV, metric_keys.VAL, metric_keys.TRAIN)),
+            last_epoch_metrics=_numbers(last, metric_keys.prefixes(metric_keys.CV)),
             history=[{"epoch": int(r["epoch"]), metric: float(r[metric]), "timestamp": float(r["timestamp"])}
                      for r in rows],
             experiment=run.experiment.replace(params),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cfcml.config import ExperimentConfig
+from cfcml.evaluation import metric_keys
 
 # No torch import at module level: the Tune trial actor and the Train controller unpickle
 # `train_loop_per_worker` by reference and so import this module; only the workers need torch.
@@ -146,12 +147,13 @@ class SystemMetrics:
             samples, self._samples = self._samples, defaultdict(list)
         if not samples:
             samples = defaultdict(list, {k: [v] for k, v in self._sample().items()})
-        out = {f"system/{k}": round(sum(v) / len(v), 2) for k, v in samples.items()}
-        out["system/cpu_utilization_percentage"] = float(self._psutil.cpu_percent(None))
+        out = {metric_keys.system(k): round(sum(v) / len(v), 2) for k, v in samples.items()}
+        out[metric_keys.system("cpu_utilization_percentage")] = float(self._psutil.cpu_percent(None))
         if self._cuda is not None:
             import torch
 
-            out["system/gpu_0_peak_allocated_megabytes"] = round(torch.cuda.max_memory_allocated(self._cuda) / 1e6, 2)
+            peak = torch.cuda.max_memory_allocated(self._cuda)
+            out[metric_keys.system("gpu_0_peak_allocated_megabytes")] = round(peak / 1e6, 2)
             torch.cuda.reset_peak_memory_stats(self._cuda)
         return out
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from cfcml.config import ExperimentConfig, from_dict
+from cfcml.evaluation import metric_keys
 
 OUTCOME_FILE = "outcome.json"
-SELECTED_EPOCH = "selected_epoch"  # reported every epoch: the epoch `selected_key(metric)` comes from
+SELECTED_EPOCH = metric_keys.SELECTED_EPOCH  # reported every epoch: the epoch `selected_key(metric)` comes from
 
 
 def selected_key(metric: str) -> str:
@@ -23,7 +24,7 @@ def selected_key(metric: str) -> str:
     "selected_cv_<name>", the maximum of `metric` over the trial's epochs so far. It is what Tune's
     scheduler (ASHA) compares, what Optuna receives as a trial's value and what picks the best
     trial, so all three act on one quantity."""
-    return f"selected_{metric}"
+    return metric_keys.selected(metric)
 
 
 def _finite(value: Any) -> bool:
@@ -107,6 +108,13 @@ class EpochReport:
         )
 
 
+def _improves(value: Any, best: float | None) -> bool:
+    """The rule for one epoch: whether its `value` of the selection metric takes the selection from
+    the epochs before it (`best`: their selected score, None when none had a finite one). A finite
+    value at least as high does: of tied epochs the latest wins; NaN or a missing value never does."""
+    return _finite(value) and (best is None or value >= best)
+
+
 @dataclass
 class EpochSelection:
     """The one rule that picks a trial's epoch: the highest `metric` (the mean over validation
@@ -114,31 +122,80 @@ class EpochSelection:
     (`CheckpointConfig(checkpoint_score_attribute=...)`) ranks a later checkpoint above an earlier
     one with the same score and deletes the earlier first: the selected epoch's weights are the ones
     kept. Ties are common (an AUC of 1.0 on a small fold, a balanced accuracy that moves in steps).
+    An epoch whose metric is NaN or missing is never selected.
 
-    `update` is called with every epoch's metrics in training order (the trial's worker does it,
-    `tuning.hpo.trainer`) and returns the fields reported with that epoch; `restore` continues from
-    the fields of the checkpoint a restarted trial resumes from, so the epochs it discarded (and
-    retrains) never count.
+    One object follows one trial's reports in the order they were made, and three callers use it:
+    the trial's worker (`tuning.hpo.trainer`) reports `update`'s fields with every epoch (what ASHA,
+    Optuna and the best-trial choice act on); the driver (`tuning.hpo.driver.collect_trials`) picks
+    the trial's epoch, metrics and checkpoint from Tune's rows; the tracker
+    (`tuning.tracking.callbacks.SearchTracker`) picks the checkpoint a finished trial's plots come
+    from. A report of an epoch at or below an earlier one (a restart from an older checkpoint
+    retrained it) replaces that epoch and drops every later one, as `lineage` does: discarded epochs
+    never count. `restore` continues from the fields a checkpoint was reported with (a restarted
+    worker knows the epochs before it only through them).
 
     Args:
         metric: the selection metric, "cv_<name>" (`cfcml.evaluation.metrics.selection_key`).
+        score: the selected epoch's `metric`; None until an epoch has a finite one.
+        epoch: the selected epoch (1-based); 0 until one is selected.
     """
 
     metric: str
     score: float | None = None
     epoch: int = 0
+    # the trial's lineage so far: epoch -> (its finite `metric` or None, the `ref` it was reported with)
+    _kept: dict[int, tuple[float | None, Any]] = field(default_factory=dict, repr=False)
+    _restored: tuple[float, int] | None = field(default=None, repr=False)  # (score, epoch) of `restore`
 
-    def update(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+    def update(self, metrics: Mapping[str, Any], ref: Any = None) -> dict[str, float]:
+        """Take one epoch's report.
+
+        Args:
+            metrics: the report: its `epoch` (1-based) and `metric` (absent or NaN: not selectable).
+            ref: what `selected` hands back while this epoch is the selected one (a checkpoint's
+                path, the report's row); None if the caller needs nothing.
+
+        Returns:
+            The fields reported with the epoch: `selected_key(metric)` (NaN before any finite
+            score) and `SELECTED_EPOCH`.
+        """
+        epoch = int(metrics["epoch"])
+        if self.epoch >= epoch or any(e >= epoch for e in self._kept):
+            self._rewind(epoch)
         value = metrics.get(self.metric)
-        if _finite(value) and (self.score is None or value >= self.score):
-            self.score, self.epoch = float(value), int(metrics["epoch"])
-        return {selected_key(self.metric): math.nan if self.score is None else self.score,
-                SELECTED_EPOCH: self.epoch}
+        self._kept[epoch] = (float(value) if _finite(value) else None, ref)
+        if _improves(value, self.score):
+            self.score, self.epoch = float(value), epoch
+        return self.fields()
+
+    def fields(self) -> dict[str, float]:
+        """`{selected_key(metric): score (NaN if none), SELECTED_EPOCH: epoch}`."""
+        return {selected_key(self.metric): math.nan if self.score is None else self.score, SELECTED_EPOCH: self.epoch}
+
+    @property
+    def selected(self) -> Any:
+        """The `ref` the selected epoch was reported with (None if none, or if it was selected
+        before a `restore`)."""
+        return self._kept.get(self.epoch, (None, None))[1]
 
     def restore(self, metrics: Mapping[str, Any]) -> None:
+        """Continue from the metrics a checkpoint was written with (their `selected_key(metric)`
+        and `SELECTED_EPOCH`); nothing changes when they hold no finite selected score."""
         value = metrics.get(selected_key(self.metric))
         if _finite(value):
             self.score, self.epoch = float(value), int(metrics.get(SELECTED_EPOCH, 0))
+            self._restored, self._kept = (self.score, self.epoch), {}
+
+    def _rewind(self, epoch: int) -> None:
+        """Drop `epoch` and every later one (retrained after a restart), then select again among
+        the epochs kept."""
+        self._kept = {e: v for e, v in self._kept.items() if e < epoch}
+        restored = self._restored if self._restored is not None and self._restored[1] < epoch else None
+        self.score, self.epoch = restored if restored is not None else (None, 0)
+        for e in sorted(self._kept):
+            value = self._kept[e][0]
+            if _improves(value, self.score):
+                self.score, self.epoch = value, e
 
 
 SELECTED_NOTE = ("selected_*: the best trial at its selected epoch, a maximum over epochs and trials "
@@ -146,13 +203,15 @@ SELECTED_NOTE = ("selected_*: the best trial at its selected epoch, a maximum ov
                  "still the best of the trials); see docs/evaluation.md")
 
 
-def published_cv(trial: TrialResult, prefixes: tuple[str, ...] = ("cv_", "val_", "train_")) -> dict[str, float]:
+def published_cv(trial: TrialResult,
+                 prefixes: tuple[str, ...] = metric_keys.prefixes(metric_keys.CV, metric_keys.VAL, metric_keys.TRAIN)
+                 ) -> dict[str, float]:
     """The figures a finished search publishes of its best trial, each named for how it was chosen:
     `selected_<key>` for the metrics at the selected epoch (the trial's and epoch's maximum: an
     optimistic estimate), `last_epoch_<key>` for the `cv_*` at its last epoch (not maximised over
     epochs). Keys of `trial.metrics` starting with one of `prefixes` are published."""
-    out = {f"selected_{k}": v for k, v in trial.metrics.items() if k.startswith(prefixes)}
-    out.update({f"last_epoch_{k}": v for k, v in trial.last_epoch_metrics.items()})
+    out = {metric_keys.selected(k): v for k, v in trial.metrics.items() if k.startswith(prefixes)}
+    out.update({metric_keys.last_epoch(k): v for k, v in trial.last_epoch_metrics.items()})
     return out
 
 

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from cfcml.data.manifest import PreparedDataset
+from cfcml.evaluation import metric_keys
 from tuning.records.outcome import SELECTED_NOTE, SearchOutcome, TrialResult, published_cv
 
 REGISTERED_TAG = "cfcml.registered_version"
+CV_ONLY = metric_keys.prefixes(metric_keys.CV)  # what a registered model publishes of its search: cv_* only
 
 
 def registered_version(client: Any, run_id: str, model_name: str,
@@ -94,9 +96,9 @@ def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: Prepare
 def _cv_tags(best: TrialResult, metric: str) -> dict[str, str]:
     """The model version's CV tags: `selected_cv_*` (optimistic: the maximum over epochs and
     trials) and `last_epoch_cv_*`, named by `published_cv`, with a note saying which is which."""
-    tags = {k: f"{v:.4f}" for k, v in published_cv(best, ("cv_",)).items()}
-    tags.update({"selection_metric": metric, "best_trial": best.trial_id, "selected_epoch": str(best.epoch),
-                 "selected_figures": SELECTED_NOTE})
+    tags = {k: f"{v:.4f}" for k, v in published_cv(best, CV_ONLY).items()}
+    tags.update({"selection_metric": metric, "best_trial": best.trial_id, metric_keys.SELECTED_EPOCH: str(best.epoch),
+                 metric_keys.SELECTED_FIGURES: SELECTED_NOTE})
     return tags
 
 
@@ -121,9 +123,10 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
     def tags_from_run(run_id: str) -> dict[str, str]:  # the version tags, if it is registered again
         metrics = client.get_run(run_id).data.metrics
         return {**_cv_tags(best, outcome.metric), "stage": "final",
-                **{k: f"{v:.4f} [{metrics.get(k + '_ci_low', float('nan')):.4f}, "
-                      f"{metrics.get(k + '_ci_high', float('nan')):.4f}]"
-                   for k, v in metrics.items() if k.startswith("test_") and not k.endswith(("_ci_low", "_ci_high"))}}
+                **{k: f"{v:.4f} [{metrics.get(metric_keys.ci_low(k), float('nan')):.4f}, "
+                      f"{metrics.get(metric_keys.ci_high(k), float('nan')):.4f}]"
+                   for k, v in metrics.items() if metric_keys.is_kind(k, metric_keys.TEST)
+                   and not k.endswith((metric_keys.CI_LOW, metric_keys.CI_HIGH))}}
 
     run_id, done = _child_run(client, outcome, "final", prepared, tags_from_run)
     if done:
@@ -165,8 +168,9 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
     ci = bootstrap_ci(spec.task, labels, probs, n_boot=1000, seed=0)
     values = {}
     for name, (point, low, high) in ci.items():
-        values.update({f"test_{name}": point, f"test_{name}_ci_low": low, f"test_{name}_ci_high": high})
-    log_metrics(client, run_id, {**values, **published_cv(best, ("cv_",))})  # test next to labelled CV
+        key = metric_keys.test(name)
+        values.update({key: point, metric_keys.ci_low(key): low, metric_keys.ci_high(key): high})
+    log_metrics(client, run_id, {**values, **published_cv(best, CV_ONLY)})  # test next to labelled CV
     log_figure(client, run_id, plot_roc(labels, probs, list(spec.classes)), "plots/roc_test.png")
     log_figure(client, run_id, plot_confusion(labels, probs, list(spec.classes)), "plots/confusion_test.png")
 
@@ -175,7 +179,7 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
         print(f"  {name:20s} {point:7.4f}  [{low:.4f}, {high:.4f}]")
     evidence = _clinical(client, run_id, prepared, best, test, weights)
     tags = {**_cv_tags(best, outcome.metric), "stage": "final",
-            **{f"test_{k}": f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for k, v in ci.items()}}
+            **{metric_keys.test(k): f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for k, v in ci.items()}}
     info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,
                             experiment=best.experiment, members=[weights],
                             model_name=f"cfcml-{outcome.dataset}", tags=tags,
@@ -204,8 +208,6 @@ def _clinical(client: Any, run_id: str, prepared: PreparedDataset, best: TrialRe
         log_evidence,
         operating_table,
     )
-    from tuning.evidence.comparison import headline_metrics
-
     try:
         evidence = final_evidence(prepared, best, test, weights)
     except Exception as exc:  # the model is trained and tested: register it (uncalibrated), say why
@@ -215,7 +217,7 @@ def _clinical(client: Any, run_id: str, prepared: PreparedDataset, best: TrialRe
         return None
     if evidence is None:
         return None
-    names = headline_metrics(prepared.spec.task, len(prepared.spec.classes))
+    names = metric_keys.headline_metrics(prepared.spec.task, len(prepared.spec.classes))
     log_evidence(client, run_id, evidence, names[:2])
     for title, table in (("calibration", calibration_table), ("operating points", operating_table),
                          ("decision curves", decision_table)):
@@ -279,7 +281,7 @@ def _register_cv_ensemble(client: Any, run_id: str, prepared: PreparedDataset, o
 
     with open_checkpoint(best.checkpoint_path) as ckpt:
         members = ckpt.fold_weights()
-    log_metrics(client, run_id, published_cv(best, ("cv_",)))
+    log_metrics(client, run_id, published_cv(best, CV_ONLY))
     fitted = best_trial_calibrator(prepared.spec, best)  # the fold models' own out-of-fold predictions
     calibrator = fitted[0] if fitted else None
     info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,

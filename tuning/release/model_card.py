@@ -114,14 +114,14 @@ def known_limits(card: CardInputs) -> list[str]:
 def model_card(card: CardInputs) -> str:
     """The card's markdown (see the module doc)."""
     from cfcml.data.spec import DatasetSpec
+    from cfcml.evaluation import metric_keys
     from tuning.evidence.clinical import report_sections
-    from tuning.evidence.comparison import headline_metrics
 
     prepared, best, outcome = card.prepared, card.best, card.outcome
     spec: DatasetSpec = prepared.spec
     version = f" version {card.version}" if card.version is not None else ""
     scored = [t for t in outcome.trials if t.scored]
-    names = headline_metrics(spec.task, len(spec.classes))
+    names = metric_keys.headline_metrics(spec.task, len(spec.classes))
     lines = [f"# Model card: `{card.model_name}`{version}", "",
              f"Generated from MLflow run `{card.run_id}` and its records; no figure is typed by hand.", "",
              "## Intended use", "",
@@ -140,13 +140,13 @@ def model_card(card: CardInputs) -> str:
               f"CFCML (image + table fusion). Search `{outcome.search_dir.rstrip('/').split('/')[-1]}`: "
               f"{len(outcome.trials)} trials ({len(scored)} scored), selected by `{outcome.metric}` (the mean over "
               f"validation folds). Best trial `{best.trial_id}` at its selected epoch {best.epoch}: "
-              f"selected_{outcome.metric} = {best.score:.4f}."]
-    cv = [f"{n} {best.metrics[f'cv_{n}']:.3f}" for n in names if f"cv_{n}" in best.metrics]
+              f"{metric_keys.selected(outcome.metric)} = {best.score:.4f}."]
+    cv = [f"{n} {best.metrics[metric_keys.cv(n)]:.3f}" for n in names if metric_keys.cv(n) in best.metrics]
     if cv:
         lines.append(f"Its cross-validation figures at that epoch (`selected_cv_*`: a maximum over epochs and "
                      f"trials, optimistic): {', '.join(cv)}.")
-    last = [f"{n} {best.last_epoch_metrics[f'cv_{n}']:.3f}" for n in names
-            if f"cv_{n}" in getattr(best, "last_epoch_metrics", {})]
+    last = [f"{n} {best.last_epoch_metrics[metric_keys.cv(n)]:.3f}" for n in names
+            if metric_keys.cv(n) in getattr(best, "last_epoch_metrics", {})]
     if last:
         lines.append(f"At its last epoch ({best.epochs_run}; `last_epoch_cv_*`, not maximised over epochs): "
                      f"{', '.join(last)}. Only the test figures below are an unselected estimate.")

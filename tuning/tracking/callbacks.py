@@ -4,7 +4,6 @@ epochs), with the per-epoch logging they share. The store they write through is 
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 from ray.tune import Callback
 
-from tuning.records.outcome import EpochReport
+from tuning.records.outcome import EpochReport, EpochSelection
 from tuning.tracking.store import (
     LOGGED_PREFIXES,
     SCAN_BACKEND_TAG,
@@ -127,7 +126,8 @@ class SearchTracker(Callback):
         self.dataset = dataset
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._last_epoch: dict[str, int] = {}
-        self._best: dict[str, tuple[float, str | None]] = {}  # trial id -> (score, checkpoint path)
+        # trial id -> its epoch selection, each epoch's checkpoint path as the `ref` (the one rule, `EpochSelection`)
+        self._selections: dict[str, EpochSelection] = {}
         self._last: dict[str, str] = {}  # trial id -> latest checkpoint path
         self._reasons: dict[str, str] = {}  # trial id -> why it failed (FAILURE_TAG)
         self._scan_backends: dict[str, str | None] = {}  # trial id -> its SCAN_BACKEND_TAG as set
@@ -177,7 +177,7 @@ class SearchTracker(Callback):
         run_id = self._run_for(trial)
         timestamp = int(result.get("timestamp", 0))
         report = EpochReport.from_dict(result)
-        scans = self.__dict__.setdefault("_scan_backends", {})  # (a tracker saved before it had one)
+        scans = self._scan_backends
         scans[trial.trial_id] = tag_scan_backend(self.client, run_id, report, scans.get(trial.trial_id))
         # A resumed trial first re-sends the metrics of the checkpoint it restarted from: an
         # interruption can land between that checkpoint and its report reaching this driver.
@@ -191,20 +191,15 @@ class SearchTracker(Callback):
         self._log_epoch(trial.trial_id, run_id, result, timestamp, retrained=report.retrained)
         if result.get("checkpoint_path"):
             self._last[trial.trial_id] = result["checkpoint_path"]
-        score = result.get(self.metric)
-        if isinstance(score, (int, float)) and math.isfinite(score):
-            best = self._best.get(trial.trial_id)
-            if "selected_epoch" in result:  # the worker's selection (tuning.records.outcome.EpochSelection)
-                # this trial's epochs as its lineage: a retrained epoch drops the ones after it
-                epochs = self.__dict__.setdefault("_epochs", {}).setdefault(trial.trial_id, {})
-                epoch = int(result.get("epoch", 0))
-                for stale in [e for e in epochs if e >= epoch]:
-                    del epochs[stale]
-                epochs[epoch] = (float(score), result.get("checkpoint_path"))
-                if result["selected_epoch"] in epochs:
-                    self._best[trial.trial_id] = epochs[result["selected_epoch"]]
-            elif best is None or score >= best[0]:  # ties: the latest epoch, as EpochSelection
-                self._best[trial.trial_id] = (float(score), result.get("checkpoint_path"))
+        if result.get("epoch") is not None:  # the rule the worker applies, on this trial's lineage of epochs
+            selection = self._selections.setdefault(trial.trial_id, EpochSelection(self.metric))
+            selection.update(result, ref=result.get("checkpoint_path"))
+
+    @property
+    def _best(self) -> dict[str, tuple[float, str | None]]:
+        """trial id -> (selected score, the selected epoch's checkpoint path or None), for the trials
+        with a finite score."""
+        return {tid: (s.score, s.selected) for tid, s in self._selections.items() if s.score is not None}
 
     def _log_epoch(self, trial_id: str, run_id: str, values: dict, timestamp: int, retrained: bool = False) -> None:
         """Log one epoch's metrics at step=epoch, each epoch once (`log_epoch_once`)."""
@@ -217,7 +212,7 @@ class SearchTracker(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         reason = failure_reason(trial)
         self.client.set_tag(self._run_for(trial), FAILURE_TAG, reason[:5000])
-        self.__dict__.setdefault("_reasons", {})[trial.trial_id] = reason  # (a tracker saved before it had one)
+        self._reasons[trial.trial_id] = reason
         self._finish(trial, "FAILED")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -272,7 +267,7 @@ class SearchTracker(Callback):
         epochs = last.get("epoch", self._last_epoch.get(trial.trial_id, 0))
         best = self._best.get(trial.trial_id)
         if status != "FINISHED":
-            reason = getattr(self, "_reasons", {}).get(trial.trial_id)
+            reason = self._reasons.get(trial.trial_id)
             return (f"trial {name} failed after {epochs} epoch(s): {reason or 'no reason recorded'}; "
                     f"see {getattr(trial, 'local_path', '') or 'its logs'}")
         if self.plots_from == "last":  # a fixed-budget comparison: nothing is selected

@@ -34,9 +34,12 @@ from mlflow.tracking import MlflowClient
 
 from cfcml.config import PROJECT_ROOT
 from cfcml.data.manifest import PreparedDataset
+from cfcml.evaluation import metric_keys
 from tuning.runtime.preflight import tracking_uri_choice
 
-LOGGED_PREFIXES = ("train_", "val_", "cv_", "selected_", "system/")
+# what an epoch logs of a report (`log_epoch_once`): train_*, val_*, cv_*, selected_*, system/*
+LOGGED_PREFIXES = metric_keys.prefixes(metric_keys.TRAIN, metric_keys.VAL, metric_keys.CV, metric_keys.SELECTED,
+                                       metric_keys.SYSTEM)
 # On every trial run and final run: the selective scan its model actually ran (`EpochReport.scan_backend`:
 # "chunked", "triton", ...; "chunked" where `auto` fell back after the triton self-check; "none" without
 # Mamba blocks), set from the run's first report (cfcml/networks/scan_check.py, docs/gpu.md).

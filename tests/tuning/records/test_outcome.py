@@ -150,3 +150,100 @@ def test_a_re_sent_finished_epoch_is_not_a_retrained_one() -> None:
 
     restored = {"epoch": 4, "cv_auc": 0.8}
     assert not EpochReport.from_dict({**restored, "restored": restored}).retrained
+
+
+NAN = math.nan
+
+
+@pytest.mark.parametrize("reports, epoch, score", [
+    ([(1, 0.6), (2, 0.7), (3, 0.8)], 3, 0.8),  # improving: the last
+    ([(1, 0.8), (2, 0.7), (3, 0.6)], 1, 0.8),  # worsening: the first
+    ([(1, 0.7), (2, 0.9), (3, 0.9), (4, 0.5)], 3, 0.9),  # tied best: the later
+    ([(1, 0.9), (2, 0.5), (3, 0.9)], 3, 0.9),  # tied best apart: the later
+    ([(1, NAN), (2, 0.5), (3, NAN)], 2, 0.5),  # NaN never wins, nor breaks a tie
+    ([(1, 0.5), (2, None)], 1, 0.5),  # a report without the metric is an epoch without a score
+    ([(1, NAN), (2, NAN)], 0, None),  # nothing selectable
+    ([(1, 0.6), (2, 0.95), (3, 0.7), (2, 0.8), (3, 0.85)], 3, 0.85),  # restart from 1: discarded 0.95 gone
+    ([(1, 0.6), (2, 0.9), (3, 0.7), (3, 0.65)], 2, 0.9),  # restart from 2: the selected epoch 2 stays
+    ([(1, 0.9), (2, 0.9), (2, 0.5)], 1, 0.9),  # the selected tie retrained lower: the earlier one again
+    ([(1, 0.6), (2, 0.7), (3, 0.8), (1, 0.5)], 1, 0.5),  # restart from scratch: only the new epoch 1
+])
+def test_the_one_rule_selects_the_latest_best_finite_epoch_of_the_lineage(reports, epoch: int, score) -> None:
+    selection = EpochSelection(METRIC)
+    for i, (e, s) in enumerate(reports):
+        fields = selection.update({"epoch": e} if s is None else {"epoch": e, METRIC: s}, ref=f"report {i}")
+    assert (selection.epoch, selection.score) == (epoch, score)
+    assert fields[SELECTED_EPOCH] == epoch and fields[selected_key(METRIC)] == pytest.approx(
+        math.nan if score is None else score, nan_ok=True)
+    # the ref of the selected epoch's own (latest) report, never a discarded one's
+    latest = max((i for i, (e, _) in enumerate(reports) if e == epoch), default=None)
+    assert selection.selected == (None if latest is None else f"report {latest}")
+
+
+def _worker_reports(tmp_path: Path) -> list[dict]:
+    """What a trial's worker reports (tuning.hpo.trainer.train_loop_per_worker, its selection and
+    checkpoint policy as they are): epochs 1-5; the worker group crashes and epoch 4's checkpoint
+    is damaged, so it restarts from epoch 2's and retrains 3-8; then a resumed search restarts the
+    finished run, which re-sends its last epoch. Tune adds `checkpoint_path` to a checkpointed
+    epoch's report (TuneReportCallback)."""
+    from tuning.hpo.trainer import CheckpointPolicy
+
+    policy = CheckpointPolicy(every=2, max_epochs=8)
+    segments = [[(1, 0.6), (2, 0.7), (3, NAN), (4, 0.7), (5, 0.65)],
+                [(3, 0.75), (4, 0.75), (5, 0.5), (6, 0.72), (7, 0.74), (8, 0.74)]]
+    reports: list[dict] = []
+    checkpoints: dict[int, dict] = {}  # epoch -> the metrics its checkpoint holds
+    for n, segment in enumerate(segments):
+        selection = EpochSelection(METRIC)
+        restored = None
+        if n:  # Resumption.load: restore the selection from the checkpoint it continues from
+            restored = checkpoints[segment[0][0] - 1]
+            selection.restore(restored)
+        for epoch, score in segment:
+            metrics = {"epoch": epoch, METRIC: score, "val_macro_auc_fold0": score}
+            metrics.update(selection.update(metrics))
+            report = dict(metrics)
+            if policy.due(epoch, selection.epoch):
+                checkpoints[epoch] = dict(metrics)
+                path = tmp_path / f"checkpoint_{len(reports):03d}"
+                path.mkdir()
+                report["checkpoint_path"] = str(path)
+            if restored is not None:
+                report["restored"], restored = restored, None
+            reports.append(report)
+    last = checkpoints[8]
+    reports.append({**last, "restored": last})  # the finished run's re-send: no new checkpoint
+    return reports
+
+
+def test_the_worker_the_driver_and_the_tracker_select_the_same_epoch(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
+
+    from tuning.tracking.callbacks import SearchTracker
+
+    reports = _worker_reports(tmp_path)
+    worker = reports[-1]  # the trial's last report: what ASHA, Optuna and the best-trial choice read
+
+    # the driver: Tune's rows of the trial, as collect_trials reads them after the search
+    rows = [{k: v for k, v in r.items() if k != "restored"} | {"trial_id": "t1", "timestamp": 1000 + i,
+                                                                  "time_total_s": 10.0 * (i + 1)}
+            for i, r in enumerate(reports)]
+    result = Result(metrics={**rows[-1], "config": CONFIG}, checkpoint=None, error=None, path=str(tmp_path),
+                    metrics_dataframe=pd.DataFrame(rows))
+    (driver,) = collect_trials([result], METRIC, SearchRun.build("men", "smoke"))
+
+    # the tracker: the same reports as Tune hands them to its callback on the driver
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = client.create_experiment("agree", artifact_location=str(tmp_path / "artifacts"))
+    tracker = SearchTracker(client.tracking_uri, exp_id, client.create_run(exp_id).info.run_id, "agree", METRIC,
+                            ["a", "b", "c"], "multiclass")
+    trial = Trial("__fake", config={}, trial_id="t1", stub=True)
+    for i, report in enumerate(reports):
+        tracker.on_trial_result(0, [trial], trial, {**report, "timestamp": 1000 + i})
+
+    retrained_4 = reports[6]["checkpoint_path"]  # epoch 4 of the second segment, tied with 3: the later
+    assert (worker[SELECTED_EPOCH], worker[selected_key(METRIC)]) == (4, 0.75)
+    assert (driver.epoch, driver.score, driver.checkpoint_path) == (4, 0.75, retrained_4)
+    assert tracker._best["t1"] == (0.75, retrained_4) and tracker._selections["t1"].epoch == 4
+    assert driver.metrics["val_macro_auc_fold0"] == 0.75 and driver.epochs_run == 8
