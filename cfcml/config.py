@@ -82,6 +82,165 @@ SCANS = ("auto", "sequential", "pscan", "chunked", "mamba_ssm", "triton")
 # Each section checks its own values in __post_init__, so a config built in code (tests, scripts)
 # is held to the same rules as one loaded from YAML.
 
+# model.variant's established image+table fusion methods (cfcml/networks/fusion/, docs/model.md,
+# "Fusion baselines"); each has its settings under model.fusion.<name>.
+FUSION_VARIANTS = ("early_fusion", "film", "daft", "tab_attention", "tensor_fusion", "healnet")
+
+
+def _stages(section: Any, name: str, need_last: bool = False) -> None:
+    """`name` holds encoder stages: a non-empty tuple of distinct numbers 1..4 (with 4 when `need_last`)."""
+    stages = getattr(section, name)
+    if not stages or not set(stages) <= {1, 2, 3, 4} or len(set(stages)) != len(stages):
+        raise ConfigError(f"expected distinct encoder stages numbered 1..4, got {list(stages)}", name)
+    if need_last and 4 not in stages:
+        raise ConfigError(f"must include stage 4 (the encoder's later stages would get no gradient), "
+                          f"got {list(stages)}", name)
+
+
+@dataclass(frozen=True)
+class EarlyFusionConfig:
+    """`model.fusion.early_fusion`: the table as extra constant channels of every image, at the encoder's input.
+
+    Args:
+        source: "tokens" (the tokenizer's field tokens, flattened and mapped by a learned linear
+            layer to `channels` values) or "raw" (the normalised table itself: each numeric value, 0
+            where missing, its missing flag, and each categorical field one-hot, all zero where
+            missing; no tokenizer).
+        channels: extra input channels made from the tokens (source "tokens"), >= 1.
+    """
+
+    source: Literal["tokens", "raw"] = "tokens"
+    channels: int = 8
+
+    def __post_init__(self) -> None:
+        check_floats(self)
+        _positive(self, "channels")
+
+
+@dataclass(frozen=True)
+class FilmConfig:
+    """`model.fusion.film`: feature-wise linear modulation (Perez et al. 2018) of image feature maps.
+
+    Args:
+        stages: encoder stages (1..4, distinct) whose output maps are scaled and shifted per
+            channel, gamma * F + beta, with (gamma, beta) generated from the table.
+        hidden: width of the generator's hidden layer, >= 1.
+    """
+
+    stages: tuple[int, ...] = (1, 2, 3, 4)
+    hidden: int = 64
+
+    def __post_init__(self) -> None:
+        check_floats(self)
+        _stages(self, "stages")
+        _positive(self, "hidden")
+
+
+@dataclass(frozen=True)
+class DaftConfig:
+    """`model.fusion.daft`: the dynamic affine feature-map transform (Pölsterl et al. 2021) at the
+    input of the image encoder's last residual block.
+
+    Args:
+        bottleneck: reduction factor r of the auxiliary network: its hidden layer has
+            (C + table width) / r units (at least 1), >= 1.
+        scale_activation: applied to the generated scale alpha: "linear" (none), "sigmoid" or "tanh".
+        scale, shift: generate and apply alpha (else 1) and beta (else 0); at least one is on.
+    """
+
+    bottleneck: int = 7
+    scale_activation: Literal["linear", "sigmoid", "tanh"] = "linear"
+    scale: bool = True
+    shift: bool = True
+
+    def __post_init__(self) -> None:
+        check_floats(self)
+        _positive(self, "bottleneck")
+        if self.scale_activation not in ("linear", "sigmoid", "tanh"):
+            raise ConfigError(f"expected linear, sigmoid or tanh, got {self.scale_activation!r}", "scale_activation")
+        if not (self.scale or self.shift):
+            raise ConfigError("scale and shift are both off: the transform would do nothing", "scale")
+
+
+@dataclass(frozen=True)
+class TabAttentionConfig:
+    """`model.fusion.tab_attention`: the table's field tokens attend over the image tokens (MCAT-style).
+
+    Args:
+        stages: encoder stages (1..4, distinct, 4 among them) whose maps give the image tokens.
+        layers: cross-attention blocks, >= 1.
+        heads: attention heads, >= 1, dividing `model.dim`.
+    """
+
+    stages: tuple[int, ...] = (4,)
+    layers: int = 1
+    heads: int = 4
+
+    def __post_init__(self) -> None:
+        check_floats(self)
+        _stages(self, "stages", need_last=True)
+        _positive(self, "layers", "heads")
+
+
+@dataclass(frozen=True)
+class TensorFusionConfig:
+    """`model.fusion.tensor_fusion`: the outer product of the modalities' vectors (Zadeh et al. 2017),
+    low-rank (Liu et al. 2018) where the full product is too large.
+
+    Args:
+        hidden: width h of each modality's vector before the product (1 is appended to it), >= 1.
+        rank: rank of the low-rank factorisation, >= 1.
+        max_full: the full product (h + 1)^M over M modalities (images and the table) is used when
+            it has at most this many entries, else the low-rank one; 0 = always low-rank. >= 0.
+    """
+
+    hidden: int = 16
+    rank: int = 4
+    max_full: int = 8192
+
+    def __post_init__(self) -> None:
+        check_floats(self)
+        _positive(self, "hidden", "rank")
+        _non_negative(self, "max_full")
+
+
+@dataclass(frozen=True)
+class HealnetConfig:
+    """`model.fusion.healnet`: hybrid early fusion (Hemker et al. 2024), a shared latent array that
+    attends to each modality in turn.
+
+    Args:
+        latents: rows of the shared latent array, >= 1.
+        depth: fusion layers, >= 1.
+        stages: encoder stages (1..4, distinct, 4 among them) whose maps give the image tokens.
+        heads: attention heads, >= 1, dividing `model.dim`.
+        share_weights: one set of fusion-layer weights for all `depth` layers.
+    """
+
+    latents: int = 16
+    depth: int = 2
+    stages: tuple[int, ...] = (3, 4)
+    heads: int = 4
+    share_weights: bool = False
+
+    def __post_init__(self) -> None:
+        check_floats(self)
+        _stages(self, "stages", need_last=True)
+        _positive(self, "latents", "depth", "heads")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """`model.fusion`: the settings of each fusion method (read only by its `model.variant`)."""
+
+    early_fusion: EarlyFusionConfig = field(default_factory=EarlyFusionConfig)
+    film: FilmConfig = field(default_factory=FilmConfig)
+    daft: DaftConfig = field(default_factory=DaftConfig)
+    tab_attention: TabAttentionConfig = field(default_factory=TabAttentionConfig)
+    tensor_fusion: TensorFusionConfig = field(default_factory=TensorFusionConfig)
+    healnet: HealnetConfig = field(default_factory=HealnetConfig)
+
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -89,7 +248,9 @@ class ModelConfig:
 
     Args:
         variant: "cfcml" (all modalities, coarse stage), "image_only", "tabular_only" (the coarse
-            stage over a subset of modalities) or "late_concat" (last stage pooled, concatenated).
+            stage over a subset of modalities), "late_concat" (last stage pooled, concatenated), or
+            one of the established fusion methods `FUSION_VARIANTS` (cfcml/networks/fusion/):
+            "early_fusion", "film", "daft", "tab_attention", "tensor_fusion", "healnet".
         encoder: "res_mamba" (the public MEN encoder: residual CNN, shared four-order Mamba layers),
             "mamba_resnet" (this platform's earlier residual CNN with bidirectional Mamba mixers) or
             "swin" (MONAI Swin); all take 2D or 3D images.
@@ -113,9 +274,11 @@ class ModelConfig:
         dropout: classifier dropout, in [0, 1).
         multi_granularity: off = stage 4 only (an ablation).
         cie: crossmodal information enhancement (off = an ablation).
+        fusion: the fusion methods' own settings (`FusionConfig`), read by the matching variant only.
     """
 
-    variant: Literal["cfcml", "image_only", "tabular_only", "late_concat"] = "cfcml"
+    variant: Literal["cfcml", "image_only", "tabular_only", "late_concat", "early_fusion", "film", "daft",
+                     "tab_attention", "tensor_fusion", "healnet"] = "cfcml"
     encoder: Literal["res_mamba", "mamba_resnet", "swin"] = "res_mamba"
     encoder_width: int = 16
     encoder_blocks: int = 3
@@ -137,6 +300,7 @@ class ModelConfig:
     dropout: float = 0.5
     multi_granularity: bool = True
     cie: bool = True
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def __post_init__(self) -> None:
         check_floats(self)
@@ -166,6 +330,10 @@ class ModelConfig:
             raise ConfigError(f"must be in [0, 1), got {self.dropout!r}", "dropout")
         if min(self.swin_heads) < 1 or min(self.swin_depths) < 1:
             raise ConfigError("heads and depths must be >= 1", "swin_heads")
+        for method in ("tab_attention", "healnet"):
+            heads = getattr(self.fusion, method).heads
+            if self.dim % heads:
+                raise ConfigError(f"dim {self.dim} is not divisible by {heads} heads", f"fusion.{method}.heads")
         if self.encoder == "swin":
             for i, h in enumerate(self.swin_heads):  # stage i has encoder_width * 2**i channels
                 if (self.encoder_width * 2**i) % h:

@@ -1,4 +1,5 @@
-"""Networks: image encoders, the tabular tokenizer and the CFCML model."""
+"""Networks: image encoders, the tabular tokenizer, the CFCML model and the fusion baselines
+(`cfcml.networks.fusion`); `build_model` builds the one `model.variant` names."""
 from __future__ import annotations
 
 import dataclasses

@@ -6,33 +6,25 @@ features this module returns, see `cfcml.losses`. Baselines and ablations share 
 - variant "cfcml": all modalities, coarse stage with the multi-granularity / CIE switches;
 - variant "image_only" / "tabular_only": the same coarse stage over a subset of modalities;
 - variant "late_concat": each modality encoded alone (last stage pooled), concatenated.
+
+The established fusion methods (`cfcml.config.FUSION_VARIANTS`) are separate networks under
+cfcml/networks/fusion/; `build_model` builds whichever `model.variant` names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from cfcml.config import ConfigError, ModelConfig
+from cfcml.config import FUSION_VARIANTS, ConfigError, ModelConfig
 from cfcml.networks.encoders import build_encoder
+from cfcml.networks.fusion import FUSION_MODELS, FusionModel
+from cfcml.networks.parts import ImageInput, ModelOutput, classifier_head
 from cfcml.networks.tabular import TabularTokenizer
 
-
-@dataclass(frozen=True)
-class ImageInput:
-    """What the model needs to know about an image modality."""
-
-    dims: int  # 2 or 3
-    channels: int
-    size: tuple[int, ...]
-
-
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor  # [B, C]
-    features: torch.Tensor  # [B, M, D], one pooled vector per modality (table last)
+__all__ = ["CFCML", "CrossmodalEnhancer", "ImageInput", "ModelOutput", "TokenCompressor", "build_model",
+           "classifier_head"]
 
 
 class TokenCompressor(nn.Module):
@@ -65,14 +57,6 @@ class CrossmodalEnhancer(nn.Module):
             enhanced, _ = attn(tokens[m], others, others, need_weights=False)
             out.append(torch.cat([tokens[m], enhanced], dim=1))
         return out
-
-
-def classifier_head(in_dim: int, dim: int, num_classes: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(dim, max(dim // 8, 1)), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(max(dim // 8, 1), num_classes),
-    )
 
 
 class CFCML(nn.Module):
@@ -187,10 +171,12 @@ class CFCML(nn.Module):
         return [fuse(torch.cat(ts, dim=1)).mean(1) for fuse, ts in zip(self.fuse, per_mod)]
 
 
-def build_model(spec, cfg: ModelConfig) -> CFCML:
-    """Build the network for a `cfcml.data.spec.DatasetSpec`."""
+def build_model(spec, cfg: ModelConfig) -> CFCML | FusionModel:
+    """Build the network `cfg.variant` names for a `cfcml.data.spec.DatasetSpec`: CFCML (and its
+    ablations and simple baselines) or one of the fusion methods of cfcml/networks/fusion/."""
     images = [ImageInput(m.dims, m.channels, tuple(m.size)) for m in spec.modalities]
-    return CFCML(
+    network = FUSION_MODELS[cfg.variant] if cfg.variant in FUSION_VARIANTS else CFCML
+    return network(
         images,
         num_numeric=len(spec.numeric_fields),
         cat_cardinalities=[len(f.categories) for f in spec.categorical_fields],

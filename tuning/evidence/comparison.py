@@ -14,7 +14,9 @@ search trial). Nothing is selected: every model is taken at the end of its budge
 Variants (docs/evaluation.md): `cfcml` (the experiment file's settings, the published defaults),
 `cfcml_tuned` (the searched values of a finished search's best trial on this comparison's model
 and budget), the ablations `no_mg`, `no_cie`, `no_fine` (one part of CFCML removed each), and the
-baselines `image_only`, `tabular_only`, `late_concat` (plain models trained with cross-entropy).
+baselines `image_only`, `tabular_only`, `late_concat` and the established fusion methods
+`early_fusion`, `film`, `daft`, `tab_attention`, `tensor_fusion`, `healnet` (cfcml/networks/fusion/,
+at their default settings), all trained with cross-entropy only.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cfcml.config import ConfigError, ExperimentConfig
+from cfcml.config import FUSION_VARIANTS, ConfigError, ExperimentConfig
 from cfcml.data.manifest import PreparedDataset
 from cfcml.evaluation import metric_keys
 from cfcml.evaluation.metric_keys import auc_metric, headline_metrics
@@ -46,6 +48,7 @@ BASELINES = {
     "image_only": {"model.variant": "image_only", "loss.fine": False},
     "tabular_only": {"model.variant": "tabular_only", "loss.fine": False},
     "late_concat": {"model.variant": "late_concat", "loss.fine": False},
+    **{name: {"model.variant": name, "loss.fine": False} for name in FUSION_VARIANTS},
 }
 VARIANTS = ("cfcml", "cfcml_tuned", *ABLATIONS, *BASELINES)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cfcml.config import ConfigError
+from cfcml.config import FUSION_VARIANTS, ConfigError
 from tuning.evidence.comparison import VARIANTS, ComparisonResult, aggregate, markdown, plan_comparison
 from tuning.records.outcome import SearchOutcome, TrialResult
 
@@ -19,7 +19,7 @@ def test_default_plan_has_every_variant_but_the_tuned_one_on_the_search_budget(t
     assert base.train.epochs == 3 and base.train.folds == 2 and base.model.dim == 32  # smoke overrides, CLI
     assert plan.variants["no_fine"].loss.fine is False and plan.variants["no_cie"].model.cie is False
     assert plan.variants["no_mg"].model.multi_granularity is False
-    for name in ("image_only", "tabular_only", "late_concat"):  # plain baselines: cross-entropy only
+    for name in ("image_only", "tabular_only", "late_concat", *FUSION_VARIANTS):  # baselines: cross-entropy only
         assert plan.variants[name].model.variant == name and plan.variants[name].loss.fine is False
     assert plan.seeds == (0, 1, 2) and plan.out_dir == tmp_path.resolve() / "compare" / "men-smoke"
 
