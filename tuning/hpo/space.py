@@ -25,6 +25,23 @@ as labels (`Param.to_tune`) and a trial decodes them (`SearchConfig.decode`).
 The experiment's own values for the searched keys (the public code's settings) are the first
 point Optuna evaluates. How these settings combine with the experiment file and the command line
 is `tuning.hpo.run`'s job (one documented precedence).
+
+The shipped spaces (conf/search/default.yaml; demo.yaml with ranges for its small model; smoke.yaml
+only the fine stage's settings) reach what the comparisons found to matter (issue 24): the fine
+stage off (`loss.fine: {dist: choice, values: [true, false]}`), `optim.lr`, `optim.weight_decay`,
+`model.dropout`, `model.dim`, class balancing (`loss.class_weights`) and `train.modality_dropout` /
+`train.field_dropout`, beside the fine stage's temperatures, momentum and term weights. The space
+is flat: every trial samples every key, and with `loss.fine` false the fine-stage keys
+(`loss.w_sam/w_up/w_cp`, `loss.tau_*`, `loss.momentum`) are sampled, recorded and unused
+(`cfcml.losses.CFCMLLoss` adds no fine-stage term; training reports `train_sam/up/cp` as 0). A fine
+stage switched off by its own choice, rather than by term weights that would have to reach 0
+(`loguniform` cannot), is the simplest honest way to reach "cross-entropy only". A conditional
+sub-space (the fine-stage keys sampled only when `loss.fine` is true) would need Optuna's
+define-by-run space (`OptunaSearch(space=callable)`); Ray 2.60 with Optuna 5 supports it together
+with `points_to_evaluate` (enqueued trials, checked), but it would change how the driver hands Tune
+its `param_space` and what a trial's config holds. The flat space's cost: TPE models the fine-stage
+keys from every trial, the fine-off ones included, where they had no effect (noise in that model,
+not a wrong trial). docs/configuration.md, "The shipped spaces", lists every range and why.
 """
 from __future__ import annotations
 

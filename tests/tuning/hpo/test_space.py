@@ -1,9 +1,12 @@
 """Search configs: validated at load with the file and key named; the public values come first."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
+from tiny_men import prepare_tiny_men, tiny_experiment
 
 from cfcml.config import ConfigError, load_experiment
 from tuning.hpo.run import parse_set
@@ -21,13 +24,41 @@ def write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("name", ["default", "smoke"])
+@pytest.mark.parametrize("name", ["default", "demo", "smoke"])
 def test_shipped_searches_load_for_both_datasets(name):
     for dataset in ("men", "derm7pt"):
         base = load_experiment(dataset)
         search = load_search(name, base)
-        assert search.space and all(p.key.startswith("loss.") for p in search.space)
+        assert search.space and all(p.key.startswith("loss.") for p in search.space if name == "smoke")
         base.replace(search.overrides)  # the overrides are valid experiment keys
+
+
+# what the comparisons found to matter (issue 24): the fine stage off, the optimiser, dropout, width,
+# class balancing and whole-input dropout; the fine stage's own settings stay searched too
+REACHED = ("loss.fine", "optim.lr", "optim.weight_decay", "model.dropout", "model.dim", "loss.class_weights",
+           "train.modality_dropout", "train.field_dropout",
+           "loss.tau_sam", "loss.tau_up", "loss.tau_cp", "loss.momentum", "loss.w_sam", "loss.w_up", "loss.w_cp")
+
+
+@pytest.mark.parametrize("name", ["default", "demo"])
+@pytest.mark.parametrize("dataset", ["men", "derm7pt"])
+def test_the_shipped_searches_reach_the_fine_stage_off_and_the_training_settings(name, dataset):
+    """Every listed key is searched; the fine stage can be off, both class balancings are offered,
+    and the published value of every searched key lies inside its range (it is the first trial)."""
+    base = load_experiment(dataset)
+    search = load_search(name, base)
+    params = {p.key: p for p in search.space}
+    assert set(REACHED) <= set(params)
+    assert set(params["loss.fine"].values) == {True, False}
+    assert set(params["loss.class_weights"].values) == {"balanced", "none"}
+    published = base.replace(search.overrides)
+    for key, value in initial_point(search, published).items():
+        param = params[key]
+        assert value == published.value(key), key  # the experiment's own value, not a substitute
+        if param.dist == "choice":
+            assert value in param.values, key
+        else:
+            assert param.low <= value <= param.high and math.isfinite(param.low) and math.isfinite(param.high), key
 
 
 def test_initial_point_is_the_experiment_values(base):
@@ -266,3 +297,47 @@ def test_a_choice_without_the_experiment_value_starts_from_its_first_value(tmp_p
     assert base.model.mixer_stages == (2, 3, 4)
     assert initial_point(search, base) == {"model.mixer_stages": "[4]", "loss.tau_sam": 0.07}
     assert search.decode(initial_point(search, base)) == {"model.mixer_stages": (4,), "loss.tau_sam": 0.07}
+
+
+# ------------------------------------------------------------------ the fine stage off, sampled and trained
+
+
+@pytest.fixture(scope="module")
+def tiny_men(tmp_path_factory: pytest.TempPathFactory):
+    return prepare_tiny_men(tmp_path_factory.mktemp("space"), patients=30, seed=5)
+
+
+def test_a_sampled_trial_with_the_fine_stage_off_trains_without_fine_stage_loss(tmp_path, tiny_men):
+    """The demo search as Optuna proposes it (the searcher the search builds): the first trial is the
+    published point (fine stage on), a later proposal switches the fine stage off, and that
+    configuration, applied over the tiny model, trains a step whose only loss term is the
+    cross-entropy (L_sam, L_up, L_cp reported as 0), while the published point's are not 0."""
+    from cfcml.training import CrossValidation, Split
+    from tuning.hpo.driver import search_algorithms
+    from tuning.hpo.run import SearchRun
+
+    run = SearchRun.build("men", "demo", runs_dir=tmp_path, num_samples=24)
+    searcher, _ = search_algorithms(run, "selected_cv_macro_auc")
+    assert searcher.set_search_properties("selected_cv_macro_auc", "max", run.search.param_space())
+    proposals = []
+    for i in range(24):
+        proposals.append(run.search.decode(searcher.suggest(f"t{i}")))
+        searcher.on_trial_complete(f"t{i}", {"selected_cv_macro_auc": 0.5 + 0.01 * (i % 5)})
+        if not proposals[-1]["loss.fine"]:
+            break
+    first, off = proposals[0], proposals[-1]
+    assert first == {key: run.experiment.value(key) for key in run.search.keys}  # the published point first
+    assert first["loss.fine"] is True and off["loss.fine"] is False
+
+    splits = [Split(*tiny_men.fold_frames(k)) for k in range(2)]
+    terms = {}
+    for name, proposal in (("published", first), ("fine off", off)):
+        cfg = tiny_experiment().replace(proposal)
+        assert cfg.loss.fine is proposal["loss.fine"] and cfg.optim.lr == proposal["optim.lr"] and cfg.loss.w_cls == 1
+        torch.manual_seed(0)
+        terms[name] = CrossValidation(tiny_men, splits, cfg).train_epoch(0)
+    on, no_fine = terms["published"], terms["fine off"]
+    assert all(on[f"train_{t}"] > 0 for t in ("sam", "up", "cp"))
+    assert all(no_fine[f"train_{t}"] == 0 for t in ("sam", "up", "cp"))
+    assert no_fine["train_ce"] > 0
+    assert no_fine["train_loss"] == pytest.approx(no_fine["train_ce"])  # w_cls * CE, w_cls = 1
