@@ -40,7 +40,7 @@ REACHED = ("loss.fine", "optim.lr", "optim.weight_decay", "model.dropout", "mode
            "loss.tau_sam", "loss.tau_up", "loss.tau_cp", "loss.momentum", "loss.w_sam", "loss.w_up", "loss.w_cp")
 
 
-@pytest.mark.parametrize("name", ["default", "demo"])
+@pytest.mark.parametrize("name", ["default"])  # demo keeps its space until its figures are measured (issue 24)
 @pytest.mark.parametrize("dataset", ["men", "derm7pt"])
 def test_the_shipped_searches_reach_the_fine_stage_off_and_the_training_settings(name, dataset):
     """Every listed key is searched; the fine stage can be off, both class balancings are offered,
@@ -308,7 +308,7 @@ def tiny_men(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_a_sampled_trial_with_the_fine_stage_off_trains_without_fine_stage_loss(tmp_path, tiny_men):
-    """The demo search as Optuna proposes it (the searcher the search builds): the first trial is the
+    """The default search as Optuna proposes it (the searcher the search builds): the first trial is the
     published point (fine stage on), a later proposal switches the fine stage off, and that
     configuration, applied over the tiny model, trains a step whose only loss term is the
     cross-entropy (L_sam, L_up, L_cp reported as 0), while the published point's are not 0."""
@@ -316,7 +316,7 @@ def test_a_sampled_trial_with_the_fine_stage_off_trains_without_fine_stage_loss(
     from tuning.hpo.driver import search_algorithms
     from tuning.hpo.run import SearchRun
 
-    run = SearchRun.build("men", "demo", runs_dir=tmp_path, num_samples=24)
+    run = SearchRun.build("men", "default", runs_dir=tmp_path, num_samples=24)
     searcher, _ = search_algorithms(run, "selected_cv_macro_auc")
     assert searcher.set_search_properties("selected_cv_macro_auc", "max", run.search.param_space())
     proposals = []
