@@ -17,10 +17,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from cfcml.config import FUSION_VARIANTS, ConfigError, ModelConfig
+from cfcml.config import FUSION_VARIANTS, ModelConfig
 from cfcml.networks.encoders import build_encoder
 from cfcml.networks.fusion import FUSION_MODELS, FusionModel
-from cfcml.networks.parts import ImageInput, ModelOutput, classifier_head
+from cfcml.networks.parts import ImageInput, ModelOutput, classifier_head, stage_grids
 from cfcml.networks.tabular import TabularTokenizer
 
 __all__ = ["CFCML", "CrossmodalEnhancer", "ImageInput", "ModelOutput", "TokenCompressor", "build_model",
@@ -88,7 +88,7 @@ class CFCML(nn.Module):
         n_tab = num_numeric + len(cat_cardinalities)
 
         self.num_modalities = len(self.images) + int(self.use_table)
-        grids = self._stage_token_counts()  # per image modality: [(N_s, C_s) for s in 1..4]
+        grids = stage_grids(self.encoders, self.images, cfg.encoder)  # per image modality: [(N_s, C_s), s = 1..4]
         if cfg.variant == "late_concat":
             self.late_proj = nn.ModuleList(nn.Linear(g[-1][1], d) for g in grids)
             if self.use_table:
@@ -112,27 +112,6 @@ class CFCML(nn.Module):
                 nn.Conv1d(factor * lat, lat, kernel_size=3, padding=1) for lat in latents
             )
         self.head = classifier_head(self.num_modalities * d, d, num_classes, cfg.dropout)
-
-    @torch.no_grad()
-    def _stage_token_counts(self) -> list[list[tuple[int, int]]]:
-        """Token count and channels of every stage, from one dry run per modality (batch of 1)."""
-        out = []
-        for enc, img in zip(self.encoders, self.images):
-            was_training = enc.training
-            enc.eval()
-            try:
-                feats = enc(torch.zeros(1, img.channels, *img.size))
-            except ValueError as exc:
-                # Instance norm needs more than one voxel per channel even in eval mode, so a
-                # single-voxel stride-16 stage fails here, inside the dry run.
-                raise ConfigError(
-                    f"image size {tuple(img.size)} is too small for the {self.cfg.encoder} encoder "
-                    f"({exc}); use at least 32 along each in-plane axis "
-                    f"(train.image_size / prepare --image-size)") from None
-            finally:
-                enc.train(was_training)
-            out.append([(int(f[0, 0].numel()), int(f.shape[1])) for f in feats])
-        return out
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Image encoder parameters (they may train at a smaller learning rate)."""

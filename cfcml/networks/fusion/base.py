@@ -25,9 +25,9 @@ _monai.light()  # only the MONAI modules used, not all of MONAI (see cfcml._mona
 from monai.networks.nets.swin_unetr import compute_mask, get_window_size  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cfcml.config import ConfigError, ModelConfig  # noqa: E402
+from cfcml.config import ModelConfig  # noqa: E402
 from cfcml.networks.encoders import MambaResEncoder, SwinEncoder, build_encoder  # noqa: E402
-from cfcml.networks.parts import ImageInput, ModelOutput, classifier_head  # noqa: E402
+from cfcml.networks.parts import ImageInput, ModelOutput, classifier_head, stage_grids  # noqa: E402
 from cfcml.networks.res_mamba import ResMambaEncoder  # noqa: E402
 from cfcml.networks.tabular import TabularTokenizer  # noqa: E402
 
@@ -158,27 +158,8 @@ class FusionModel(nn.Module):
         else:
             self.encoders = nn.ModuleList(build_encoder(cfg, i.dims, i.channels + extra_channels) for i in self.images)
         self.tokenizer = TabularTokenizer(num_numeric, self.cat_cardinalities, cfg.dim) if tokenizer else None
-        self.grids = self._stage_grids()
+        self.grids = stage_grids(self.encoders, self.images, cfg.encoder, extra_channels)
         self.head = classifier_head(cfg.dim, cfg.dim, num_classes, cfg.dropout)
-
-    @torch.no_grad()
-    def _stage_grids(self) -> list[list[tuple[int, int]]]:
-        """Per image modality, (tokens N_s, channels C_s) of each stage, from one dry run (batch of 1)."""
-        out = []
-        for enc, img in zip(self.encoders, self.images):
-            was_training = enc.training
-            enc.eval()
-            try:
-                feats = enc(torch.zeros(1, img.channels + self.extra_channels, *img.size))
-            except ValueError as exc:  # instance norm over a single voxel (as in CFCML's dry run)
-                raise ConfigError(
-                    f"image size {tuple(img.size)} is too small for the {self.cfg.encoder} encoder "
-                    f"({exc}); use at least 32 along each in-plane axis "
-                    f"(train.image_size / prepare --image-size)") from None
-            finally:
-                enc.train(was_training)
-            out.append([(int(f[0, 0].numel()), int(f.shape[1])) for f in feats])
-        return out
 
     def stage_channels(self, m: int) -> tuple[int, ...]:
         """C_1..C_4 of image modality m's encoder."""
