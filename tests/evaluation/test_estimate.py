@@ -62,7 +62,8 @@ def test_a_point_low_high_tuple_reads_as_an_estimate_and_prints_the_same() -> No
     assert Estimate.of((0.8, 0.7, 0.9)) == Estimate(0.8, 0.7, 0.9)
     estimate = Estimate(0.8)
     assert Estimate.of(estimate) is estimate
-    assert format_estimate((0.8, 0.7, 0.9), 4) == format_estimate(Estimate(0.8, 0.7, 0.9), 4) == "0.8000 [0.7000, 0.9000]"
+    expected = "0.8000 [0.7000, 0.9000]"
+    assert format_estimate((0.8, 0.7, 0.9), 4) == format_estimate(Estimate(0.8, 0.7, 0.9), 4) == expected
     with pytest.raises(ValueError, match=r"an estimate is \(point, low, high\); got 2 number\(s\)"):
         Estimate.of((0.8, 0.7))
 

@@ -201,8 +201,9 @@ class CheckpointPolicy:
     run's selected epoch (so the selected epoch's weights and out-of-fold predictions exist, which
     the best trial, its plots and the final model read), and the last epoch (`max_epochs`).
 
-    Writing every epoch cost a smoke trial a few seconds an epoch (all folds' weights and Adam
-    moments, hashed, copied by Ray); a crash now retrains up to `every - 1` epochs instead, from
+    Writing every epoch cost a smoke trial a large share of each epoch (all folds' weights and Adam
+    moments, hashed, copied by Ray; docs/architecture.md, "What a trial costs besides training");
+    a crash now retrains up to `every - 1` epochs instead, from
     the newest checkpoint, and reports them again (the driver keeps the retrained values:
     `tuning.records.outcome.lineage`).
 
@@ -267,8 +268,8 @@ class Resumption:
 
 
 def _detached(state: Any) -> Any:
-    """A copy of a state dict whose tensors training no longer changes (a clone of each; about
-    14 ms for the smoke model's 3,400 tensors, where writing them takes 60 ms)."""
+    """A copy of a state dict whose tensors training no longer changes (a clone of each: much
+    cheaper than writing them; the figures are in docs/architecture.md, "Stages")."""
     import torch
     from torch.utils._pytree import tree_map
 
@@ -442,7 +443,7 @@ def trainer_class(workers: int, use_gpu: bool) -> type:
     `DataParallelTrainer` without a backend, which runs the same loop with the same checkpoints,
     restarts and reports but needs no process group. It keeps torch out of the processes that build
     and drive the trainer (Tune's trial actor, Ray Train's controller): `ray.train.torch` imports
-    torch, about 2 CPU-seconds per trial on each of them.
+    torch in each of them, every trial (docs/architecture.md, "What a trial costs besides training").
 
     Args:
         workers: `train.workers`, positive.
