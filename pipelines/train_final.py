@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         finish_search(args.dataset, search_name(args), runs_dir=args.runs_dir, address=args.address,
                       verbose=args.verbose, explain=args.explain_test_patients)
 
-    return run_command(final, name="train_final")
+    return run_command(final, name="the final step")
 
 
 if __name__ == "__main__":
