@@ -72,8 +72,9 @@ class CFCML(nn.Module):
             embedding table shared, each field at its offset).
         num_classes: C, the classes of the task (2 for a binary one).
         cfg: `cfcml.config.ModelConfig`: the encoder, token width `dim` (D), latents per stage,
-            attention `heads`, `variant` ("cfcml", "image_only", "tabular_only", "late_concat"), and
-            the ablation switches `multi_granularity` (off: stage 4 only) and `cie`.
+            attention `heads`, `variant` ("cfcml", "image_only", "tabular_only", "late_concat"; the
+            fusion variants are networks of their own, `build_model`), and the ablation switches
+            `multi_granularity` (off: stage 4 only) and `cie`.
 
     Raises:
         ValueError: an image variant without image modalities; `share_encoder` over modalities of
