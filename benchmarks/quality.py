@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from cfcml.config import PROJECT_ROOT
+from cfcml.evaluation.metrics import format_estimate
 
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 
@@ -99,8 +100,8 @@ def readme_section(results, args: argparse.Namespace, seconds: float) -> str:
     if public and honest:
         p = public.variants[0].test["auc"]
         h = next(v for v in honest.variants if v.name == "cfcml").test["auc"]
-        lines += [f"Leaky fields: CFCML's test AUC is {p[0]:.3f} [{p[1]:.3f}, {p[2]:.3f}] with `management` and "
-                  f"`level_of_diagnostic_difficulty` and {h[0]:.3f} [{h[1]:.3f}, {h[2]:.3f}] without them "
+        lines += [f"Leaky fields: CFCML's test AUC is {format_estimate(p)} with `management` and "
+                  f"`level_of_diagnostic_difficulty` and {format_estimate(h)} without them "
                   f"(difference {p[0] - h[0]:+.3f}). On this synthetic data `management` is drawn from the "
                   "table's view of the class, as excision follows a suspected melanoma in a clinic.", ""]
     lines.append(END)

@@ -3,9 +3,9 @@
 `import monai.<anything>` first runs `monai/__init__.py`, which walks and imports every MONAI
 submodule (`monai.utils.module.load_submodules`; `pkgutil.walk_packages` imports each package to
 walk it, whatever the exclude pattern), among them `monai.handlers` (which imports MLflow),
-`monai.bundle`, `scikit-learn` users and the Ignite engines: about 8 s of a worker's 13 s start-up
-on 2 busy cores, and MLflow inside `cfcml/`, whose layering says it knows none. MONAI offers no
-switch for this (checked on 1.4-1.6.1).
+`monai.bundle`, `scikit-learn` users and the Ignite engines: most of a Ray Train worker's start-up
+(measured in docs/architecture.md, "What a trial costs besides training"), and MLflow inside
+`cfcml/`, whose layering says it knows none. MONAI offers no switch for this (checked on 1.4-1.6.1).
 
 `light()` registers the `monai` package object made from its import spec
 (`importlib.util.module_from_spec`, standard Python) without executing its `__init__`, sets the

@@ -413,14 +413,14 @@ class TrainConfig:
         loader_workers: torch DataLoader worker processes per Ray Train worker.
         workers: Ray Train (DDP) workers per trial.
         cpus_per_worker, gpus_per_worker: Ray resources of each worker.
-        amp: bfloat16 autocast, used only on GPU. Off by default: on an H100 it bought nothing for
-            MEN at batch 8 (0.30 s vs 0.28 s a step) and slowed Derm7pt at batch 8 (0.21 vs 0.15 s);
-            it lowers memory (docs/gpu.md). The scan and the loss run in float32 either way.
+        amp: bfloat16 autocast, used only on GPU. Off by default: on an H100 it bought no speed for
+            MEN or Derm7pt at batch 8 and lowers memory (the timings: docs/gpu.md, "Why `amp` is off
+            by default"). The scan and the loss run in float32 either way.
         tf32: on GPU, TF32 tensor cores for float32 matrix products (cuDNN convolutions use them
             by default already); about 10 bits of mantissa, as cuDNN's convolutions.
         channels_last: on GPU, weights and images in channels-last memory order.
-        compile: on GPU, torch.compile the training network (minutes of compilation per model:
-            129 s for Derm7pt on an H100; pays only for long runs).
+        compile: on GPU, torch.compile the training network (minutes of compilation per model, see
+            docs/gpu.md; pays only for long runs).
         cuda_graphs: on one GPU, capture the whole training step (forward, CFCMLLoss, backward,
             Adam, prototype bank) as one CUDA graph and replay it: one launch a step instead of
             thousands. Batches of another shape (a ragged last batch) and data-parallel runs train

@@ -17,6 +17,7 @@ import pandas as pd
 from cfcml.data.synthetic import LATENTS_FILE, SIGNALS, make_derm7pt, make_men
 from cfcml.outputs import check_output_dir
 from tuning.cli import args as cli_args
+from tuning.cli.shell import run_command
 
 DEFAULTS = {  # patients, size (the public code trains on 128x128x24 volumes / 224x224 photos)
     "men": (60, (32, 32, 8)),
@@ -53,16 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # a bad setting or output folder: one line, exit 2
+    return run_command(lambda: _make(args), name="make_synthetic", usage=(ValueError, FileExistsError))
+
+
+def _make(args: argparse.Namespace) -> None:
     make = make_men if args.dataset == "men" else make_derm7pt
     start = time.perf_counter()
-    try:
-        check_output_dir(args.data_root, what="--data-root")
-        out = make(args.data_root, patients=args.patients, seed=args.seed, size=args.image_size,
-                   test_fraction=args.test_fraction, vary_size=args.vary_size,
-                   overwrite=args.overwrite, progress=args.patients >= PROGRESS_FROM, signal=args.signal)
-    except (ValueError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    check_output_dir(args.data_root, what="--data-root")
+    out = make(args.data_root, patients=args.patients, seed=args.seed, size=args.image_size,
+               test_fraction=args.test_fraction, vary_size=args.vary_size,
+               overwrite=args.overwrite, progress=args.patients >= PROGRESS_FROM, signal=args.signal)
     seconds = time.perf_counter() - start
     latents = pd.read_csv(out / LATENTS_FILE)
     counts = pd.crosstab(latents["label"], latents["split"], margins=True, margins_name="total")
@@ -77,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {out / 'meta' / 'meta.csv'} and {{train,valid,test}}_indexes.csv")
         print(f"  {out / 'images'}/<clinic|derm path>.jpg")
     print(f"  {out / LATENTS_FILE} (generator latents; adapters and training never read it)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 
 from cfcml.config import ConfigError
-from cfcml.data.prepare import PrepareInterrupted, prepare_dataset, summary
-from cfcml.data.validation import DatasetValidationError
+from cfcml.data.prepare import prepare_dataset, summary
 from tuning.cli import args as cli_args
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+from tuning.cli.shell import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,22 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.folds < 2:
         p.error("--folds must be at least 2")
-    try:
+
+    def prepare() -> None:
         prepared = prepare_dataset(args.dataset, args.data_root, args.out, folds=args.folds, fold_seed=args.fold_seed,
                                    image_size=tuple(args.image_size) if args.image_size else None,
                                    spec=args.spec, csv=args.csv, workers=args.workers, progress=True,
                                    log=lambda msg: print(msg, flush=True))
-    except KeyboardInterrupt as exc:  # Ctrl-C: one line, the partial output removed, the shell's 130
-        print(exc if isinstance(exc, PrepareInterrupted) else "interrupted: prepare stopped", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except DatasetValidationError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(summary(prepared))
-    return 0
+        print(summary(prepared))
+
+    # Ctrl-C: PrepareInterrupted's one line (the partial output removed), exit 130; a dataset that
+    # does not validate: its report, 1; a bad spec, folder or file: one line, 1 (prepare's own status)
+    return run_command(prepare, name="prepare", failed=(ConfigError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

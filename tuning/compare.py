@@ -7,20 +7,24 @@ Every variant trains on the same folds with the same seeds and epoch budget, as 
 parallel as resources allow); each is evaluated by out-of-fold CV (mean and sd over seeds) and
 once on the held-out test split (its fold ensemble, bootstrap 95% CIs, paired AUC difference
 against `cfcml`). Writes comparison.md, comparison.json and plots into --out and onto a
-`comparison` MLflow run, and prints the table. See `tuning/evidence/comparison.py`.
+`comparison` MLflow run, and prints the table. See `tuning/evidence/comparison.py`; this file parses
+the arguments and calls `tuning.workflows.compare.compare_variants` inside the error shell
+(`tuning.cli.shell`).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from cfcml.config import ConfigError
-from cfcml.data.validation import DatasetValidationError
-from cfcml.outputs import OutputPathError, check_output_dir
 from tuning.cli import args as cli_args
+from tuning.cli.shell import run_command
 from tuning.evidence.comparison import VARIANTS
 from tuning.hpo.run import parse_set
+
+if TYPE_CHECKING:
+    from tuning.evidence.comparison import ComparisonPlan
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,57 +49,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tuning.evidence.comparison import markdown, plan_comparison
-    from tuning.hpo.prepared import load_or_prepare
-    from tuning.runtime.preflight import check_ray_address, check_storage, check_utf8
+def build_plan(args: argparse.Namespace) -> ComparisonPlan:
+    """The resolved comparison the arguments describe (ConfigError naming a bad flag or setting)."""
+    from tuning.evidence.comparison import plan_comparison
+    from tuning.runtime.preflight import check_utf8
 
+    check_utf8(("--runs-dir", args.runs_dir), ("--name", args.name), ("--data-root", args.data_root),
+               ("--out", args.out), ("--tracking-uri", args.tracking_uri), ("--from-search", args.from_search))
+    return plan_comparison(
+        args.dataset, args.data_root, variants=args.variants, from_search=args.from_search, seeds=args.seeds,
+        folds=args.folds, max_epochs=args.max_epochs, search=args.search, runs_dir=args.runs_dir,
+        tracking_uri=args.tracking_uri, out=args.out, fold_seed=args.fold_seed, image_size=args.image_size,
+        overrides=parse_set(args.set), address=args.address, verbose=args.verbose, name=args.name)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.time()
-    try:
-        check_utf8(("--runs-dir", args.runs_dir), ("--name", args.name), ("--data-root", args.data_root),
-                   ("--out", args.out), ("--tracking-uri", args.tracking_uri), ("--from-search", args.from_search))
-        plan = plan_comparison(
-            args.dataset, args.data_root, variants=args.variants, from_search=args.from_search, seeds=args.seeds,
-            folds=args.folds, max_epochs=args.max_epochs, search=args.search, runs_dir=args.runs_dir,
-            tracking_uri=args.tracking_uri, out=args.out, fold_seed=args.fold_seed, image_size=args.image_size,
-            overrides=parse_set(args.set), address=args.address, verbose=args.verbose, name=args.name)
-        # before the data is prepared or Ray starts
-        check_storage(plan.runs_dir, plan.tracking_uri, experiment=f"cfcml-{plan.dataset}")
-        check_ray_address(plan.address)
-        check_output_dir(plan.out_dir, what="--out")
-        t = plan.base.train
-        prepared = load_or_prepare(plan.dataset, plan.data_root, folds=t.folds, fold_seed=plan.fold_seed,
-                                   image_size=t.image_size)
-    except (ConfigError, OutputPathError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except DatasetValidationError as exc:
-        print(exc, file=sys.stderr)
-        return 1
 
-    from tuning.evidence.comparison import run_comparison
-    from tuning.runtime.ray_cluster import ray_session
-    from tuning.tracking.lifecycle import disk_full_message
+    def compare() -> None:
+        from tuning.evidence.comparison import markdown
+        from tuning.workflows.compare import compare_variants
 
-    print(f"comparing {', '.join(plan.variants)} on {plan.dataset}: {len(plan.seeds)} seed(s) x "
-          f"{prepared.folds} folds x {plan.max_epochs} epochs")
-    try:
-        with ray_session(plan.address, verbose=plan.verbose, train=plan.base.train):
-            result = run_comparison(plan, prepared)
-    except ConfigError as exc:  # Ray did not start, or the variants' workers cannot fit on it
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # the comparison's runs are FAILED with the reason (tuning.tracking.lifecycle)
-        message = disk_full_message(exc, plan.runs_dir, next_step="run it again")
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
-    print()
-    print(markdown(result))
-    print(f"written to {plan.out_dir} and MLflow run {result.run_id} in {time.time() - t0:.0f} s")
-    return 0
+        plan = build_plan(args)
+        result = compare_variants(plan)
+        print()
+        print(markdown(result))
+        print(f"written to {plan.out_dir} and MLflow run {result.run_id} in {time.time() - t0:.0f} s")
+
+    return run_command(compare, name="compare")
 
 
 if __name__ == "__main__":

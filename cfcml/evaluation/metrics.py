@@ -12,10 +12,17 @@ averages over the classes with both positives and negatives in y_true.
 
 `compute_metrics` uses scikit-learn. `bootstrap_ci` evaluates all resamples at once with a
 weighted (resample-count) implementation of the same metrics; the tests check that both agree.
+
+`Estimate` is a figure with its confidence interval, and `format_estimate` the one way every
+interval the platform prints is written ("0.812 [0.744, 0.871]").
 """
 from __future__ import annotations
 
+import math
+import re
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -193,6 +200,91 @@ def _weighted_metrics(task: str, y: np.ndarray, p: np.ndarray, w: np.ndarray) ->
             "auprc": ap,
             "auc": auc,
         }
+
+
+MISSING = "—"  # what a figure that does not exist (None, NaN) is printed as
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure and its confidence interval, e.g. a test AUC with its bootstrap 95% CI.
+
+    `bootstrap_ci`, `paired_bootstrap_diff` and `percentile_ci` return the same three numbers as a
+    `(point, low, high)` tuple; `Estimate.of` reads one. Printed by `format_estimate`, also as
+    `f"{estimate:.4f}"` (any fixed-point spec, "+" for a sign: `f"{diff:+.3f}"`).
+
+    Args:
+        point: the estimate (NaN when undefined, e.g. an AUC on one class).
+        low: the interval's lower bound; NaN when there is none (no resample defined the figure).
+        high: the interval's upper bound; NaN when `low` is.
+    """
+
+    point: float
+    low: float = math.nan
+    high: float = math.nan
+
+    @classmethod
+    def of(cls, value: Estimate | Sequence[float]) -> Estimate:
+        """`value` as an Estimate: an Estimate as it is, a `(point, low, high)` sequence read in order.
+
+        Raises:
+            ValueError: a sequence of another length than 3.
+        """
+        if isinstance(value, Estimate):
+            return value
+        if len(value) != 3:
+            raise ValueError(f"an estimate is (point, low, high); got {len(value)} number(s): {tuple(value)!r}")
+        return cls(float(value[0]), float(value[1]), float(value[2]))
+
+    @property
+    def has_interval(self) -> bool:
+        """Whether both bounds exist (neither is NaN)."""
+        return not (math.isnan(self.low) or math.isnan(self.high))
+
+    @property
+    def width(self) -> float:
+        """high - low (NaN without an interval)."""
+        return self.high - self.low
+
+    def __format__(self, spec: str) -> str:
+        match = re.fullmatch(r"(\+)?(?:\.(\d+))?f?", spec)
+        if match is None:
+            raise ValueError(f"Estimate format {spec!r}: expected a fixed-point spec such as '.3f' or '+.4f'")
+        digits = 3 if match.group(2) is None else int(match.group(2))
+        return format_estimate(self, digits, signed=match.group(1) is not None)
+
+
+def format_number(value: float | None, digits: int = 3, *, signed: bool = False) -> str:
+    """`value` in fixed point with `digits` decimals ("+" first when `signed`), `MISSING` ("—") for
+    None or NaN: how a figure is printed on its own and inside `format_estimate`."""
+    if value is None or math.isnan(value):
+        return MISSING
+    return f"{value:{'+' if signed else ''}.{digits}f}"
+
+
+def format_estimate(estimate: Estimate | Sequence[float], digits: int = 3, *, signed: bool = False,
+                    interval_only: bool = False) -> str:
+    """The one way an estimate is printed: "point [low, high]", each by `format_number`.
+
+    Args:
+        estimate: an `Estimate`, or a `(point, low, high)` tuple as `bootstrap_ci` returns it.
+        digits: decimals of every number (3 in tables and the model card, 4 in the search report
+            and the model version's tags).
+        signed: a sign before every number (differences between models: "+0.012 [-0.020, +0.041]").
+        interval_only: only "[low, high]", for a table whose point has a column of its own.
+
+    Returns:
+        "0.812 [0.744, 0.871]"; the point alone ("0.812") when the interval has a NaN bound;
+        "—" when the point is NaN (and, with `interval_only`, when there is no interval).
+    """
+    est = Estimate.of(estimate)
+    interval = f"[{format_number(est.low, digits, signed=signed)}, {format_number(est.high, digits, signed=signed)}]"
+    if interval_only:
+        return interval if est.has_interval else MISSING
+    point = format_number(est.point, digits, signed=signed)
+    if math.isnan(est.point) or not est.has_interval:
+        return point
+    return f"{point} {interval}"
 
 
 def resample_weights(n: int, n_boot: int, seed: int = 0) -> np.ndarray:

@@ -60,6 +60,29 @@ class CrossmodalEnhancer(nn.Module):
 
 
 class CFCML(nn.Module):
+    """The network of docs/model.md: one encoder per image modality and a tokenizer of the clinical
+    fields, the coarse stage (multi-granularity token compression and crossmodal information
+    enhancement, MG-CIE) over them, and a classifier on the concatenated per-modality features.
+
+    Args:
+        images: the image modalities in the dataset spec's order (`ImageInput`: 2 or 3 spatial dims,
+            channels, the preprocessed size); ignored (may be empty) for variant "tabular_only".
+        num_numeric: numeric clinical fields F_num (each one token: value * weight + bias).
+        cat_cardinalities: categories of each categorical field, in order (F_cat fields; one
+            embedding table shared, each field at its offset).
+        num_classes: C, the classes of the task (2 for a binary one).
+        cfg: `cfcml.config.ModelConfig`: the encoder, token width `dim` (D), latents per stage,
+            attention `heads`, `variant` ("cfcml", "image_only", "tabular_only", "late_concat"; the
+            fusion variants are networks of their own, `build_model`), and the ablation switches
+            `multi_granularity` (off: stage 4 only) and `cie`.
+
+    Raises:
+        ValueError: an image variant without image modalities; `share_encoder` over modalities of
+            different dims or channels; a table variant without any field (`TabularTokenizer`).
+        cfcml.config.ConfigError: an image size too small for the encoder's four stages (the dry
+            run that counts each stage's tokens fails; at least 32 along each in-plane axis).
+    """
+
     def __init__(
         self,
         images: Sequence[ImageInput],
@@ -124,6 +147,23 @@ class CFCML(nn.Module):
         num_missing: torch.Tensor,
         cat: torch.Tensor,
     ) -> ModelOutput:
+        """Class logits and per-modality features of a batch of B patients.
+
+        Args:
+            images: one float tensor [B, channels, *size] per image modality, in `images`' order,
+                as `cfcml.data` prepares them (an all-zero image stands for a withheld modality:
+                `train.modality_dropout`). Ignored for variant "tabular_only".
+            num: float [B, F_num], the numeric fields z-scored with the training fold's mean and
+                sd (`cfcml.data.normalize`); 0.0 (any value) where missing.
+            num_missing: bool [B, F_num], True where a numeric field is missing (its learned
+                missing token replaces it).
+            cat: long [B, F_cat], each categorical field's category index, -1 where missing.
+
+        Returns:
+            `ModelOutput`: `logits` [B, C] (softmax gives the class probabilities) and `features`
+            [B, M, D], one pooled D-vector per modality (image modalities first, the table last;
+            M of them), what the fine-stage losses of `cfcml.losses` act on.
+        """
         maps = [enc(x) for enc, x in zip(self.encoders, images)] if self.use_images else []
         table = self.tokenizer(num, num_missing, cat) if self.use_table else None  # [B, T, D]
         if self.cfg.variant == "late_concat":

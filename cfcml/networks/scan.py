@@ -26,8 +26,8 @@ Backends (all give the same numbers to float32 rounding; tests/networks/test_sca
   recomputes the rest in the backward; fuses softplus, D and the silu gate; a `reverse` flag scans
   from the end without a flipped copy. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
 - `auto`: `mamba_ssm` for CUDA tensors when the package is installed, else `triton` on CUDA when
-  triton is installed, else `chunked` (on CPU the fastest path at every MEN stage size measured,
-  2-6x mambapy's pscan at the long ones; CHUNK).
+  triton is installed, else `chunked` (on CPU the fastest path at every MEN stage size, faster
+  than mambapy's pscan most at the long ones; the timings are in docs/gpu.md, "The selective scan").
 
 The self-check (cfcml/networks/scan_check.py): the first time a process would run `triton` on a
 CUDA device (through `auto` or by name) it compares the kernels with `chunked` at a small shape,

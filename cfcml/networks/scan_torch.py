@@ -15,9 +15,8 @@ from mambapy.pscan import PScan, pscan
 
 TORCH_BACKENDS = ("sequential", "pscan", "chunked")
 # Tokens per chunk of the chunked scan (powers of two: the sweeps need them). On CPU short chunks stay
-# in cache: at the public MEN stage-2 size (8 x 64 x 6144, N 16; one thread) fwd+bwd took 1.4-1.9 s
-# with 64-256 tokens, 2.6 s with 512, against 10.2 s for mambapy's pscan. On CUDA every chunk costs
-# ~60 kernel launches, so chunks are long there (not measured: no GPU was available, docs/gpu.md).
+# in cache; on CUDA every chunk costs ~60 kernel launches, so chunks are long there (not tuned on a
+# GPU). The CPU timings that chose 128: docs/gpu.md, "The selective scan".
 CHUNK = {"cpu": 128, "cuda": 2048}
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from cfcml.config import PROJECT_ROOT
 from pipelines.make_synthetic import parse_args as synthetic_args
-from pipelines.train_final import find_outcome
 from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
+from tuning.workflows.train_final import find_outcome
 
 
 @pytest.mark.parametrize("flags", [["--data-root", "d", "--image-size", "16", "16", "4"],

@@ -490,7 +490,7 @@ def test_trust_model_code_loads_a_model_whose_code_differs(registered, tmp_path,
 
 
 def test_the_platforms_model_folder_passes_the_check_and_loads_with_pickles_off(registered, tmp_path) -> None:
-    from pipelines.predict import load_model
+    from tuning.workflows.predict import load_model
 
     folder = model_folder(registered, tmp_path / "model")
     assert sorted(p.name for p in (folder / "code").iterdir()) == ["cfcml", "tuning"]

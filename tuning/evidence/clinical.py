@@ -31,6 +31,7 @@ from cfcml.evaluation.calibration import (
 )
 from cfcml.evaluation.calibrator import Calibrator
 from cfcml.evaluation.decision_curves import DecisionCurve, decision_curves, plot_decision_curves
+from cfcml.evaluation.metrics import bootstrap_ci, format_estimate
 from cfcml.evaluation.operating_points import (
     RATES,
     OperatingPointResult,
@@ -114,7 +115,6 @@ def evaluate(spec: Any, calibrator: Calibrator, oof: pd.DataFrame, test: pd.Data
     `calibrator`) and whose test predictions are `test` (one row per row of `test_rows`, the
     manifest rows, in the same order). `withheld`: name -> (kind, raw test probabilities with that
     input withheld)."""
-    from cfcml.evaluation.metrics import bootstrap_ci
     from cfcml.training import frame_probs
 
     classes = list(spec.classes)
@@ -213,15 +213,6 @@ def withheld_predictions(model: Any, dataset: Any, spec: Any, batch_size: int = 
 # ---- tables ---------------------------------------------------------------------------------------
 
 
-def _ci(v: tuple[float, float, float], digits: int = 3) -> str:
-    point, low, high = v
-    if np.isnan(point):
-        return "—"
-    if np.isnan(low):
-        return f"{point:.{digits}f}"
-    return f"{point:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
-
 def calibration_table(ev: ClinicalEvidence) -> list[str]:
     t = ev.calibrator.temperature
     lines = [f"Temperature T = {t.t:.3f}, fitted on the {ev.calibrator.source} (their mean negative "
@@ -229,7 +220,7 @@ def calibration_table(ev: ClinicalEvidence) -> list[str]:
              "top-label confidence; bootstrap 95% CIs over patients.", "",
              "| predictions | patients | Brier | ECE | NLL |", "|---|---|---|---|---|"]
     for name, s in ev.calibration.items():
-        lines.append(f"| {name} | {s.n} | {_ci(s.brier)} | {_ci(s.ece)} | {s.nll:.4f} |")
+        lines.append(f"| {name} | {s.n} | {format_estimate(s.brier)} | {format_estimate(s.ece)} | {s.nll:.4f} |")
     return lines
 
 
@@ -242,7 +233,7 @@ def operating_table(ev: ClinicalEvidence) -> list[str]:
              "| test PPV | test NPV |", "|---|---|---|---|---|---|---|---|"]
     for r in ev.operating:
         q = r.point
-        cells = " | ".join(_ci(r.rates[k]) for k in RATES)
+        cells = " | ".join(format_estimate(r.rates[k]) for k in RATES)
         lines.append(f"| {q.class_name} ({r.positives} of {r.n}) | {q.name} | {q.threshold:.3f} | "
                      f"{q.fit_sensitivity:.3f} / {q.fit_specificity:.3f} | {cells} |")
     return lines
@@ -271,7 +262,7 @@ def subgroup_table(ev: ClinicalEvidence, metrics: list[str]) -> list[str]:
              "| field | category | patients (per class) | " + " | ".join(metrics) + " | note |",
              "|---" * (4 + len(metrics)) + "|"]
     for r in ev.subgroups:
-        cells = " | ".join(_ci(r.metrics[m]) for m in metrics)
+        cells = " | ".join(format_estimate(r.metrics[m]) for m in metrics)
         note = f"**too small**: {r.reason}" if r.too_small else ""
         lines.append(f"| {r.field} | {r.category} | {r.n} ({', '.join(map(str, r.class_counts))}) | {cells} | {note} |")
     return lines
@@ -284,7 +275,7 @@ def withheld_table(ev: ClinicalEvidence, metrics: list[str]) -> list[str]:
              "missing token; docs/evaluation.md), calibrated, bootstrap 95% CIs.", "",
              "| withheld | kind | " + " | ".join(metrics) + " |", "|---" * (2 + len(metrics)) + "|"]
     for r in ev.withheld:
-        lines.append(f"| {r.name} | {r.kind} | " + " | ".join(_ci(r.metrics[m]) for m in metrics) + " |")
+        lines.append(f"| {r.name} | {r.kind} | " + " | ".join(format_estimate(r.metrics[m]) for m in metrics) + " |")
     return lines
 
 

@@ -33,6 +33,7 @@ from cfcml.config import FUSION_VARIANTS, ConfigError, ExperimentConfig
 from cfcml.data.manifest import PreparedDataset
 from cfcml.evaluation import metric_keys
 from cfcml.evaluation.metric_keys import auc_metric, headline_metrics
+from cfcml.evaluation.metrics import MISSING, Estimate, format_estimate, format_number
 from tuning.hpo.trial import VariantTrials
 from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
 
@@ -277,8 +278,7 @@ def aggregate(trials: list[dict[str, Any]], task: str, classes: list[str], y_tes
 # --------------------------------------------------------------------------------------- report
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+NO_ESTIMATE = Estimate(math.nan)  # a figure a variant lacks (no test predictions): printed as MISSING
 
 
 def markdown(result: ComparisonResult) -> str:
@@ -299,31 +299,24 @@ def markdown(result: ComparisonResult) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for v in result.variants:
-        t = v.test
-        diff = "—" if v.diff_vs_cfcml is None else \
-            f"{v.diff_vs_cfcml[0]:+.3f} [{v.diff_vs_cfcml[1]:+.3f}, {v.diff_vs_cfcml[2]:+.3f}]"
+        t = {k: Estimate.of(x) for k, x in v.test.items()}
+        diff = MISSING if v.diff_vs_cfcml is None else format_estimate(v.diff_vs_cfcml, signed=True)
         lines.append(
-            f"| {v.name} | {_fmt(v.cv.get(auc))} ± {_fmt(v.cv_sd.get(auc))} "
-            f"| {_fmt(v.cv.get('balanced_accuracy'))} ± {_fmt(v.cv_sd.get('balanced_accuracy'))} "
-            f"| {_fmt(t.get(auc, (math.nan,) * 3)[0])} [{_fmt(t.get(auc, (math.nan,) * 3)[1])}, "
-            f"{_fmt(t.get(auc, (math.nan,) * 3)[2])}] "
-            f"| {_fmt(t.get('balanced_accuracy', (math.nan,) * 3)[0])} "
-            f"[{_fmt(t.get('balanced_accuracy', (math.nan,) * 3)[1])}, "
-            f"{_fmt(t.get('balanced_accuracy', (math.nan,) * 3)[2])}] "
-            f"| {' / '.join(_fmt(t.get(r, (math.nan,))[0], 2) for r in recalls)} | {diff} |")
+            f"| {v.name} | {format_number(v.cv.get(auc))} ± {format_number(v.cv_sd.get(auc))} "
+            f"| {format_number(v.cv.get('balanced_accuracy'))} ± {format_number(v.cv_sd.get('balanced_accuracy'))} "
+            f"| {format_estimate(t.get(auc, NO_ESTIMATE))} "
+            f"| {format_estimate(t.get('balanced_accuracy', NO_ESTIMATE))} "
+            f"| {' / '.join(format_number(t.get(r, NO_ESTIMATE).point, 2) for r in recalls)} | {diff} |")
     if result.oracle is not None:
         o = result.oracle
-        lines.append(f"| *oracle* (generator latents) | {_fmt(o.cv.get(auc))} | {_fmt(o.cv.get('balanced_accuracy'))} "
-                     f"| {_ci_cell(o.test.get(auc, (math.nan,) * 3))} "
-                     f"| {_ci_cell(o.test.get('balanced_accuracy', (math.nan,) * 3))} | | |")
+        lines.append(f"| *oracle* (generator latents) | {format_number(o.cv.get(auc))} "
+                     f"| {format_number(o.cv.get('balanced_accuracy'))} "
+                     f"| {format_estimate(o.test.get(auc, NO_ESTIMATE))} "
+                     f"| {format_estimate(o.test.get('balanced_accuracy', NO_ESTIMATE))} | | |")
         lines += ["", f"Oracle: logistic regression on the generator's latent signals ({', '.join(o.features)}), "
                       "same folds; read by this report only, never by training."]
     lines += _calibration_lines(result) + _subgroup_lines(result)
     return "\n".join(lines) + "\n"
-
-
-def _ci_cell(v: tuple[float, float, float]) -> str:
-    return f"{_fmt(v[0])} [{_fmt(v[1])}, {_fmt(v[2])}]"
 
 
 def _calibration_lines(result: ComparisonResult) -> list[str]:
@@ -334,7 +327,8 @@ def _calibration_lines(result: ComparisonResult) -> list[str]:
              f"Brier score and ECE ({bins} equal-width bins of the top-label confidence), bootstrap 95% CIs; no "
              "temperature is fitted in a comparison (docs/evaluation.md).", "",
              "| variant | Brier [95% CI] | ECE [95% CI] |", "|---|---|---|"]
-    lines += [f"| {name} | {_ci_cell(c.brier)} | {_ci_cell(c.ece)} |" for name, c in result.calibration.items()]
+    lines += [f"| {name} | {format_estimate(c.brier)} | {format_estimate(c.ece)} |"
+              for name, c in result.calibration.items()]
     return lines
 
 
@@ -347,7 +341,7 @@ def _subgroup_lines(result: ComparisonResult) -> list[str]:
              "**too small**: fewer patients (or of some class) than the dataset spec's `evaluation` limits.", "",
              "| field | category | patients | " + " | ".join(names) + " | note |", "|---" * (4 + len(names)) + "|"]
     for i, r in enumerate(first):
-        cells = " | ".join(_ci_cell(result.subgroups[n][i].metrics[result.auc]) for n in names)
+        cells = " | ".join(format_estimate(result.subgroups[n][i].metrics[result.auc]) for n in names)
         lines.append(f"| {r.field} | {r.category} | {r.n} | {cells} | {'**too small**' if r.too_small else ''} |")
     return lines
 

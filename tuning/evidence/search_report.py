@@ -10,23 +10,46 @@ from the generator's latents. Every metric block shows the ranking (AUC) next to
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cfcml.data.manifest import PreparedDataset
 from cfcml.evaluation import metric_keys
 from cfcml.evaluation.metric_keys import headline_metrics
+from cfcml.evaluation.metrics import Estimate, format_estimate, format_number
+from tuning.evidence.summary import format_value
 from tuning.hpo.space import SearchConfig
 from tuning.records.outcome import SearchOutcome, TrialResult
+
+if TYPE_CHECKING:
+    from tuning.evidence.clinical import ClinicalEvidence
 
 REPORT_FILE = "search_report.md"
 
 
-def _fmt(x: Any, digits: int = 4) -> str:
-    if isinstance(x, float):
-        return "—" if math.isnan(x) else f"{x:.{digits}g}"
-    return "—" if x is None else str(x)
+class FinalStep(Protocol):
+    """What the report reads of the search's final step: `tuning.release.final.Release` (this
+    package sits below `tuning.release`, so it names the fields it reads rather than the class).
+
+    run_id: the final run's MLflow id.
+    test: the test metrics with their bootstrap 95% CIs; None when this call did not test (an
+        earlier run of the final step did).
+    evidence: the clinical evidence on the test split (None without it).
+    card: the registered model's card (markdown), None when not written by this call.
+    """
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def test(self) -> Mapping[str, Estimate] | None: ...
+
+    @property
+    def evidence(self) -> ClinicalEvidence | None: ...
+
+    @property
+    def card(self) -> str | None: ...
 
 
 def param_importance(trials: list[TrialResult], search: SearchConfig) -> dict[str, float] | str:
@@ -66,15 +89,27 @@ def _per_fold_table(best: TrialResult, names: list[str]) -> list[str]:
     lines = ["| metric | " + " | ".join(f"fold {k}" for k in folds) + " | mean (selected) | mean at last epoch |",
              "|---" * (len(folds) + 3) + "|"]
     for name in order:
-        cells = " | ".join(_fmt(per_fold[name].get(k)) for k in folds)
-        lines.append(f"| {name} | {cells} | {_fmt(best.metrics.get(metric_keys.cv(name)))} "
-                     f"| {_fmt(best.last_epoch_metrics.get(metric_keys.cv(name)))} |")
+        cells = " | ".join(format_value(per_fold[name].get(k)) for k in folds)
+        lines.append(f"| {name} | {cells} | {format_value(best.metrics.get(metric_keys.cv(name)))} "
+                     f"| {format_value(best.last_epoch_metrics.get(metric_keys.cv(name)))} |")
     return lines
 
 
 def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: SearchConfig,
-                 final: dict[str, Any] | None, oracle: Any | None = None) -> tuple[str, dict[str, Any]]:
-    """(markdown, {file name: Figure})."""
+                 final: FinalStep | None, oracle: Any | None = None) -> tuple[str, dict[str, Any]]:
+    """The report's markdown and its figures.
+
+    Args:
+        outcome: the finished search.
+        prepared: the dataset it searched on.
+        search: its search configuration (the searched space, for the importance of each key).
+        final: the final step (retrained, tested once, registered); None when the search ran with
+            --no-final (its fold ensemble was registered untested).
+        oracle: `cfcml.evaluation.oracle.OracleScores` of a synthetic dataset, None otherwise.
+
+    Returns:
+        (markdown, {file name under the search folder: matplotlib Figure}).
+    """
     from tuning.evidence.plots import plot_history, plot_importance, plot_parallel_coordinates
 
     spec = prepared.spec
@@ -93,32 +128,33 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
         return "\n".join(lines + ["No trial produced a score."]) + "\n", figures
 
     last = best.last_epoch_metrics.get(metric)
-    unselected = "The test figures below are the estimate nothing was selected on." if (final or {}).get("test") \
+    test = final.test if final is not None else None
+    unselected = "The test figures below are the estimate nothing was selected on." if test \
         else "Only a test evaluation gives an estimate nothing was selected on."
     lines += ["## Best configuration", "",
               f"Trial `{best.trial_id}` at epoch {best.epoch} of {best.epochs_run}: {metric} = {best.score:.4f}, "
               f"**selected** (optimistic: the maximum over its epochs and over the {len(scored)} trials). "
-              f"At its last epoch ({best.epochs_run}), not maximised over epochs: {_fmt(last)} (still the best of "
-              "the trials). " + unselected, "",
+              f"At its last epoch ({best.epochs_run}), not maximised over epochs: {format_value(last)} (still the best "
+              "of the trials). " + unselected, "",
               "| parameter | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in best.params.items()]
+    lines += [f"| {k} | {format_value(v)} |" for k, v in best.params.items()]
     lines += ["", f"### CV metrics of the best trial at its selected epoch {best.epoch}, per validation fold", ""] \
         + _per_fold_table(best, names)
 
     lines += ["", "## Test (the final model, evaluated once)", ""]
-    test = (final or {}).get("test")
     if test:
         lines += [f"The best configuration retrained on all {len(prepared.dev_frame())} development patients for "
                   f"{best.epoch} epochs, tested once on {len(prepared.test_frame())} held-out patients "
                   "(bootstrap 95% CI, 1000 resamples).", "", "| metric | value | 95% CI |", "|---|---|---|"]
         order = [n for n in names if n in test] + [n for n in test if n not in names]
-        lines += [f"| {n} | {test[n][0]:.4f} | [{test[n][1]:.4f}, {test[n][2]:.4f}] |" for n in order]
+        lines += [f"| {n} | {format_number(test[n].point, 4)} | {format_estimate(test[n], 4, interval_only=True)} |"
+                  for n in order]
     elif final is not None:
-        lines.append(f"Evaluated by an earlier run of this search's final step: see MLflow run {final.get('run_id')}.")
+        lines.append(f"Evaluated by an earlier run of this search's final step: see MLflow run {final.run_id}.")
     else:
         lines.append("Not evaluated: the search ran with --no-final (the best trial's fold ensemble was "
                      "registered without touching the test split).")
-    evidence = (final or {}).get("evidence")
+    evidence = final.evidence if final is not None else None
     if evidence is not None:  # calibration, operating points, decision curves, subgroups, missing inputs
         from tuning.evidence.clinical import report_sections
 
@@ -129,7 +165,7 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
         lines += ["", "## Oracle (synthetic data)", "",
                   f"A logistic regression on the generator's latent signals ({', '.join(oracle.features)}), on the "
                   f"same folds: CV {auc} {oracle.cv[auc]:.4f}, balanced accuracy {oracle.cv['balanced_accuracy']:.4f}; "
-                  f"test {auc} {oracle.test[auc][0]:.4f} [{oracle.test[auc][1]:.4f}, {oracle.test[auc][2]:.4f}]. "
+                  f"test {auc} {format_estimate(oracle.test[auc], 4)}. "
                   "Read by this report only, never by training."]
 
     header = [f"selected {metric}", "bal. acc.", "epoch", f"{metric} at last epoch", "ran",
@@ -139,9 +175,9 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
               "ASHA stopped the trial early.", "",
               "| trial | " + " | ".join(header) + " |", "|---" * (1 + len(header)) + "|"]
     for t in sorted(scored, key=lambda t: -(t.score or 0.0)):
-        cells = [f"{t.score:.4f}", _fmt(t.metrics.get(metric_keys.cv("balanced_accuracy"))), t.epoch,
-                 _fmt(t.last_epoch_metrics.get(metric)), t.epochs_run,
-                 *[_fmt(t.params.get(k)) for k in outcome.searched]]
+        cells = [f"{t.score:.4f}", format_value(t.metrics.get(metric_keys.cv("balanced_accuracy"))), t.epoch,
+                 format_value(t.last_epoch_metrics.get(metric)), t.epochs_run,
+                 *[format_value(t.params.get(k)) for k in outcome.searched]]
         lines.append(f"| {t.trial_id} | " + " | ".join(str(c) for c in cells) + " |")
     for t in failed:
         lines.append(f"| {t.trial_id} | no score: {(t.error or '')[:120]} |" + " |" * (5 + len(outcome.searched)))
@@ -165,7 +201,7 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
     else:
         lines.append(f"Not shown: {importance}.")
     lines += ["", "Plots: " + ", ".join(f"`{n}`" for n in figures)]
-    card = (final or {}).get("card")
+    card = final.card if final is not None else None
     if card:  # the registered model's card, its headings one level down
         lines += ["", "## Model card of the registered model", "",
                   *[("#" + line if line.startswith("#") else line) for line in card.splitlines()[1:]]]
@@ -173,7 +209,7 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
 
 
 def write_report(outcome: SearchOutcome, prepared: PreparedDataset, search: SearchConfig,
-                 final: dict[str, Any] | None) -> Path:
+                 final: FinalStep | None) -> Path:
     """Write search_report.md (+ plots) into the search folder and onto the parent run."""
     from mlflow.tracking import MlflowClient
 

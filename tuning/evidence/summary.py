@@ -1,14 +1,21 @@
 """The end-of-search summary printed to the terminal."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from cfcml.evaluation import metric_keys
+from cfcml.evaluation.metrics import MISSING
 from tuning.records.outcome import SearchOutcome
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def format_value(value: Any, digits: int = 4) -> str:
+    """A value in a table of the summary or the search report: a float to `digits` significant
+    digits, None or NaN as `MISSING` ("—"), anything else (a searched value, a count) as `str`.
+    Figures with an interval are `cfcml.evaluation.metrics.format_estimate`'s."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
 def print_summary(outcome: SearchOutcome, seconds: float) -> None:
@@ -23,9 +30,9 @@ def print_summary(outcome: SearchOutcome, seconds: float) -> None:
         keys = outcome.searched
         header = ["trial", f"selected {metric}", "epoch", "last_epoch", "ran", "wall_s", "overhead_s"] + \
             [k.split(".")[-1] for k in keys]
-        rows = [[t.trial_id, _fmt(t.score), t.epoch, _fmt(t.last_epoch_metrics.get(metric, "—")), t.epochs_run,
-                 f"{t.wall_s:.1f}",
-                 f"{t.wall_s - t.compute_s:.1f}"] + [_fmt(t.params.get(k)) for k in keys]
+        rows = [[t.trial_id, format_value(t.score), t.epoch, format_value(t.last_epoch_metrics.get(metric)),
+                 t.epochs_run, f"{t.wall_s:.1f}",
+                 f"{t.wall_s - t.compute_s:.1f}"] + [format_value(t.params.get(k)) for k in keys]
                 for t in scored]
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
         for r in [header] + rows:
@@ -39,9 +46,9 @@ def print_summary(outcome: SearchOutcome, seconds: float) -> None:
         return
     print(f"\nbest: trial {best.trial_id} at epoch {best.epoch}: {metric} = {best.score:.4f} selected (optimistic: "
           f"max over epochs and trials); at its last epoch {best.epochs_run}: "
-          f"{_fmt(best.last_epoch_metrics.get(metric, '—'))}")
+          f"{format_value(best.last_epoch_metrics.get(metric))}")
     for k, v in best.params.items():
-        print(f"  {k} = {_fmt(v)}")
+        print(f"  {k} = {format_value(v)}")
     per_fold = metric_keys.per_fold(best.metrics, metric_keys.VAL)
     if per_fold:
         folds = sorted({k for d in per_fold.values() for k in d})

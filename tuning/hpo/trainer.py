@@ -48,6 +48,29 @@ class TrainJob:
     predict_test: bool = False
 
 
+LOOP_CONFIG = "loop"  # the one key of Ray Train's `train_loop_config`: a `LoopConfig`
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything `train_loop_per_worker` is given, built by `fit`; Ray Train pickles it to every
+    worker as `train_loop_config[LOOP_CONFIG]` (Ray Train wants a dict there: its run-state record
+    validates one, so the dataclass rides under one key).
+
+    Args:
+        job: what to train, on which prepared dataset, for how many epochs (`TrainJob`).
+        failure_file: where rank 0 writes why the workers stopped when training diverged (the run's
+            `FAILURE_FILE`; `fit` reads it and raises); None: not written.
+        run_dir: the run's folder on local storage, whose newest checkpoint folder a restart uses
+            when Ray Train's own snapshot was lost (`Resumption.load`); None on remote storage (a URI).
+            Also whether checkpoints are written straight into the run's folder (`report_epoch`'s `local`).
+    """
+
+    job: TrainJob
+    failure_file: str | None = None
+    run_dir: str | None = None
+
+
 class SystemMetrics:
     """What the machine of a Ray Train worker did during each epoch, for MLflow's System Metrics tab.
 
@@ -178,8 +201,9 @@ class CheckpointPolicy:
     run's selected epoch (so the selected epoch's weights and out-of-fold predictions exist, which
     the best trial, its plots and the final model read), and the last epoch (`max_epochs`).
 
-    Writing every epoch cost a smoke trial a few seconds an epoch (all folds' weights and Adam
-    moments, hashed, copied by Ray); a crash now retrains up to `every - 1` epochs instead, from
+    Writing every epoch cost a smoke trial a large share of each epoch (all folds' weights and Adam
+    moments, hashed, copied by Ray; docs/architecture.md, "What a trial costs besides training");
+    a crash now retrains up to `every - 1` epochs instead, from
     the newest checkpoint, and reports them again (the driver keeps the retrained values:
     `tuning.records.outcome.lineage`).
 
@@ -244,8 +268,8 @@ class Resumption:
 
 
 def _detached(state: Any) -> Any:
-    """A copy of a state dict whose tensors training no longer changes (a clone of each; about
-    14 ms for the smoke model's 3,400 tensors, where writing them takes 60 ms)."""
+    """A copy of a state dict whose tensors training no longer changes (a clone of each: much
+    cheaper than writing them; the figures are in docs/architecture.md, "Stages")."""
     import torch
     from torch.utils._pytree import tree_map
 
@@ -301,7 +325,31 @@ def report_epoch(report: Any, saved: tuple[Any, Any, Any] | None, due: bool, loc
                      checkpoint_upload_fn=write, delete_local_checkpoint_after_upload=True)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
+    """What every Ray Train worker runs: `job.experiment` trained on the folds of the prepared
+    dataset (all development rows for a final model) in lockstep, one `EpochReport` per epoch.
+
+    Each worker (rank) trains every fold (`cfcml.training.CrossValidation`, DDP across the ranks
+    when there are several), resumes from the newest intact checkpoint when there is one
+    (`Resumption`), reports each epoch to Ray Train with the running selected score of a CV run
+    (`tuning.records.outcome.EpochSelection`) and, on rank 0, the machine's `SystemMetrics`, and
+    checkpoints when `CheckpointPolicy` says so (`report_epoch`). A final model or a comparison's
+    run (`job.predict_test`) predicts the held-out test split once, after its last epoch.
+
+    Args:
+        config: Ray Train's `train_loop_config`: {`LOOP_CONFIG`: the run's `LoopConfig`}.
+
+    Returns:
+        None; everything leaves through `ray.train.report`. A run whose checkpoint already holds
+        its last epoch only reports that epoch again (its report may never have reached the driver).
+        A diverged run (`cfcml.training.TrainingDiverged`) returns early instead of raising, so Ray
+        Train does not restart it: rank 0 writes `loop.failure_file`, which `fit` turns into the
+        exception on the caller's side.
+
+    Raises:
+        Whatever a worker hits otherwise (e.g. OSError writing a checkpoint): Ray Train restarts the
+        worker group from the last checkpoint up to `train.max_failures` times.
+    """
     import ray.train
     import ray.train.torch
     import torch
@@ -313,7 +361,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     t_start = time.perf_counter()
     _quiet_report_log()
-    job: TrainJob = config["job"]
+    loop = config[LOOP_CONFIG]
+    job = loop.job
     cfg = job.experiment
     torch.set_num_threads(max(int(cfg.train.cpus_per_worker), 1))
     prepared = PreparedDataset.load(job.prepared_dir)
@@ -323,7 +372,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = prepared.spec
     selection = None if job.final else EpochSelection(
         selection_key(spec.task, len(spec.classes), spec.selection_metric, cfg.train.selection_metric))
-    resumption = Resumption.load(ray.train.get_checkpoint(), cv, selection, config.get("run_dir"))
+    resumption = Resumption.load(ray.train.get_checkpoint(), cv, selection, loop.run_dir)
     policy = CheckpointPolicy(cfg.train.checkpoint_every, job.max_epochs)
 
     t_ready = time.perf_counter()
@@ -347,8 +396,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # Not raised: Ray Train would restart the worker group train.max_failures times from
                 # the last checkpoint, and it would diverge again. `fit` raises it on the caller's side.
                 print(f"[cfcml] {exc}", flush=True)
-                if rank == 0 and config.get("failure_file"):
-                    _write_failure(config["failure_file"], exc)
+                if rank == 0 and loop.failure_file:
+                    _write_failure(loop.failure_file, exc)
                 return
             compute_s += time.perf_counter() - t0
             if selection is not None:
@@ -369,7 +418,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  resumed_from_epoch=resumption.from_epoch, checkpointed=due, restored=restored,
                                  checkpoints_skipped=skipped, scan_backend=cv.scan_backend)
             report_epoch(report, (cv.state_dict(), oof, test) if due and rank == 0 else None, due,
-                         local=config.get("run_dir") is not None)
+                         local=loop.run_dir is not None)
     finally:
         if system is not None:
             system.close()
@@ -394,7 +443,7 @@ def trainer_class(workers: int, use_gpu: bool) -> type:
     `DataParallelTrainer` without a backend, which runs the same loop with the same checkpoints,
     restarts and reports but needs no process group. It keeps torch out of the processes that build
     and drive the trainer (Tune's trial actor, Ray Train's controller): `ray.train.torch` imports
-    torch, about 2 CPU-seconds per trial on each of them.
+    torch in each of them, every trial (docs/architecture.md, "What a trial costs besides training").
 
     Args:
         workers: `train.workers`, positive.
@@ -453,8 +502,8 @@ def fit(job: TrainJob, name: str, storage_path: str, metric: str | None, callbac
     trainer = trainer_class(t.workers, use_gpu)(
         train_loop_per_worker,
         # run_dir: where this run's checkpoint folders are, should Ray Train's snapshot be lost
-        train_loop_config={"job": job, "failure_file": str(failure),
-                           "run_dir": None if "://" in storage_path else str(Path(storage_path) / name)},
+        train_loop_config={LOOP_CONFIG: LoopConfig(
+            job, failure_file=str(failure), run_dir=None if "://" in storage_path else str(Path(storage_path) / name))},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,

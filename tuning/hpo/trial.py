@@ -3,7 +3,8 @@
 Tune's trial actor is a fresh process that imports the module of the trial function to unpickle
 it; this one imports nothing heavy at module level, and `tuning.hpo.trainer.fit` builds a one-CPU-worker
 trainer without torch (`tuning.hpo.trainer.trainer_class`), so the actor loads neither torch nor the
-data pipeline (in `tuning.hpo.driver` or `tuning.evidence.comparison` they cost a few CPU-seconds per trial).
+data pipeline (imported through `tuning.hpo.driver` or `tuning.evidence.comparison` they cost CPU-seconds
+per trial: docs/architecture.md, "What a trial costs besides training").
 What a trial is given must be as light: a `SearchRun`, a `VariantTrials` (plain configurations,
 not the `ComparisonPlan`, whose module loads torch). Only the Ray Train workers import torch.
 `tests/test_layers.py` checks it.

@@ -231,25 +231,44 @@ def lineage(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 @dataclass
 class TrialResult:
-    """One trial at its selected epoch by the CV selection metric (validation folds only).
+    """One trial of a search at its selected epoch by the CV selection metric (validation folds
+    only; the test split is never seen), as the driver collects it and `outcome.json` keeps it.
 
     `score` is selected: the maximum over the trial's epochs (`EpochSelection`), so an optimistic
     estimate of that configuration; `last_epoch_metrics` holds the `cv_*` of its last epoch, which
     no maximum over epochs touched. A trial that produced no score has `error` set and no `score`.
+
+    Args:
+        trial_id: Tune's trial id; its MLflow run carries it as `cfcml.trial_id`.
+        params: the searched values, by dotted key ("loss.w_sam"), as the trial trained them.
+        score: the selection metric (`SearchOutcome.metric`) at `epoch`: its maximum over the
+            trial's epochs; None when the trial produced no score.
+        epoch: the selected epoch, 1-based (the latest of tied best ones): its checkpoint holds the
+            weights, and the final model trains for that many epochs.
+        epochs_run: epochs the trial ran (below the search's max_epochs when ASHA stopped it).
+        wall_s: seconds on Tune's clock for the trial function.
+        compute_s: seconds in training and validation; `wall_s - compute_s` is start-up overhead.
+        checkpoint_path: the selected epoch's checkpoint folder, when Ray Train kept it.
+        metrics: every figure at `epoch`: `cv_*` (mean over validation folds), `val_*_fold<k>`,
+            `train_*`.
+        last_epoch_metrics: the `cv_*` at epoch `epochs_run`.
+        history: per epoch, {"epoch", the selection metric, "timestamp" (Unix time, seconds)}.
+        experiment: the full configuration the trial trained (None in outcome files that predate it).
+        error: why the trial produced no score (the last lines of its traceback); None if it did.
     """
 
     trial_id: str
-    params: dict[str, Any] = field(default_factory=dict)  # the searched values (dotted keys)
-    score: float | None = None  # the selection metric at `epoch`: its maximum over epochs
-    epoch: int = 0  # the selected epoch (latest of tied best ones): its weights, and the final model's length
+    params: dict[str, Any] = field(default_factory=dict)
+    score: float | None = None
+    epoch: int = 0
     epochs_run: int = 0
-    wall_s: float = 0.0  # Tune's clock for the trial function
-    compute_s: float = 0.0  # time in training and validation; wall_s - compute_s is start-up overhead
-    checkpoint_path: str | None = None  # that epoch's checkpoint, when Ray Train kept it
-    metrics: dict[str, float] = field(default_factory=dict)  # cv_*, val_*_fold<k>, train_* at `epoch`
-    last_epoch_metrics: dict[str, float] = field(default_factory=dict)  # cv_* at epoch `epochs_run`
-    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, the metric, timestamp
-    experiment: ExperimentConfig | None = None  # the full configuration the trial trained
+    wall_s: float = 0.0
+    compute_s: float = 0.0
+    checkpoint_path: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_epoch_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    experiment: ExperimentConfig | None = None
     error: str | None = None
 
     @property
@@ -271,22 +290,48 @@ class TrialResult:
 
 @dataclass
 class SearchOutcome:
+    """What a search leaves for the steps after it (the final model, the report, the summary,
+    `pipelines/train_final.py` later): written by the driver as `outcome.json` in the search
+    folder (`save`, `load`).
+
+    Args:
+        dataset: the dataset's name (conf/datasets/<dataset>.yaml).
+        metric: the selection metric, "cv_<name>" (the mean over validation folds).
+        trials: every trial, scored or not (`TrialResult`).
+        search_dir: the search's folder (`<runs-dir>/ray/<name>`); the MLflow runs carry it as
+            `cfcml.search`.
+        prepared_dir: the prepared dataset the trials trained on.
+        tracking_uri: the MLflow store of the search's runs.
+        experiment_id: its MLflow experiment (`cfcml-<dataset>`).
+        parent_run_id: the search's parent run; trials, the final model and the ensemble are its children.
+        searched: the dotted keys of the search space, in the search file's order.
+    """
+
     dataset: str
-    metric: str  # cv_<selection metric>
+    metric: str
     trials: list[TrialResult]
     search_dir: str
     prepared_dir: str
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    searched: list[str] = field(default_factory=list)  # the dotted keys of the search space
+    searched: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> TrialResult | None:
+        """The scored trial with the highest `score` (ties: the first), None when no trial scored."""
         scored = [t for t in self.trials if t.scored]
         return max(scored, key=lambda t: t.score) if scored else None  # type: ignore[arg-type,return-value]
 
     def save(self, path: str | Path | None = None) -> Path:
+        """Write the outcome as JSON (atomically: a temporary file, then renamed).
+
+        Args:
+            path: the file; None: `OUTCOME_FILE` in `search_dir`.
+
+        Returns:
+            The file written.
+        """
         path = Path(path) if path else Path(self.search_dir) / OUTCOME_FILE
         data = dataclasses.asdict(self)
         data["trials"] = [t.to_dict() for t in self.trials]
@@ -297,6 +342,12 @@ class SearchOutcome:
 
     @classmethod
     def load(cls, path: str | Path) -> SearchOutcome:
+        """Read an outcome file written by `save`.
+
+        Raises:
+            OSError: the file cannot be read; json.JSONDecodeError: it is not JSON;
+            cfcml.config.ConfigError: a trial's recorded configuration is not a valid one.
+        """
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         data["trials"] = [TrialResult.from_dict(t) for t in data["trials"]]
         return cls(**data)

@@ -8,20 +8,73 @@ only here, once, after training; metrics come with bootstrap 95% confidence inte
 is registered as `cfcml-<dataset>` with its CV and test metrics.
 
 `register_cv_ensemble` registers the best trial's fold ensemble instead (`search.py --no-final`):
-no test evaluation happens then.
+no test evaluation happens then. Both return a `Release`.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cfcml.data.manifest import PreparedDataset
 from cfcml.evaluation import metric_keys
+from cfcml.evaluation.metrics import Estimate, format_estimate
 from tuning.records.outcome import SELECTED_NOTE, SearchOutcome, TrialResult, published_cv
+
+if TYPE_CHECKING:
+    from tuning.evidence.clinical import ClinicalEvidence
 
 REGISTERED_TAG = "cfcml.registered_version"
 CV_ONLY = metric_keys.prefixes(metric_keys.CV)  # what a registered model publishes of its search: cv_* only
+STAGES = ("final", "cv-ensemble")
+
+
+@dataclass(frozen=True)
+class Release:
+    """What the last step of a search registered (`train_final`, `register_cv_ensemble`).
+
+    Args:
+        stage: "final" (the best configuration retrained on all development rows, tested once) or
+            "cv-ensemble" (the best trial's fold models, probabilities averaged; `search.py --no-final`).
+        run_id: its MLflow run (tag `cfcml.kind` = `stage`, a child of the search's parent run).
+        model_name: the registered model, `cfcml-<dataset>`.
+        version: the registry's version of it.
+        test: the test metrics with their bootstrap 95% CIs (1000 resamples over patients), as this
+            call measured them; None when it did not test (a cv-ensemble, or a final model that an
+            earlier run of the step registered: its figures are on that run).
+        evidence: the clinical evidence on the test split (`tuning.evidence.clinical`); None without
+            a test evaluation in this call, or when it failed (the model is registered uncalibrated).
+        card: the model card (markdown) this call wrote; None when the model was registered earlier.
+        reused: the registry held this run's model already: nothing was trained, tested or written.
+
+    Raises:
+        ValueError: `stage` not one of `STAGES`; test figures or evidence on a "cv-ensemble" (that
+            step never reads the test split).
+    """
+
+    stage: str
+    run_id: str
+    model_name: str
+    version: str
+    test: dict[str, Estimate] | None = None
+    evidence: ClinicalEvidence | None = None
+    card: str | None = None
+    reused: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"Release.stage: {self.stage!r} is not one of {STAGES}")
+        if self.stage == "cv-ensemble" and (self.test is not None or self.evidence is not None):
+            raise ValueError("Release.test: a cv-ensemble is never tested (the test split is read only by the final "
+                             "model), yet test figures or evidence were given")
+
+    @property
+    def test_split_used(self) -> bool:
+        """Whether the held-out test split was read for this model (now or by an earlier run of the
+        step): only a final model's is; a cv-ensemble's step never reads it."""
+        return self.stage == "final"
 
 
 def registered_version(client: Any, run_id: str, model_name: str,
@@ -72,25 +125,26 @@ def registered_version(client: Any, run_id: str, model_name: str,
 
 
 def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: PreparedDataset,
-               tags: dict[str, str] | Callable[[str], dict[str, str]] | None = None) -> tuple[str, bool]:
+               tags: dict[str, str] | Callable[[str], dict[str, str]] | None = None) -> tuple[str, str | None]:
     """The search's `kind` run (final / cv-ensemble): reused if it exists, with its source tags and
-    the prepared dataset as input. Returns (run id, done): done when the registry holds its model
-    (`registered_version`, which registers a deleted one again with `tags`)."""
+    the prepared dataset as input. Returns (run id, registered version): the version when the
+    registry holds its model (`registered_version`, which registers a deleted one again with
+    `tags`), else None."""
     from tuning.tracking.store import find_run, log_provenance
 
     run_id = find_run(client, outcome.experiment_id, **{"cfcml.search": outcome.search_dir, "cfcml.kind": kind})
     if run_id is not None:
-        done = registered_version(client, run_id, f"cfcml-{outcome.dataset}", tags) is not None
-        if not done:
+        version = registered_version(client, run_id, f"cfcml-{outcome.dataset}", tags)
+        if version is None:
             from tuning.tracking.lifecycle import reopen_run
 
             reopen_run(client, run_id)
-        return run_id, done
+        return run_id, version
     run = client.create_run(outcome.experiment_id, run_name=kind, tags={
         "mlflow.parentRunId": outcome.parent_run_id, "cfcml.search": outcome.search_dir, "cfcml.kind": kind,
     })
     log_provenance(client, run.info.run_id, prepared)
-    return run.info.run_id, False
+    return run.info.run_id, None
 
 
 def _cv_tags(best: TrialResult, metric: str) -> dict[str, str]:
@@ -103,13 +157,26 @@ def _cv_tags(best: TrialResult, metric: str) -> dict[str, str]:
 
 
 def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: str | Path,
-                explain: bool = False) -> dict[str, Any]:
+                explain: bool = False) -> Release | None:
     """Retrain `outcome.best` on all development rows, test once, register. Idempotent: a search
-    whose final model is registered already is left alone.
+    whose final model is registered already is left alone (`Release.reused`).
 
-    explain: also log Grad-CAM and field-occlusion figures of a few test patients on the final run
-    (`--explain-test-patients`). Off by default: those figures show patients' images and clinical
-    fields, and anyone who can read the MLflow store can see them."""
+    Args:
+        prepared: the dataset the search ran on.
+        outcome: the finished search.
+        storage: the search's Ray storage folder (`<runs-dir>/ray`); the Ray Train run goes under
+            its `train/`.
+        explain: also log Grad-CAM and field-occlusion figures of a few test patients on the final
+            run (`--explain-test-patients`). Off by default: those figures show patients' images and
+            clinical fields, and anyone who can read the MLflow store can see them.
+
+    Returns:
+        The `Release` (stage "final"); None when the search has no best configuration.
+
+    Raises:
+        cfcml.training.TrainingDiverged: the configuration diverged on all development data (the
+            final run is FAILED with the reason).
+    """
     from mlflow.tracking import MlflowClient
 
     from tuning.tracking.lifecycle import owned_run
@@ -117,27 +184,27 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
     best = outcome.best
     if best is None or best.experiment is None:
         print("no best configuration: nothing to retrain")
-        return {}
+        return None
     client = MlflowClient(outcome.tracking_uri)
 
     def tags_from_run(run_id: str) -> dict[str, str]:  # the version tags, if it is registered again
         metrics = client.get_run(run_id).data.metrics
         return {**_cv_tags(best, outcome.metric), "stage": "final",
-                **{k: f"{v:.4f} [{metrics.get(metric_keys.ci_low(k), float('nan')):.4f}, "
-                      f"{metrics.get(metric_keys.ci_high(k), float('nan')):.4f}]"
+                **{k: format_estimate((v, metrics.get(metric_keys.ci_low(k), math.nan),
+                                       metrics.get(metric_keys.ci_high(k), math.nan)), 4)
                    for k, v in metrics.items() if metric_keys.is_kind(k, metric_keys.TEST)
                    and not k.endswith((metric_keys.CI_LOW, metric_keys.CI_HIGH))}}
 
-    run_id, done = _child_run(client, outcome, "final", prepared, tags_from_run)
-    if done:
+    run_id, version = _child_run(client, outcome, "final", prepared, tags_from_run)
+    if version is not None:
         print(f"final model already trained and registered (run {run_id}); nothing to do")
-        return {"run_id": run_id}
+        return Release("final", run_id, f"cfcml-{outcome.dataset}", version, reused=True)
     with owned_run(client, run_id):  # FINISHED, or FAILED/KILLED with the reason, never left RUNNING
         return _train_final(client, run_id, prepared, outcome, best, storage, explain)
 
 
 def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, best: TrialResult,
-                 storage: str | Path, explain: bool) -> dict[str, Any]:
+                 storage: str | Path, explain: bool) -> Release:
     from cfcml.config import flatten_dict
     from cfcml.evaluation.metrics import bootstrap_ci, plot_confusion, plot_roc
     from cfcml.training import frame_probs
@@ -174,30 +241,32 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
     log_figure(client, run_id, plot_roc(labels, probs, list(spec.classes)), "plots/roc_test.png")
     log_figure(client, run_id, plot_confusion(labels, probs, list(spec.classes)), "plots/confusion_test.png")
 
+    figures = {name: Estimate.of(v) for name, v in ci.items()}
     print(f"test metrics ({len(labels)} patients, bootstrap 95% CI, 1000 resamples):")
-    for name, (point, low, high) in ci.items():
-        print(f"  {name:20s} {point:7.4f}  [{low:.4f}, {high:.4f}]")
+    for name, estimate in figures.items():
+        print(f"  {name:20s} {estimate:.4f}")
     evidence = _clinical(client, run_id, prepared, best, test, weights)
     tags = {**_cv_tags(best, outcome.metric), "stage": "final",
-            **{metric_keys.test(k): f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for k, v in ci.items()}}
+            **{metric_keys.test(k): format_estimate(v, 4) for k, v in figures.items()}}
     info = log_and_register(tracking_uri=outcome.tracking_uri, run_id=run_id, prepared=prepared,
                             experiment=best.experiment, members=[weights],
                             model_name=f"cfcml-{outcome.dataset}", tags=tags,
                             calibrator=evidence.calibrator if evidence else None)
-    card = _card(client, run_id, prepared, outcome, "final", info.registered_model_version, ci, evidence,
+    version = str(info.registered_model_version)
+    card = _card(client, run_id, prepared, outcome, "final", version, figures, evidence,
                  evidence.calibrator if evidence else None)
-    client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
-    print(f"registered cfcml-{outcome.dataset} version {info.registered_model_version}: "
-          f"mlflow.pyfunc.load_model('models:/cfcml-{outcome.dataset}/{info.registered_model_version}')")
+    client.set_tag(run_id, "cfcml.registered_version", version)
+    print(f"registered cfcml-{outcome.dataset} version {version}: "
+          f"mlflow.pyfunc.load_model('models:/cfcml-{outcome.dataset}/{version}')")
     if explain:
         _explain(client, run_id, prepared, best, weights)
     client.set_terminated(run_id, "FINISHED")
-    return {"run_id": run_id, "test": ci, "version": info.registered_model_version, "evidence": evidence,
-            "card": card}
+    return Release("final", run_id, f"cfcml-{outcome.dataset}", version, test=figures, evidence=evidence,
+                   card=card)
 
 
 def _clinical(client: Any, run_id: str, prepared: PreparedDataset, best: TrialResult, test: Any,
-              weights: Any) -> Any:
+              weights: Any) -> ClinicalEvidence | None:
     """Calibration, operating points, decision curves, subgroups and withheld inputs
     (tuning/evidence/clinical.py), logged under clinical/ and printed; None when the best trial's
     out-of-fold predictions are gone."""
@@ -225,8 +294,8 @@ def _clinical(client: Any, run_id: str, prepared: PreparedDataset, best: TrialRe
     return evidence
 
 
-def _card(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, stage: str, version: Any,
-          test: Any, evidence: Any, calibrator: Any) -> str:
+def _card(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, stage: str, version: str,
+          test: dict[str, Estimate] | None, evidence: ClinicalEvidence | None, calibrator: Any) -> str:
     """The model card (tuning/release/model_card.py) on the run and as the registered version's description."""
     from tuning.release.model_card import CARD_FILE, CardInputs, log_card, model_card
 
@@ -253,8 +322,14 @@ def _explain(client: Any, run_id: str, prepared: PreparedDataset, best: TrialRes
         print(f"warning: explanations failed ({type(exc).__name__}: {exc}); the registered model is unaffected")
 
 
-def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> dict[str, Any]:
-    """Register the best trial's fold models (its selected epoch) as one averaged ensemble."""
+def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> Release | None:
+    """Register the best trial's fold models (its selected epoch) as one averaged ensemble; the
+    test split is not read. Idempotent, as `train_final`.
+
+    Returns:
+        The `Release` (stage "cv-ensemble", no test figures); None when the search has no best
+        checkpoint.
+    """
     from mlflow.tracking import MlflowClient
 
     from tuning.tracking.lifecycle import owned_run
@@ -262,18 +337,18 @@ def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> d
     best = outcome.best
     if best is None or not best.checkpoint_path or best.experiment is None:
         print("no best checkpoint: nothing to register")
-        return {}
+        return None
     client = MlflowClient(outcome.tracking_uri)
-    run_id, done = _child_run(client, outcome, "cv-ensemble", prepared,
-                              {**_cv_tags(best, outcome.metric), "stage": "cv-ensemble"})
-    if done:
-        return {"run_id": run_id}
+    run_id, version = _child_run(client, outcome, "cv-ensemble", prepared,
+                                 {**_cv_tags(best, outcome.metric), "stage": "cv-ensemble"})
+    if version is not None:
+        return Release("cv-ensemble", run_id, f"cfcml-{outcome.dataset}", version, reused=True)
     with owned_run(client, run_id):
         return _register_cv_ensemble(client, run_id, prepared, outcome, best)
 
 
 def _register_cv_ensemble(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome,
-                          best: TrialResult) -> dict[str, Any]:
+                          best: TrialResult) -> Release:
     from tuning.evidence.clinical import best_trial_calibrator
     from tuning.records.checkpoints import open_checkpoint
     from tuning.release.served_model import log_and_register
@@ -288,9 +363,10 @@ def _register_cv_ensemble(client: Any, run_id: str, prepared: PreparedDataset, o
                             experiment=best.experiment, members=members,
                             model_name=f"cfcml-{outcome.dataset}",
                             tags={**_cv_tags(best, outcome.metric), "stage": "cv-ensemble"}, calibrator=calibrator)
-    _card(client, run_id, prepared, outcome, "cv-ensemble", info.registered_model_version, None, None, calibrator)
-    client.set_tag(run_id, "cfcml.registered_version", str(info.registered_model_version))
+    version = str(info.registered_model_version)
+    card = _card(client, run_id, prepared, outcome, "cv-ensemble", version, None, None, calibrator)
+    client.set_tag(run_id, "cfcml.registered_version", version)
     client.set_terminated(run_id, "FINISHED")
     print(f"registered the best trial's {len(members)}-fold ensemble as cfcml-{outcome.dataset} "
-          f"version {info.registered_model_version}")
-    return {"run_id": run_id, "version": info.registered_model_version}
+          f"version {version}")
+    return Release("cv-ensemble", run_id, f"cfcml-{outcome.dataset}", version, card=card)

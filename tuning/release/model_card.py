@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from cfcml.evaluation.metrics import Estimate, format_estimate
+
 CARD_FILE = "model_card.md"
 
 
@@ -29,19 +31,12 @@ class CardInputs:
     prepared: Any  # PreparedDataset
     outcome: Any  # SearchOutcome
     best: Any  # TrialResult
-    test: dict[str, tuple[float, float, float]] | None  # bootstrap CIs of the test metrics
+    test: dict[str, Estimate] | None  # the test metrics with their bootstrap 95% CIs
     evidence: Any | None  # ClinicalEvidence (None: no test evaluation)
     calibrator: Any | None  # Calibrator stored in the model
     run_id: str
     modality_dropout: float = 0.0
     field_dropout: float = 0.0
-
-
-def _ci(v: tuple[float, float, float]) -> str:
-    point, low, high = v
-    if math.isnan(point):
-        return "—"
-    return f"{point:.3f}" if math.isnan(low) else f"{point:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _counts_table(prepared: Any) -> list[str]:
@@ -71,12 +66,13 @@ def known_limits(card: CardInputs) -> list[str]:
         limits.append("Not evaluated on the held-out test split (a fold ensemble registered with --no-final): "
                       "its only figures are cross-validation ones.")
     else:
-        widths = {k: v[2] - v[1] for k, v in card.test.items() if not math.isnan(v[1])}
+        test = {k: Estimate.of(v) for k, v in card.test.items()}
+        widths = {k: v.width for k, v in test.items() if v.has_interval}
         if widths:
             k = max(widths, key=lambda name: widths[name])
             limits.append(f"The test split has {n_test} patients: the widest 95% CI ({k}) spans {widths[k]:.2f}.")
         if spec.task == "multiclass":
-            never = [c for i, c in enumerate(spec.classes) if card.test.get(f"acc_class_{i}", (1.0,))[0] == 0.0]
+            never = [c for i, c in enumerate(spec.classes) if test.get(f"acc_class_{i}", Estimate(1.0)).point == 0.0]
             if never:
                 limits.append(f"At the argmax the model never correctly predicts {', '.join(never)} on the test split; "
                               "use an operating point for that class.")
@@ -88,7 +84,7 @@ def known_limits(card: CardInputs) -> list[str]:
         after = ev.calibration.get("test, calibrated")
         if after is not None:
             limits.append(f"Calibration was fitted on {ev.calibrator.temperature.n} out-of-fold predictions; on the "
-                          f"test split the ECE ({ev.n_bins} bins) is {_ci(after.ece)} after it.")
+                          f"test split the ECE ({ev.n_bins} bins) is {format_estimate(after.ece)} after it.")
         metric = spec.selection_metric
         base = ev.withheld[0].metrics.get(metric) if ev.withheld else None
         if base is not None:
@@ -165,7 +161,7 @@ def model_card(card: CardInputs) -> str:
     if card.test:
         lines += ["Bootstrap 95% CIs over patients (1000 resamples); decisions at the argmax.", "",
                   "| metric | value [95% CI] |", "|---|---|"]
-        lines += [f"| {n} | {_ci(v)} |" for n, v in card.test.items()]
+        lines += [f"| {n} | {format_estimate(v)} |" for n, v in card.test.items()]
     else:
         lines.append("No test evaluation.")
     if card.evidence is not None:

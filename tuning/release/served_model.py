@@ -231,14 +231,24 @@ def check_images(frame: pd.DataFrame, spec: Any, files: list[list[Path | None]])
 
 
 class CFCMLModel(mlflow.pyfunc.PythonModel):
-    """The served model. After loading: `spec`, `experiment`, `root` (the registered data root),
-    `members` (network, normaliser) pairs, `calibrator` (temperature and operating points fitted
-    on out-of-fold predictions; None for a model registered without them).
+    """The served model: the MLflow pyfunc every registered CFCML model is (logged from code,
+    `served_model_code.py`; nothing pickled), loaded from its bundle (`write_bundle`) by
+    `load_context`, or without MLflow by `from_bundle`.
 
-    `predict` returns calibrated class probabilities; its parameters (PARAMS, the only ones taken):
-    `raw` true returns the network's own probabilities, `operating_point` ('<class>:<name>', or the
-    name alone for a binary task) adds `operating_point`, `threshold` and `decision` (the class's
-    calibrated probability >= the threshold) columns."""
+    After loading it holds:
+        spec: the dataset spec (`cfcml.data.spec.DatasetSpec`): classes, modalities, fields.
+        experiment: the configuration it was trained with (`cfcml.config.ExperimentConfig`).
+        root: the data root recorded at registration; images are read only inside it, or inside
+            $CFCML_DATA_ROOT when the serving operator sets it (`data_root`).
+        members: (network, tabular normaliser) pairs: one for a final model, one per fold for a
+            fold ensemble; their probabilities are averaged.
+        calibrator: temperature and operating points fitted on out-of-fold predictions
+            (`cfcml.evaluation.calibrator.Calibrator`); None for a model registered without them.
+
+    `predict` returns calibrated class probabilities; its parameters (`PARAMS`, the only ones
+    taken): `raw` true returns the network's own probabilities, `operating_point` ('<class>:<name>',
+    or the name alone for a binary task) adds `operating_point`, `threshold` and `decision` (the
+    class's calibrated probability >= the threshold) columns."""
 
     @classmethod
     def from_bundle(cls, bundle: str | Path) -> CFCMLModel:
@@ -248,6 +258,16 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         return model
 
     def load_context(self, context: Any) -> None:
+        """Load the bundle MLflow hands over as the artifact "bundle" (weights with
+        `weights_only=True`: tensors only).
+
+        Args:
+            context: MLflow's `PythonModelContext` (or anything with `artifacts["bundle"]`, a folder).
+
+        Raises:
+            OSError: a bundle file is missing or unreadable; cfcml.config.ConfigError: its spec or
+                configuration is not a valid one.
+        """
         import importlib
 
         from cfcml.config import ExperimentConfig, from_dict
@@ -278,6 +298,7 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
 
     @property
     def data_root(self) -> Path:
+        """The folder every image path must resolve inside (`data_root`: $CFCML_DATA_ROOT, else `root`)."""
         return data_root(self.root)
 
     def check_input(self, model_input: pd.DataFrame) -> tuple[pd.DataFrame, list[list[Path]]]:
@@ -285,6 +306,26 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         return check_rows(model_input, self.spec, self.data_root, self.accepts_missing_modalities)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Class probabilities for each row, averaged over the members, calibrated by the stored
+        temperature unless `raw`.
+
+        Args:
+            context: MLflow's context (unused: everything was loaded by `load_context`).
+            model_input: one row per patient: patient_id, path_<modality> (relative to the data
+                root; a blank one only for a model trained with modality dropout) and the clinical
+                fields (blank or a missing token = missing); values as text or typed.
+            params: at most `PARAMS`: {"raw": bool, "operating_point": "<class>:<name>"}.
+
+        Returns:
+            A DataFrame on `model_input`'s index: one float column per class (rows sum to 1), and
+            with `operating_point` also `operating_point`, `threshold` and `decision` (bool).
+
+        Raises:
+            InputError: every bad row at once (a missing column, a value outside the spec, an image
+                path that leaves the data root or is not a file), before any image is read; an
+                image that does not read as its modality's (prepare's checks), as it is read;
+                another parameter, or an operating point the model does not have.
+        """
         from torch.utils.data import DataLoader
 
         from cfcml.predict import predict_proba

@@ -151,7 +151,7 @@ def check_runs_dir(runs_dir: Path) -> None:
         raise ConfigError(f"--runs-dir {Path(runs_dir).absolute()}: cannot write results there: {reason}")
 
 
-def _local_store_path(uri: str) -> tuple[Path, bool] | None:
+def local_store_path(uri: str) -> tuple[Path, bool] | None:
     """(path, is a database file) of a local store URI; None for remote stores."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
@@ -178,7 +178,7 @@ def _unreachable(host: str, port: int, timeout: float) -> str | None:
 
 def check_tracking_uri(uri: str, what: str = "--tracking-uri", timeout: float = 5.0) -> None:
     """Raise ConfigError (naming `what` and `uri`) if the MLflow store at `uri` cannot be used."""
-    local = _local_store_path(uri)
+    local = local_store_path(uri)
     if local is not None:
         path, is_db = local
         folder = path.parent if is_db else path
@@ -232,7 +232,7 @@ def check_experiment(uri: str, name: str, what: str = "--tracking-uri") -> None:
     run cannot be logged to: deleted (the UI's delete, `mlflow experiments delete`), which MLflow
     refuses only at the first run, after the data was prepared and Ray started. A local store that
     does not exist yet is not created here."""
-    local = _local_store_path(uri)
+    local = local_store_path(uri)
     if local is not None and not local[0].exists():
         return
     from mlflow.tracking import MlflowClient

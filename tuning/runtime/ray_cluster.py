@@ -40,10 +40,10 @@ LOCAL_RAY_ENV = {
 # Ray's own settings (RayConfig) of a local Ray. worker_niceness: Ray starts every worker process
 # (trial actors, Ray Train controllers and workers) at niceness 15 by default, so that its daemons
 # stay responsive on a shared node. On a laptop that also runs other work, every nice-0 process
-# then gets about 28 times a worker's share of a core (Linux CFS weights 1024 and 36): beside three
-# CPU-bound processes on 2 cores, the smoke search's trials took minutes to start their workers
-# and one epoch took more than 5 minutes (docs/architecture.md). At 0 a search shares the machine
-# evenly with what else runs; the raylet and GCS stay at 0 as well.
+# then gets about 28 times a worker's share of a core (Linux CFS weights 1024 and 36): beside
+# CPU-bound processes on a small machine, trials wait minutes for their workers (measured in
+# docs/architecture.md, "Edges"). At 0 a search shares the machine evenly with what else runs; the
+# raylet and GCS stay at 0 as well.
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 

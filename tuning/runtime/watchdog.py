@@ -6,8 +6,8 @@ the search runs. `TrialWatchdog` watches the time since each running trial start
 reported. Past `stall_s` plus the longest such silence seen from any trial that did report (a
 slow machine's first epoch is not a stall), it asks the cluster what the trial waits for
 (`waiting_for`). A trial whose Ray Train workers are all alive is training, only slowly (a busy
-machine: at Ray's default worker niceness, two trials' start-up and first epoch beside three
-CPU-bound processes on 2 cores took over 9 minutes): it is named once and waited for. Any other
+machine; how slowly one was: docs/architecture.md, "A trial that never reports"): it is named
+once and waited for. Any other
 trial (waiting for its controller, a placement group, its workers' submission or start) is
 stuck: one line names it and what it waits for, the line is written beside the trial's results
 (`STALL_FILE`, read back by

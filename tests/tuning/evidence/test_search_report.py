@@ -10,10 +10,12 @@ import pytest
 from cfcml.config import load_experiment
 from cfcml.data.prepare import prepare_dataset
 from cfcml.data.synthetic import make_men
+from cfcml.evaluation.metrics import Estimate
 from cfcml.evaluation.oracle import oracle_scores
 from tuning.evidence.search_report import build_report, param_importance
 from tuning.hpo.space import load_search
 from tuning.records.outcome import SearchOutcome, TrialResult
+from tuning.release.final import Release
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,8 @@ def search_file(tmp_path: Path):
 def test_report_with_a_final_model_and_an_oracle(prepared, tmp_path: Path) -> None:
     out = outcome(tmp_path, 8)
     test = {"macro_auc": (0.8, 0.7, 0.9), "balanced_accuracy": (0.6, 0.5, 0.7), "acc_class_0": (0.9, 0.8, 1.0)}
-    text, figures = build_report(out, prepared, search_file(tmp_path), {"test": test, "run_id": "f"},
-                                 oracle_scores(prepared, n_boot=50))
+    final = Release("final", "f", "cfcml-men", "1", test={k: Estimate(*v) for k, v in test.items()})
+    text, figures = build_report(out, prepared, search_file(tmp_path), final, oracle_scores(prepared, n_boot=50))
     best = out.best
     assert f"Trial `{best.trial_id}` at epoch 3" in text and "| loss.w_sam |" in text
     # the selected figure is labelled as such, the last epoch's stands next to it

@@ -12,7 +12,8 @@ from cfcml.data.prepare import prepare_dataset
 from cfcml.data.synthetic import make_men
 from tuning.hpo.driver import STATE_FILE, SearchState
 from tuning.hpo.run import SearchRun
-from tuning.search import build_run, check_resume, main, parse_args
+from tuning.search import build_run, main, parse_args
+from tuning.workflows.search import check_resume
 
 SIZE = (32, 32, 8)
 

@@ -74,3 +74,19 @@ def test_a_ray_train_run_name_is_ascii_and_names_beyond_ascii_stay_distinct(name
     assert out.isascii() and out.startswith(expected) and ray_train_name(out) == out
     if not name.isascii():  # 8 hex digits of the name's hash: not the run of the ASCII name it resembles
         assert len(out) == len(expected) + 8 and ray_train_name(expected[:-1]) != out
+
+
+def test_the_worker_loops_config_is_one_typed_object_that_pickles_for_ray() -> None:
+    import pickle
+
+    from ray import cloudpickle
+
+    from cfcml.config import load_experiment
+    from tuning.hpo.trainer import LOOP_CONFIG, LoopConfig, TrainJob
+
+    loop = LoopConfig(TrainJob(load_experiment("men"), "/data/prepared", 3, final=True, predict_test=True),
+                      failure_file="/runs/train/final_x/cfcml_diverged.json", run_dir="/runs/train/final_x")
+    for dumps in (pickle.dumps, cloudpickle.dumps):  # Ray Train ships train_loop_config with cloudpickle
+        config = pickle.loads(dumps({LOOP_CONFIG: loop}))
+        assert config[LOOP_CONFIG] == loop and config[LOOP_CONFIG].job.experiment == loop.job.experiment
+    assert LoopConfig(loop.job).failure_file is None and LoopConfig(loop.job).run_dir is None  # remote storage

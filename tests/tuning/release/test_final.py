@@ -14,7 +14,7 @@ from cfcml.config import load_experiment
 from cfcml.data.prepare import prepare_dataset
 from cfcml.data.synthetic import make_men
 from tuning.records.outcome import SearchOutcome, TrialResult
-from tuning.release.final import REGISTERED_TAG, registered_version, train_final
+from tuning.release.final import REGISTERED_TAG, Release, registered_version, train_final
 
 
 class _Constant(mlflow.pyfunc.PythonModel):
@@ -59,11 +59,12 @@ def _registered_final_run(tmp_path: Path, kind: str = "final", log_model: bool =
 def test_a_deleted_registered_model_is_registered_again_from_the_runs_logged_model(
         prepared, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     client, outcome, run_id = _registered_final_run(tmp_path)
-    assert train_final(prepared, outcome, storage=tmp_path / "ray") == {"run_id": run_id}  # registered: nothing to do
+    registered = Release("final", run_id, "cfcml-men", "1", reused=True)  # nothing trained, tested or written
+    assert train_final(prepared, outcome, storage=tmp_path / "ray") == registered  # registered: nothing to do
     assert "nothing to do" in capsys.readouterr().out
     client.delete_registered_model("cfcml-men")  # the registry's delete, after the search
 
-    assert train_final(prepared, outcome, storage=tmp_path / "ray") == {"run_id": run_id}
+    assert train_final(prepared, outcome, storage=tmp_path / "ray") == registered
     out = capsys.readouterr().out
     assert f"cfcml-men version 1 of run {run_id} is gone from the registry (deleted); registering the run's " \
            f"logged model again" in out
@@ -91,3 +92,30 @@ def test_a_gone_version_without_a_logged_model_is_said_and_trained_again(tmp_pat
     assert registered_version(client, run_id, "cfcml-men") is None  # the caller trains and registers it
     out = capsys.readouterr().out
     assert "gone from the registry" in out and "training and registering it again" in out
+
+
+def test_a_registered_cv_ensemble_is_returned_as_its_release_untested(prepared, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from tuning.release.final import register_cv_ensemble
+
+    client, outcome, run_id = _registered_final_run(tmp_path, kind="cv-ensemble")
+    outcome.trials = [replace(outcome.trials[0], checkpoint_path=str(tmp_path / "not-read"))]
+    release = register_cv_ensemble(prepared, outcome)
+    assert release == Release("cv-ensemble", run_id, "cfcml-men", "1", reused=True)
+    assert not release.test_split_used and release.test is None and release.card is None
+
+
+def test_a_release_says_whether_the_test_split_was_used_and_refuses_test_figures_on_an_ensemble() -> None:
+    from cfcml.evaluation.metrics import Estimate
+
+    final = Release("final", "r1", "cfcml-men", "2", test={"macro_auc": Estimate(0.8, 0.7, 0.9)}, card="# card")
+    assert final.test_split_used and final.test["macro_auc"].point == 0.8 and not final.reused
+    assert Release("final", "r1", "cfcml-men", "2", reused=True).test_split_used  # tested by an earlier run
+    assert not Release("cv-ensemble", "r2", "cfcml-men", "3").test_split_used
+    with pytest.raises(ValueError, match=r"^Release.test: a cv-ensemble is never tested"):
+        Release("cv-ensemble", "r2", "cfcml-men", "3", test={"macro_auc": Estimate(0.8, 0.7, 0.9)})
+    with pytest.raises(ValueError, match=r"^Release.stage: 'best' is not one of \('final', 'cv-ensemble'\)"):
+        Release("best", "r3", "cfcml-men", "1")
+    with pytest.raises(AttributeError):  # frozen: what was registered does not change afterwards
+        final.version = "3"  # type: ignore[misc]

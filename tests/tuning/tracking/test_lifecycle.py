@@ -163,7 +163,7 @@ def test_an_exception_in_the_tracker_at_a_trials_end_fails_the_search_and_ends_e
 def test_trials_that_failed_on_a_full_disk_fail_the_search_with_one_line(client: MlflowClient, exp_id: str,
                                                                          tmp_path: Path) -> None:
     from tuning.records.outcome import SearchOutcome, TrialResult
-    from tuning.search import stop_on_full_disk
+    from tuning.workflows.search import stop_on_full_disk
 
     parent = client.create_run(exp_id).info.run_id
     client.set_terminated(parent, "FINISHED")  # the driver saw scored trials
