@@ -3,6 +3,7 @@ tests get `altered_copy`."""
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -24,6 +25,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def sigint_restored():
+    """Each test starts with the SIGINT handler the session had: Ray Tune's `Tuner.fit` installs
+    its own (a first Ctrl-C stops the experiment gracefully) and a test that runs one in this
+    process may leave it behind, which changed how a later test's Ctrl-C behaved (the prepare
+    command's interrupt test failed after the tuning tests in one process)."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)
 
 
 def _altered(prepared: PreparedDataset, dest: Path, rows: Callable[[pd.DataFrame], pd.Series]) -> PreparedDataset:
