@@ -106,11 +106,25 @@ def build_tuner(trainable: Any, *, param_space: dict[str, Any], tune_config: Any
 
 def fit_tuner(tuner: Any, **env: str) -> Any:
     """`tuner.fit()` (its `ResultGrid`), with the environment variables `env` set for the run only.
-    RAY_AIR_NEW_OUTPUT=0 always: Tune's classic table reporter (the tuner's `CLIReporter`)."""
+    RAY_AIR_NEW_OUTPUT=0 always: Tune's classic table reporter (the tuner's `CLIReporter`).
+
+    The process's SIGINT and SIGUSR1 handlers are put back after it: Tune installs its own for the
+    run (a first Ctrl-C stops the experiment gracefully) and leaves them installed when `fit`
+    returns (ray-project/ray#37737, #50358), so a Ctrl-C during the final model after a search set
+    a flag nobody read and was lost."""
+    import signal
+
     from tuning.runtime.ray_cluster import scoped_env
 
-    with scoped_env(RAY_AIR_NEW_OUTPUT="0", **env):
-        return tuner.fit()
+    signals = [s for s in (signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None]
+    before = {s: signal.getsignal(s) for s in signals}
+    try:
+        with scoped_env(RAY_AIR_NEW_OUTPUT="0", **env):
+            return tuner.fit()
+    finally:
+        for s, handler in before.items():
+            if handler is not None and signal.getsignal(s) is not handler:
+                signal.signal(s, handler)
 
 
 def trial_concurrency(t: TrainConfig) -> int:

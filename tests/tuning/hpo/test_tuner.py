@@ -65,3 +65,25 @@ def test_the_tuner_runs_with_the_classic_reporter_and_its_environment_for_the_fi
     monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
     assert fit_tuner(_EnvReadingTuner(), **env) == during
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1" and "TUNE_GLOBAL_CHECKPOINT_S" not in os.environ
+
+
+class _SignalCatchingTuner:
+    """Stands for a `tune.Tuner` whose `fit` installs Tune's stop handlers, as the real one does
+    (`ray.tune.tune._setup_signal_catching`), and returns without removing them."""
+
+    def fit(self) -> str:
+        from ray.tune.tune import _setup_signal_catching
+
+        _setup_signal_catching()
+        return "done"
+
+
+def test_ctrl_c_after_a_fit_reaches_the_command_again() -> None:
+    """Tune leaves its SIGINT handler installed when fit returns (ray-project/ray#37737): the
+    first Ctrl-C of the final step after a search would have been swallowed."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
+    assert fit_tuner(_SignalCatchingTuner()) == "done"
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # KeyboardInterrupt, as before
