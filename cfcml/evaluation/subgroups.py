@@ -102,8 +102,8 @@ def subgroup_metrics(task: str, y_true, probs, groups: dict[str, Sequence[str]],
     C = p.shape[1]
     brier = brier_per_sample(y, p)
     out = []
-    for name, labels in groups.items():
-        labels = np.asarray([str(v) for v in labels], dtype=object)
+    for name, raw_labels in groups.items():
+        labels = np.asarray([str(v) for v in raw_labels], dtype=object)
         if len(labels) != len(y):
             raise ValueError(f"subgroup field {name!r}: {len(labels)} labels for {len(y)} patients")
         present = set(labels.tolist())
