@@ -316,7 +316,7 @@ def subgroup_frame(ev: ClinicalEvidence) -> pd.DataFrame:
 def withheld_frame(ev: ClinicalEvidence) -> pd.DataFrame:
     rows = []
     for r in ev.withheld:
-        row = {"withheld": r.name, "kind": r.kind}
+        row: dict[str, object] = {"withheld": r.name, "kind": r.kind}
         for name, (point, low, high) in r.metrics.items():
             row |= {name: point, metric_keys.ci_low(name): low, metric_keys.ci_high(name): high}
         rows.append(row)

@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -40,12 +40,12 @@ from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
 if TYPE_CHECKING:
     from cfcml.evaluation.oracle import OracleScores
 
-ABLATIONS = {
+ABLATIONS: dict[str, dict[str, object]] = {  # variant -> experiment overrides
     "no_mg": {"model.multi_granularity": False},
     "no_cie": {"model.cie": False},
     "no_fine": {"loss.fine": False},
 }
-BASELINES = {
+BASELINES: dict[str, dict[str, object]] = {
     "image_only": {"model.variant": "image_only", "loss.fine": False},
     "tabular_only": {"model.variant": "tabular_only", "loss.fine": False},
     "late_concat": {"model.variant": "late_concat", "loss.fine": False},
@@ -96,7 +96,7 @@ def variant_configs(base: ExperimentConfig, names: list[str],
     out = {}
     for name in names:
         overrides = {**ABLATIONS, **BASELINES}.get(name, {})
-        out[name] = base.replace(tuned if name == "cfcml_tuned" else overrides)
+        out[name] = base.replace(cast(dict[str, Any], tuned) if name == "cfcml_tuned" else overrides)  # checked above
     return out
 
 

@@ -21,10 +21,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cfcml.config import ExperimentConfig
 from cfcml.evaluation import metric_keys
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # No torch import at module level: the Tune trial actor and the Train controller unpickle
 # `train_loop_per_worker` by reference and so import this module; only the workers need torch.
@@ -382,6 +385,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
         # The run had finished, but its last report may never have reached the driver (killed in
         # between): send that epoch's metrics once more; the tracker logs an epoch only once.
         restored, _ = resumption.first_report()
+        assert restored is not None  # the first report of a restored run carries its metrics
         report = EpochReport.from_dict(restored)
         report.restored, report.resumed_from_epoch = restored, resumption.from_epoch
         ray.train.report(report.to_dict())
@@ -409,7 +413,8 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
                 # The one look at the held-out test split, after training has ended: every fold's
                 # model (one for a final model) with its own normaliser, probabilities averaged.
                 frame = prepared.test_frame()
-                probs = sum(cv.predict(f, prepared.dataset(frame, f.normalizer)) for f in cv.folds) / len(cv.folds)
+                probs = cast("np.ndarray", sum(cv.predict(f, prepared.dataset(frame, f.normalizer))
+                                               for f in cv.folds)) / len(cv.folds)
                 test = prediction_frame(frame, probs, prepared.spec.classes)
             restored, skipped = resumption.first_report()
             # Every rank decides alike (the same epoch and selection), so all write or none do.

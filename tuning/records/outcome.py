@@ -10,7 +10,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from cfcml.config import ExperimentConfig, from_dict
 from cfcml.evaluation import metric_keys
@@ -27,7 +27,7 @@ def selected_key(metric: str) -> str:
     return metric_keys.selected(metric)
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: object) -> TypeGuard[float]:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 

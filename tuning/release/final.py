@@ -214,6 +214,7 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
     from tuning.tracking.callbacks import TrainRunTracker
     from tuning.tracking.store import log_figure, log_metrics, log_params
 
+    assert best.experiment is not None  # train_final checked it
     print(f"\n=== final model: best configuration retrained on all {len(prepared.dev_frame())} development "
           f"patients for {best.epoch} epochs, then tested once on {len(prepared.test_frame())} held-out patients ===")
     log_params(client, run_id, {**flatten_dict(best.experiment.to_dict()), "final_epochs": best.epoch})
@@ -300,6 +301,7 @@ def _card(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOu
     from tuning.release.model_card import CARD_FILE, CardInputs, log_card, model_card
 
     best = outcome.best
+    assert best is not None and best.experiment is not None  # the callers checked both
     train = best.experiment.train
     text = model_card(CardInputs(f"cfcml-{outcome.dataset}", version, stage, prepared, outcome, best, test, evidence,
                                  calibrator, run_id, train.modality_dropout, train.field_dropout))
@@ -315,6 +317,7 @@ def _explain(client: Any, run_id: str, prepared: PreparedDataset, best: TrialRes
     try:
         from tuning.release.explain import ARTIFACT_DIR, log_explanations
 
+        assert best.experiment is not None  # train_final checked it
         names = log_explanations(client, run_id, prepared, best.experiment, weights, prepared.test_frame())
         print(f"explanations: {len(names)} files under {ARTIFACT_DIR}/ on the final run")
     except Exception as exc:
@@ -354,6 +357,7 @@ def _register_cv_ensemble(client: Any, run_id: str, prepared: PreparedDataset, o
     from tuning.release.served_model import log_and_register
     from tuning.tracking.store import log_metrics
 
+    assert best.checkpoint_path and best.experiment is not None  # register_cv_ensemble checked both
     with open_checkpoint(best.checkpoint_path) as ckpt:
         members = ckpt.fold_weights()
     log_metrics(client, run_id, published_cv(best, CV_ONLY))

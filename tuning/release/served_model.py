@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from mlflow.pyfunc import PythonModel  # what `mlflow.pyfunc.PythonModel` names at class creation
 
 from cfcml.config import PROJECT_ROOT, ExperimentConfig
 from cfcml.networks import build_trained
@@ -143,7 +144,7 @@ def _confine_paths(frame: pd.DataFrame, spec: Any, root: Path,
     files: list[list[Path | None]] = []
     problems = []
     for i in range(len(frame)):
-        row = []
+        row: list[Path | None] = []
         for m in spec.modalities:
             column = f"path_{m.name}"
             rel = frame[column].iloc[i]
@@ -230,7 +231,7 @@ def check_images(frame: pd.DataFrame, spec: Any, files: list[list[Path | None]])
     return warnings
 
 
-class CFCMLModel(mlflow.pyfunc.PythonModel):
+class CFCMLModel(PythonModel):
     """The served model: the MLflow pyfunc every registered CFCML model is (logged from code,
     `served_model_code.py`; nothing pickled), loaded from its bundle (`write_bundle`) by
     `load_context`, or without MLflow by `from_bundle`.
@@ -301,7 +302,7 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         """The folder every image path must resolve inside (`data_root`: $CFCML_DATA_ROOT, else `root`)."""
         return data_root(self.root)
 
-    def check_input(self, model_input: pd.DataFrame) -> tuple[pd.DataFrame, list[list[Path]]]:
+    def check_input(self, model_input: pd.DataFrame) -> tuple[pd.DataFrame, list[list[Path | None]]]:
         """(typed rows, confined absolute image paths) or InputError; `predict` starts with this."""
         return check_rows(model_input, self.spec, self.data_root, self.accepts_missing_modalities)
 

@@ -281,6 +281,7 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> str | None:
     hint = "; unset RAY_ADDRESS to start a local Ray, or pass --address" if what == "RAY_ADDRESS" else ""
     if not host:
         raise ConfigError(f"{what} {chosen}: not a Ray address (host:port, ray://host:port or auto){hint}")
+    assert port is not None  # None only together with host
     reason = _unreachable(host, port, timeout)
     if reason:
         raise ConfigError(f"{what} {chosen}: no Ray cluster answers there ({reason}){hint}")

@@ -45,7 +45,7 @@ def failure_reason(trial: Any) -> str:
     return reason_line(text)
 
 
-def reason_line(text: str) -> str:
+def reason_line(text: str | None) -> str:
     """The last "training diverged: ..." line of an error text, else its last "SomeError: message"
     line (a traceback's verdict), else its last line."""
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
