@@ -27,10 +27,14 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from cfcml.config import ConfigError
+
+if TYPE_CHECKING:
+    from cfcml.config import ExperimentConfig
+    from cfcml.data.spec import DatasetSpec
 
 CHECK_ENDPOINT = "/api/2.0/mlflow/experiments/search"
 NAME_MAX_BYTES = 255  # NAME_MAX of Linux, macOS and Windows file systems: one folder name, in bytes
@@ -293,7 +297,7 @@ CHECKPOINTS_KEPT = 2  # tuning.hpo.trainer.fit keeps two checkpoints a Ray Train
 STATE_COPIES = 3  # a fold's weights plus Adam's two moments in a checkpoint
 
 
-def model_parameters(experiment: Any, spec: Any) -> int:
+def model_parameters(experiment: ExperimentConfig, spec: DatasetSpec) -> int:
     """Parameters and buffers of the network `experiment.model` builds for `spec` (0 if it cannot
     be built here, e.g. pretrained weights on another machine)."""
     try:
