@@ -23,6 +23,7 @@ from tuning.hpo.space import SearchConfig
 from tuning.records.outcome import SearchOutcome, TrialResult
 
 if TYPE_CHECKING:
+    from cfcml.evaluation.oracle import OracleScores
     from tuning.evidence.clinical import ClinicalEvidence
 
 REPORT_FILE = "search_report.md"
@@ -96,7 +97,7 @@ def _per_fold_table(best: TrialResult, names: list[str]) -> list[str]:
 
 
 def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: SearchConfig,
-                 final: FinalStep | None, oracle: Any | None = None) -> tuple[str, dict[str, Any]]:
+                 final: FinalStep | None, oracle: OracleScores | None = None) -> tuple[str, dict[str, Any]]:
     """The report's markdown and its figures.
 
     Args:

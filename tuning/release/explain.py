@@ -35,7 +35,7 @@ from cfcml.predict import ModelInputs, predict_proba  # noqa: E402
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-    from mlflow import MlflowClient
+    from mlflow.tracking import MlflowClient
 
     from cfcml.config import ExperimentConfig
     from cfcml.data.manifest import PreparedDataset
@@ -91,7 +91,7 @@ class _TapHooks(ModelWithHooks):
         super().__init__(module, layer, register_forward=True, register_backward=True)
 
     def forward_hook(self, name: str) -> Any:
-        def hook(_module: nn.Module, _input: Any, output: torch.Tensor) -> None:
+        def hook(_module: nn.Module, _input: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self._seen == self.call:
                 self.activations[name] = output
                 output.register_hook(lambda grad: self.gradients.__setitem__(name, grad))
@@ -102,7 +102,7 @@ class _TapHooks(ModelWithHooks):
     def backward_hook(self, name: str) -> Any:
         return lambda *_: None  # the tensor hook above records the gradient
 
-    def __call__(self, x: torch.Tensor, class_idx: Any = None, retain_graph: bool = False, **kwargs: Any) -> Any:
+    def __call__(self, x: torch.Tensor, class_idx: int | None = None, retain_graph: bool = False, **kwargs: Any) -> Any:
         self._seen = 0
         self.gradients.clear()
         return super().__call__(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
