@@ -92,7 +92,7 @@ SCANS = ("auto", "sequential", "pscan", "chunked", "mamba_ssm", "triton")
 FUSION_VARIANTS = ("early_fusion", "film", "daft", "tab_attention", "tensor_fusion", "healnet")
 
 
-def _stages(section: Any, name: str, need_last: bool = False) -> None:
+def _stages(section: object, name: str, need_last: bool = False) -> None:
     """`name` holds encoder stages: a non-empty tuple of distinct numbers 1..4 (with 4 when `need_last`)."""
     stages = getattr(section, name)
     if not stages or not set(stages) <= {1, 2, 3, 4} or len(set(stages)) != len(stages):

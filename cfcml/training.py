@@ -16,7 +16,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,9 @@ from cfcml.losses import CFCMLLoss
 from cfcml.networks import CFCML, build_model
 from cfcml.networks.mamba import model_scan_backend
 from cfcml.predict import ModelInputs, predict_proba
+
+if TYPE_CHECKING:
+    from cfcml.networks.fusion import FusionModel
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,7 +93,7 @@ def cv_splits(prepared: PreparedDataset, final: bool = False) -> list[Split]:
 
 @dataclass
 class Fold:
-    model: CFCML
+    model: CFCML | FusionModel
     net: nn.Module  # `model`, or its DDP wrapper; torch.compile's wrapper of it after _prepare_step (train.compile)
     criterion: CFCMLLoss
     optimizer: torch.optim.Optimizer
@@ -117,7 +120,7 @@ def frame_probs(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     return frame[[f"prob_{c}" for c in classes]].to_numpy()
 
 
-def make_optimizer(model: CFCML, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.Adam:
+def make_optimizer(model: CFCML | FusionModel, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.Adam:
     """Adam over two groups (the image encoders may learn at `encoder_lr_mult` times the rate).
 
     `fused` (default: when the parameters are on CUDA) updates all parameters in one kernel instead

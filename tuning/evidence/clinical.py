@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from cfcml.data.manifest import PreparedDataset
     from cfcml.data.spec import DatasetSpec
     from cfcml.networks import CFCML
+    from cfcml.networks.fusion import FusionModel
     from tuning.records.checkpoints import FoldWeights
     from tuning.records.outcome import TrialResult
 
@@ -194,7 +195,7 @@ def plot_withheld(results: list[WithheldResult], metric: str) -> Figure:
 # ---- the network run with inputs withheld ------------------------------------------------------
 
 
-def withheld_predictions(model: CFCML, dataset: CachedDataset, spec: DatasetSpec,
+def withheld_predictions(model: CFCML | FusionModel, dataset: CachedDataset, spec: DatasetSpec,
                          batch_size: int = 8) -> dict[str, tuple[str, np.ndarray]]:
     """Raw test probabilities [N, C] with each image modality and each clinical field withheld in
     turn (cfcml.evaluation.missing_inputs.withhold), for the rows of `dataset` in order. One pass over the

@@ -108,7 +108,7 @@ class EpochReport:
         )
 
 
-def _improves(value: Any, best: float | None) -> bool:
+def _improves(value: object, best: float | None) -> TypeGuard[float]:
     """The rule for one epoch: whether its `value` of the selection metric takes the selection from
     the epochs before it (`best`: their selected score, None when none had a finite one). A finite
     value at least as high does: of tied epochs the latest wins; NaN or a missing value never does."""

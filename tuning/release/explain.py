@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from cfcml.data.normalize import TabularNormalizer
     from cfcml.data.spec import DatasetSpec
     from cfcml.networks import CFCML
+    from cfcml.networks.fusion import FusionModel
     from tuning.records.checkpoints import FoldWeights
 
 ARTIFACT_DIR = "explanations"
@@ -70,7 +71,7 @@ def field_names(spec: DatasetSpec) -> list[str]:
 class _OneImage(nn.Module):
     """The network as a function of modality m's image alone (batch of one), returning logits."""
 
-    def __init__(self, model: CFCML, inputs: ModelInputs, m: int):
+    def __init__(self, model: CFCML | FusionModel, inputs: ModelInputs, m: int):
         super().__init__()
         self.model = model
         self.inputs, self.m = inputs, m
@@ -118,7 +119,7 @@ def _unit_range(cam: torch.Tensor) -> torch.Tensor:
     return torch.where((high > low)[:, None], scaled, torch.zeros_like(scaled)).view_as(cam)
 
 
-def grad_cam(model: CFCML, inputs: ModelInputs, m: int, class_idx: int) -> np.ndarray:
+def grad_cam(model: CFCML | FusionModel, inputs: ModelInputs, m: int, class_idx: int) -> np.ndarray:
     """Grad-CAM of image modality `m` for class `class_idx`, on one patient's `inputs` (batch of
     one): float32 [*size] in [0, 1], upsampled to the image grid."""
     wrapped = _OneImage(model, inputs, m)
@@ -133,7 +134,8 @@ def grad_cam(model: CFCML, inputs: ModelInputs, m: int, class_idx: int) -> np.nd
     return heat[0, 0].detach().float().cpu().numpy()
 
 
-def occlusion(model: CFCML, inputs: ModelInputs, class_idx: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def occlusion(model: CFCML | FusionModel, inputs: ModelInputs,
+              class_idx: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [C] as given, drop [F] of class `class_idx`'s probability when each clinical
     field in turn is set to missing) for one patient; `class_idx` defaults to the predicted class.
     The F + 1 variants run as one batch."""
@@ -157,8 +159,8 @@ def pick_patients(rows: pd.DataFrame, per_class: int) -> pd.DataFrame:
     return rows.groupby("label", sort=True, group_keys=False).head(per_class).sort_values(["label", "patient_id"])
 
 
-def explain_rows(model: CFCML, prepared: PreparedDataset, rows: pd.DataFrame, normalizer: TabularNormalizer,
-                 progress: bool = False) -> list[Explanation]:
+def explain_rows(model: CFCML | FusionModel, prepared: PreparedDataset, rows: pd.DataFrame,
+                 normalizer: TabularNormalizer, progress: bool = False) -> list[Explanation]:
     """Grad-CAM per image modality and field occlusion for each of `rows` (manifest rows of
     `prepared`), read from its cache as in the test evaluation."""
     from torch.utils.data import default_collate
