@@ -20,9 +20,11 @@ demo: install
 	@test -d $(DEMO) || $(BIN)/python pipelines/make_synthetic.py --dataset men --data-root $(DEMO) --patients 150 --image-size 32 32 8
 	$(BIN)/python tuning/search.py --dataset men --search demo --data-root $(DEMO) --name demo-$$(date +%Y%m%d-%H%M%S) --explain-test-patients
 
-# Lint: ruff with the rule set in pyproject.toml ([tool.ruff.lint]).
+# Lint: ruff with the rule set in pyproject.toml ([tool.ruff.lint]), then mypy over cfcml/ and
+# tuning/ ([tool.mypy]; its cache in .mypy_cache/ makes reruns take seconds).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Two pytest workers (pytest-xdist): the end-to-end tests each start Ray with 2 CPUs and spend much of
 # their time waiting on it, so two at once finish sooner on 2 cores; `xdist_group("load")` keeps the

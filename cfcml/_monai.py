@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from typing import Any, cast
 
 
 def light() -> None:
@@ -32,14 +33,14 @@ def light() -> None:
     spec = importlib.util.find_spec("monai")
     if spec is None or spec.loader is None:  # not installed: let the real import raise as usual
         return
-    module = importlib.util.module_from_spec(spec)
+    module: Any = importlib.util.module_from_spec(spec)  # a bare package: its dunders are set below
     sys.modules["monai"] = module
     try:
         versions = importlib.import_module("monai._version").get_versions()
         module.__version__ = str(versions.get("version", "0+unknown"))
         module.__revision_id__ = str(versions.get("full-revisionid") or "")
         module.__copyright__ = "(c) MONAI Consortium"
-        module.__basedir__ = spec.submodule_search_locations[0]
+        module.__basedir__ = cast(list[str], spec.submodule_search_locations)[0]
         importlib.import_module("monai.apps")  # first, as load_submodules does (see above)
     except BaseException:
         # Leave no half-built package behind: the ordinary import then runs (and reports) as usual.

@@ -17,9 +17,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import yaml
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Dataclass = TypeVar("_Dataclass", bound="DataclassInstance")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -37,14 +42,14 @@ class ConfigError(ValueError):
         self.key, self.detail = key, message
 
 
-def _positive(section: Any, *names: str) -> None:
+def _positive(section: object, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
         if value <= 0:
             raise ConfigError(f"must be > 0, got {value!r}", name)
 
 
-def _non_negative(section: Any, *names: str) -> None:
+def _non_negative(section: object, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
         if value < 0:
@@ -63,7 +68,7 @@ def _finite(value: float, path: str, allow_inf: bool = False) -> float:
     return value
 
 
-def check_floats(section: Any) -> None:
+def check_floats(section: DataclassInstance) -> None:
     """Every float of a config dataclass's fields (tuples' items too) is finite, or +-inf where the
     field's metadata holds `ALLOWS_INF`; nan never. ConfigError naming the field (items as
     `name[i]`). `from_dict` applies the same rule to every float it reads; each section below calls
@@ -87,7 +92,7 @@ SCANS = ("auto", "sequential", "pscan", "chunked", "mamba_ssm", "triton")
 FUSION_VARIANTS = ("early_fusion", "film", "daft", "tab_attention", "tensor_fusion", "healnet")
 
 
-def _stages(section: Any, name: str, need_last: bool = False) -> None:
+def _stages(section: object, name: str, need_last: bool = False) -> None:
     """`name` holds encoder stages: a non-empty tuple of distinct numbers 1..4 (with 4 when `need_last`)."""
     stages = getattr(section, name)
     if not stages or not set(stages) <= {1, 2, 3, 4} or len(set(stages)) != len(stages):
@@ -545,7 +550,7 @@ def _check_value(tp: Any, value: Any, path: str, allow_inf: bool = False) -> Any
         (item,) = typing.get_args(tp)[:1]
         return tuple(_check_value(item, v, f"{path}[{i}]", allow_inf) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
+        return from_dict(cast("type[DataclassInstance]", tp), value, path)  # a dataclass type, never an instance
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
@@ -574,7 +579,7 @@ def _key(path: str, name: str) -> str:
     return f"{path} {name}" if path.endswith(":") else f"{path}.{name}"
 
 
-def from_dict(cls: type, data: Any, path: str = "config") -> Any:
+def from_dict(cls: type[_Dataclass], data: Any, path: str = "config") -> _Dataclass:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values (a float
     must be finite: nan never, +-inf only in a field with `ALLOWS_INF` metadata); ConfigError
     naming `path` and the key."""

@@ -39,13 +39,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from cfcml.losses import _check_labels
 from cfcml.predict import ModelInputs
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 # A step: (inputs, labels, cache_casts) -> {"loss", "ce", "sam", "up", "cp"}; cache_casts is
 # autocast's weight-cast cache, off inside a capture (the cache's tensors would outlive it).
@@ -78,7 +81,8 @@ class GraphedStep:
     """
 
     def __init__(self, step: Step, optimizer: torch.optim.Optimizer, batch_size: int, num_classes: int,
-                 device: torch.device | str, channels_last: bool = False, warmup: int = 2, pool: Any = None):
+                 device: torch.device | str, channels_last: bool = False, warmup: int = 2,
+                 pool: _POOL_HANDLE | None = None):
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {self.device}")
@@ -215,7 +219,7 @@ class GraphedForward(nn.Module):
         pool: a memory pool shared with other graphs (`GraphedStep`).
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, warmup: int = 1, pool: Any = None):
+    def __init__(self, model: nn.Module, batch_size: int, warmup: int = 1, pool: _POOL_HANDLE | None = None):
         super().__init__()
         if batch_size < 1 or warmup < 1:
             raise ValueError(f"batch_size and warmup must be >= 1, got {batch_size} and {warmup}")
@@ -223,7 +227,7 @@ class GraphedForward(nn.Module):
         self.warmed, self.replays, self.failed = 0, 0, False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: list[Tensor] = []
-        self.out: Any = None
+        self.out: Any = None  # the captured model output (whatever `model` returns)
         self.autocast: tuple[bool, torch.dtype] | None = None
 
     def forward(self, images: list[Tensor], num: Tensor, num_missing: Tensor, cat: Tensor) -> Any:

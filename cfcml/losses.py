@@ -178,6 +178,10 @@ class PrototypeBank(nn.Module):
     classes in the batch; an absent class that the bank has seen uses its bank prototype.
     """
 
+    p_bank: Tensor  # buffers registered in __init__
+    q_bank: Tensor
+    filled: Tensor
+
     def __init__(self, num_modalities: int, num_classes: int, dim: int, momentum: float = 0.0):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
@@ -228,6 +232,8 @@ class CFCMLLoss(nn.Module):
     In eval mode the bank is read but never written. Under DDP each worker keeps its own bank
     (built from its own shard of the batch).
     """
+
+    ce_weight: Tensor  # buffer registered in __init__
 
     def __init__(self, num_modalities: int, num_classes: int, dim: int, *,
                  class_counts: Sequence[int] | None = None, **settings: Any):

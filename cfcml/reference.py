@@ -9,6 +9,8 @@ the convention of `cfcml.losses`; with every class present this is exactly docs/
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,7 +25,7 @@ def _s(a: Tensor, b: Tensor, tau: float) -> Tensor:
 
 
 def _l(a: Tensor, P: list[Tensor], N: list[Tensor], tau: float) -> Tensor:
-    s_p = sum(_s(a, b, tau) for b in P)
+    s_p = cast(Tensor, sum(_s(a, b, tau) for b in P))  # P is never empty
     s_n = sum(_s(a, b, tau) for b in N)  # 0 when N is empty
     return -torch.log(s_p / (s_p + s_n) + 1e-8)
 
@@ -46,10 +48,10 @@ def reference_hrm_losses(
     p = {}  # p[m, c] = n(mean over i with y_i = c of n(z_{m,i}))
     for m in range(M):
         for c in classes:
-            p[m, c] = _n(sum(_n(z[i][m]) for i in members[c]) / len(members[c]))
+            p[m, c] = _n(cast(Tensor, sum(_n(z[i][m]) for i in members[c])) / len(members[c]))
     q = {}  # q[c] = n(mean over all m and i with y_i = c of n(z_{m,i}))
     for c in classes:
-        q[c] = _n(sum(_n(z[i][m]) for m in range(M) for i in members[c]) / (M * len(members[c])))
+        q[c] = _n(cast(Tensor, sum(_n(z[i][m]) for m in range(M) for i in members[c])) / (M * len(members[c])))
 
     loss_sam = torch.zeros((), dtype=features.dtype)
     for m in range(M):

@@ -16,7 +16,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,9 @@ from cfcml.losses import CFCMLLoss
 from cfcml.networks import CFCML, build_model
 from cfcml.networks.mamba import model_scan_backend
 from cfcml.predict import ModelInputs, predict_proba
+
+if TYPE_CHECKING:
+    from cfcml.networks.fusion import FusionModel
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,7 +93,7 @@ def cv_splits(prepared: PreparedDataset, final: bool = False) -> list[Split]:
 
 @dataclass
 class Fold:
-    model: CFCML
+    model: CFCML | FusionModel
     net: nn.Module  # `model`, or its DDP wrapper; torch.compile's wrapper of it after _prepare_step (train.compile)
     criterion: CFCMLLoss
     optimizer: torch.optim.Optimizer
@@ -117,7 +120,7 @@ def frame_probs(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     return frame[[f"prob_{c}" for c in classes]].to_numpy()
 
 
-def make_optimizer(model: CFCML, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.Adam:
+def make_optimizer(model: CFCML | FusionModel, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.Adam:
     """Adam over two groups (the image encoders may learn at `encoder_lr_mult` times the rate).
 
     `fused` (default: when the parameters are on CUDA) updates all parameters in one kernel instead
@@ -271,11 +274,11 @@ class CrossValidation:
                 labels, per_rank, seed=t.seed + k, num_replicas=self.world, rank=self.rank
             )
             return DataLoader(train_set, batch_sampler=sampler, **common)
-        sampler = DistributedSampler(train_set, num_replicas=self.world, rank=self.rank,
-                                     shuffle=True, seed=t.seed + k)
+        shuffler: DistributedSampler[int] = DistributedSampler(train_set, num_replicas=self.world, rank=self.rank,
+                                                               shuffle=True, seed=t.seed + k)
         # Drop a ragged last batch (its prototypes rest on one or two samples) when there are
         # at least two full batches to train on.
-        return DataLoader(train_set, batch_size=per_rank, sampler=sampler,
+        return DataLoader(train_set, batch_size=per_rank, sampler=shuffler,
                           drop_last=len(train_set) >= 2 * t.batch_size, **common)
 
     # ---------------------------------------------------------------- training
@@ -294,9 +297,11 @@ class CrossValidation:
             torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv kernels once
             dims = {m.dims for m in self.spec.modalities}
             if t.channels_last and len(dims) == 1:  # one memory order for every conv weight
-                fold.model.to(memory_format=torch.channels_last_3d if dims == {3} else torch.channels_last)
+                # Module.to takes memory_format at run time; torch's annotations omit it
+                fold.model.to(memory_format=torch.channels_last_3d  # type: ignore[call-overload]
+                              if dims == {3} else torch.channels_last)
             if t.compile:
-                fold.net = torch.compile(fold.net)
+                fold.net = cast(nn.Module, torch.compile(fold.net))  # an OptimizedModule for a module
             if t.cuda_graphs:
                 fold.graphed = self._graphed_step(fold)
                 if fold.graphed is not None:
@@ -313,7 +318,8 @@ class CrossValidation:
         loader = fold.train_loader
         # A DataLoader given batch_size wraps its sampler in a BatchSampler (no set_epoch): reshuffle
         # whichever of the two has one, or every epoch would repeat the first epoch's order.
-        for sampler in (loader.sampler, loader.batch_sampler):
+        samplers: tuple[object, ...] = (loader.sampler, loader.batch_sampler)
+        for sampler in samplers:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.epoch)
         channels_last = self.cfg.train.channels_last and self.device.type == "cuda"

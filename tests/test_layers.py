@@ -1,8 +1,8 @@
 """Imports run one way: cfcml (the library) <- tuning (Ray, MLflow) <- entry points (pipelines/,
 tuning/search.py, tuning/compare.py); inside `tuning`, its packages in the order of `TUNING_ORDER`
 (the map in tuning/__init__.py); and no module imports itself back through others (no cycles).
-Checked on every import statement of every module, those inside functions included, by walking the
-syntax trees."""
+Checked on every import statement of every module, those inside functions and under `if TYPE_CHECKING:`
+included (a type-only import of a higher layer is refused too), by walking the syntax trees."""
 from __future__ import annotations
 
 import ast
@@ -61,6 +61,12 @@ def test_the_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from tuning.search import main\n    import ray.train\n")
     assert offenders(imported(source), ("tuning", "ray")) == ["ray.train", "tuning.search", "tuning.search.main"]
+
+
+def test_the_walk_sees_imports_made_for_type_checking_only(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from tuning.release.final import x\n")
+    assert offenders(imported(source), ("tuning",)) == ["tuning.release.final", "tuning.release.final.x"]
 
 
 def _loaded_after(code: str) -> set[str]:

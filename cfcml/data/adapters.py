@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import posixpath
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -54,7 +55,7 @@ class TableError(ValueError):
     code "unreadable_table" (not UTF-8, not parseable, a row longer than the header) or
     "duplicate_column"; str() is the messages joined on one line."""
 
-    def __init__(self, problems: list[tuple[str, str, str | None]]):
+    def __init__(self, problems: Sequence[tuple[str, str, str | None]]):
         self.problems = list(problems)
         super().__init__("; ".join(message for _, message, _ in self.problems))
 
@@ -151,7 +152,7 @@ def _require_columns(df: pd.DataFrame, columns: list[str], file: str, report: Va
     return missing
 
 
-def _finish(rows: list[dict], spec: DatasetSpec, unchecked: set[str] | list[str] = (),
+def _finish(rows: list[dict], spec: DatasetSpec, unchecked: Iterable[str] = (),
             ignored_rows: dict[str, int] | None = None) -> pd.DataFrame:
     """Records frame; `unchecked` fields had no column to read (already reported), so validation
     skips their values instead of reporting every patient as missing them. ignored_rows: split ->

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, cast
 
 import numpy as np
 import pandas as pd
@@ -98,7 +98,8 @@ class CachedDataset(_ManifestDataset):
                         for j, m in enumerate(spec.modalities)]
 
     def _load(self, i: int) -> list[np.ndarray]:
-        return [reader.read(f) for reader, f in zip(self.readers, self.files[i])]
+        readers = cast(list[CacheReader], self.readers)  # None only where there are no files to load
+        return [reader.read(f) for reader, f in zip(readers, self.files[i])]
 
 
 class RawDataset(_ManifestDataset):

@@ -32,12 +32,17 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cfcml.data.spec import ImageModality, IntensitySpec
+
+if TYPE_CHECKING:
+    from nibabel.nifti1 import Nifti1Header
+    from nibabel.spatialimages import SpatialImage
 
 
 class ImageError(Exception):
@@ -222,6 +227,7 @@ def check_orientation(header: object, shape: tuple[int, ...]) -> str | None:
     """
     if not hasattr(header, "get_sform"):  # ANALYZE-style headers hold one affine
         return None
+    header = cast("Nifti1Header", header)  # NIfTI-1 and NIfTI-2 headers (the latter subclasses it)
     from nibabel.orientations import aff2axcodes
 
     qform, qcode = header.get_qform(coded=True)
@@ -279,7 +285,8 @@ def _read_array(path: Path) -> tuple[np.ndarray, Geometry | None]:
             return np.load(path, allow_pickle=False).astype(np.float32, copy=False), None
         import nibabel as nib
 
-        img = nib.load(path)  # the header only: the voxels stay on disk (and compressed) until get_fdata
+        # the header only: the voxels stay on disk (and compressed) until get_fdata
+        img = cast("SpatialImage", nib.load(path))
         check_size(img.shape, f"the header promises shape {list(img.shape)} {img.get_data_dtype()}")
         warning = None
         if len(img.shape) >= 3:
@@ -319,6 +326,7 @@ def _read_photo(path: Path, m: ImageModality) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     max_image_bytes()  # a bad $CFCML_MAX_IMAGE_BYTES is a ValueError of its own, not an unreadable image
+    im: Image.Image  # the opened file, then its upright (and converted) copy
     try:
         with Image.open(path) as im:  # reads the header only (and refuses what Pillow deems a bomb)
             convert = m.channels == 3 and im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV")

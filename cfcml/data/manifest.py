@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -24,6 +24,9 @@ from cfcml.data.normalize import TabularNormalizer
 from cfcml.data.spec import DatasetSpec, spec_from_dict
 from cfcml.data.splits import assign_folds
 from cfcml.data.validation import content_hash, is_missing, parse_numeric
+
+if TYPE_CHECKING:
+    from cfcml.data.dataset import CachedDataset
 
 MANIFEST_FILE = "manifest.parquet"
 INFO_FILE = "prepare.json"
@@ -158,7 +161,7 @@ class PreparedDataset:
         return TabularNormalizer(self.spec).fit(train)
 
     def dataset(self, frame: pd.DataFrame, normalizer: TabularNormalizer, augment: bool = False,
-                seed: int | None = None):
+                seed: int | None = None) -> CachedDataset:
         """A CachedDataset over `frame` (rows of this dataset)."""
         from cfcml.data.dataset import CachedDataset
 

@@ -76,6 +76,7 @@ class TabularNormalizer:
         whose statistics differ (the prepared data changed under it) raises ValueError rather than
         being resumed with inputs scaled otherwise than its weights learnt. Unfitted: takes them."""
         other = TabularNormalizer.from_state(self.spec, state)
+        assert other.mean is not None and other.std is not None  # from_state sets both
         if self.mean is None or self.std is None:
             self.mean, self.std = other.mean, other.std
             return

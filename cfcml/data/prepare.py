@@ -131,6 +131,7 @@ def _prepare(root: Path, ds_spec: DatasetSpec, out_dir: Path, cache_dir: Path, f
                                        csv=Path(csv) if csv else None, workers=workers)
     if not report.ok:
         raise DatasetValidationError(report)
+    assert records is not None  # None comes only with a report that is not ok
     t_valid = time.perf_counter() - t0
     for w in report.warnings:
         log(f"warning: {w.render()}")

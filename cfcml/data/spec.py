@@ -10,7 +10,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from cfcml.config import CONF_DIR, ConfigError, from_dict, read_config
 
@@ -297,7 +297,7 @@ def _finish(spec: DatasetSpec) -> DatasetSpec:
     return dataclasses.replace(spec, modalities=tuple(modalities))
 
 
-def _check_evaluation(spec: DatasetSpec, fail: Any) -> None:
+def _check_evaluation(spec: DatasetSpec, fail: Callable[[str, str], None]) -> None:
     ev = spec.evaluation
     kinds = {f.name: f.kind for f in spec.fields}
     band_names = set()

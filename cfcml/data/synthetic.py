@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -201,7 +201,7 @@ def _jitter_shape(rng: np.random.Generator, size: Sequence[int], vary: bool) -> 
     """Real crops differ in size per patient; jitter each axis by up to ~10% when asked."""
     if not vary:
         return tuple(int(s) for s in size)
-    return tuple(int(max(4, s + rng.integers(-max(1, round(0.1 * s)), max(1, round(0.1 * s)) + 1)))
+    return tuple(int(max(4, s + int(rng.integers(-max(1, round(0.1 * s)), max(1, round(0.1 * s)) + 1))))
                  for s in size)
 
 
@@ -226,14 +226,15 @@ def men_latents(patients: int = 60, seed: int = 0, test_fraction: float = 0.2,
     _check_fraction("test_fraction", test_fraction)
     _check_signal(signal)
     rng = np.random.default_rng([seed, 0])
-    labels, splits = [], []
+    label_list: list[str] = []
+    split_list: list[str] = []
     for cls, n in zip(MEN_CLASSES, _class_counts(patients, MEN_CLASS_WEIGHTS)):
         n_test = _held_out(n, test_fraction)
-        labels += [cls] * n
-        splits += ["test"] * n_test + ["train"] * (n - n_test)
+        label_list += [cls] * n
+        split_list += ["test"] * n_test + ["train"] * (n - n_test)
     order = rng.permutation(patients)  # ids carry no class information
-    labels = np.asarray(labels)[order]
-    splits = np.asarray(splits)[order]
+    labels = np.asarray(label_list)[order]
+    splits = np.asarray(split_list)[order]
     coin = rng.integers(0, 2, patients)
     if signal == "split":
         image_latent = (labels != "Grade_1").astype(int)
@@ -276,7 +277,7 @@ def _men_clinical(plan: pd.DataFrame, rng: np.random.Generator,
     return clinical
 
 
-def _men_volumes(rng: np.random.Generator, shape: tuple[int, int, int], image_signal: float,
+def _men_volumes(rng: np.random.Generator, shape: tuple[int, ...], image_signal: float,
                  tumour_area: float) -> dict[str, np.ndarray]:
     """Three co-registered int16 volumes [H, W, D] of a bounding-box crop around a tumour.
 
@@ -327,7 +328,7 @@ def _save_nifti(volume: np.ndarray, path: Path) -> None:
 
 
 def make_men(out: Path, patients: int = 60, seed: int = 0,
-             size: tuple[int, int, int] = (32, 32, 8), test_fraction: float = 0.2, *,
+             size: Sequence[int] = (32, 32, 8), test_fraction: float = 0.2, *,
              vary_size: bool = False, missing_fraction: float = 0.0, overwrite: bool = False,
              progress: bool = False, signal: str = "split") -> Path:
     """Write a synthetic MEN cohort under ``out`` in the public code's layout; returns ``out``.
@@ -358,7 +359,7 @@ def make_men(out: Path, patients: int = 60, seed: int = 0,
 
 
 # --- Derm7pt ----------------------------------------------------------------------------------
-def _pick(rng: np.random.Generator, table: dict[str, float], n: int) -> np.ndarray:
+def _pick(rng: np.random.Generator, table: Mapping[str, float], n: int) -> np.ndarray:
     names = list(table)
     p = np.asarray([table[k] for k in names], dtype=float)
     return np.asarray(names, dtype=object)[rng.choice(len(names), size=n, p=p / p.sum())]
@@ -487,7 +488,7 @@ def _derm_folder(i: int) -> str:
     return "A" + chr(ord("a") + (k // 26) % 26) + chr(ord("a") + k % 26)
 
 
-def _derm_photo(rng: np.random.Generator, shape: tuple[int, int], signal: float,
+def _derm_photo(rng: np.random.Generator, shape: tuple[int, ...], signal: float,
                 skin: np.ndarray, dermoscopic: bool) -> np.ndarray:
     """One RGB photo [H, W, 3] uint8 of a pigmented lesion on skin.
 
@@ -540,7 +541,7 @@ def _derm_photo(rng: np.random.Generator, shape: tuple[int, int], signal: float,
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def make_derm7pt(out: Path, patients: int = 80, seed: int = 0, size: tuple[int, int] = (64, 64),
+def make_derm7pt(out: Path, patients: int = 80, seed: int = 0, size: Sequence[int] = (64, 64),
                  test_fraction: float = 0.2, *, valid_fraction: float = 0.2,
                  other_cases: int | None = None, vary_size: bool = False,
                  overwrite: bool = False, progress: bool = False, signal: str = "split") -> Path:
@@ -562,12 +563,12 @@ def make_derm7pt(out: Path, patients: int = 80, seed: int = 0, size: tuple[int, 
         rng = np.random.default_rng([seed, 2, i])
         skin = np.array([226.0, 178.0, 146.0]) * rng.uniform(0.8, 1.05) \
             + rng.normal(0, 6.0, 3)
-        signal = plan["image_signal"].iat[i]
+        image_signal = plan["image_signal"].iat[i]
         for rel, dermoscopic in ((row.clinic, False), (row.derm, True)):
             shape = _jitter_shape(rng, size, vary_size)
             path = out / "images" / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(_derm_photo(rng, shape, signal, skin, dermoscopic), "RGB") \
+            Image.fromarray(_derm_photo(rng, shape, image_signal, skin, dermoscopic), "RGB") \
                 .save(path, format="JPEG", quality=90)
     (out / "meta").mkdir()
     meta.to_csv(out / "meta" / "meta.csv", index=False)

@@ -55,7 +55,8 @@ class RandResizedCropd(RandomizableTransform, MapTransform):
         shape = tuple(d[self.keys[0]].shape[1:])
         box = []
         for n in shape:
-            size = max(1, int(round(n * self.R.uniform(*self.scale))))
+            # scale is [min, max] (the spec checks it)
+            size = max(1, int(round(n * self.R.uniform(self.scale[0], self.scale[1]))))
             start = int(self.R.randint(0, n - size + 1))
             box.append(slice(start, start + size))
         for key in self.key_iterator(d):

@@ -310,11 +310,11 @@ def _check_shared_images(records: pd.DataFrame, root: Path, by_path: dict[str, l
             rel = Path(resolved).relative_to(root).as_posix() if Path(resolved).is_relative_to(root) else resolved
             report.add("shared_image", f"one image file serves patients {', '.join(who(i) for i in rows)}",
                        patient=str(records["patient_id"].iloc[rows[0]]), file=rel)
-    for rows in by_hash.values():
-        if len(rows) > 1 and len({str(check_path(root, rel)) for _, rel in rows}) > 1:  # same path: reported above
+    for hits in by_hash.values():
+        if len(hits) > 1 and len({str(check_path(root, rel)) for _, rel in hits}) > 1:  # same path: reported above
             report.add("shared_image", "files with identical content serve patients "
-                       + ", ".join(f"{who(i)} ({rel})" for i, rel in rows),
-                       patient=str(records["patient_id"].iloc[rows[0][0]]), file=rows[0][1])
+                       + ", ".join(f"{who(i)} ({rel})" for i, rel in hits),
+                       patient=str(records["patient_id"].iloc[hits[0][0]]), file=hits[0][1])
 
 
 def _check_splits(records: pd.DataFrame, spec: DatasetSpec, folds: int, fold_seed: int,

@@ -13,7 +13,7 @@ give "<50", "50-65", ">=65" (each band closed below, open above).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,9 +81,9 @@ class SubgroupResult:
     reason: str
 
 
-def subgroup_metrics(task: str, y_true, probs, groups: dict[str, Sequence[str]], min_n: int = 20,
+def subgroup_metrics(task: str, y_true, probs, groups: Mapping[str, Sequence[str]], min_n: int = 20,
                      min_per_class: int = 5, n_boot: int = 1000, seed: int = 0,
-                     order: dict[str, Sequence[str]] | None = None) -> list[SubgroupResult]:
+                     order: Mapping[str, Sequence[str]] | None = None) -> list[SubgroupResult]:
     """Metrics per category of each field in `groups` (field name -> category label per patient, e.g.
     from `category_labels` or `band_labels`), categories in `order[field]` (those present), others
     sorted after them, "missing" last.
@@ -102,8 +102,8 @@ def subgroup_metrics(task: str, y_true, probs, groups: dict[str, Sequence[str]],
     C = p.shape[1]
     brier = brier_per_sample(y, p)
     out = []
-    for name, labels in groups.items():
-        labels = np.asarray([str(v) for v in labels], dtype=object)
+    for name, raw_labels in groups.items():
+        labels = np.asarray([str(v) for v in raw_labels], dtype=object)
         if len(labels) != len(y):
             raise ValueError(f"subgroup field {name!r}: {len(labels)} labels for {len(y)} patients")
         present = set(labels.tolist())

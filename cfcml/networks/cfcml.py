@@ -12,7 +12,7 @@ cfcml/networks/fusion/; `build_model` builds whichever `model.variant` names.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import nn
@@ -165,7 +165,7 @@ class CFCML(nn.Module):
             M of them), what the fine-stage losses of `cfcml.losses` act on.
         """
         maps = [enc(x) for enc, x in zip(self.encoders, images)] if self.use_images else []
-        table = self.tokenizer(num, num_missing, cat) if self.use_table else None  # [B, T, D]
+        table = self.tokenizer(num, num_missing, cat) if self.tokenizer is not None else None  # [B, T, D]
         if self.cfg.variant == "late_concat":
             z = [proj(m[-1].flatten(2).mean(-1)) for proj, m in zip(self.late_proj, maps)]
             if table is not None:
@@ -181,7 +181,7 @@ class CFCML(nn.Module):
             tokens = [m[s].flatten(2).transpose(1, 2) for m in maps]  # [B, N_s, C_s]
             if table is not None:
                 tokens.append(table)
-            tokens = [comp(t) for comp, t in zip(self.compress[k], tokens)]  # [B, L_m, D]
+            tokens = [comp(t) for comp, t in zip(cast(nn.ModuleList, self.compress[k]), tokens)]  # [B, L_m, D]
             if self.cie:
                 tokens = self.enhance[k](tokens)  # [B, 2 L_m, D]
             for m, t in enumerate(tokens):

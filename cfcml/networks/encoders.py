@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from cfcml import _monai
 
 _monai.light()  # only the MONAI modules used, not all of MONAI (see cfcml._monai)
 from monai.networks.blocks import ResidualUnit  # noqa: E402
-from monai.networks.nets.swin_unetr import SwinTransformer, compute_mask, get_window_size  # noqa: E402
+from monai.networks.nets.swin_unetr import BasicLayer, SwinTransformer, compute_mask, get_window_size  # noqa: E402
 from torch import nn  # noqa: E402
 
 from cfcml.config import ConfigError, ModelConfig  # noqa: E402
@@ -108,7 +109,7 @@ class SwinEncoder(nn.Module):
             num_heads=cfg.swin_heads,
             spatial_dims=dims,
         )
-        self.swin.layers4[0].downsample = None
+        cast(BasicLayer, self.swin.layers4[0]).downsample = None
         w = cfg.encoder_width
         self.out_channels = (w, 2 * w, 4 * w, 8 * w)
         self.cam_tap = nn.Identity()
@@ -117,7 +118,7 @@ class SwinEncoder(nn.Module):
         x = self.swin.pos_drop(self.swin.patch_embed(x)).movedim(1, -1)  # [B, *grid, C]
         feats = []
         for layers in (self.swin.layers1, self.swin.layers2, self.swin.layers3, self.swin.layers4):
-            layer = layers[0]
+            layer = cast(BasicLayer, layers[0])
             x = _swin_blocks(layer, x)
             feats.append(F.layer_norm(x, x.shape[-1:]).movedim(-1, 1))  # [B, C, *grid]
             if layer.downsample is not None:
@@ -126,7 +127,7 @@ class SwinEncoder(nn.Module):
         return feats
 
 
-def _swin_blocks(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _swin_blocks(layer: BasicLayer, x: torch.Tensor) -> torch.Tensor:
     """The transformer blocks of a MONAI Swin `BasicLayer`, without its downsampling (channels last).
 
     Mirrors `BasicLayer.forward`: windows shrink to the grid where it is smaller, and the shifted-

@@ -6,7 +6,7 @@ alike.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +40,7 @@ def classifier_head(in_dim: int, dim: int, num_classes: int, dropout: float) -> 
 
 
 @torch.no_grad()
-def stage_grids(encoders: Sequence[nn.Module], images: Sequence[ImageInput], encoder: str,
+def stage_grids(encoders: Iterable[nn.Module], images: Sequence[ImageInput], encoder: str,
                 extra_channels: int = 0) -> list[list[tuple[int, int]]]:
     """Per image modality, (tokens N_s, channels C_s) of each encoder stage, from one dry run of
     a batch of 1 in eval mode (each encoder's mode restored after).

@@ -164,4 +164,5 @@ def selective_scan(
         return selective_scan_fn(u.contiguous(), delta.to(dtype).contiguous(), A.float(), B.to(dtype).contiguous(),
                                  C.to(dtype).contiguous(), D.float(), z=z.to(dtype).contiguous(),
                                  delta_bias=delta_bias.float(), delta_softplus=True)
+    raise AssertionError(f"checked_scan returned an unknown scan {name!r}")  # unreachable
 

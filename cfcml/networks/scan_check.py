@@ -177,7 +177,8 @@ def compare_with_chunked(candidate: Candidate, device: torch.device | str, tile:
         for reverse in (False, True):
             direction = "reverse" if reverse else "forward"
             ref_in = [x.to(device).requires_grad_() for x in values]
-            ref = selective_scan_torch(*ref_in, backend="chunked", reverse=reverse)
+            # mypy cannot tell that the unpacked list holds exactly the eight tensor arguments
+            ref = selective_scan_torch(*ref_in, backend="chunked", reverse=reverse)  # type: ignore[misc, arg-type]
             ref_grads = torch.autograd.grad(ref, ref_in, grad_out)
             inputs = _strided(values, device)
             try:
@@ -197,7 +198,7 @@ def default_candidate(*args, reverse: bool = False) -> torch.Tensor:
     """The Triton scan as the check runs it: the default tile, channel block `CHECK_BLOCK_D`."""
     from cfcml.networks.scan_triton import selective_scan_triton  # imports triton
 
-    return selective_scan_triton(*args, reverse=reverse, block_d=CHECK_BLOCK_D)
+    return selective_scan_triton(*args, reverse=reverse, block_d=CHECK_BLOCK_D)  # type: ignore[misc]
 
 
 def default_tile(device: torch.device) -> int:

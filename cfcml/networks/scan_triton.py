@@ -35,6 +35,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,8 @@ def _kernels(interpret: bool):
     """
     name = "cfcml.networks._scan_triton_kernels" + ("_interpreted" if interpret else "")
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_scan_triton_kernels.py"))
-    module = importlib.util.module_from_spec(spec)
+    assert spec is not None and spec.loader is not None  # a .py file always has a source loader
+    module: Any = importlib.util.module_from_spec(spec)  # fwd and bwd are set on it below
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:

@@ -11,6 +11,8 @@ from torch import nn
 
 
 class TabularTokenizer(nn.Module):
+    cat_offsets: torch.Tensor  # buffer registered in __init__
+
     def __init__(self, num_numeric: int, cat_cardinalities: tuple[int, ...], dim: int):
         super().__init__()
         self.num_numeric = num_numeric

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,18 @@ from cfcml.evaluation.operating_points import (
     fit_operating_points,
 )
 from cfcml.evaluation.subgroups import SubgroupResult, band_labels, category_labels, subgroup_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient
+
+    from cfcml.data.dataset import CachedDataset
+    from cfcml.data.manifest import PreparedDataset
+    from cfcml.data.spec import DatasetSpec
+    from cfcml.networks import CFCML
+    from cfcml.networks.fusion import FusionModel
+    from tuning.records.checkpoints import FoldWeights
+    from tuning.records.outcome import TrialResult
 
 ARTIFACT_DIR = "clinical"
 EVIDENCE_FILE = f"{ARTIFACT_DIR}/evidence.json"
@@ -83,7 +95,7 @@ class ClinicalEvidence:
     figures: dict[str, Any] = field(default_factory=dict)  # artifact name -> Figure
 
 
-def subgroup_labels(frame: pd.DataFrame, spec: Any) -> dict[str, list[str]]:
+def subgroup_labels(frame: pd.DataFrame, spec: DatasetSpec) -> dict[str, list[str]]:
     """Category label per row for each of the spec's `evaluation.subgroups` (fields as they are,
     bands cut from their numeric field)."""
     bands = {b.name: b for b in spec.evaluation.bands}
@@ -96,7 +108,7 @@ def subgroup_labels(frame: pd.DataFrame, spec: Any) -> dict[str, list[str]]:
     return out
 
 
-def subgroup_orders(spec: Any) -> dict[str, list[str]]:
+def subgroup_orders(spec: DatasetSpec) -> dict[str, list[str]]:
     """The order categories are shown in: a band's from low to high, a categorical field's as the
     spec lists its categories (then "missing")."""
     from cfcml.evaluation.subgroups import MISSING, band_names
@@ -109,7 +121,7 @@ def subgroup_orders(spec: Any) -> dict[str, list[str]]:
     return orders
 
 
-def evaluate(spec: Any, calibrator: Calibrator, oof: pd.DataFrame, test: pd.DataFrame, test_rows: pd.DataFrame,
+def evaluate(spec: DatasetSpec, calibrator: Calibrator, oof: pd.DataFrame, test: pd.DataFrame, test_rows: pd.DataFrame,
              withheld: dict[str, tuple[str, np.ndarray]] | None = None, n_boot: int = 1000) -> ClinicalEvidence:
     """Every figure for the model whose out-of-fold predictions were `oof` (fitted on already:
     `calibrator`) and whose test predictions are `test` (one row per row of `test_rows`, the
@@ -150,7 +162,7 @@ def evaluate(spec: Any, calibrator: Calibrator, oof: pd.DataFrame, test: pd.Data
     return evidence
 
 
-def clinical_evidence(spec: Any, oof: pd.DataFrame, source: str, test: pd.DataFrame, test_rows: pd.DataFrame,
+def clinical_evidence(spec: DatasetSpec, oof: pd.DataFrame, source: str, test: pd.DataFrame, test_rows: pd.DataFrame,
                       withheld: dict[str, tuple[str, np.ndarray]] | None = None,
                       n_boot: int = 1000) -> ClinicalEvidence:
     """`fit_from_oof` on `oof` (the only predictions anything is fitted on), then `evaluate` on the
@@ -159,12 +171,12 @@ def clinical_evidence(spec: Any, oof: pd.DataFrame, source: str, test: pd.DataFr
     return evaluate(spec, calibrator, oof, test, test_rows, withheld, n_boot)
 
 
-def headline(spec: Any) -> str:
+def headline(spec: DatasetSpec) -> str:
     """The ranking metric the withheld-input figure shows: the dataset's selection metric."""
     return spec.selection_metric
 
 
-def plot_withheld(results: list[WithheldResult], metric: str) -> Any:
+def plot_withheld(results: list[WithheldResult], metric: str) -> Figure:
     """Horizontal bars: `metric` on the test split with each input withheld, with its 95% CI."""
     from matplotlib.figure import Figure
 
@@ -183,7 +195,8 @@ def plot_withheld(results: list[WithheldResult], metric: str) -> Any:
 # ---- the network run with inputs withheld ------------------------------------------------------
 
 
-def withheld_predictions(model: Any, dataset: Any, spec: Any, batch_size: int = 8) -> dict[str, tuple[str, np.ndarray]]:
+def withheld_predictions(model: CFCML | FusionModel, dataset: CachedDataset, spec: DatasetSpec,
+                         batch_size: int = 8) -> dict[str, tuple[str, np.ndarray]]:
     """Raw test probabilities [N, C] with each image modality and each clinical field withheld in
     turn (cfcml.evaluation.missing_inputs.withhold), for the rows of `dataset` in order. One pass over the
     data; every variant of a batch runs on the same tensors."""
@@ -316,14 +329,14 @@ def subgroup_frame(ev: ClinicalEvidence) -> pd.DataFrame:
 def withheld_frame(ev: ClinicalEvidence) -> pd.DataFrame:
     rows = []
     for r in ev.withheld:
-        row = {"withheld": r.name, "kind": r.kind}
+        row: dict[str, object] = {"withheld": r.name, "kind": r.kind}
         for name, (point, low, high) in r.metrics.items():
             row |= {name: point, metric_keys.ci_low(name): low, metric_keys.ci_high(name): high}
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def log_evidence(client: Any, run_id: str, ev: ClinicalEvidence, metrics: list[str]) -> list[str]:
+def log_evidence(client: MlflowClient, run_id: str, ev: ClinicalEvidence, metrics: list[str]) -> list[str]:
     """Log the figures, `clinical/evidence.json`, `clinical/clinical.md`, the subgroup and withheld
     tables (CSV) and the headline numbers as metrics on `run_id`. Returns the artifact names."""
     from tuning.tracking.store import log_figure, log_metrics
@@ -355,13 +368,13 @@ def log_evidence(client: Any, run_id: str, ev: ClinicalEvidence, metrics: list[s
 # ---- the registered models' stages ------------------------------------------------------------------
 
 
-def best_trial_calibrator(spec: Any, best: Any) -> tuple[Calibrator, pd.DataFrame] | None:
+def best_trial_calibrator(spec: DatasetSpec, best: TrialResult) -> tuple[Calibrator, pd.DataFrame] | None:
     """The calibrator fitted on the best trial's out-of-fold predictions at its selected epoch (the
     checkpoint kept for it), and those predictions; None when the checkpoint or its predictions
     are gone (the model is then registered without calibration, which the card says)."""
     from tuning.records.checkpoints import CheckpointError, open_checkpoint
 
-    if not getattr(best, "checkpoint_path", None):
+    if not best.checkpoint_path:
         return None
     try:
         with open_checkpoint(best.checkpoint_path) as ckpt:
@@ -375,7 +388,8 @@ def best_trial_calibrator(spec: Any, best: Any) -> tuple[Calibrator, pd.DataFram
     return fit_from_oof(oof, list(spec.classes), spec.evaluation.target_sensitivity, source), oof
 
 
-def final_evidence(prepared: Any, best: Any, test: pd.DataFrame, weights: Any) -> ClinicalEvidence | None:
+def final_evidence(prepared: PreparedDataset, best: TrialResult, test: pd.DataFrame,
+                   weights: FoldWeights) -> ClinicalEvidence | None:
     """The final model's evidence: calibrator from the best trial's out-of-fold predictions, then
     the test figures, the withheld-input ones from the final network (`weights`)."""
     from cfcml.data.normalize import TabularNormalizer
@@ -389,6 +403,7 @@ def final_evidence(prepared: Any, best: Any, test: pd.DataFrame, weights: Any) -
         return None
     calibrator, oof = fitted
     rows = prepared.test_frame()
+    assert best.experiment is not None  # train_final checked it
     model = build_trained(spec, best.experiment.model, weights.model)
     dataset = prepared.dataset(rows, TabularNormalizer.from_state(spec, weights.normalizer))
     withheld = withheld_predictions(model, dataset, spec)

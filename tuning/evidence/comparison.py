@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -38,14 +38,21 @@ from tuning.hpo.trial import VariantTrials
 from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
 
 if TYPE_CHECKING:
-    from cfcml.evaluation.oracle import OracleScores
+    import pandas as pd
+    from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient
 
-ABLATIONS = {
+    from cfcml.data.spec import DatasetSpec
+    from cfcml.evaluation.calibration import CalibrationSummary
+    from cfcml.evaluation.oracle import OracleScores
+    from cfcml.evaluation.subgroups import SubgroupResult
+
+ABLATIONS: dict[str, dict[str, object]] = {  # variant -> experiment overrides
     "no_mg": {"model.multi_granularity": False},
     "no_cie": {"model.cie": False},
     "no_fine": {"loss.fine": False},
 }
-BASELINES = {
+BASELINES: dict[str, dict[str, object]] = {
     "image_only": {"model.variant": "image_only", "loss.fine": False},
     "tabular_only": {"model.variant": "tabular_only", "loss.fine": False},
     "late_concat": {"model.variant": "late_concat", "loss.fine": False},
@@ -96,7 +103,7 @@ def variant_configs(base: ExperimentConfig, names: list[str],
     out = {}
     for name in names:
         overrides = {**ABLATIONS, **BASELINES}.get(name, {})
-        out[name] = base.replace(tuned if name == "cfcml_tuned" else overrides)
+        out[name] = base.replace(cast(dict[str, Any], tuned) if name == "cfcml_tuned" else overrides)  # checked above
     return out
 
 
@@ -208,8 +215,8 @@ class ComparisonResult:
     run_id: str | None = None
     # per variant: calibration of its test fold ensemble (uncalibrated: nothing is fitted here) and
     # its metrics per subgroup of the dataset spec's `evaluation.subgroups`
-    calibration: dict[str, Any] = field(default_factory=dict)
-    subgroups: dict[str, list[Any]] = field(default_factory=dict)
+    calibration: dict[str, CalibrationSummary] = field(default_factory=dict)
+    subgroups: dict[str, list[SubgroupResult]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         def clean(v: float) -> float | None:
@@ -346,8 +353,9 @@ def _subgroup_lines(result: ComparisonResult) -> list[str]:
     return lines
 
 
-def clinical_figures(task: str, y_test: np.ndarray, spec: Any, test_rows: Any,
-                     variants: list[VariantResult]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+def clinical_figures(task: str, y_test: np.ndarray, spec: DatasetSpec, test_rows: pd.DataFrame,
+                     variants: list[VariantResult]
+                     ) -> tuple[dict[str, CalibrationSummary], dict[str, list[SubgroupResult]]]:
     """Per variant with test predictions: its test calibration summary and its subgroup metrics
     (cfcml.evaluation.calibration, cfcml.evaluation.subgroups)."""
     from cfcml.evaluation.calibration import calibration_summary
@@ -367,7 +375,7 @@ def clinical_figures(task: str, y_test: np.ndarray, spec: Any, test_rows: Any,
     return calibration, subgroups
 
 
-def figures(result: ComparisonResult) -> dict[str, Any]:
+def figures(result: ComparisonResult) -> dict[str, Figure]:
     from tuning.evidence.plots import plot_metric_bars, plot_roc_overlay
 
     probs = {v.name: v.test_probs for v in result.variants if v.test_probs is not None}
@@ -418,7 +426,7 @@ def run_comparison(plan: ComparisonPlan, prepared: PreparedDataset) -> Compariso
         return _compare(plan, prepared, client, parent.run_id, parent.experiment_id, tracking_uri, metric)
 
 
-def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: Any, run_id: str, exp_id: str,
+def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: MlflowClient, run_id: str, exp_id: str,
              tracking_uri: str, metric: str) -> ComparisonResult:
     from ray import tune
 
@@ -458,7 +466,7 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: Any, run_i
 
     test = prepared.test_frame()  # read once, after every model has finished training
     trials, failed = [], []
-    for r in results:
+    for r in results:  # type: ignore[attr-defined]  # ResultGrid iterates by __getitem__, unseen by mypy
         df = r.metrics_dataframe
         paths = [] if df is None or "checkpoint_path" not in df else [p for p in df["checkpoint_path"] if p]
         if r.error or not paths:

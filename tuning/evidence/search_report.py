@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from cfcml.data.manifest import PreparedDataset
 from cfcml.evaluation import metric_keys
@@ -23,6 +23,7 @@ from tuning.hpo.space import SearchConfig
 from tuning.records.outcome import SearchOutcome, TrialResult
 
 if TYPE_CHECKING:
+    from cfcml.evaluation.oracle import OracleScores
     from tuning.evidence.clinical import ClinicalEvidence
 
 REPORT_FILE = "search_report.md"
@@ -66,9 +67,9 @@ def param_importance(trials: list[TrialResult], search: SearchConfig) -> dict[st
         if p.dist == "choice":  # as Optuna held them: a list value by its label (Param.to_tune)
             dists[p.key] = CategoricalDistribution([p.to_tune(v) for v in p.values])
         elif p.dist == "int":
-            dists[p.key] = IntDistribution(int(p.low), int(p.high))
+            dists[p.key] = IntDistribution(int(p.range[0]), int(p.range[1]))
         else:
-            dists[p.key] = FloatDistribution(p.low, p.high, log=p.dist == "loguniform")
+            dists[p.key] = FloatDistribution(*p.range, log=p.dist == "loguniform")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
     for t in scored:
@@ -96,7 +97,7 @@ def _per_fold_table(best: TrialResult, names: list[str]) -> list[str]:
 
 
 def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: SearchConfig,
-                 final: FinalStep | None, oracle: Any | None = None) -> tuple[str, dict[str, Any]]:
+                 final: FinalStep | None, oracle: OracleScores | None = None) -> tuple[str, dict[str, Any]]:
     """The report's markdown and its figures.
 
     Args:
@@ -116,6 +117,7 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
     names = headline_metrics(spec.task, len(spec.classes))
     metric = outcome.metric
     scored = [t for t in outcome.trials if t.scored]
+    scores = cast(list[float], [t.score for t in scored])  # a scored trial's score is not None
     failed = [t for t in outcome.trials if not t.scored]
     best = outcome.best
     max_epochs = max((t.epochs_run for t in scored), default=0)
@@ -183,13 +185,13 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
         lines.append(f"| {t.trial_id} | no score: {(t.error or '')[:120]} |" + " |" * (5 + len(outcome.searched)))
 
     # outcome.trials is in the order the trials were created, i.e. the order Optuna proposed them
-    figures["report/history.png"] = plot_history([t.score for t in scored], f"selected {metric}")
+    figures["report/history.png"] = plot_history(scores, f"selected {metric}")
     if len(search.space) >= 1 and len(scored) >= 2:
         log_keys = [p.key for p in search.space if p.dist == "loguniform"]
         numeric = [p.key for p in search.space if p.dist != "choice"]
         if numeric:
             figures["report/parallel_coordinates.png"] = plot_parallel_coordinates(
-                [t.params for t in scored], [t.score for t in scored], numeric, log_keys)
+                [t.params for t in scored], scores, numeric, log_keys)
     importance = param_importance(outcome.trials, search)
     lines += ["", "## Parameter importance", ""]
     if isinstance(importance, dict):

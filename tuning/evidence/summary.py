@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from cfcml.evaluation import metric_keys
 from cfcml.evaluation.metrics import MISSING
 from tuning.records.outcome import SearchOutcome
 
 
-def format_value(value: Any, digits: int = 4) -> str:
+def format_value(value: object, digits: int = 4) -> str:
     """A value in a table of the summary or the search report: a float to `digits` significant
     digits, None or NaN as `MISSING` ("—"), anything else (a searched value, a count) as `str`.
     Figures with an interval are `cfcml.evaluation.metrics.format_estimate`'s."""

@@ -11,7 +11,7 @@ import json
 import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cfcml.data.manifest import PreparedDataset
 from cfcml.evaluation import metric_keys
@@ -28,6 +28,11 @@ from tuning.records.outcome import (
     published_cv,
     selected_key,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+    from ray.tune import Callback, ResultGrid
 
 STATE_FILE = "cfcml_search.json"
 STATE_SAVE_PERIOD_S = "5"  # Tune's experiment state, see run_search
@@ -129,7 +134,7 @@ def search_algorithms(run: SearchRun, target: str) -> tuple[Any, Any]:
     return searcher, scheduler
 
 
-def run_search(run: SearchRun, prepared: PreparedDataset, callbacks: list | None = None) -> SearchOutcome:
+def run_search(run: SearchRun, prepared: PreparedDataset, callbacks: list[Callback] | None = None) -> SearchOutcome:
     """Run (or, with `run.resume`, continue) the search; raises SearchInterrupted on Ctrl-C.
     `callbacks`: more Tune callbacks (e.g. `tuning.tracking.lifecycle.DiskGuard`) for a new search.
     However it ends, the parent run and its trial runs are left FINISHED, FAILED or KILLED with
@@ -150,8 +155,8 @@ def run_search(run: SearchRun, prepared: PreparedDataset, callbacks: list | None
         return _run_tuner(run, prepared, state, client, metric, callbacks or [])
 
 
-def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, client: Any,
-               metric: str, callbacks: list) -> SearchOutcome:
+def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, client: MlflowClient,
+               metric: str, callbacks: list[Callback]) -> SearchOutcome:
     from ray import tune
 
     from tuning.hpo.tuner import build_trainable, build_tuner, fit_tuner, trial_concurrency
@@ -234,7 +239,7 @@ def finished_trials(search_dir: Path) -> int:
     return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
 
-def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResult]:
+def collect_trials(results: ResultGrid, metric: str, run: SearchRun) -> list[TrialResult]:
     """Per trial: its selected epoch by the CV metric (validation folds only, never the test split).
 
     The epochs are the trial's `lineage` (a restart from an older checkpoint replaces the epochs
@@ -242,7 +247,7 @@ def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResul
     while it ran: its metrics, its epoch and its checkpoint all come from that one epoch's report.
     """
     trials = []
-    for result in results:
+    for result in results:  # type: ignore[attr-defined]  # ResultGrid iterates by __getitem__, unseen by mypy
         df = result.metrics_dataframe
         trial_id = str((result.metrics or {}).get("trial_id") or Path(result.path).name)
         if df is None or metric not in df or df[metric].dropna().empty:
@@ -279,6 +284,6 @@ def collect_trials(results: Any, metric: str, run: SearchRun) -> list[TrialResul
     return trials
 
 
-def _numbers(row: Any, prefixes: tuple[str, ...]) -> dict[str, float]:
+def _numbers(row: pd.Series, prefixes: tuple[str, ...]) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if isinstance(k, str) and k.startswith(prefixes)
             and isinstance(v, numbers.Real) and not isinstance(v, bool)}

@@ -30,7 +30,7 @@ SETTING_NAMES = {"folds": "train.folds (--folds)", "fold_seed": "--fold-seed",
                  "image_size": "train.image_size (--image-size)"}
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
@@ -64,7 +64,7 @@ def _without_sizes(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def _flat(prefix: str, value: Any) -> dict[str, Any]:
+def _flat(prefix: str, value: object) -> dict[str, Any]:
     if isinstance(value, dict):
         return {k: v for key, item in value.items() for k, v in _flat(f"{prefix}.{key}", item).items()} or {prefix: {}}
     if isinstance(value, list) and any(isinstance(x, (dict, list)) for x in value):

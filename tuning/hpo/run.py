@@ -19,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from cfcml.config import PROJECT_ROOT, ConfigError, ExperimentConfig, load_experiment, load_yaml
 from tuning.hpo.space import SearchConfig, check_space, load_search, search_path
+
+if TYPE_CHECKING:
+    from cfcml.data.spec import DatasetSpec
 
 DEFAULT_RUNS_DIR = PROJECT_ROOT / "runs"
 
@@ -97,7 +100,7 @@ class SearchRun:
     def max_epochs(self) -> int:
         return self.experiment.train.epochs
 
-    def metric(self, spec: Any) -> str:
+    def metric(self, spec: DatasetSpec) -> str:
         """The selection metric ("cv_<name>") on a dataset with `spec`; ConfigError if the task has
         no such metric (train.selection_metric, else the dataset's)."""
         from cfcml.evaluation.metrics import selection_key

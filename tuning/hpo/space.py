@@ -71,6 +71,12 @@ class Param:
     values: tuple[Any, ...] = ()
 
     @property
+    def range(self) -> tuple[float, float]:
+        """(low, high) of a numeric dist (loguniform, uniform, int): `parse_param` sets both for those."""
+        assert self.low is not None and self.high is not None, f"{self.key}: dist {self.dist} has no low and high"
+        return self.low, self.high
+
+    @property
     def labelled(self) -> bool:
         """Whether Tune and Optuna carry this choice's values as labels: a choice with a value that
         is not None, a bool, a number or a string (a list, for a list-typed key such as
@@ -97,11 +103,12 @@ class Param:
         from ray import tune
 
         if self.dist == "loguniform":
-            return tune.loguniform(self.low, self.high)
+            return tune.loguniform(*self.range)
         if self.dist == "uniform":
-            return tune.uniform(self.low, self.high)
+            return tune.uniform(*self.range)
         if self.dist == "int":
-            return tune.randint(int(self.low), int(self.high) + 1)
+            low, high = self.range
+            return tune.randint(int(low), int(high) + 1)
         return tune.choice([self.to_tune(v) for v in self.values])
 
     def typed(self, base: ExperimentConfig) -> Param:
@@ -118,9 +125,10 @@ class Param:
         the high bound itself; whole numbers for dist: int), or every choice."""
         if self.dist == "choice":
             return [(f"values[{i}]", v) for i, v in enumerate(self.values)]
+        low, high = self.range
         if self.dist == "int":
-            return [("low", int(self.low)), ("high", int(self.high))]
-        return [("low", self.low), ("high", self.high)]
+            return [("low", int(low)), ("high", int(high))]
+        return [("low", low), ("high", high)]
 
 
 @dataclass(frozen=True)

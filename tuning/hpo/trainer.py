@@ -21,10 +21,19 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cfcml.config import ExperimentConfig
 from cfcml.evaluation import metric_keys
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from ray.train import Checkpoint
+
+    from cfcml.training import CrossValidation, TrainingDiverged
+    from tuning.records.outcome import EpochReport, EpochSelection
 
 # No torch import at module level: the Tune trial actor and the Train controller unpickle
 # `train_loop_per_worker` by reference and so import this module; only the workers need torch.
@@ -91,7 +100,7 @@ class SystemMetrics:
     tracking server). Measured on rank 0's worker; "gpu_0" is that worker's own CUDA device.
     """
 
-    def __init__(self, device: Any = None, interval: float = 1.0):
+    def __init__(self, device: torch.device | None = None, interval: float = 1.0):
         import importlib
 
         import ray  # noqa: F401  (psutil comes with Ray: ray/thirdparty_files, on sys.path once ray is imported)
@@ -233,7 +242,8 @@ class Resumption:
         self.from_epoch = 0
 
     @classmethod
-    def load(cls, checkpoint: Any, cv: Any, selection: Any, run_dir: str | None = None) -> Resumption:
+    def load(cls, checkpoint: Checkpoint | None, cv: CrossValidation, selection: EpochSelection | None,
+             run_dir: str | None = None) -> Resumption:
         """`checkpoint`: Ray Train's (None on a first start); `run_dir`: the run's folder, whose
         newest checkpoint folder is used when Ray Train has none to give (its snapshot was damaged
         and moved aside, `tuning.records.state_files`)."""
@@ -267,7 +277,7 @@ class Resumption:
         return restored, skipped
 
 
-def _detached(state: Any) -> Any:
+def _detached(state: dict[str, Any]) -> dict[str, Any]:
     """A copy of a state dict whose tensors training no longer changes (a clone of each: much
     cheaper than writing them; the figures are in docs/architecture.md, "Stages")."""
     import torch
@@ -276,7 +286,8 @@ def _detached(state: Any) -> Any:
     return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, state)
 
 
-def report_epoch(report: Any, saved: tuple[Any, Any, Any] | None, due: bool, local: bool) -> None:
+def report_epoch(report: EpochReport, saved: tuple[dict[str, Any], pd.DataFrame | None, pd.DataFrame | None] | None,
+                 due: bool, local: bool) -> None:
     """Report one epoch to Ray Train, with a checkpoint when `due` (every rank alike).
 
     Args:
@@ -314,7 +325,7 @@ def report_epoch(report: Any, saved: tuple[Any, Any, Any] | None, due: bool, loc
         state, oof, test = _detached(saved[0]), saved[1], saved[2]
         storage = ray.train.get_context().get_storage()
 
-        def write(_placeholder: Any, name: str) -> Any:
+        def write(_placeholder: Checkpoint, name: str) -> Checkpoint:
             path = storage.build_checkpoint_path_from_name(name)
             write_checkpoint(path, state, metrics, oof, test)
             return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
@@ -382,6 +393,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
         # The run had finished, but its last report may never have reached the driver (killed in
         # between): send that epoch's metrics once more; the tracker logs an epoch only once.
         restored, _ = resumption.first_report()
+        assert restored is not None  # the first report of a restored run carries its metrics
         report = EpochReport.from_dict(restored)
         report.restored, report.resumed_from_epoch = restored, resumption.from_epoch
         ray.train.report(report.to_dict())
@@ -409,7 +421,8 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
                 # The one look at the held-out test split, after training has ended: every fold's
                 # model (one for a final model) with its own normaliser, probabilities averaged.
                 frame = prepared.test_frame()
-                probs = sum(cv.predict(f, prepared.dataset(frame, f.normalizer)) for f in cv.folds) / len(cv.folds)
+                probs = cast("np.ndarray", sum(cv.predict(f, prepared.dataset(frame, f.normalizer))
+                                               for f in cv.folds)) / len(cv.folds)
                 test = prediction_frame(frame, probs, prepared.spec.classes)
             restored, skipped = resumption.first_report()
             # Every rank decides alike (the same epoch and selection), so all write or none do.
@@ -427,7 +440,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
 FAILURE_FILE = "cfcml_diverged.json"  # in the Ray Train run's folder: why the workers stopped
 
 
-def _write_failure(path: str, exc: Any) -> None:
+def _write_failure(path: str, exc: TrainingDiverged) -> None:
     import json
     import os
 

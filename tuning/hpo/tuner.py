@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+    from ray.tune import Callback, ProgressReporter, ResultGrid, Trainable, TuneConfig, Tuner
 
     from cfcml.config import TrainConfig
     from cfcml.data.manifest import PreparedDataset
@@ -73,7 +74,7 @@ def log_parent_inputs(client: MlflowClient, run_id: str, prepared: PreparedDatas
     log_params(client, run_id, params)
 
 
-def build_trainable(trial: Callable[..., None], **bound: Any) -> Any:
+def build_trainable(trial: Callable[..., None], **bound: Any) -> type[Trainable] | Callable[..., Any]:
     """`trial(config, **bound)` as a Tune trainable. `bound` goes through Ray's object store
     (`tune.with_parameters`): each trial actor unpickles it, so it should be light to import
     (`tuning.hpo.trial`). The trial actor itself reserves no CPU: the Ray Train workers it starts hold
@@ -83,8 +84,9 @@ def build_trainable(trial: Callable[..., None], **bound: Any) -> Any:
     return tune.with_resources(tune.with_parameters(trial, **bound), {"cpu": 0, "memory": 1})
 
 
-def build_tuner(trainable: Any, *, param_space: dict[str, Any], tune_config: Any, name: str, storage_path: str,
-                callbacks: list, reporter: Any, stall_s: float) -> Any:
+def build_tuner(trainable: type[Trainable] | Callable[..., Any], *, param_space: dict[str, Any],
+                tune_config: TuneConfig, name: str, storage_path: str, callbacks: list[Callback],
+                reporter: ProgressReporter, stall_s: float) -> Tuner:
     """A new `tune.Tuner`: experiment `name` under `storage_path`, `callbacks` (the MLflow
     tracker first), a `PlacementGroupJanitor` (`tuning.runtime.placement_groups`: the CPUs of a Ray
     Train run whose controller died) and a `TrialWatchdog` (`tuning.runtime.watchdog`: a trial silent for
@@ -104,7 +106,7 @@ def build_tuner(trainable: Any, *, param_space: dict[str, Any], tune_config: Any
     )
 
 
-def fit_tuner(tuner: Any, **env: str) -> Any:
+def fit_tuner(tuner: Tuner, **env: str) -> ResultGrid:
     """`tuner.fit()` (its `ResultGrid`), with the environment variables `env` set for the run only.
     RAY_AIR_NEW_OUTPUT=0 always: Tune's classic table reporter (the tuner's `CLIReporter`).
 

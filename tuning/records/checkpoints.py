@@ -21,12 +21,15 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from torch.serialization import MAP_LOCATION
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
@@ -55,7 +58,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic(path: Path, write: Any) -> None:
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -117,7 +120,7 @@ class CheckpointReader:
         assert self._index is not None
         return int(self._index["epoch"])
 
-    def state(self, map_location: Any = "cpu") -> dict[str, Any]:
+    def state(self, map_location: MAP_LOCATION = "cpu") -> dict[str, Any]:
         """The full training state (`CrossValidation.load_state_dict` takes it). Plain tensors and
         numbers only, so it loads with `weights_only=True` (no pickled code runs)."""
         import torch
@@ -160,7 +163,7 @@ def open_checkpoint(location: str | Path) -> Iterator[CheckpointReader]:
         yield CheckpointReader(d)
 
 
-def restorable(latest: str | Path, log: Any = print) -> CheckpointReader | None:
+def restorable(latest: str | Path, log: Callable[[str], object] = print) -> CheckpointReader | None:
     """The newest intact checkpoint of the run that wrote `latest`, starting with `latest` itself.
 
     A damaged checkpoint is reported through `log` and skipped; its older siblings (Ray Train

@@ -10,7 +10,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from cfcml.config import ExperimentConfig, from_dict
 from cfcml.evaluation import metric_keys
@@ -27,7 +27,7 @@ def selected_key(metric: str) -> str:
     return metric_keys.selected(metric)
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: object) -> TypeGuard[float]:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -108,7 +108,7 @@ class EpochReport:
         )
 
 
-def _improves(value: Any, best: float | None) -> bool:
+def _improves(value: object, best: float | None) -> TypeGuard[float]:
     """The rule for one epoch: whether its `value` of the selection metric takes the selection from
     the epochs before it (`best`: their selected score, None when none had a finite one). A finite
     value at least as high does: of tied epochs the latest wins; NaN or a missing value never does."""

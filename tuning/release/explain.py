@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,19 @@ from monai.visualize.class_activation_maps import ModelWithHooks  # noqa: E402
 from torch import nn  # noqa: E402
 
 from cfcml.predict import ModelInputs, predict_proba  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient
+
+    from cfcml.config import ExperimentConfig
+    from cfcml.data.manifest import PreparedDataset
+    from cfcml.data.normalize import TabularNormalizer
+    from cfcml.data.spec import DatasetSpec
+    from cfcml.networks import CFCML
+    from cfcml.networks.fusion import FusionModel
+    from tuning.records.checkpoints import FoldWeights
 
 ARTIFACT_DIR = "explanations"
 FIELDS_FIGURE = f"{ARTIFACT_DIR}/table_fields.png"
@@ -50,7 +63,7 @@ class Explanation:
     field_drops: np.ndarray  # [F]: probability of `predicted` lost when the field is missing
 
 
-def field_names(spec: Any) -> list[str]:
+def field_names(spec: DatasetSpec) -> list[str]:
     """Clinical fields in the tokenizer's order: numeric first, then categorical."""
     return [f.name for f in spec.numeric_fields] + [f.name for f in spec.categorical_fields]
 
@@ -58,7 +71,7 @@ def field_names(spec: Any) -> list[str]:
 class _OneImage(nn.Module):
     """The network as a function of modality m's image alone (batch of one), returning logits."""
 
-    def __init__(self, model: nn.Module, inputs: ModelInputs, m: int):
+    def __init__(self, model: CFCML | FusionModel, inputs: ModelInputs, m: int):
         super().__init__()
         self.model = model
         self.inputs, self.m = inputs, m
@@ -79,7 +92,7 @@ class _TapHooks(ModelWithHooks):
         super().__init__(module, layer, register_forward=True, register_backward=True)
 
     def forward_hook(self, name: str) -> Any:
-        def hook(_module: nn.Module, _input: Any, output: torch.Tensor) -> None:
+        def hook(_module: nn.Module, _input: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self._seen == self.call:
                 self.activations[name] = output
                 output.register_hook(lambda grad: self.gradients.__setitem__(name, grad))
@@ -90,7 +103,7 @@ class _TapHooks(ModelWithHooks):
     def backward_hook(self, name: str) -> Any:
         return lambda *_: None  # the tensor hook above records the gradient
 
-    def __call__(self, x: torch.Tensor, class_idx: Any = None, retain_graph: bool = False, **kwargs: Any) -> Any:
+    def __call__(self, x: torch.Tensor, class_idx: int | None = None, retain_graph: bool = False, **kwargs: Any) -> Any:
         self._seen = 0
         self.gradients.clear()
         return super().__call__(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
@@ -106,21 +119,23 @@ def _unit_range(cam: torch.Tensor) -> torch.Tensor:
     return torch.where((high > low)[:, None], scaled, torch.zeros_like(scaled)).view_as(cam)
 
 
-def grad_cam(model: nn.Module, inputs: ModelInputs, m: int, class_idx: int) -> np.ndarray:
+def grad_cam(model: CFCML | FusionModel, inputs: ModelInputs, m: int, class_idx: int) -> np.ndarray:
     """Grad-CAM of image modality `m` for class `class_idx`, on one patient's `inputs` (batch of
     one): float32 [*size] in [0, 1], upsampled to the image grid."""
     wrapped = _OneImage(model, inputs, m)
     tap = model.encoders[m].cam_tap
     layer = next(name for name, module in wrapped.named_modules() if module is tap)
     call = sum(1 for j in range(m) if model.encoders[j] is model.encoders[m])  # earlier uses of a shared one
-    cam = GradCAM(_TapHooks(wrapped, layer, call), layer, postprocessing=_unit_range)
+    # CAMBase uses a ModelWithHooks as it is (it checks for one), though its annotation says nn.Module
+    cam = GradCAM(_TapHooks(wrapped, layer, call), layer, postprocessing=_unit_range)  # type: ignore[arg-type]
     with torch.enable_grad():
         heat = cam(inputs.images[m], class_idx=class_idx)  # [1, 1, *size]
     model.zero_grad(set_to_none=True)
     return heat[0, 0].detach().float().cpu().numpy()
 
 
-def occlusion(model: nn.Module, inputs: ModelInputs, class_idx: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def occlusion(model: CFCML | FusionModel, inputs: ModelInputs,
+              class_idx: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [C] as given, drop [F] of class `class_idx`'s probability when each clinical
     field in turn is set to missing) for one patient; `class_idx` defaults to the predicted class.
     The F + 1 variants run as one batch."""
@@ -144,8 +159,8 @@ def pick_patients(rows: pd.DataFrame, per_class: int) -> pd.DataFrame:
     return rows.groupby("label", sort=True, group_keys=False).head(per_class).sort_values(["label", "patient_id"])
 
 
-def explain_rows(model: nn.Module, prepared: Any, rows: pd.DataFrame, normalizer: Any,
-                 progress: bool = False) -> list[Explanation]:
+def explain_rows(model: CFCML | FusionModel, prepared: PreparedDataset, rows: pd.DataFrame,
+                 normalizer: TabularNormalizer, progress: bool = False) -> list[Explanation]:
     """Grad-CAM per image modality and field occlusion for each of `rows` (manifest rows of
     `prepared`), read from its cache as in the test evaluation."""
     from torch.utils.data import default_collate
@@ -167,7 +182,7 @@ def explain_rows(model: nn.Module, prepared: Any, rows: pd.DataFrame, normalizer
     return out
 
 
-def _show(ax: Any, image: np.ndarray) -> None:
+def _show(ax: Axes, image: np.ndarray) -> None:
     """A [C, H, W] slice: RGB as colour, anything else as grey (first channel), min-max scaled."""
     img = image if image.shape[0] == 3 else image[:1]
     low, high = float(img.min()), float(img.max())
@@ -189,7 +204,7 @@ def _slices(image: np.ndarray, heat: np.ndarray) -> list[tuple[str, np.ndarray, 
             (f"slice {top} (most CAM)", image[..., top], heat[..., top])]
 
 
-def plot_patient(e: Explanation, spec: Any) -> Any:
+def plot_patient(e: Explanation, spec: DatasetSpec) -> Figure:
     """One figure: a column per image modality (a photo, or a volume's middle and most-CAM
     slices) with the Grad-CAM overlaid, and a last column with the fields' occlusion bars."""
     from matplotlib.figure import Figure
@@ -217,7 +232,7 @@ def plot_patient(e: Explanation, spec: Any) -> Any:
     return fig
 
 
-def _field_bars(ax: Any, names: list[str], drops: np.ndarray, xlabel: str) -> None:
+def _field_bars(ax: Axes, names: list[str], drops: np.ndarray, xlabel: str) -> None:
     """Horizontal bars of the mean drop per field (first field on top), one dot per patient."""
     y = np.arange(len(names))[::-1]
     mean = drops.mean(0)
@@ -230,7 +245,7 @@ def _field_bars(ax: Any, names: list[str], drops: np.ndarray, xlabel: str) -> No
     ax.set_xlabel(xlabel, fontsize="small")
 
 
-def plot_fields(explanations: list[Explanation], spec: Any) -> Any:
+def plot_fields(explanations: list[Explanation], spec: DatasetSpec) -> Figure:
     """Mean drop of the predicted class's probability per field over the explained patients."""
     from matplotlib.figure import Figure
 
@@ -245,7 +260,7 @@ def plot_fields(explanations: list[Explanation], spec: Any) -> Any:
     return fig
 
 
-def attribution_frame(explanations: list[Explanation], spec: Any) -> pd.DataFrame:
+def attribution_frame(explanations: list[Explanation], spec: DatasetSpec) -> pd.DataFrame:
     """patient_id, true and predicted class, its probability, and one drop column per field."""
     classes = list(spec.classes)
     rows = [{"patient_id": e.patient_id, "label": classes[e.label], "predicted": classes[e.predicted],
@@ -258,8 +273,9 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "patient"
 
 
-def log_explanations(client: Any, run_id: str, prepared: Any, experiment: Any, weights: Any,
-                     rows: pd.DataFrame, per_class: int = 2, progress: bool = True) -> list[str]:
+def log_explanations(client: MlflowClient, run_id: str, prepared: PreparedDataset, experiment: ExperimentConfig,
+                     weights: FoldWeights, rows: pd.DataFrame, per_class: int = 2,
+                     progress: bool = True) -> list[str]:
     """Explain the model of `weights` (a FoldWeights trained with `experiment`) on up to
     `per_class` patients of every class among `rows`, and log on `run_id` under explanations/:
     one `<patient_id>.png` per patient, `table_fields.png` and `table_fields.csv`. Returns the

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cfcml.data.manifest import PreparedDataset
 from cfcml.evaluation import metric_keys
@@ -24,7 +24,12 @@ from cfcml.evaluation.metrics import Estimate, format_estimate
 from tuning.records.outcome import SELECTED_NOTE, SearchOutcome, TrialResult, published_cv
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from cfcml.evaluation.calibrator import Calibrator
     from tuning.evidence.clinical import ClinicalEvidence
+    from tuning.records.checkpoints import FoldWeights
 
 REGISTERED_TAG = "cfcml.registered_version"
 CV_ONLY = metric_keys.prefixes(metric_keys.CV)  # what a registered model publishes of its search: cv_* only
@@ -77,7 +82,7 @@ class Release:
         return self.stage == "final"
 
 
-def registered_version(client: Any, run_id: str, model_name: str,
+def registered_version(client: MlflowClient, run_id: str, model_name: str,
                        tags: dict[str, str] | Callable[[str], dict[str, str]] | None = None) -> str | None:
     """The registry's version of `run_id`'s model under `model_name`, read from the registry (the
     run's `cfcml.registered_version` tag only says that one was registered once).
@@ -124,7 +129,7 @@ def registered_version(client: Any, run_id: str, model_name: str,
     return version
 
 
-def _child_run(client: Any, outcome: SearchOutcome, kind: str, prepared: PreparedDataset,
+def _child_run(client: MlflowClient, outcome: SearchOutcome, kind: str, prepared: PreparedDataset,
                tags: dict[str, str] | Callable[[str], dict[str, str]] | None = None) -> tuple[str, str | None]:
     """The search's `kind` run (final / cv-ensemble): reused if it exists, with its source tags and
     the prepared dataset as input. Returns (run id, registered version): the version when the
@@ -203,8 +208,8 @@ def train_final(prepared: PreparedDataset, outcome: SearchOutcome, *, storage: s
         return _train_final(client, run_id, prepared, outcome, best, storage, explain)
 
 
-def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, best: TrialResult,
-                 storage: str | Path, explain: bool) -> Release:
+def _train_final(client: MlflowClient, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome,
+                 best: TrialResult, storage: str | Path, explain: bool) -> Release:
     from cfcml.config import flatten_dict
     from cfcml.evaluation.metrics import bootstrap_ci, plot_confusion, plot_roc
     from cfcml.training import frame_probs
@@ -214,6 +219,7 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
     from tuning.tracking.callbacks import TrainRunTracker
     from tuning.tracking.store import log_figure, log_metrics, log_params
 
+    assert best.experiment is not None  # train_final checked it
     print(f"\n=== final model: best configuration retrained on all {len(prepared.dev_frame())} development "
           f"patients for {best.epoch} epochs, then tested once on {len(prepared.test_frame())} held-out patients ===")
     log_params(client, run_id, {**flatten_dict(best.experiment.to_dict()), "final_epochs": best.epoch})
@@ -265,8 +271,8 @@ def _train_final(client: Any, run_id: str, prepared: PreparedDataset, outcome: S
                    card=card)
 
 
-def _clinical(client: Any, run_id: str, prepared: PreparedDataset, best: TrialResult, test: Any,
-              weights: Any) -> ClinicalEvidence | None:
+def _clinical(client: MlflowClient, run_id: str, prepared: PreparedDataset, best: TrialResult, test: pd.DataFrame,
+              weights: FoldWeights) -> ClinicalEvidence | None:
     """Calibration, operating points, decision curves, subgroups and withheld inputs
     (tuning/evidence/clinical.py), logged under clinical/ and printed; None when the best trial's
     out-of-fold predictions are gone."""
@@ -294,12 +300,14 @@ def _clinical(client: Any, run_id: str, prepared: PreparedDataset, best: TrialRe
     return evidence
 
 
-def _card(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, stage: str, version: str,
-          test: dict[str, Estimate] | None, evidence: ClinicalEvidence | None, calibrator: Any) -> str:
+def _card(client: MlflowClient, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome, stage: str,
+          version: str, test: dict[str, Estimate] | None, evidence: ClinicalEvidence | None,
+          calibrator: Calibrator | None) -> str:
     """The model card (tuning/release/model_card.py) on the run and as the registered version's description."""
     from tuning.release.model_card import CARD_FILE, CardInputs, log_card, model_card
 
     best = outcome.best
+    assert best is not None and best.experiment is not None  # the callers checked both
     train = best.experiment.train
     text = model_card(CardInputs(f"cfcml-{outcome.dataset}", version, stage, prepared, outcome, best, test, evidence,
                                  calibrator, run_id, train.modality_dropout, train.field_dropout))
@@ -308,13 +316,15 @@ def _card(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOu
     return text
 
 
-def _explain(client: Any, run_id: str, prepared: PreparedDataset, best: TrialResult, weights: Any) -> None:
+def _explain(client: MlflowClient, run_id: str, prepared: PreparedDataset, best: TrialResult,
+             weights: FoldWeights) -> None:
     """Grad-CAM and field-occlusion figures of the registered final model on a few of the test
     patients it was just evaluated on (tuning/release/explain.py). Only for looking: they select nothing.
     A failure is reported and tagged on the run, never raised: the model is registered already."""
     try:
         from tuning.release.explain import ARTIFACT_DIR, log_explanations
 
+        assert best.experiment is not None  # train_final checked it
         names = log_explanations(client, run_id, prepared, best.experiment, weights, prepared.test_frame())
         print(f"explanations: {len(names)} files under {ARTIFACT_DIR}/ on the final run")
     except Exception as exc:
@@ -347,13 +357,14 @@ def register_cv_ensemble(prepared: PreparedDataset, outcome: SearchOutcome) -> R
         return _register_cv_ensemble(client, run_id, prepared, outcome, best)
 
 
-def _register_cv_ensemble(client: Any, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome,
+def _register_cv_ensemble(client: MlflowClient, run_id: str, prepared: PreparedDataset, outcome: SearchOutcome,
                           best: TrialResult) -> Release:
     from tuning.evidence.clinical import best_trial_calibrator
     from tuning.records.checkpoints import open_checkpoint
     from tuning.release.served_model import log_and_register
     from tuning.tracking.store import log_metrics
 
+    assert best.checkpoint_path and best.experiment is not None  # register_cv_ensemble checked both
     with open_checkpoint(best.checkpoint_path) as ckpt:
         members = ckpt.fold_weights()
     log_metrics(client, run_id, published_cv(best, CV_ONLY))

@@ -14,9 +14,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cfcml.evaluation.metrics import Estimate, format_estimate
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from cfcml.data.manifest import PreparedDataset
+    from cfcml.evaluation.calibrator import Calibrator
+    from tuning.evidence.clinical import ClinicalEvidence
+    from tuning.records.outcome import SearchOutcome, TrialResult
 
 CARD_FILE = "model_card.md"
 
@@ -28,18 +36,18 @@ class CardInputs:
     model_name: str
     version: str | int | None
     stage: str  # "final" (retrained on all development rows, tested once) or "cv-ensemble" (no test)
-    prepared: Any  # PreparedDataset
-    outcome: Any  # SearchOutcome
-    best: Any  # TrialResult
+    prepared: PreparedDataset
+    outcome: SearchOutcome
+    best: TrialResult
     test: dict[str, Estimate] | None  # the test metrics with their bootstrap 95% CIs
-    evidence: Any | None  # ClinicalEvidence (None: no test evaluation)
-    calibrator: Any | None  # Calibrator stored in the model
+    evidence: ClinicalEvidence | None  # None: no test evaluation
+    calibrator: Calibrator | None  # the one stored in the model
     run_id: str
     modality_dropout: float = 0.0
     field_dropout: float = 0.0
 
 
-def _counts_table(prepared: Any) -> list[str]:
+def _counts_table(prepared: PreparedDataset) -> list[str]:
     classes = list(prepared.spec.classes)
     counts = (prepared.info.get("counts") or {}).get("split", {})
     if not counts:  # an older prepared record: count the manifest
@@ -170,7 +178,7 @@ def model_card(card: CardInputs) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_card(client: Any, run_id: str, text: str, model_name: str, version: str | int | None) -> None:
+def log_card(client: MlflowClient, run_id: str, text: str, model_name: str, version: str | int | None) -> None:
     """The card on the run (`model_card.md`) and as the registered version's description."""
     client.log_text(run_id, text, CARD_FILE)
     if version is not None:

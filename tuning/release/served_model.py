@@ -25,17 +25,30 @@ import os
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
 import yaml
+from mlflow.pyfunc import PythonModel  # what `mlflow.pyfunc.PythonModel` names at class creation
 
 from cfcml.config import PROJECT_ROOT, ExperimentConfig
 from cfcml.networks import build_trained
 from tuning.records.checkpoints import FoldWeights
+
+if TYPE_CHECKING:
+    import logging
+
+    from mlflow.models.model import ModelInfo
+
+    from cfcml.data.dataset import RawDataset
+    from cfcml.data.manifest import PreparedDataset
+    from cfcml.data.normalize import TabularNormalizer
+    from cfcml.data.spec import DatasetSpec
+    from cfcml.data.validation import CheckedImage
+    from cfcml.evaluation.calibrator import Calibrator
 
 BUNDLE_STATE = "models.pt"
 BUNDLE_META = "bundle.json"
@@ -60,7 +73,7 @@ class InputError(ValueError):
         super().__init__(message)
 
 
-def input_columns(spec: Any) -> list[str]:
+def input_columns(spec: DatasetSpec) -> list[str]:
     return ["patient_id"] + [f"path_{m.name}" for m in spec.modalities] + [f.name for f in spec.fields]
 
 
@@ -79,11 +92,11 @@ def row_name(frame: pd.DataFrame, i: int) -> str:
     return name
 
 
-def _blank(value: Any) -> bool:
+def _blank(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
 
 
-def check_rows(model_input: pd.DataFrame, spec: Any, root: str | Path,
+def check_rows(model_input: pd.DataFrame, spec: DatasetSpec, root: str | Path,
                missing_modalities: bool = False) -> tuple[pd.DataFrame, list[list[Path | None]]]:
     """The one check every prediction starts with, before any image is read. Returns the input
     columns typed the way the normaliser reads them (numeric float, the spec's missing tokens and
@@ -116,7 +129,7 @@ def check_rows(model_input: pd.DataFrame, spec: Any, root: str | Path,
     return frame, files
 
 
-def _type_fields(frame: pd.DataFrame, spec: Any) -> list[tuple[int, str]]:
+def _type_fields(frame: pd.DataFrame, spec: DatasetSpec) -> list[tuple[int, str]]:
     """Type the clinical columns of `frame` in place; (row position, problem) for each bad value.
     The same check prepare applies (validation.check_field_value): a blank or missing token in a
     field that is not optional is refused, since no missing token for it was ever trained."""
@@ -134,7 +147,7 @@ def _type_fields(frame: pd.DataFrame, spec: Any) -> list[tuple[int, str]]:
     return problems
 
 
-def _confine_paths(frame: pd.DataFrame, spec: Any, root: Path,
+def _confine_paths(frame: pd.DataFrame, spec: DatasetSpec, root: Path,
                    missing_modalities: bool = False) -> tuple[list[list[Path | None]], list[tuple[int, str]]]:
     """Every image path of `frame` resolved inside `root` (per row, per modality), and (row
     position, problem) for each blank, escaping or missing one. Nothing is read."""
@@ -143,7 +156,7 @@ def _confine_paths(frame: pd.DataFrame, spec: Any, root: Path,
     files: list[list[Path | None]] = []
     problems = []
     for i in range(len(frame)):
-        row = []
+        row: list[Path | None] = []
         for m in spec.modalities:
             column = f"path_{m.name}"
             rel = frame[column].iloc[i]
@@ -171,8 +184,8 @@ def _confine_paths(frame: pd.DataFrame, spec: Any, root: Path,
     return files, problems
 
 
-def _confined_dataset(frame: pd.DataFrame, spec: Any, root: Path, files: list[list[Path | None]], names: list[str],
-                      normalizer: Any) -> Any:
+def _confined_dataset(frame: pd.DataFrame, spec: DatasetSpec, root: Path, files: list[list[Path | None]],
+                      names: list[str], normalizer: TabularNormalizer) -> RawDataset:
     """A RawDataset over `frame` that reads the absolute `files` `check_rows` confined to `root`
     (not the rows' paths again) and names the row and file when one cannot be decoded."""
     from cfcml.data.dataset import RawDataset
@@ -189,14 +202,15 @@ def _confined_dataset(frame: pd.DataFrame, spec: Any, root: Path, files: list[li
     return ConfinedRawDataset(frame, spec, root, normalizer)
 
 
-def _check_row_images(spec: Any, files: list[Path | None], name: str) -> tuple[list[Any], list[str], list[str]]:
+def _check_row_images(spec: DatasetSpec, files: list[Path | None], name: str
+                      ) -> tuple[list[CheckedImage | None], list[str], list[str]]:
     """(checked images, problems, warnings) of one row's confined image files: prepare's own
     image check (validation.check_image: decodable, right shape, not constant) and its voxel-grid
     check across the row's modalities."""
     from cfcml.data.images import ImageError
     from cfcml.data.validation import check_image, geometry_problem
 
-    checked: list[Any] = []
+    checked: list[CheckedImage | None] = []
     problems, warnings = [], []
     for m, path in zip(spec.modalities, files):
         if path is None:  # a withheld modality (check_rows allowed it)
@@ -216,7 +230,7 @@ def _check_row_images(spec: Any, files: list[Path | None], name: str) -> tuple[l
     return checked, problems, warnings
 
 
-def check_images(frame: pd.DataFrame, spec: Any, files: list[list[Path | None]]) -> list[str]:
+def check_images(frame: pd.DataFrame, spec: DatasetSpec, files: list[list[Path | None]]) -> list[str]:
     """Every row's images read and checked as prepare checks them, before any prediction (the
     command line's up-front pass; `predict` checks each row again as it reads it). Returns the
     warnings (clip saturation); InputError listing every refused image."""
@@ -230,7 +244,7 @@ def check_images(frame: pd.DataFrame, spec: Any, files: list[list[Path | None]])
     return warnings
 
 
-class CFCMLModel(mlflow.pyfunc.PythonModel):
+class CFCMLModel(PythonModel):
     """The served model: the MLflow pyfunc every registered CFCML model is (logged from code,
     `served_model_code.py`; nothing pickled), loaded from its bundle (`write_bundle`) by
     `load_context`, or without MLflow by `from_bundle`.
@@ -301,7 +315,7 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         """The folder every image path must resolve inside (`data_root`: $CFCML_DATA_ROOT, else `root`)."""
         return data_root(self.root)
 
-    def check_input(self, model_input: pd.DataFrame) -> tuple[pd.DataFrame, list[list[Path]]]:
+    def check_input(self, model_input: pd.DataFrame) -> tuple[pd.DataFrame, list[list[Path | None]]]:
         """(typed rows, confined absolute image paths) or InputError; `predict` starts with this."""
         return check_rows(model_input, self.spec, self.data_root, self.accepts_missing_modalities)
 
@@ -361,8 +375,8 @@ class CFCMLModel(mlflow.pyfunc.PythonModel):
         return out
 
 
-def write_bundle(directory: str | Path, *, spec: Any, experiment: ExperimentConfig, members: list[FoldWeights],
-                 root: str | Path, calibrator: Any | None = None) -> Path:
+def write_bundle(directory: str | Path, *, spec: DatasetSpec, experiment: ExperimentConfig, members: list[FoldWeights],
+                 root: str | Path, calibrator: Calibrator | None = None) -> Path:
     """Write the model bundle into `directory`: the member weights (tensors only, so they load with
     `weights_only=True`) and bundle.json (spec, experiment, and `root`: the only folder the model
     reads images from, unless the serving operator sets $CFCML_DATA_ROOT; `calibration`: the
@@ -455,14 +469,14 @@ def check_model_code(folder: str | Path, name: str | None = None) -> None:
                              "ahead of the installed packages")
 
 
-def _refuser(name: str) -> Any:
+def _refuser(name: str) -> Callable[[str, str], UntrustedModelError]:
     def refuse(file: str, why: str) -> UntrustedModelError:
         return UntrustedModelError(f"{name}: {file} {why}; refused before loading anything of it "
                                    f"(pass {TRUST_FLAG} to run a model's own code)")
     return refuse
 
 
-def placeholder_example(spec: Any) -> pd.DataFrame:
+def placeholder_example(spec: DatasetSpec) -> pd.DataFrame:
     """Two rows of the model's input columns holding made-up values, for the registered model's
     input example: no patient's id, file path or clinical value leaves with a model. Ids
     `example-1`/`example-2`, paths `images/example-<i>_<modality>.<ext>`; numeric fields 0.0 then
@@ -490,7 +504,7 @@ class _NoExampleValidation:
 
     LOGGERS = ("mlflow.models.model", "mlflow.utils.requirements_utils")
 
-    def filter(self, record: Any) -> bool:
+    def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not message.startswith(("Failed to validate serving input example",
                                        "Failed to run predict on input_example"))
@@ -500,14 +514,14 @@ def log_and_register(
     *,
     tracking_uri: str,
     run_id: str,
-    prepared: Any,
+    prepared: PreparedDataset,
     experiment: ExperimentConfig,
     members: list[FoldWeights],
     model_name: str,
     tags: dict[str, str],
     pip_requirements: list[str] | None = None,
-    calibrator: Any | None = None,
-) -> Any:
+    calibrator: Calibrator | None = None,
+) -> ModelInfo:
     """Log the bundle (`members`: one network per fold, averaged) as a pyfunc model on `run_id`
     and register it as `model_name`. The bundle records `prepared.root` as the data root.
 

@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
 
 
 @dataclass(frozen=True)
@@ -119,13 +122,13 @@ class PlacementGroupJanitor(Callback):
         self._checked = 0.0
         self.removed: list[str] = []
 
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if time.monotonic() - self._checked < self.period_s:
             return
         self._checked = time.monotonic()
         self.sweep()
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         # on a Ray that outlives the search (a cluster), what its stopped trials left goes now
         self.sweep()
 

@@ -27,10 +27,14 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from cfcml.config import ConfigError
+
+if TYPE_CHECKING:
+    from cfcml.config import ExperimentConfig
+    from cfcml.data.spec import DatasetSpec
 
 CHECK_ENDPOINT = "/api/2.0/mlflow/experiments/search"
 NAME_MAX_BYTES = 255  # NAME_MAX of Linux, macOS and Windows file systems: one folder name, in bytes
@@ -281,6 +285,7 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> str | None:
     hint = "; unset RAY_ADDRESS to start a local Ray, or pass --address" if what == "RAY_ADDRESS" else ""
     if not host:
         raise ConfigError(f"{what} {chosen}: not a Ray address (host:port, ray://host:port or auto){hint}")
+    assert port is not None  # None only together with host
     reason = _unreachable(host, port, timeout)
     if reason:
         raise ConfigError(f"{what} {chosen}: no Ray cluster answers there ({reason}){hint}")
@@ -292,7 +297,7 @@ CHECKPOINTS_KEPT = 2  # tuning.hpo.trainer.fit keeps two checkpoints a Ray Train
 STATE_COPIES = 3  # a fold's weights plus Adam's two moments in a checkpoint
 
 
-def model_parameters(experiment: Any, spec: Any) -> int:
+def model_parameters(experiment: ExperimentConfig, spec: DatasetSpec) -> int:
     """Parameters and buffers of the network `experiment.model` builds for `spec` (0 if it cannot
     be built here, e.g. pretrained weights on another machine)."""
     try:

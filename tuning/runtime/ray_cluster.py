@@ -20,7 +20,8 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
+from types import ModuleType
+from typing import Any, TextIO
 
 from cfcml.config import PROJECT_ROOT, ConfigError, TrainConfig
 
@@ -170,7 +171,7 @@ def cluster_resources() -> tuple[dict[str, float], dict[str, float]]:
 
 
 def check_cluster_fits(train: TrainConfig, *, joined: str | None = None, flags: dict[str, str] | None = None,
-                       warn: Any = None) -> None:
+                       warn: TextIO | None = None) -> None:
     """Before any Tuner or Ray Train run starts: a trial's workers fit on the running cluster.
 
     On a local Ray (`joined` None), whose resources are fixed, raise ClusterTooSmall: one line
@@ -221,7 +222,7 @@ def check_local_fits(train: TrainConfig, num_cpus: int | None = None, flags: dic
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False,
-                train: TrainConfig | None = None, flags: dict[str, str] | None = None) -> Iterator[Any]:
+                train: TrainConfig | None = None, flags: dict[str, str] | None = None) -> Iterator[ModuleType]:
     """Ray for the duration of the block: joins `address` (a cluster, "auto"), else the cluster
     $RAY_ADDRESS names (as `ray.init()` does; "local" = start one), else starts a local Ray, and
     shuts down only what it started. An already initialised Ray (a test's) is used as it is.

@@ -21,9 +21,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+    from ray.tune.experiment import Trial
 
 STALL_FILE = "cfcml_stalled.txt"  # in a trial's folder: why the watchdog failed it
 
@@ -110,7 +114,7 @@ class TrialWatchdog(Callback):
     def limit_s(self) -> float:
         return self.stall_s + self.longest_s
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._since[trial.trial_id] = time.monotonic()
         folder = getattr(trial, "local_path", None)
         if folder:  # a failed trial retried by --resume starts with no verdict
@@ -118,19 +122,20 @@ class TrialWatchdog(Callback):
         self.failed.pop(trial.trial_id, None)
         self.noted.discard(trial.trial_id)
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any],
+                        **info: Any) -> None:
         now = time.monotonic()
         since = self._since.get(trial.trial_id)
         if since is not None:
             self.longest_s = max(self.longest_s, now - since)
         self._since[trial.trial_id] = now
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._since.pop(trial.trial_id, None)
 
     on_trial_error = on_trial_complete
 
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         now = time.monotonic()
         if now - self._checked < self.period_s:
             return
@@ -142,7 +147,7 @@ class TrialWatchdog(Callback):
             if now - since > self.limit_s:
                 self.check(trial, now - since)
 
-    def check(self, trial: Any, silent_s: float) -> None:
+    def check(self, trial: Trial, silent_s: float) -> None:
         """Ask what silent `trial` waits for: name a slow trial once and wait, fail a stuck one."""
         actor = getattr(getattr(trial, "temporary_state", None), "ray_actor", None)
         try:
@@ -156,7 +161,7 @@ class TrialWatchdog(Callback):
             print(f"[cfcml] trial {trial.trial_id}: nothing reported for {silent_s:.0f} s, but its workers are "
                   f"alive and training (a busy machine?): waiting", flush=True)
 
-    def fail(self, trial: Any, actor: Any, silent_s: float, waits: str) -> None:
+    def fail(self, trial: Trial, actor: ActorHandle | None, silent_s: float, waits: str) -> None:
         """Name `trial` and what it waits for on the console and in its folder, and kill its actor."""
         import ray
 

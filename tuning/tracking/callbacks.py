@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Dataset
 from mlflow.tracking import MlflowClient
@@ -24,10 +24,17 @@ from tuning.tracking.store import (
     log_provenance,
 )
 
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.context import TrainRunContext  # what UserCallback names
+    from ray.tune.experiment import Trial
+
 FAILURE_TAG = "cfcml.failure_reason"  # on a failed trial's run: the error's one-line reason
 
 
-def failure_reason(trial: Any) -> str:
+def failure_reason(trial: Trial) -> str:
     """One line saying why a Tune trial failed: the watchdog's verdict if it failed a stalled trial
     (`tuning.runtime.watchdog.STALL_FILE` in the trial's folder), else from the error Tune recorded for it
     (its error.txt holds every failure's traceback): see `reason_line`."""
@@ -45,7 +52,7 @@ def failure_reason(trial: Any) -> str:
     return reason_line(text)
 
 
-def reason_line(text: str) -> str:
+def reason_line(text: str | None) -> str:
     """The last "training diverged: ..." line of an error text, else its last "SomeError: message"
     line (a traceback's verdict), else its last line."""
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
@@ -132,7 +139,7 @@ class SearchTracker(Callback):
         self._reasons: dict[str, str] = {}  # trial id -> why it failed (FAILURE_TAG)
         self._scan_backends: dict[str, str | None] = {}  # trial id -> its SCAN_BACKEND_TAG as set
         self._client: MlflowClient | None = None
-        self._plotter: Any = None  # one background thread drawing finished trials' plots
+        self._plotter: ThreadPoolExecutor | None = None  # one background thread drawing finished trials' plots
 
     @property
     def client(self) -> MlflowClient:
@@ -144,7 +151,7 @@ class SearchTracker(Callback):
         """Tune saves its callbacks with the experiment state: leave the client and thread out."""
         return {**self.__dict__, "_client": None, "_plotter": None}
 
-    def _run_for(self, trial: Any) -> str:
+    def _run_for(self, trial: Trial) -> str:
         tid = trial.trial_id
         if tid in self._runs:
             return self._runs[tid]
@@ -170,10 +177,11 @@ class SearchTracker(Callback):
         self._runs[tid] = run_id
         return run_id
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._run_for(trial)
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any],
+                        **info: Any) -> None:
         run_id = self._run_for(trial)
         timestamp = int(result.get("timestamp", 0))
         report = EpochReport.from_dict(result)
@@ -206,16 +214,16 @@ class SearchTracker(Callback):
         self._last_epoch[trial_id] = log_epoch_once(self.client, run_id, values, self._last_epoch.get(trial_id, 0),
                                                     timestamp * 1000, retrained)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._finish(trial, "FINISHED")
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         reason = failure_reason(trial)
         self.client.set_tag(self._run_for(trial), FAILURE_TAG, reason[:5000])
         self._reasons[trial.trial_id] = reason
         self._finish(trial, "FAILED")
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         """Runs of trials left unfinished (an interrupted search) are marked KILLED; --resume
         sets them RUNNING again and continues them."""
         for trial in trials:
@@ -229,7 +237,7 @@ class SearchTracker(Callback):
         if plotter is not None:
             plotter.shutdown(wait=True)
 
-    def _finish(self, trial: Any, status: str) -> None:
+    def _finish(self, trial: Trial, status: str) -> None:
         run_id = self._run_for(trial)
         client = self.client
         print(self._finish_line(trial, status), flush=True)
@@ -245,6 +253,7 @@ class SearchTracker(Callback):
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfcml-plots")
+            assert self._plotter is not None  # set above, or by an earlier finished trial
             self._plotter.submit(self._plot_quietly, run_id, source)
         if status != "FINISHED":
             from tuning.tracking.lifecycle import END_REASON_TAG
@@ -260,7 +269,7 @@ class SearchTracker(Callback):
         except Exception as exc:  # a missing plot must not fail the search
             client.set_tag(run_id, "cfcml.plot_error", repr(exc)[:500])
 
-    def _finish_line(self, trial: Any, status: str) -> str:
+    def _finish_line(self, trial: Trial, status: str) -> str:
         """One console line per finished trial."""
         name = "-".join(str(trial.config.get(k)) for k in self.name_keys) or trial.trial_id
         last = trial.last_result or {}
@@ -312,7 +321,8 @@ class TrainRunTracker(UserCallback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+    def after_report(self, run_context: TrainRunContext, metrics: list[dict[str, Any]],
+                     checkpoint: Checkpoint | None) -> None:
         if not metrics:
             return
         if self._client is None:

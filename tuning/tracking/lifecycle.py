@@ -28,9 +28,13 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
 
 END_REASON_TAG = "cfcml.end_reason"
 RESERVE_NAME = ".cfcml-disk-reserve"
@@ -83,7 +87,7 @@ def end_reason(exc: BaseException) -> tuple[str, str]:
     return "FAILED", text[:1000]
 
 
-def end_run(client: Any, run_id: str, status: str, reason: str, *, only_running: bool = True) -> bool:
+def end_run(client: MlflowClient, run_id: str, status: str, reason: str, *, only_running: bool = True) -> bool:
     """End `run_id` with `status` and tag `reason`, unless (`only_running`) it has ended already.
     Returns whether it was ended here; never raises (prints a warning instead)."""
     try:
@@ -97,7 +101,7 @@ def end_run(client: Any, run_id: str, status: str, reason: str, *, only_running:
         return False
 
 
-def end_children(client: Any, experiment_id: str, parent_run_id: str, status: str, reason: str) -> int:
+def end_children(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str, reason: str) -> int:
     """End the still-RUNNING child runs of `parent_run_id`; returns how many. Never raises."""
     from tuning.tracking.store import filter_literal
 
@@ -144,7 +148,7 @@ class DiskGuard(Callback):
         self.folder, self.min_free = str(folder), int(min_free)
         self._checked = 0.0
 
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         if time.monotonic() - self._checked < 1.0:
             return
         self._checked = time.monotonic()
@@ -158,7 +162,7 @@ class DiskGuard(Callback):
 
 
 @contextlib.contextmanager
-def owned_run(client: Any, run_id: str, *, children: bool = False) -> Iterator[str]:
+def owned_run(client: MlflowClient, run_id: str, *, children: bool = False) -> Iterator[str]:
     """Own the end of `run_id` for the block (see the module's docstring); yields `run_id`."""
     try:
         yield run_id
@@ -179,7 +183,7 @@ def owned_run(client: Any, run_id: str, *, children: bool = False) -> Iterator[s
 
 
 @contextlib.contextmanager
-def ends_on_error(client: Any, run_id: str) -> Iterator[str]:
+def ends_on_error(client: MlflowClient, run_id: str) -> Iterator[str]:
     """Like `owned_run`, for a block after which the run goes on: ended only if the block raises."""
     try:
         yield run_id
@@ -190,7 +194,7 @@ def ends_on_error(client: Any, run_id: str) -> Iterator[str]:
         raise
 
 
-def disk_full_message(exc: BaseException, folder: Any, needed: int | None = None,
+def disk_full_message(exc: BaseException, folder: str | Path, needed: int | None = None,
                       next_step: str = "continue with the same command plus --resume") -> str | None:
     """One line for a command that stopped on a full disk (None if `exc` is something else): the
     folder, its free space now, the space a run of this size needs, and what to do next."""
@@ -207,7 +211,7 @@ def disk_full_message(exc: BaseException, folder: Any, needed: int | None = None
             f"free space, then {next_step}")
 
 
-def reopen_run(client: Any, run_id: str) -> None:
+def reopen_run(client: MlflowClient, run_id: str) -> None:
     """Set a run that continues (a resumed search, trial or final step) RUNNING again, without the
     reason it ended last time."""
     client.update_run(run_id, status="RUNNING")

@@ -26,16 +26,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
-from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Run
 from mlflow.tracking import MlflowClient
 
 from cfcml.config import PROJECT_ROOT
 from cfcml.data.manifest import PreparedDataset
 from cfcml.evaluation import metric_keys
 from tuning.runtime.preflight import tracking_uri_choice
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # what an epoch logs of a report (`log_epoch_once`): train_*, val_*, cv_*, selected_*, system/*
 LOGGED_PREFIXES = metric_keys.prefixes(metric_keys.TRAIN, metric_keys.VAL, metric_keys.CV, metric_keys.SELECTED,
@@ -175,7 +178,7 @@ def tag_filter(**tags: str) -> str:
     return " and ".join(clauses)
 
 
-def find_runs(client: MlflowClient, exp_id: str, **tags: str) -> list[Any]:
+def find_runs(client: MlflowClient, exp_id: str, **tags: str) -> list[Run]:
     """Runs of `exp_id` whose tags equal `tags` exactly (any value, apostrophes and quotes included)."""
     runs = client.search_runs([exp_id], filter_string=tag_filter(**tags), max_results=1000)
     return [r for r in runs if all(r.data.tags.get(k) == str(v) for k, v in tags.items())]
@@ -204,14 +207,14 @@ def log_metrics(client: MlflowClient, run_id: str, values: dict[str, Any], step:
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
 
-def log_figure(client: MlflowClient, run_id: str, fig: Any, name: str) -> None:
+def log_figure(client: MlflowClient, run_id: str, fig: Figure, name: str) -> None:
     import matplotlib.pyplot as plt
 
     client.log_figure(run_id, fig, name)
     plt.close(fig)
 
 
-def write_json_artifact(client: MlflowClient, run_id: str, data: Any, name: str) -> None:
+def write_json_artifact(client: MlflowClient, run_id: str, data: object, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")

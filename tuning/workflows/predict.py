@@ -11,7 +11,14 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.pyfunc import PyFuncModel
+
+    from cfcml.data.spec import DatasetSpec
+    from tuning.release.served_model import CFCMLModel
 
 
 class PredictError(Exception):
@@ -20,7 +27,7 @@ class PredictError(Exception):
 
 def predict_file(model_uri: str, rows: Path, out: Path, *, data_root: Path | None = None, runs_dir: Path,
                  tracking_uri: str | None = None, batch_rows: int = 32, raw: bool = False,
-                 operating_point: str | None = None, trust_model_code: bool = False) -> Any:
+                 operating_point: str | None = None, trust_model_code: bool = False) -> pd.DataFrame:
     """Class probabilities for every row of `rows` by the model at `model_uri`, written to `out`
     (atomically: a failed write leaves neither half-written predictions nor a temporary file).
 
@@ -84,7 +91,8 @@ def predict_file(model_uri: str, rows: Path, out: Path, *, data_root: Path | Non
     return predictions
 
 
-def load_model(uri: str, tracking_uri: str | None, runs_dir: Path, trust_code: bool = False) -> tuple[Any, Any]:
+def load_model(uri: str, tracking_uri: str | None, runs_dir: Path,
+               trust_code: bool = False) -> tuple[PyFuncModel, CFCMLModel]:
     """(pyfunc model, its CFCMLModel) from a models:/ or runs:/ URI or a local folder.
 
     Unless `trust_code`, the model folder (a registry's or a run's model is downloaded first) must
@@ -136,10 +144,10 @@ def load_model(uri: str, tracking_uri: str | None, runs_dir: Path, trust_code: b
     python_model = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
     if not hasattr(python_model, "check_input"):
         raise PredictError(f"model {where} is not a CFCML model (no CFCML pyfunc inside)")
-    return model, python_model
+    return model, cast("CFCMLModel", python_model)  # (the model's own copy of the class, from its code folder)
 
 
-def read_rows(path: Path, spec: Any) -> Any:
+def read_rows(path: Path, spec: DatasetSpec) -> pd.DataFrame:
     """The CSV as text (categories stay "1", not 1.0; blanks stay blank), read by prepare's reader
     (`read_text_csv`: duplicate header names refused, blank rows skipped with a note); the served
     model types the values by the spec. The index is the file line each record starts on: every
@@ -164,8 +172,8 @@ def read_rows(path: Path, spec: Any) -> Any:
     return frame
 
 
-def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int, out: Path | None = None,
-                 params: dict[str, Any] | None = None) -> Any:
+def predict_rows(model: PyFuncModel, python_model: CFCMLModel, frame: pd.DataFrame, batch_rows: int,
+                 out: Path | None = None, params: dict[str, Any] | None = None) -> pd.DataFrame:
     """prob_<class> per row and the predicted class, through the model's own `predict` (which
     confines every path); the whole file is checked before the first image is read, and every
     image (prepare's checks: decodable, right shape, not constant, one voxel grid per row) before
@@ -192,17 +200,17 @@ def predict_rows(model: Any, python_model: Any, frame: Any, batch_rows: int, out
             parts.append(model.predict(chunk, params=params) if params else model.predict(chunk))
             bar.update(len(chunk))
     probs = pd.concat(parts) if parts else pd.DataFrame(columns=classes, dtype=float)
-    out = pd.DataFrame({"patient_id": typed["patient_id"].to_numpy()})
+    table = pd.DataFrame({"patient_id": typed["patient_id"].to_numpy()})
     for c in classes:
-        out[f"prob_{c}"] = probs[c].to_numpy()
-    out["predicted"] = [classes[i] for i in np.argmax(probs[classes].to_numpy(), axis=1)] if len(out) else []
+        table[f"prob_{c}"] = probs[c].to_numpy()
+    table["predicted"] = [classes[i] for i in np.argmax(probs[classes].to_numpy(), axis=1)] if len(table) else []
     for column in ("operating_point", "threshold", "decision"):
         if column in probs.columns:
-            out[column] = probs[column].to_numpy()
-    return out
+            table[column] = probs[column].to_numpy()
+    return table
 
 
-def operating_params(python_model: Any, raw: bool, operating_point: str | None) -> dict[str, Any]:
+def operating_params(python_model: CFCMLModel, raw: bool, operating_point: str | None) -> dict[str, Any]:
     """The model's `predict` parameters for --raw and --operating-point, checked before any row is
     read: an unknown operating point, or one asked of a model registered without them, is refused
     naming the ones it has."""

@@ -14,7 +14,8 @@ the encoder's last residual block. With no tap it is `encoder(x)`, the same func
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from cfcml import _monai
 
 _monai.light()  # only the MONAI modules used, not all of MONAI (see cfcml._monai)
-from monai.networks.nets.swin_unetr import compute_mask, get_window_size  # noqa: E402
+from monai.networks.nets.swin_unetr import BasicLayer, compute_mask, get_window_size  # noqa: E402
 from torch import nn  # noqa: E402
 
 from cfcml.config import ModelConfig  # noqa: E402
@@ -52,9 +53,9 @@ def run_encoder(encoder: nn.Module, x: torch.Tensor, after_stage: StageTap | Non
     if isinstance(encoder, ResMambaEncoder):
         x = stage_tap(1, encoder.stem(x))
         feats = [x]
-        for s, layer in zip((2, 3, 4), encoder.layers):
+        for s, layer in zip((2, 3, 4), cast(Iterable[nn.Sequential], encoder.layers)):
             if s == 4 and before_last_block is not None:
-                for block in layer[:-1]:
+                for block in cast(nn.Sequential, layer[:-1]):  # a slice of a Sequential is one
                     x = block(x)
                 x = layer[-1](before_last_block(x))
             else:
@@ -63,10 +64,10 @@ def run_encoder(encoder: nn.Module, x: torch.Tensor, after_stage: StageTap | Non
             feats.append(x)
     elif isinstance(encoder, MambaResEncoder):
         feats = []
-        for s, stage in enumerate(encoder.stages, start=1):
+        for s, stage in enumerate(cast(Iterable[nn.Sequential], encoder.stages), start=1):
             if s == 4 and before_last_block is not None:
                 x = stage[0](before_last_block(x))
-                for module in stage[1:]:
+                for module in cast(nn.Sequential, stage[1:]):
                     x = module(x)
             else:
                 x = stage(x)
@@ -77,19 +78,19 @@ def run_encoder(encoder: nn.Module, x: torch.Tensor, after_stage: StageTap | Non
         x = swin.pos_drop(swin.patch_embed(x)).movedim(1, -1)  # [B, *grid, C]
         feats = []
         for s, layers in enumerate((swin.layers1, swin.layers2, swin.layers3, swin.layers4), start=1):
-            layer = layers[0]
-            x = _swin_blocks(layer, x, before_last_block if s == 4 else None)
+            basic = cast(BasicLayer, layers[0])
+            x = _swin_blocks(basic, x, before_last_block if s == 4 else None)
             x = stage_tap(s, x.movedim(-1, 1)).movedim(1, -1)
             feats.append(F.layer_norm(x, x.shape[-1:]).movedim(-1, 1))
-            if layer.downsample is not None:
-                x = layer.downsample(x)
+            if basic.downsample is not None:
+                x = basic.downsample(x)
     else:
         raise TypeError(f"run_encoder does not know the stages of {type(encoder).__name__}")
     feats[-1] = encoder.cam_tap(feats[-1])
     return feats
 
 
-def _swin_blocks(layer: nn.Module, x: torch.Tensor, before_last: BlockTap | None) -> torch.Tensor:
+def _swin_blocks(layer: BasicLayer, x: torch.Tensor, before_last: BlockTap | None) -> torch.Tensor:
     """`cfcml.networks.encoders._swin_blocks` (channels last), with `before_last` (channels first)
     applied to the last block's input."""
     grid = tuple(x.shape[1:-1])
@@ -207,7 +208,7 @@ class ImageTokens(nn.Module):
         out = []
         for m, (projs, fmaps) in enumerate(zip(self.proj, maps)):
             parts = [proj(fmaps[s - 1].flatten(2).transpose(1, 2)) + self.source[m, k]
-                     for k, (s, proj) in enumerate(zip(self.stages, projs))]
+                     for k, (s, proj) in enumerate(zip(self.stages, cast(nn.ModuleList, projs)))]
             out.append(self.norm(torch.cat(parts, dim=1)))
         return out
 

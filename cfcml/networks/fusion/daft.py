@@ -24,6 +24,7 @@ auxiliary network. Settings: `model.fusion.daft` (`cfcml.config.DaftConfig`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ class AffineTransform(nn.Module):
         self.activation = _ACTIVATIONS[scale_activation]()
         if scale and scale_activation == "linear":
             with torch.no_grad():
-                self.aux[-1].bias[:channels].fill_(1.0)
+                cast(nn.Linear, self.aux[-1]).bias[:channels].fill_(1.0)
 
     def forward(self, fmap: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         out = self.aux(torch.cat([pooled(fmap), table], dim=1))
@@ -97,6 +98,9 @@ class DAFT(FusionModel):
         table = self.table_tokens(num, num_missing, cat).flatten(1)
         pools = []
         for enc, transform, x in zip(self.encoders, self.transforms, images):
-            maps = run_encoder(enc, x, before_last_block=lambda f, t=transform: t(f, table))
+            def tap(f: torch.Tensor, t: nn.Module = transform) -> torch.Tensor:  # this modality's transform
+                return t(f, table)
+
+            maps = run_encoder(enc, x, before_last_block=tap)
             pools.append(pooled(maps[-1]))
         return self.readout(torch.cat(pools, dim=1))

@@ -34,6 +34,8 @@ class EarlyFusion(FusionModel):
         ValueError: `source: raw` without any clinical field.
     """
 
+    cat_offsets: torch.Tensor  # buffer registered in __init__
+
     def __init__(self, images: Sequence[ImageInput], num_numeric: int, cat_cardinalities: Sequence[int],
                  num_classes: int, cfg: ModelConfig):
         settings = cfg.fusion.early_fusion

@@ -23,6 +23,7 @@ sharing option). Settings: `model.fusion.healnet` (`cfcml.config.HealnetConfig`)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ class HEALNet(FusionModel):
         inputs.append(self.table_tokens(num, num_missing, cat))
         s = self.latents.expand(inputs[0].shape[0], -1, -1)
         for layer in range(self.depth):
-            steps = self.layers[min(layer, len(self.layers) - 1)]
+            steps = cast(nn.ModuleList, self.layers[min(layer, len(self.layers) - 1)])
             for step, x in zip(steps, inputs):
                 s = step(s, x)
         return self.out_norm(s.mean(1))
