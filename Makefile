@@ -26,11 +26,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# Two pytest workers (pytest-xdist): the end-to-end tests each start Ray with 2 CPUs and spend much of
-# their time waiting on it, so two at once finish sooner on 2 cores; `xdist_group("load")` keeps the
-# tests that load the machine on purpose (CPU hogs, stall timing) off each other (docs/architecture.md).
+# The unit tests on two pytest workers (pytest-xdist); the end-to-end tests one at a time after them:
+# each starts Ray and keeps both cores busy, and two at once took as long as one after the other and
+# slowed each other's timings (docs/architecture.md, "Tests").
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=12
+	$(BIN)/python -m pytest -q -n 2 -m "not e2e" --durations=8
+	$(BIN)/python -m pytest -q -m e2e --durations=12
 
 bench: install
 	$(BIN)/python -m benchmarks.bench_losses

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from cfcml.config import PROJECT_ROOT
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900), pytest.mark.xdist_group("load")]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 @pytest.fixture

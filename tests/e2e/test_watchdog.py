@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600), pytest.mark.xdist_group("load")]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def _trainable(config: dict) -> None:
