@@ -1,6 +1,6 @@
 """The watchdog's verdict on a silent trial (`TrialWatchdog.decide`): stuck only when it stays in
 one state that is not training for `confirm_s`; a run that moves between states, or is training,
-is waited for. The same rule on real Ray Tune and Ray Train: tests/e2e/test_watchdog.py."""
+is waited for. The same rule on real Ray Tune and Ray Train: tests/e2e/test_watchdog.py (test basenames are unique)."""
 from __future__ import annotations
 
 import pytest
