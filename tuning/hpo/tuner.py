@@ -2,7 +2,7 @@
 run of their Tune experiment, the trainable and the Tuner.
 
 Both run one Ray Tune experiment whose trials become child runs of one parent run in the
-dataset's experiment (`tuning.tracking.store.SearchTracker`); building the run and the Tuner here keeps
+dataset's experiment (`tuning.tracking.callbacks.SearchTracker`); building the run and the Tuner here keeps
 the two tagged, logged and run the same way. Ray and MLflow are imported inside the functions.
 """
 from __future__ import annotations
