@@ -28,10 +28,12 @@ lint: install
 
 # The unit tests on two pytest workers (pytest-xdist); the end-to-end tests one at a time after them:
 # each starts Ray and keeps both cores busy, and two at once took as long as one after the other and
-# slowed each other's timings (docs/architecture.md, "Tests").
+# slowed each other's timings (docs/architecture.md, "Tests"). The end-to-end tests capture Python's
+# output only (--capture=sys): a fatal message that Ray's C++ core writes to the process's stderr
+# before it exits stays on the console instead of vanishing with pytest's captured file descriptor.
 test: lint
 	$(BIN)/python -m pytest -q -n 2 -m "not e2e" --durations=8
-	$(BIN)/python -m pytest -q -m e2e --durations=12
+	$(BIN)/python -m pytest -q -m e2e --durations=12 --capture=sys
 
 bench: install
 	$(BIN)/python -m benchmarks.bench_losses
