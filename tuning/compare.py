@@ -3,8 +3,10 @@
     python tuning/compare.py --dataset men --data-root data/men --search smoke
     python tuning/compare.py --dataset men --data-root data/men --from-search men-default --seeds 3
 
-Every variant trains on the same folds with the same seeds and epoch budget, as Ray trials (in
-parallel as resources allow); each is evaluated by out-of-fold CV (mean and sd over seeds) and
+With --tune-each N every variant is first searched (N trials of its own space, the same folds and
+budget; `tuning.workflows.compare.tune_variants`) and compared at its defaults and as
+`<variant>_tuned`. Every variant trains on the same folds with the same seeds and epoch budget, as
+Ray trials (in parallel as resources allow); each is evaluated by out-of-fold CV (mean and sd over seeds) and
 once on the held-out test split (its fold ensemble, bootstrap 95% CIs, paired AUC difference
 against `cfcml`). Writes comparison.md, comparison.json and plots into --out and onto a
 `comparison` MLflow run, and prints the table. See `tuning/evidence/comparison.py`; this file parses
@@ -38,6 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                          "--runs-dir/ray): its best trial's searched values are the "
                                          "cfcml_tuned variant")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per variant")
+    p.add_argument("--tune-each", type=int, default=0, metavar="N",
+                   help="first search N trials of every variant's own space on the comparison's folds "
+                        "(one search after another, each named <name>-tune-<variant> under --runs-dir/ray; "
+                        "a finished one is reused, an interrupted one continued), then compare each variant "
+                        "at its defaults and as <variant>_tuned (not with --from-search)")
     cli_args.add_folds(p)
     p.add_argument("--max-epochs", type=int, help="epochs per model (sets train.epochs)")
     p.add_argument("--search", help="a search config whose overrides and budget apply (e.g. smoke)")
@@ -60,7 +67,8 @@ def build_plan(args: argparse.Namespace) -> ComparisonPlan:
         args.dataset, args.data_root, variants=args.variants, from_search=args.from_search, seeds=args.seeds,
         folds=args.folds, max_epochs=args.max_epochs, search=args.search, runs_dir=args.runs_dir,
         tracking_uri=args.tracking_uri, out=args.out, fold_seed=args.fold_seed, image_size=args.image_size,
-        overrides=parse_set(args.set), address=args.address, verbose=args.verbose, name=args.name)
+        overrides=parse_set(args.set), address=args.address, verbose=args.verbose, name=args.name,
+        tune_each=args.tune_each)
 
 
 def main(argv: list[str] | None = None) -> int:

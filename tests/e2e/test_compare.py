@@ -58,3 +58,47 @@ def test_compare_writes_the_table_json_plots_and_an_mlflow_run(ray_local, men_pr
     children = client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'comparison-trial'")
     assert sorted(r.info.run_name for r in children) == ["cfcml-0", "cfcml_tuned-0", "tabular_only-0"]
     assert all(r.data.tags["mlflow.parentRunId"] == run.info.run_id for r in children)
+
+
+def test_tune_each_searches_every_variant_on_development_folds_then_compares_tuned_and_untuned(
+        ray_local, men_prepared, tmp_path: Path) -> None:
+    runs, uri, out = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "cmp"
+    code = compare_main(["--dataset", "men", "--data-root", str(men_prepared.out_dir), "--search", "smoke",
+                         "--variants", "cfcml,film", "--tune-each", "2", "--seeds", "1", "--max-epochs", "1",
+                         "--folds", "2", "--name", "tiny", "--runs-dir", str(runs), "--tracking-uri", uri,
+                         "--out", str(out)])
+    assert code == 0
+
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["tune_each"] == 2
+    assert list(data["variants"]) == ["cfcml", "cfcml_tuned", "film", "film_tuned"]  # tuned beside untuned
+    assert all(v["seeds"] == 1 and "macro_auc" in v["test"] for v in data["variants"].values())
+    assert "| film_tuned |" in (out / "comparison.md").read_text()
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cfcml-men")
+    for variant in ("cfcml", "film"):
+        folder = runs / "ray" / f"tiny-tune-{variant}"
+        outcome = SearchOutcome.load(folder / "outcome.json")
+        assert len(outcome.trials) == 2 and outcome.best is not None, variant
+        recorded = _keys(json.loads((folder / "outcome.json").read_text()))
+        assert not [k for k in recorded if k.startswith("test_")], variant  # development folds only
+        assert outcome.prepared_dir == str(men_prepared.out_dir)  # the comparison's data and folds
+        (search,) = client.search_runs([exp.experiment_id], filter_string=(
+            f"tags.`cfcml.kind` = 'search' and attributes.run_name = 'tiny-tune-{variant}'"))
+        assert search.info.status == "FINISHED"
+        trials = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = "
+                                                                       f"'{search.info.run_id}'")
+        assert len([r for r in trials if r.data.tags["cfcml.kind"] == "trial"]) == 2, variant
+        assert not any(k.startswith("test_") for r in trials for k in r.data.metrics), variant
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'comparison-trial'")
+    assert sorted(r.info.run_name for r in children) == ["cfcml-0", "cfcml_tuned-0", "film-0", "film_tuned-0"]
+
+
+def _keys(data: object) -> set[str]:
+    """Every mapping key anywhere in a JSON document."""
+    if isinstance(data, dict):
+        return set(data).union(*(_keys(v) for v in data.values()))
+    if isinstance(data, list):
+        return set().union(*(_keys(v) for v in data))
+    return set()

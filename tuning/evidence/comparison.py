@@ -16,10 +16,14 @@ Variants (docs/evaluation.md): `cfcml` (the experiment file's settings, the publ
 and budget), the ablations `no_mg`, `no_cie`, `no_fine` (one part of CFCML removed each), and the
 baselines `image_only`, `tabular_only`, `late_concat` and the established fusion methods
 `early_fusion`, `film`, `daft`, `tab_attention`, `tensor_fusion`, `healnet` (cfcml/networks/fusion/,
-at their default settings), all trained with cross-entropy only.
+at their default settings), all trained with cross-entropy only. With `--tune-each N` every variant
+is first searched (N trials over its own space, `variant_space`, on the comparison's folds;
+`tuning.workflows.compare.tune_variants`) and compared both at its defaults and as
+`<variant>_tuned`, its search's best values.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -34,6 +38,8 @@ from cfcml.data.manifest import PreparedDataset
 from cfcml.evaluation import metric_keys
 from cfcml.evaluation.metric_keys import auc_metric, headline_metrics
 from cfcml.evaluation.metrics import MISSING, Estimate, format_estimate, format_number
+from tuning.hpo.run import SearchRun
+from tuning.hpo.space import Param, SearchConfig
 from tuning.hpo.trial import VariantTrials
 from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
 
@@ -60,6 +66,61 @@ BASELINES: dict[str, dict[str, object]] = {
 }
 VARIANTS = ("cfcml", "cfcml_tuned", *ABLATIONS, *BASELINES)
 
+# `--tune-each N` (docs/evaluation.md, "Every variant tuned with the same budget"): what each
+# variant's own search varies. Every variant: the optimiser and classifier dropout, over the ranges of
+# conf/search/default.yaml. CFCML and the ablations that keep the fine stage: also the fine stage's
+# temperatures, prototype momentum and term weights, over conf/search/default.yaml's own ranges
+# (`FINE_STAGE_KEYS`, read from that file). Each fusion method: also its own settings
+# (`cfcml.config`, model.fusion.<method>). Validated against the variant's configuration
+# (`tuning.hpo.space.parse_space`) when the comparison is planned.
+COMMON_SPACE: dict[str, dict[str, Any]] = {
+    "optim.lr": {"dist": "loguniform", "low": 1.0e-5, "high": 2.0e-3},
+    "optim.weight_decay": {"dist": "loguniform", "low": 1.0e-6, "high": 1.0e-2},
+    "model.dropout": {"dist": "uniform", "low": 0.0, "high": 0.7},
+}
+FINE_STAGE_KEYS = ("loss.tau_sam", "loss.tau_up", "loss.tau_cp", "loss.momentum", "loss.w_sam", "loss.w_up",
+                   "loss.w_cp")
+FINE_STAGE_SEARCH = "default"  # the search file whose ranges of FINE_STAGE_KEYS the CFCML variants search
+FUSION_SPACES: dict[str, dict[str, dict[str, Any]]] = {
+    "early_fusion": {"model.fusion.early_fusion.channels": {"dist": "int", "low": 2, "high": 16}},
+    "film": {"model.fusion.film.hidden": {"dist": "choice", "values": [16, 32, 64, 128]}},
+    "daft": {"model.fusion.daft.bottleneck": {"dist": "int", "low": 2, "high": 10},
+             "model.fusion.daft.scale_activation": {"dist": "choice", "values": ["linear", "sigmoid", "tanh"]}},
+    "tab_attention": {"model.fusion.tab_attention.layers": {"dist": "int", "low": 1, "high": 2},
+                      "model.fusion.tab_attention.heads": {"dist": "choice", "values": [1, 2, 4]}},
+    "tensor_fusion": {"model.fusion.tensor_fusion.hidden": {"dist": "int", "low": 8, "high": 32},
+                      "model.fusion.tensor_fusion.rank": {"dist": "int", "low": 2, "high": 8}},
+    "healnet": {"model.fusion.healnet.latents": {"dist": "choice", "values": [8, 16, 32]},
+                "model.fusion.healnet.depth": {"dist": "int", "low": 1, "high": 3}},
+}
+TUNED_SUFFIX = "_tuned"  # `--tune-each`: variant `film` tuned is `film_tuned`, beside `film` at its defaults
+
+
+def variant_space_raw(name: str) -> dict[str, dict[str, Any]]:
+    """The space `--tune-each` searches for variant `name`, as a search file's `space:` writes it
+    (dotted keys -> distributions; see `COMMON_SPACE`). ConfigError for `cfcml_tuned` (the tuned
+    CFCML of --from-search, not tuned again) and unknown names."""
+    from cfcml.config import read_config
+    from tuning.hpo.space import search_path
+
+    if name not in VARIANTS or name == "cfcml_tuned":
+        raise ConfigError(f"variant {name!r} has no search space of its own (known: "
+                          f"{', '.join(v for v in VARIANTS if v != 'cfcml_tuned')})", "--tune-each")
+    raw = dict(COMMON_SPACE)
+    if name in ("cfcml", "no_mg", "no_cie"):  # the variants that train with the fine stage
+        file_space = read_config(search_path(FINE_STAGE_SEARCH)).get("space") or {}
+        raw.update({k: file_space[k] for k in FINE_STAGE_KEYS})
+    raw.update(FUSION_SPACES.get(name, {}))
+    return raw
+
+
+def variant_space(name: str, config: ExperimentConfig) -> tuple[Param, ...]:
+    """`variant_space_raw(name)` validated against the variant's configuration `config` (every
+    value it can sample keeps `config` valid); ConfigError naming the variant and key otherwise."""
+    from tuning.hpo.space import parse_space
+
+    return parse_space(variant_space_raw(name), config, f"--tune-each, variant {name}:")
+
 
 @dataclass(frozen=True)
 class ComparisonPlan:
@@ -77,10 +138,44 @@ class ComparisonPlan:
     address: str | None = None
     verbose: bool = False
     from_search: str | None = None
+    # --search's budget (grace period, reduction factor, searcher), read by the --tune-each searches
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(name="experiment"))
+    tune_each: int = 0  # trials of each variant's own search before the comparison; 0: no search
 
     @property
     def base(self) -> ExperimentConfig:
         return next(iter(self.variants.values()))
+
+    @property
+    def tuned_variants(self) -> list[str]:
+        """The variants `--tune-each` searches: every one of the comparison (none without it)."""
+        return list(self.variants) if self.tune_each else []
+
+    def tune_name(self, variant: str) -> str:
+        """The name (folder under runs/ray, MLflow run) of `variant`'s search: `<name>-tune-<variant>`."""
+        return f"{self.name}-tune-{variant}"
+
+    def variant_search(self, variant: str, resume: bool = False) -> SearchRun:
+        """`variant`'s own search of `tune_each` trials (`tuning.hpo.driver.run_search`): its space
+        (`variant_space`) over its configuration, the comparison's folds, fold seed, epoch budget and
+        seed, --search's grace period, reduction factor and searcher; no final model (development
+        folds only: the test split is not read)."""
+        space = variant_space(variant, self.variants[variant])
+        return SearchRun(
+            dataset=self.dataset, search=dataclasses.replace(self.search, num_samples=self.tune_each, space=space),
+            experiment=self.variants[variant], data_root=self.data_root, runs_dir=self.runs_dir,
+            name=self.tune_name(variant), num_samples=self.tune_each, fold_seed=self.fold_seed,
+            tracking_uri=self.tracking_uri, address=self.address, resume=resume, final=False, verbose=self.verbose)
+
+    def with_tuned(self, params: dict[str, dict[str, Any]]) -> ComparisonPlan:
+        """This plan with `<variant>_tuned` right after each `variant` of `params` (its search's best
+        trial's values over the variant's configuration)."""
+        variants: dict[str, ExperimentConfig] = {}
+        for name, cfg in self.variants.items():
+            variants[name] = cfg
+            if name in params:
+                variants[name + TUNED_SUFFIX] = cfg.replace(params[name])
+        return dataclasses.replace(self, variants=variants)
 
     @property
     def max_epochs(self) -> int:
@@ -151,15 +246,26 @@ def plan_comparison(dataset: str, data_root: str | Path | None = None, *, varian
                     max_epochs: int | None = None, search: str | None = None, runs_dir: str | Path | None = None,
                     tracking_uri: str | None = None, out: str | Path | None = None, fold_seed: int | None = None,
                     image_size: list[int] | None = None, overrides: dict[str, Any] | None = None,
-                    address: str | None = None, verbose: bool = False, name: str | None = None) -> ComparisonPlan:
+                    address: str | None = None, verbose: bool = False, name: str | None = None,
+                    tune_each: int = 0) -> ComparisonPlan:
     """Resolve a comparison with the search's precedence (`tuning.hpo.run`): command line > the search
-    file given by `search` (its overrides and budget) > experiment file > defaults."""
+    file given by `search` (its overrides and budget) > experiment file > defaults.
+
+    `tune_each` (--tune-each N, 0 = off): N trials of each variant's own search (`variant_space`)
+    before the comparison, whose best values become the variant `<variant>_tuned`; every variant's
+    space is checked here, before anything starts. Not with `from_search` (`cfcml_tuned` is then the
+    comparison's own tuned `cfcml`)."""
     from cfcml.config import PROJECT_ROOT, load_experiment
     from tuning.hpo.run import DEFAULT_RUNS_DIR, cli_overrides, resolve_experiment
     from tuning.hpo.space import SearchConfig, load_search
 
     if seeds < 1:
         raise ConfigError(f"expected a positive integer, got {seeds}", "--seeds")
+    if tune_each < 0:
+        raise ConfigError(f"expected a positive integer (trials per variant), got {tune_each}", "--tune-each")
+    if tune_each and (from_search or "cfcml_tuned" in [v.strip() for v in (variants or "").split(",")]):
+        raise ConfigError("not with --from-search or the variant cfcml_tuned: with --tune-each, cfcml_tuned is "
+                          "the comparison's own search of cfcml", "--tune-each")
     search_cfg = load_search(search, load_experiment(dataset)) if search else SearchConfig(name="experiment")
     base = resolve_experiment(dataset, search_cfg, cli_overrides(overrides, max_epochs=max_epochs, folds=folds,
                                                                  image_size=image_size))
@@ -177,12 +283,17 @@ def plan_comparison(dataset: str, data_root: str | Path | None = None, *, varian
     if "cfcml" not in names:
         names.insert(0, "cfcml")  # every difference is measured against it
     name = name or check_name(f"{dataset}-{search_cfg.name}", "--name (default <dataset>-<search>)", runs / "compare")
-    return ComparisonPlan(
+    plan = ComparisonPlan(
         dataset=dataset, name=name, variants=variant_configs(base, names, tuned), seeds=tuple(range(seeds)),
         data_root=Path(data_root or PROJECT_ROOT / "data" / dataset).resolve(), runs_dir=runs,
         out_dir=Path(out).resolve() if out else runs / "compare" / name,
         fold_seed=fold_seed, tracking_uri=tracking_uri, address=address, verbose=verbose, from_search=from_search,
+        search=search_cfg, tune_each=tune_each,
     )
+    for variant in plan.tuned_variants:  # every space and search name checked before anything starts
+        check_name(plan.tune_name(variant), "--name (with --tune-each)", runs / "ray")
+        variant_space(variant, plan.variants[variant])
+    return plan
 
 
 # --------------------------------------------------------------------------------------- results
@@ -213,6 +324,7 @@ class ComparisonResult:
     folds: int
     seeds: int
     run_id: str | None = None
+    tune_each: int = 0  # trials of each variant's own search (`<variant>_tuned`); 0: no search
     # per variant: calibration of its test fold ensemble (uncalibrated: nothing is fitted here) and
     # its metrics per subgroup of the dataset spec's `evaluation.subgroups`
     calibration: dict[str, CalibrationSummary] = field(default_factory=dict)
@@ -245,6 +357,7 @@ class ComparisonResult:
             variants[v.name] = entry
         return {"dataset": self.dataset, "metric": self.metric, "auc_metric": self.auc, "classes": self.classes,
                 "epochs": self.epochs, "folds": self.folds, "seeds": self.seeds, "n_test": int(len(self.y_test)),
+                "tune_each": self.tune_each,
                 "test_evaluation": f"fold ensemble: the {self.folds} fold models of each of {self.seeds} seeds, "
                                    f"probabilities averaged, at the last of {self.epochs} epochs",
                 "variants": variants, "oracle": None if self.oracle is None else {
@@ -300,6 +413,10 @@ def markdown(result: ComparisonResult) -> str:
         f"CV: mean ± sd over seeds of the mean validation metric over folds. Test ({len(result.y_test)} patients): "
         f"the fold ensemble of all folds and seeds, once per variant, bootstrap 95% CI; "
         f"Δ{auc}: paired bootstrap against `cfcml` on the same patients.",
+        *([] if not result.tune_each else [
+            "", f"`<variant>{TUNED_SUFFIX}`: the variant with the best values of its own search of {result.tune_each} "
+                f"trials (its space, the same folds and epoch budget, selected on the CV metric; --tune-each); "
+                f"`<variant>`: at its defaults."]),
         "",
         f"| variant | CV {auc} | CV bal. acc. | test {auc} [95% CI] | test bal. acc. [95% CI] | "
         f"test recall: {' / '.join(recall_names)} | Δ{auc} vs cfcml [95% CI] |",
@@ -442,7 +559,7 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: MlflowClie
     log_parent_inputs(client, run_id, prepared, {
         "variants": ",".join(plan.variants), "seeds": len(plan.seeds), "epochs": plan.max_epochs,
         "folds": prepared.folds, "fold_seed": prepared.fold_seed, "from_search": plan.from_search or "",
-        "metric": metric})
+        "metric": metric, "tune_each": plan.tune_each})
 
     trainable = build_trainable(compare_trial, trials=plan.trials(str(prepared.out_dir)))
     tracker = SearchTracker(tracking_uri, exp_id, run_id, f"compare/{plan.name}", metric, list(spec.classes),
@@ -484,7 +601,7 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: MlflowClie
         classes=list(spec.classes), variants=aggregate(trials, spec.task, list(spec.classes), y_test,
                                                        list(plan.variants)),
         y_test=y_test, epochs=plan.max_epochs, folds=prepared.folds, seeds=len(plan.seeds), run_id=run_id,
-        oracle=oracle_scores(prepared),
+        oracle=oracle_scores(prepared), tune_each=plan.tune_each,
     )
     result.calibration, result.subgroups = clinical_figures(spec.task, y_test, spec, test, result.variants)
     paths = write_outputs(result, plan.out_dir)

@@ -280,12 +280,27 @@ def load_search(name_or_path: str, base: ExperimentConfig) -> SearchConfig:
         with_overrides = base.replace(overrides)
     except ConfigError as exc:
         raise ConfigError(f"{where} overrides: {exc}") from None
-    if not isinstance(space_raw, dict):
+    return dataclasses.replace(cfg, overrides=overrides, space=parse_space(space_raw, with_overrides, where))
+
+
+def parse_space(raw: Any, base: ExperimentConfig, where: str) -> tuple[Param, ...]:
+    """A search space as a search file's `space:` mapping writes it (dotted keys -> distributions),
+    validated against the experiment `base` it will vary (`check_space`) and typed (`Param.typed`).
+
+    Args:
+        raw: {key: {dist, low, high} or {dist: choice, values}}, e.g. a search file's `space:` or a
+            comparison variant's own space (`tuning.evidence.comparison.VARIANT_SPACES`).
+        base: the experiment every sampled value must keep valid.
+        where: what the ConfigError names first (a file, a variant).
+
+    Raises:
+        ConfigError: naming `where`, the key and the bad bound or value.
+    """
+    if not isinstance(raw, dict):
         raise ConfigError(f"{where} space: expected a mapping of dotted keys to distributions")
-    space = tuple(_param(k, v, f"{where} space.{k}", with_overrides) for k, v in space_raw.items())
-    check_space(space, with_overrides, where)
-    space = tuple(p.typed(with_overrides) for p in space)
-    return dataclasses.replace(cfg, overrides=overrides, space=space)
+    space = tuple(_param(k, v, f"{where} space.{k}", base) for k, v in raw.items())
+    check_space(space, base, where)
+    return tuple(p.typed(base) for p in space)
 
 
 def initial_point(search: SearchConfig, cfg: ExperimentConfig) -> dict[str, Any]:

@@ -4,16 +4,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cfcml.config import ConfigError
-from tuning.workflows.errors import CommandFailed
+from tuning.workflows.errors import CommandFailed, CommandInterrupted
 
 if TYPE_CHECKING:
+    from cfcml.data.manifest import PreparedDataset
     from tuning.evidence.comparison import ComparisonPlan, ComparisonResult
 
 
 def compare_variants(plan: ComparisonPlan) -> ComparisonResult:
     """Train and evaluate every variant of `plan` (`tuning.evidence.comparison.run_comparison`) in a
     Ray session, after the checks that need no data (MLflow store, Ray address, output folder) and
-    the prepared data (prepared on the way when needed).
+    the prepared data (prepared on the way when needed); with `plan.tune_each`, after every
+    variant's own search (`tune_variants`), each variant also as `<variant>_tuned`.
 
     Args:
         plan: the resolved comparison (`tuning.evidence.comparison.plan_comparison`).
@@ -25,7 +27,9 @@ def compare_variants(plan: ComparisonPlan) -> ComparisonResult:
         ConfigError: a store, address or setting to fix, Ray that did not start, or variants whose
             workers cannot fit on it; OutputPathError: --out cannot be written; nothing ran.
         DatasetValidationError: the data does not validate (its full report).
-        CommandFailed: the disk filled up (the comparison's runs are FAILED with the reason).
+        CommandFailed: the disk filled up (the comparison's runs are FAILED with the reason), or
+            no trial of a variant's search scored.
+        CommandInterrupted: Ctrl-C during a variant's search (the same command continues it).
     """
     from cfcml.outputs import check_output_dir
     from tuning.evidence.comparison import run_comparison
@@ -45,6 +49,8 @@ def compare_variants(plan: ComparisonPlan) -> ComparisonResult:
           f"{prepared.folds} folds x {plan.max_epochs} epochs")
     try:
         with ray_session(plan.address, verbose=plan.verbose, train=plan.base.train):
+            if plan.tune_each:
+                plan = tune_variants(plan, prepared)
             return run_comparison(plan, prepared)
     except ConfigError:  # Ray did not start, or the variants' workers cannot fit on it
         raise
@@ -53,3 +59,61 @@ def compare_variants(plan: ComparisonPlan) -> ComparisonResult:
         if message is None:
             raise
         raise CommandFailed(message) from exc
+
+
+def tune_variants(plan: ComparisonPlan, prepared: PreparedDataset) -> ComparisonPlan:
+    """`--tune-each`: a search of `plan.tune_each` trials for every variant (`ComparisonPlan.variant_search`:
+    its own space, the comparison's prepared data, folds, fold seed, epoch budget and seed; Optuna TPE
+    and ASHA selecting on `selected_cv_<metric>`, development folds only), one search after another
+    (each runs as many trials at once as the cluster holds). Ray must be running.
+
+    A variant's search is named `<comparison>-tune-<variant>` (a folder under runs/ray, a `search`
+    MLflow run with a `trial` child run per trial). Running the comparison again with the same name:
+    a finished search (its `outcome.json`) is reused, not rerun; an interrupted one (Ctrl-C, a killed
+    driver) is continued from its saved Tune state like `search.py --resume`. Either must have been
+    started with the same resolved settings (data by content, space, budget, experiment).
+
+    Args:
+        plan: the comparison (`plan.tune_each` > 0).
+        prepared: its prepared dataset.
+
+    Returns:
+        `plan` with `<variant>_tuned` after every variant: its search's best trial's values.
+
+    Raises:
+        ConfigError: a variant's search folder holds a search started with other settings (each
+            named), or another command holds its lock.
+        CommandInterrupted: Ctrl-C during a search (the finished ones stay; the same command continues).
+        CommandFailed: no trial of a variant's search produced a score.
+    """
+    from tuning.hpo import driver
+    from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
+    from tuning.runtime.locks import search_lock
+
+    params = {}
+    for variant in plan.tuned_variants:
+        run = plan.variant_search(variant)
+        with search_lock(run.storage, run.name):
+            state = driver.SearchState.load(run.search_dir)
+            changed = [] if state is None else state.changed(run.settings(prepared.fingerprint))
+            if changed:
+                raise ConfigError(f"the search of variant {variant} at {run.search_dir} was started with other "
+                                  f"settings ({'; '.join(changed)}); give the comparison another --name",
+                                  "--tune-each")
+            if (run.search_dir / OUTCOME_FILE).is_file():
+                outcome = SearchOutcome.load(run.search_dir / OUTCOME_FILE)
+                print(f"variant {variant}: its search {run.name!r} has finished, reused")
+            else:
+                resume = run.search_dir.exists()
+                print(f"variant {variant}: {'continuing' if resume else 'running'} its search {run.name!r} "
+                      f"({plan.tune_each} trials, {len(run.search.space)} keys)")
+                try:
+                    outcome = driver.run_search(plan.variant_search(variant, resume=resume), prepared)
+                except driver.SearchInterrupted:
+                    raise CommandInterrupted(f"the search of variant {variant} ({run.name!r}) was interrupted; "
+                                             f"the same compare command reuses the finished variant searches "
+                                             f"and continues this one", apart=True) from None
+        if outcome.best is None:
+            raise CommandFailed(f"no trial of the search of variant {variant} ({run.name!r}) produced a score")
+        params[variant] = dict(outcome.best.params)
+    return plan.with_tuned(params)
