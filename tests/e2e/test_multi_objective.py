@@ -23,6 +23,9 @@ def test_a_two_objective_search_records_its_front_and_retrains_the_rules_point(r
                                                                                  tmp_path: Path) -> None:
     from ray.tune.search.optuna import OptunaSearch
 
+    from cfcml.config import CONF_DIR
+
+    (tmp_path / "smoke.yaml").write_text((CONF_DIR / "search" / "smoke.yaml").read_text())  # `extends` reads beside
     search = tmp_path / "two.yaml"
     search.write_text("extends: smoke\nnum_samples: 3\nmax_epochs: 1\nobjectives: [macro_auc, balanced_accuracy]\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
