@@ -430,6 +430,8 @@ class CrossValidation:
         predictions of this epoch (one row per validated patient). Raises TrainingDiverged (fold,
         epoch) on a non-finite training loss or validation probabilities.
         """
+        from cfcml.evaluation.calibration import brier_score
+
         metrics: dict[str, float] = {}
         per_fold: list[dict[str, float]] = []
         oof = []
@@ -446,6 +448,7 @@ class CrossValidation:
             fold_metrics = compute_metrics(self.spec.task, labels, probs)
             fold_metrics["loss"] = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                                                     torch.as_tensor(np.array(labels), dtype=torch.long)))
+            fold_metrics[metric_keys.BRIER] = brier_score(labels, probs)  # a search objective may minimise it
             per_fold.append(fold_metrics)
             for key, value in fold_metrics.items():
                 metrics[metric_keys.fold(metric_keys.val(key), k)] = value

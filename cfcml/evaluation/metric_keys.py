@@ -202,6 +202,17 @@ def per_fold(values: Mapping[str, float], kind: str = VAL) -> dict[str, dict[int
     return out
 
 
+BRIER = "brier"  # the validation Brier score of a fold (`cfcml.training.CrossValidation`), lower is better
+LOSS = "loss"  # the validation negative log-likelihood of a fold, lower is better
+MINIMISED = (BRIER, LOSS)  # the validation figures a search objective minimises; every other one is maximised
+
+
+def objective_mode(name: str) -> str:
+    """"min" for a validation figure that is better lower (`MINIMISED`: the Brier score, the NLL
+    loss), "max" for every other metric name (AUCs, balanced accuracy, recalls)."""
+    return "min" if name in MINIMISED else "max"
+
+
 def auc_metric(task: str) -> str:
     """The ranking metric of `task`: "macro_auc" (multiclass, one-vs-rest) or "auc" (binary)."""
     return "macro_auc" if task == "multiclass" else "auc"

@@ -84,6 +84,34 @@ def plot_history(scores: Sequence[float], metric: str) -> Figure:
     return fig
 
 
+def plot_front(points: Sequence[Sequence[float]], front: Sequence[int], chosen: int | None,
+               names: Sequence[str], modes: Sequence[str]) -> Figure:
+    """A multi-objective search's trials on its first two objectives: every scored trial, the
+    Pareto front highlighted (joined in order of the first objective) and the chosen point marked.
+
+    Args:
+        points: per trial, its objective values (at least two; the first two are drawn).
+        front: indices into `points` of the front's trials.
+        chosen: index into `points` of the trial the rule picked; None: none marked.
+        names: the objectives' names (axis labels), in the order of the values.
+        modes: "max" or "min" per objective (written on the axes: which way is better).
+    """
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.add_subplot()
+    p = np.asarray(points, dtype=float).reshape(len(points), -1)
+    ax.plot(p[:, 0], p[:, 1], "o", color="tab:grey", alpha=0.5, label="trial")
+    if len(front):
+        f = p[sorted(front, key=lambda i: p[i, 0])]
+        ax.plot(f[:, 0], f[:, 1], "o-", color="tab:blue", label="Pareto front")
+    if chosen is not None:
+        ax.plot(p[chosen, 0], p[chosen, 1], "*", color="tab:red", markersize=16, label="chosen (retrained)")
+    better = {"max": "higher is better", "min": "lower is better"}
+    ax.set(xlabel=f"{names[0]} ({better[modes[0]]})", ylabel=f"{names[1]} ({better[modes[1]]})",
+           title="Objectives at each trial's selected epoch (CV)")
+    ax.legend(fontsize="small")
+    return fig
+
+
 def plot_parallel_coordinates(params: Sequence[Mapping[str, float]], scores: Sequence[float], keys: Sequence[str],
                               log_keys: Sequence[str] = ()) -> Figure:
     """One line per trial across the searched parameters (scaled to [0, 1], log scale where the

@@ -96,6 +96,37 @@ def _per_fold_table(best: TrialResult, names: list[str]) -> list[str]:
     return lines
 
 
+def _front_section(outcome: SearchOutcome, figures: dict[str, Any]) -> list[str]:
+    """A multi-objective search's Pareto front: the rule, a table (the chosen point marked) and,
+    with two objectives or more, `report/pareto_front.png` (the first two) added to `figures`."""
+    from tuning.evidence.plots import plot_front
+    from tuning.records.outcome import FRONT_RULE
+
+    best, front = outcome.best, outcome.front
+    objectives = [f"{n} ({m})" for n, m in zip(outcome.objectives, outcome.modes, strict=True)]
+    lines = ["## Pareto front", "",
+             f"Objectives {', '.join(objectives)} at each trial's selected epoch (chosen by the primary "
+             f"`{outcome.objectives[0]}`), CV means; ASHA stopped trials on the primary alone. "
+             f"{len(front)} of {sum(t.scored for t in outcome.trials)} scored trials are on the front. "
+             f"The retrained and registered point: {FRONT_RULE}.", "",
+             "| trial | " + " | ".join(outcome.objectives) + " | chosen | "
+             + " | ".join(k.split(".")[-1] for k in outcome.searched) + " |",
+             "|---" * (2 + len(outcome.objectives) + len(outcome.searched)) + "|"]
+    for t in front:
+        values = outcome.objective_values(t) or []
+        chosen = "**yes**" if best is not None and t.trial_id == best.trial_id else ""
+        lines.append(f"| {t.trial_id} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {chosen} | "
+                     + " | ".join(format_value(t.params.get(k)) for k in outcome.searched) + " |")
+    rated = [t for t in outcome.trials if t.scored and outcome.objective_values(t) is not None]
+    if front:
+        ids = [t.trial_id for t in rated]
+        figures["report/pareto_front.png"] = plot_front(
+            [outcome.objective_values(t) or [] for t in rated], [ids.index(t.trial_id) for t in front],
+            ids.index(best.trial_id) if best is not None and best.trial_id in ids else None,
+            outcome.objectives, outcome.modes)
+    return lines
+
+
 def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: SearchConfig,
                  final: FinalStep | None, oracle: OracleScores | None = None) -> tuple[str, dict[str, Any]]:
     """The report's markdown and its figures.
@@ -135,13 +166,17 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
         else "Only a test evaluation gives an estimate nothing was selected on."
     lines += ["## Best configuration", "",
               f"Trial `{best.trial_id}` at epoch {best.epoch} of {best.epochs_run}: {metric} = {best.score:.4f}, "
-              f"**selected** (optimistic: the maximum over its epochs and over the {len(scored)} trials). "
-              f"At its last epoch ({best.epochs_run}), not maximised over epochs: {format_value(last)} (still the best "
-              "of the trials). " + unselected, "",
+              + (f"**selected** (optimistic: the maximum over its epochs; the trial is the Pareto front's point "
+                 f"that the rule below chose of the {len(scored)} trials). " if outcome.multi_objective else
+                 f"**selected** (optimistic: the maximum over its epochs and over the {len(scored)} trials). ") +
+              f"At its last epoch ({best.epochs_run}), not maximised over epochs: {format_value(last)}"
+              + (". " if outcome.multi_objective else " (still the best of the trials). ") + unselected, "",
               "| parameter | value |", "|---|---|"]
     lines += [f"| {k} | {format_value(v)} |" for k, v in best.params.items()]
     lines += ["", f"### CV metrics of the best trial at its selected epoch {best.epoch}, per validation fold", ""] \
         + _per_fold_table(best, names)
+    if outcome.multi_objective:
+        lines += [""] + _front_section(outcome, figures)
 
     lines += ["", "## Test (the final model, evaluated once)", ""]
     if test:

@@ -18,6 +18,7 @@ from cfcml.evaluation import metric_keys
 from tuning.hpo.run import SearchRun
 from tuning.hpo.trial import run_trial
 from tuning.records.outcome import (
+    FRONT_RULE,
     OUTCOME_FILE,
     SELECTED_NOTE,
     EpochReport,
@@ -111,7 +112,14 @@ def _start_parent(run: SearchRun, prepared: PreparedDataset, tracking_uri: str, 
 
 def search_algorithms(run: SearchRun, target: str) -> tuple[Any, Any]:
     """The search's OptunaSearch (TPE, or random) and ASHA scheduler, both maximising `target`
-    (the Tuner's metric too: `selected_key` of the selection metric)."""
+    (the Tuner's metric too: `selected_key` of the selection metric).
+
+    A multi-objective search (`SearchConfig.objectives`, two or more): Optuna's study has one
+    direction per objective and receives `run.objective_keys` of each finished trial (TPE in Optuna
+    5 models several objectives; random stays random); Optuna gets no intermediate values then
+    (Ray's OptunaSearch reports none for several objectives). ASHA compares one scalar, so it stops
+    trials on the primary objective alone (`target`), and holds its own metric and mode: the Tuner
+    gets none, which would overwrite the searcher's list (docs/configuration.md, "Several objectives")."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -121,14 +129,17 @@ def search_algorithms(run: SearchRun, target: str) -> tuple[Any, Any]:
     seed = run.experiment.train.seed
     sampler = optuna.samplers.RandomSampler(seed=seed) if run.search.searcher == "random" else \
         optuna.samplers.TPESampler(seed=seed, n_startup_trials=run.search.tpe_startup_trials(run.num_samples))
+    multi = run.search.multi_objective
     searcher = OptunaSearch(
-        metric=target, mode="max", sampler=sampler,
+        metric=run.objective_keys if multi else target,
+        mode=[metric_keys.objective_mode(n) for n in run.search.objectives] if multi else "max", sampler=sampler,
         points_to_evaluate=[initial_point(run.search, run.experiment)] if run.search.space else None,
     )
     # stop_last_trials=False: a trial at its last epoch ends by itself, its Ray Train run shut down
     # in order. Stopped by Tune at that moment instead, its controller could die mid-shutdown and
     # leave its workers' CPUs reserved (tuning.runtime.placement_groups), the next trial waiting for them.
     scheduler = ASHAScheduler(time_attr="epoch", max_t=run.max_epochs,
+                              metric=target if multi else None, mode="max" if multi else None,
                               grace_period=min(run.search.grace_period, run.max_epochs),
                               reduction_factor=run.search.reduction_factor, stop_last_trials=False)
     return searcher, scheduler
@@ -177,16 +188,20 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
         tuner = tune.Tuner.restore(str(run.search_dir), trainable=trainable, resume_errored=True)
     else:
         searcher, scheduler = search_algorithms(run, target)
+        multi = run.search.multi_objective  # the scheduler and the searcher hold their own metrics then
         reporter = tune.CLIReporter(
             metric_columns={"epoch": "epoch", metric: metric, target: target,
+                            **{k: k for k in run.objective_keys[1:]},
                             metric_keys.TRAIN_LOSS: metric_keys.TRAIN_LOSS},
             parameter_columns=run.search.keys, max_report_frequency=REPORT_EVERY_S, sort_by_metric=True,
+            metric=target if multi else None, mode="max" if multi else None,
         )
         tuner = build_tuner(
             trainable,
             param_space=run.search.param_space(),
             tune_config=tune.TuneConfig(
-                metric=target, mode="max", search_alg=searcher, scheduler=scheduler,
+                metric=None if multi else target, mode=None if multi else "max",
+                search_alg=searcher, scheduler=scheduler,
                 num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run.experiment.train),
             ),
             name=run.name, storage_path=str(run.storage), callbacks=[tracker, *callbacks], reporter=reporter,
@@ -212,6 +227,7 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
         dataset=run.dataset, metric=metric, trials=collect_trials(results, metric, run),
         search_dir=str(run.search_dir), prepared_dir=str(prepared.out_dir), tracking_uri=state.tracking_uri,
         experiment_id=state.experiment_id, parent_run_id=state.parent_run_id, searched=run.search.keys,
+        objectives=list(run.search.objectives) if run.search.multi_objective else [],
     )
     outcome.save(run.search_dir / OUTCOME_FILE)
     best = outcome.best
@@ -220,11 +236,32 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
         client.set_tag(state.parent_run_id, "cfcml.best_trial", best.trial_id)
         client.set_tag(state.parent_run_id, f"cfcml.{metric_keys.SELECTED_FIGURES}", SELECTED_NOTE)
         write_json_artifact(client, state.parent_run_id, best.to_dict(), "best_configuration.json")
+        if outcome.multi_objective:
+            log_front(client, state.parent_run_id, outcome)
     if best:
         client.set_terminated(state.parent_run_id, "FINISHED")
     else:
         end_run(client, state.parent_run_id, "FAILED", "no trial reported a score")
     return outcome
+
+
+FRONT_ARTIFACT = "pareto_front.json"
+
+
+def log_front(client: MlflowClient, run_id: str, outcome: SearchOutcome) -> None:
+    """A multi-objective search's Pareto front on its parent run: `FRONT_ARTIFACT` (the
+    objectives, their modes, the rule, and per front trial its id, objective values, searched values
+    and whether the rule chose it) and the tag `cfcml.front_rule`."""
+    from tuning.tracking.store import write_json_artifact
+
+    best = outcome.best
+    write_json_artifact(client, run_id, {
+        "objectives": outcome.objectives, "modes": outcome.modes, "rule": FRONT_RULE,
+        "front": [{"trial_id": t.trial_id, "chosen": best is not None and t.trial_id == best.trial_id,
+                   **dict(zip(outcome.objectives, outcome.objective_values(t) or [], strict=True)), "params": t.params}
+                  for t in outcome.front],
+    }, FRONT_ARTIFACT)
+    client.set_tag(run_id, "cfcml.front_rule", FRONT_RULE)
 
 
 def finished_trials(search_dir: Path) -> int:

@@ -5,7 +5,8 @@ Precedence, lowest first (each setting has one owner after this):
 1. the dataclass defaults of `cfcml.config`;
 2. the experiment file `conf/experiments/<dataset>.yaml`;
 3. the search file `conf/search/<search>.yaml`: its `overrides:`, its `dataset_overrides.<dataset>`,
-   and its budget keys `max_epochs` (-> `train.epochs`) and `folds` (-> `train.folds`);
+   its budget keys `max_epochs` (-> `train.epochs`) and `folds` (-> `train.folds`), and its primary
+   objective `objectives[0]` (-> `train.selection_metric`);
 4. the command line: `--set KEY=VALUE` pairs, then the dedicated flags (`--max-epochs`, `--folds`,
    `--seed`, `--image-size`, `--workers`, ...), which are shorthands for `--set` of one key.
 
@@ -73,6 +74,8 @@ def resolve_experiment(dataset: str, search: SearchConfig, cli: dict[str, Any]) 
         from_search["train.epochs"] = search.max_epochs
     if search.folds is not None:
         from_search["train.folds"] = search.folds
+    if search.objectives:
+        from_search["train.selection_metric"] = search.objectives[0]
     return base.replace({**from_search, **cli})
 
 
@@ -103,10 +106,24 @@ class SearchRun:
     def metric(self, spec: DatasetSpec) -> str:
         """The selection metric ("cv_<name>") on a dataset with `spec`; ConfigError if the task has
         no such metric (train.selection_metric, else the dataset's)."""
-        from cfcml.evaluation.metrics import selection_key
+        from cfcml.evaluation.metric_keys import MINIMISED
+        from cfcml.evaluation.metrics import metric_names, selection_key
 
+        known = (*metric_names(spec.task, len(spec.classes)), *MINIMISED)
+        for i, name in enumerate(self.search.objectives):
+            if name not in known:
+                raise ConfigError(f"{name!r} is not a validation figure of this {spec.task} task "
+                                  f"(known: {', '.join(known)})", f"search {self.search.name!r} objectives[{i}]")
         return selection_key(spec.task, len(spec.classes), spec.selection_metric,
                              self.experiment.train.selection_metric)
+
+    @property
+    def objective_keys(self) -> list[str]:
+        """The Tune keys Optuna receives per trial of a multi-objective search: `selected_cv_<name>`
+        of each objective, the primary first (each objective's value at the trial's selected epoch)."""
+        from cfcml.evaluation import metric_keys
+
+        return [metric_keys.selected(metric_keys.cv(name)) for name in self.search.objectives]
 
     def settings(self, dataset_fingerprint: str) -> dict[str, Any]:
         """Everything this search resolved to, as plain dotted keys: the dataset (by name and by
@@ -169,6 +186,10 @@ class SearchRun:
         cli = cli_overrides(overrides, max_epochs=max_epochs, folds=folds, seed=seed, image_size=image_size,
                             workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
         experiment = resolve_experiment(dataset, search_cfg, cli)
+        if search_cfg.objectives and experiment.train.selection_metric != search_cfg.objectives[0]:
+            raise ConfigError(f"{experiment.train.selection_metric!r} differs from the search's primary objective "
+                              f"{search_cfg.objectives[0]!r} ({search_path(search)} objectives[0]); drop one",
+                              "--set train.selection_metric")
         if cli:  # the space was checked against the search file's experiment; now against the final one
             check_space(search_cfg.space, experiment, f"{search_path(search)} (with --set and the flags):")
         if num_samples is not None and num_samples < 1:

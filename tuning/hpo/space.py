@@ -9,6 +9,7 @@ A search config looks like
     grace_period: 5            # epochs before ASHA may stop a trial
     reduction_factor: 2
     folds: 5                   # becomes the experiment's train.folds
+    objectives: [macro_auc, balanced_accuracy]   # optional: several objectives (see SearchConfig)
     overrides: {}              # experiment config overrides (dotted keys), e.g. a tiny model
     dataset_overrides: {}      # per dataset name, applied after `overrides` (e.g. image sizes)
     space:                     # dotted experiment keys -> distribution
@@ -48,15 +49,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from cfcml.config import CONF_DIR, ConfigError, ExperimentConfig, from_dict, known_names, read_config
+from cfcml.evaluation import metric_keys
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 # what Optuna's categorical distribution holds (and compares by ==): anything else is carried as a label
 _PLAIN = (type(None), bool, int, float, str)
+_ACC_CLASS = re.compile(r"acc_class_\d+")
+
+
+def _objective_names() -> tuple[str, ...]:
+    """What a search file's `objectives` may name: a metric of either task, or a minimised
+    validation figure (imported here: a trial actor unpickles this module and must not load sklearn)."""
+    from cfcml.evaluation.metrics import metric_names
+
+    return tuple(dict.fromkeys((*metric_names("binary", 2), *metric_names("multiclass", 0), *metric_keys.MINIMISED)))
+
+
+def _known_objective(name: object) -> bool:
+    return isinstance(name, str) and (name in _objective_names() or _ACC_CLASS.fullmatch(name) is not None)
 
 
 @dataclass(frozen=True)
@@ -148,6 +164,15 @@ class SearchConfig:
             (the published defaults, evaluated first, count as one). None: a third of
             `num_samples`, between 1 and 10. Optuna's own default is 10, which would leave a
             search of 10 trials or fewer (the smoke and demo searches) a random search.
+        objectives: validation metric names to optimise together ("macro_auc", "balanced_accuracy",
+            "acc_class_2", ... of `cfcml.evaluation.metrics.metric_names`, maximised; "brier" or
+            "loss", the validation Brier score and NLL, minimised: `metric_keys.objective_mode`),
+            no name twice. The first is the primary objective: it becomes `train.selection_metric`
+            (it picks each trial's epoch, the highest value: so it must be a maximised one) and ASHA
+            stops trials on it alone. Two or more: Optuna's multi-objective sampler gets every
+            objective's value at the trial's selected epoch, and the search retrains the Pareto
+            front's point that `tuning.records.outcome.FRONT_RULE` picks. Empty or one name: a
+            search on one metric, exactly as without the key.
     """
 
     name: str = ""
@@ -161,12 +186,26 @@ class SearchConfig:
     space: tuple[Param, ...] = ()
     searcher: Literal["tpe", "random"] = "tpe"
     startup_trials: int | None = None
+    objectives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for key in ("num_samples", "max_epochs", "grace_period", "reduction_factor", "folds", "startup_trials"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"expected a positive integer, got {value!r}", key)
+        for i, name in enumerate(self.objectives):
+            if not _known_objective(name):
+                raise ConfigError(f"{name!r} is not a validation metric (known: {', '.join(_objective_names())}, "
+                                  f"acc_class_<k>)", f"objectives[{i}]")
+            if name in self.objectives[:i]:
+                raise ConfigError(f"{name!r} is named twice", f"objectives[{i}]")
+        if self.objectives and metric_keys.objective_mode(self.objectives[0]) != "max":
+            raise ConfigError(f"{self.objectives[0]!r} is minimised, but the primary (first) objective picks each "
+                              f"trial's epoch as the highest; name it after a maximised metric", "objectives[0]")
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     def for_dataset(self, dataset: str) -> dict[str, Any]:
         """`overrides` with the dataset's own `dataset_overrides` on top."""

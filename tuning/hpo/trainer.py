@@ -48,6 +48,8 @@ class TrainJob:
     predict_test: after the last epoch, and only then, predict the held-out test split once (the
     final model; a comparison's fold ensemble, whose K fold models' probabilities are averaged).
     Never set by a search trial: tuning and model selection do not see the test split.
+    also: a multi-objective search's other objectives ("cv_<name>"): each epoch also reports their
+        values at the selected epoch (`EpochSelection.also`), what Optuna receives with the primary.
     """
 
     experiment: ExperimentConfig
@@ -55,6 +57,7 @@ class TrainJob:
     max_epochs: int
     final: bool = False
     predict_test: bool = False
+    also: tuple[str, ...] = ()
 
 
 LOOP_CONFIG = "loop"  # the one key of Ray Train's `train_loop_config`: a `LoopConfig`
@@ -382,7 +385,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     # a CV run: what ASHA, Optuna and the best-trial choice act on (tuning.records.outcome.EpochSelection).
     spec = prepared.spec
     selection = None if job.final else EpochSelection(
-        selection_key(spec.task, len(spec.classes), spec.selection_metric, cfg.train.selection_metric))
+        selection_key(spec.task, len(spec.classes), spec.selection_metric, cfg.train.selection_metric), also=job.also)
     resumption = Resumption.load(ray.train.get_checkpoint(), cv, selection, loop.run_dir)
     policy = CheckpointPolicy(cfg.train.checkpoint_every, job.max_epochs)
 

@@ -25,10 +25,13 @@ def run_trial(config: dict[str, Any], *, run: SearchRun, prepared_dir: str, metr
     trainer (`tuning.hpo.trainer.fit`)."""
     from ray import tune
 
+    from cfcml.evaluation import metric_keys
+
     trial_id = tune.get_context().get_trial_id()
     experiment = run.experiment.replace(run.search.decode(dict(config)))
     _fit(experiment, prepared_dir, run.max_epochs, name=f"trial_{trial_id}",
-         storage_path=str(run.storage / "train"), metric=metric, label=f"trial {trial_id}")
+         storage_path=str(run.storage / "train"), metric=metric, label=f"trial {trial_id}",
+         also=tuple(metric_keys.cv(name) for name in run.search.objectives[1:]))
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,12 @@ def compare_trial(config: dict[str, Any], *, trials: VariantTrials) -> None:
 
 
 def _fit(experiment: ExperimentConfig, prepared_dir: str, max_epochs: int, *, name: str, storage_path: str,
-         metric: str | None, predict_test: bool = False, label: str | None = None) -> None:
-    """Train `experiment` on all folds as Ray Train run `name`, each epoch reported to Tune."""
+         metric: str | None, predict_test: bool = False, label: str | None = None, also: tuple[str, ...] = ()) -> None:
+    """Train `experiment` on all folds as Ray Train run `name`, each epoch reported to Tune; `also`:
+    `TrainJob.also`."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from tuning.hpo.trainer import TrainJob, fit
 
-    job = TrainJob(experiment, prepared_dir, max_epochs, predict_test=predict_test)
+    job = TrainJob(experiment, prepared_dir, max_epochs, predict_test=predict_test, also=also)
     fit(job, name=name, storage_path=storage_path, metric=metric, callbacks=[TuneReportCallback()], label=label)

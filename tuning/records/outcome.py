@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -136,16 +136,22 @@ class EpochSelection:
 
     Args:
         metric: the selection metric, "cv_<name>" (`cfcml.evaluation.metrics.selection_key`).
+        also: more keys of the reports ("cv_balanced_accuracy": a multi-objective search's other
+            objectives) whose values at the selected epoch are reported as `selected_<key>` beside
+            the selected score; they never pick the epoch.
         score: the selected epoch's `metric`; None until an epoch has a finite one.
         epoch: the selected epoch (1-based); 0 until one is selected.
     """
 
     metric: str
+    also: tuple[str, ...] = ()
     score: float | None = None
     epoch: int = 0
     # the trial's lineage so far: epoch -> (its finite `metric` or None, the `ref` it was reported with)
     _kept: dict[int, tuple[float | None, Any]] = field(default_factory=dict, repr=False)
     _restored: tuple[float, int] | None = field(default=None, repr=False)  # (score, epoch) of `restore`
+    # epoch -> the `also` values it was reported with (NaN when missing); -1: those of `restore`
+    _also: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)
 
     def update(self, metrics: Mapping[str, Any], ref: Any = None) -> dict[str, float]:
         """Take one epoch's report.
@@ -164,13 +170,21 @@ class EpochSelection:
             self._rewind(epoch)
         value = metrics.get(self.metric)
         self._kept[epoch] = (float(value) if _finite(value) else None, ref)
+        if self.also:
+            self._also[epoch] = {k: float(v) if _finite(v := metrics.get(k)) else math.nan for k in self.also}
         if _improves(value, self.score):
             self.score, self.epoch = float(value), epoch
         return self.fields()
 
     def fields(self) -> dict[str, float]:
-        """`{selected_key(metric): score (NaN if none), SELECTED_EPOCH: epoch}`."""
-        return {selected_key(self.metric): math.nan if self.score is None else self.score, SELECTED_EPOCH: self.epoch}
+        """`{selected_key(metric): score (NaN if none), SELECTED_EPOCH: epoch}`, and
+        `selected_<key>` of each `also` key: its value at the selected epoch (NaN if none)."""
+        out = {selected_key(self.metric): math.nan if self.score is None else self.score, SELECTED_EPOCH: self.epoch}
+        if self.also:
+            values = self._also.get(self.epoch) or (self._also.get(-1, {}) if self._restored is not None
+                                                    and self._restored[1] == self.epoch else {})
+            out.update({metric_keys.selected(k): values.get(k, math.nan) for k in self.also})
+        return out
 
     @property
     def selected(self) -> Any:
@@ -185,11 +199,14 @@ class EpochSelection:
         if _finite(value):
             self.score, self.epoch = float(value), int(metrics.get(SELECTED_EPOCH, 0))
             self._restored, self._kept = (self.score, self.epoch), {}
+            self._also = {-1: {k: float(v) if _finite(v := metrics.get(metric_keys.selected(k))) else math.nan
+                               for k in self.also}}
 
     def _rewind(self, epoch: int) -> None:
         """Drop `epoch` and every later one (retrained after a restart), then select again among
         the epochs kept."""
         self._kept = {e: v for e, v in self._kept.items() if e < epoch}
+        self._also = {e: v for e, v in self._also.items() if e < epoch}
         restored = self._restored if self._restored is not None and self._restored[1] < epoch else None
         self.score, self.epoch = restored if restored is not None else (None, 0)
         for e in sorted(self._kept):
@@ -213,6 +230,57 @@ def published_cv(trial: TrialResult,
     out = {metric_keys.selected(k): v for k, v in trial.metrics.items() if k.startswith(prefixes)}
     out.update({metric_keys.last_epoch(k): v for k, v in trial.last_epoch_metrics.items()})
     return out
+
+
+FRONT_RULE = ("of the Pareto front (the trials no other trial beats on every objective at once), the point "
+              "nearest the ideal point after scaling each objective to [0, 1] over the front (1 its best "
+              "value there); ties: the better primary objective, then the earlier trial")
+
+
+def dominates(a: Sequence[float], b: Sequence[float], modes: Sequence[str]) -> bool:
+    """Whether point `a` dominates `b`: at least as good on every objective and better on one.
+
+    Args:
+        a, b: one value per objective, in the order of `modes`.
+        modes: "max" or "min" per objective (`cfcml.evaluation.metric_keys.objective_mode`).
+    """
+    sign = [1.0 if m == "max" else -1.0 for m in modes]
+    at_least = all(s * x >= s * y for s, x, y in zip(sign, a, b, strict=True))
+    return at_least and any(s * x > s * y for s, x, y in zip(sign, a, b, strict=True))
+
+
+def pareto_front(points: Sequence[Sequence[float]], modes: Sequence[str]) -> list[int]:
+    """The indices (in order) of the points no other point dominates (`dominates`); equal points
+    are all kept. Every value must be finite (`SearchOutcome.front` leaves out trials with a NaN)."""
+    return [i for i, p in enumerate(points) if not any(dominates(q, p, modes) for q in points)]
+
+
+def nearest_to_ideal(points: Sequence[Sequence[float]], modes: Sequence[str]) -> int:
+    """The one rule that picks the front point a multi-objective search retrains (`FRONT_RULE`).
+
+    Each objective is scaled to [0, 1] over `points` (1: the best value among them, whether the
+    objective is maximised or minimised; an objective on which all points are equal is 1 for all),
+    and the point at the least Euclidean distance from the ideal (1, ..., 1) wins; of tied points
+    the one better on the first (primary) objective, then the first.
+
+    Args:
+        points: the front, one value per objective each (non-empty).
+        modes: "max" or "min" per objective.
+
+    Returns:
+        The index of the chosen point in `points`.
+    """
+    if not points:
+        raise ValueError("nearest_to_ideal needs at least one point")
+    scaled = []
+    for j, mode in enumerate(modes):
+        column = [p[j] for p in points]
+        low, high = min(column), max(column)
+        span = high - low
+        scaled.append([1.0 if span == 0 else ((v - low) if mode == "max" else (high - v)) / span for v in column])
+    distance = [math.fsum((1.0 - scaled[j][i]) ** 2 for j in range(len(modes))) for i in range(len(points))]
+    primary = 1.0 if modes[0] == "max" else -1.0
+    return min(range(len(points)), key=lambda i: (distance[i], -primary * points[i][0], i))
 
 
 def lineage(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -305,6 +373,9 @@ class SearchOutcome:
         experiment_id: its MLflow experiment (`cfcml-<dataset>`).
         parent_run_id: the search's parent run; trials, the final model and the ensemble are its children.
         searched: the dotted keys of the search space, in the search file's order.
+        objectives: a multi-objective search's objectives (metric names, the primary first: the
+            search file's `objectives`); empty for a search on `metric` alone. With two or more,
+            `best` is the point of the `front` that `FRONT_RULE` picks.
     """
 
     dataset: str
@@ -316,11 +387,42 @@ class SearchOutcome:
     experiment_id: str
     parent_run_id: str
     searched: list[str] = field(default_factory=list)
+    objectives: list[str] = field(default_factory=list)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def modes(self) -> list[str]:
+        """"max" or "min" per objective (`cfcml.evaluation.metric_keys.objective_mode`)."""
+        return [metric_keys.objective_mode(name) for name in self.objectives]
+
+    def objective_values(self, trial: TrialResult) -> list[float] | None:
+        """The trial's `cv_<objective>` values at its selected epoch, None if one is missing or NaN."""
+        values = [trial.metrics.get(metric_keys.cv(name)) for name in self.objectives]
+        return [float(v) for v in values if _finite(v)] if all(_finite(v) for v in values) else None
+
+    @property
+    def front(self) -> list[TrialResult]:
+        """A multi-objective search's Pareto front: the scored trials with a finite value of every
+        objective that no other such trial dominates (`pareto_front`), in trial order; empty for a
+        single-objective search."""
+        if not self.multi_objective:
+            return []
+        candidates = [(t, v) for t in self.trials if t.scored and (v := self.objective_values(t)) is not None]
+        return [candidates[i][0] for i in pareto_front([v for _, v in candidates], self.modes)]
 
     @property
     def best(self) -> TrialResult | None:
-        """The scored trial with the highest `score` (ties: the first), None when no trial scored."""
+        """The trial the search retrains and registers, None when no trial scored. A
+        single-objective search: the scored trial with the highest `score` (ties: the first). A
+        multi-objective one: the front point `nearest_to_ideal` picks (`FRONT_RULE`); the highest
+        `score` when no trial has a finite value of every objective."""
         scored = [t for t in self.trials if t.scored]
+        front = self.front
+        if front:
+            return front[nearest_to_ideal([self.objective_values(t) or [] for t in front], self.modes)]
         return max(scored, key=lambda t: t.score) if scored else None  # type: ignore[arg-type,return-value]
 
     def save(self, path: str | Path | None = None) -> Path:

@@ -89,3 +89,24 @@ def test_importance_covers_a_list_valued_choice_as_read_back_from_outcome_json(t
     out.save(tmp_path / "outcome.json")
     importance = param_importance(SearchOutcome.load(tmp_path / "outcome.json").trials, search)
     assert isinstance(importance, dict) and set(importance) == {"model.mixer_stages", "loss.tau_sam"}
+
+
+def test_a_multi_objective_report_shows_the_front_and_the_chosen_point(prepared, tmp_path: Path) -> None:
+    out = outcome(tmp_path, 6)
+    out.objectives = ["macro_auc", "balanced_accuracy"]
+    for i, t in enumerate(out.trials[:6]):  # balanced accuracy falls as the AUC rises: a trade-off front
+        t.metrics["cv_balanced_accuracy"] = 1.0 - t.metrics["cv_macro_auc"] + 0.01 * i
+    text, figures = build_report(out, prepared, search_file(tmp_path), None)
+    best, front = out.best, out.front
+    assert best is not None and len(front) >= 2
+    assert "## Pareto front" in text and "nearest the ideal point" in text
+    assert "ASHA stopped trials on the primary" in text
+    assert "| trial | macro_auc | balanced_accuracy | chosen |" in text
+    rows = [line for line in text.splitlines() if line.startswith(tuple(f"| {t.trial_id} | " for t in front))
+            and "| **yes** |" in line]
+    assert len(rows) == 1 and rows[0].startswith(f"| {best.trial_id} | ")
+    assert f"Trial `{best.trial_id}`" in text and "the Pareto front's point that the rule below chose" in text
+    assert "report/pareto_front.png" in figures
+    # a single-objective outcome has no front section
+    out.objectives = []
+    assert "## Pareto front" not in build_report(out, prepared, search_file(tmp_path), None)[0]

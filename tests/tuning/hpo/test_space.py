@@ -341,3 +341,40 @@ def test_a_sampled_trial_with_the_fine_stage_off_trains_without_fine_stage_loss(
     assert all(no_fine[f"train_{t}"] == 0 for t in ("sam", "up", "cp"))
     assert no_fine["train_ce"] > 0
     assert no_fine["train_loss"] == pytest.approx(no_fine["train_ce"])  # w_cls * CE, w_cls = 1
+
+
+@pytest.mark.parametrize("text, match", [
+    ("objectives: [macro_auc, balanced_acc]\n", r"objectives\[1\]: 'balanced_acc' is not a validation metric"),
+    ("objectives: [macro_auc, balanced_accuracy, macro_auc]\n", r"objectives\[2\]: 'macro_auc' is named twice"),
+    ("objectives: [brier, macro_auc]\n", r"objectives\[0\]: 'brier' is minimised, but the primary"),
+    ("objectives: macro_auc\n", r"objectives"),
+])
+def test_bad_objectives_are_refused_naming_the_key(tmp_path, base, text, match):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_search(path, base)
+    assert str(info.value).startswith(path)
+
+
+def test_the_primary_objective_selects_and_the_others_are_checked_against_the_task(tmp_path):
+    """The first objective becomes train.selection_metric (it picks each trial's epoch); a metric
+    the dataset's task lacks fails before Ray starts; a --set selection metric that contradicts the
+    primary is refused; the Tune keys are each objective's value at the selected epoch."""
+    from cfcml.data.spec import load_dataset_spec
+    from tuning.hpo.run import SearchRun
+
+    spec = load_dataset_spec("men")  # multiclass
+    run = SearchRun.build("men", write(tmp_path, "objectives: [balanced_accuracy, macro_auc, brier]\n"),
+                          runs_dir=tmp_path)
+    assert run.search.multi_objective and run.experiment.train.selection_metric == "balanced_accuracy"
+    assert run.metric(spec) == "cv_balanced_accuracy"
+    assert run.objective_keys == ["selected_cv_balanced_accuracy", "selected_cv_macro_auc", "selected_cv_brier"]
+    binary_only = SearchRun.build("men", write(tmp_path, "objectives: [macro_auc, g_mean]\n"), runs_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"objectives\[1\]: 'g_mean' is not a validation figure of this multiclass"):
+        binary_only.metric(spec)
+    with pytest.raises(ConfigError, match=r"--set train.selection_metric: 'macro_auc' differs from the search's "
+                                          r"primary objective 'balanced_accuracy'"):
+        SearchRun.build("men", write(tmp_path, "objectives: [balanced_accuracy, macro_auc]\n"), runs_dir=tmp_path,
+                        overrides={"train.selection_metric": "macro_auc"})
+    single = SearchRun.build("men", "smoke", runs_dir=tmp_path)  # no objectives: today's selection metric
+    assert not single.search.multi_objective and single.search.objectives == () and single.objective_keys == []
