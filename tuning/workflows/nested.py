@@ -158,12 +158,13 @@ def _outer_fold(sub: SearchRun, view: PreparedDataset, k: int, callbacks: list) 
 def _search(sub: SearchRun, view: PreparedDataset, callbacks: list) -> SearchOutcome:
     from tuning.hpo import driver
     from tuning.hpo.driver import SearchState
-    from tuning.workflows.search import check_resume
 
-    if sub.resume:
-        state = SearchState.load(sub.search_dir)
-        if state is not None:
-            check_resume(sub, state, view.fingerprint)
+    state = SearchState.load(sub.search_dir) if sub.resume else None
+    changed = state.changed(sub.settings(view.fingerprint)) if state is not None else []
+    if changed:  # as `tuning.workflows.search.check_resume` refuses the ordinary search's
+        raise ConfigError(f"--resume: outer search {sub.name!r} was started with other settings "
+                          f"({'; '.join(changed)}); resume it with the settings it started with, or start a new "
+                          f"search with --name")
     try:
         return driver.run_search(sub, view, callbacks=callbacks)
     except driver.SearchInterrupted as exc:
