@@ -127,7 +127,8 @@ def nested_estimate(task: str, classes: Sequence[str], metric: str, folds: Seque
     from cfcml.evaluation.metrics import _weighted_metrics, resample_weights
 
     if not folds or len(folds) != len(predictions):
-        raise ValueError(f"nested_estimate: {len(folds)} outer fold(s) and {len(predictions)} prediction set(s)")
+        raise ValueError(f"the nested estimate needs one prediction set per outer fold; got {len(folds)} outer "
+                         f"fold(s) and {len(predictions)} prediction set(s)")
     cols = [f"prob_{c}" for c in classes]
     headline = metric_keys.headline_metrics(task, len(classes))
     common = set.intersection(*(set(f.metrics) for f in folds))

@@ -184,7 +184,7 @@ def _retrain_and_score(sub: SearchRun, view: PreparedDataset, outcome: SearchOut
     print(f"outer winner (trial {best.trial_id}) retrained on {len(view.dev_frame())} outer-training patients for "
           f"{best.epoch} epochs, scored once on {len(view.test_frame())} outer-held-out patients")
     job = TrainJob(best.experiment, str(view.out_dir), best.epoch, final=True, predict_test=True)
-    name = ray_train_name(f"nested_{sub.name}_{best.trial_id}")
+    name = ray_train_name(f"retrain_{sub.name}_{best.trial_id}")
     storage = sub.storage / "train"
     repair_train_snapshots([storage / name])
     result = fit(job, name=name, storage_path=str(storage), metric=None, label=f"{sub.name} winner")
