@@ -45,6 +45,10 @@ def test_nested_search_reports_an_estimate_that_never_reads_the_test_split(ray_l
         assert k in m, k
     assert m[key] == pytest.approx((m[metric_keys.fold(key, 0)] + m[metric_keys.fold(key, 1)]) / 2)
     assert {"nested_cv.md", "nested_cv.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    outers = client.search_runs([exp.experiment_id], filter_string=tag_filter(
+        **{"cfcml.nested_of": parent.info.run_id, "cfcml.kind": "search"}))
+    assert sorted(r.data.tags["cfcml.outer_fold"] for r in outers) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in outers)
     report = (runs / "ray" / "nested" / "search_report.md").read_text(encoding="utf-8")
     assert "## Nested cross-validation (2 outer folds)" in report and "ordinary search, selected" in report
 

@@ -84,7 +84,8 @@ def run_nested(run: SearchRun, prepared: PreparedDataset, outcome: SearchOutcome
         run: the ordinary search (its name, settings and `outer_folds`).
         prepared: its prepared dataset; only the development rows are read.
         outcome: the ordinary search's outcome, whose figures stand beside the nested ones and whose
-            parent run gets the `nested_*` metrics; None to log nothing.
+            parent run gets the `nested_*` metrics (each outer search's parent run is tagged
+            `cfcml.nested_of` with its id and `cfcml.outer_fold` with k); None to log nothing.
         callbacks: more Tune callbacks for each outer search (e.g. the disk guard).
         n_boot: the CI's bootstrap resamples (default `tuning.evidence.nested.N_BOOT`).
 
@@ -122,7 +123,15 @@ def run_nested(run: SearchRun, prepared: PreparedDataset, outcome: SearchOutcome
     if outcome is not None:
         from mlflow.tracking import MlflowClient
 
-        log_nested(MlflowClient(outcome.tracking_uri), outcome.parent_run_id, nested, outcome)
+        from tuning.hpo.driver import SearchState
+
+        client = MlflowClient(outcome.tracking_uri)
+        log_nested(client, outcome.parent_run_id, nested, outcome)
+        for k, sub in enumerate(outer_runs(run)):  # each outer search's parent run names the search it serves
+            state = SearchState.load(sub.search_dir)
+            if state is not None and state.tracking_uri == outcome.tracking_uri:
+                client.set_tag(state.parent_run_id, "cfcml.nested_of", outcome.parent_run_id)
+                client.set_tag(state.parent_run_id, "cfcml.outer_fold", str(k))
     return nested
 
 
