@@ -214,7 +214,7 @@ def test_every_tuning_package_is_in_the_order_and_says_what_it_may_import() -> N
 METRIC_KEYS_MODULE = Path("cfcml/evaluation/metric_keys.py")  # the one module that spells metric keys
 # a metric prefix at the start of a string or after a non-name character ("{variant}.cv_{k}"), a
 # fold suffix before a number or a placeholder, a CI bound's suffix
-METRIC_SPELLING = re.compile(r"(?<![A-Za-z0-9_])(?:cv|val|train|test|selected|last_epoch|diff)_[A-Za-z0-9_]*\*?"
+METRIC_SPELLING = re.compile(r"(?<![A-Za-z0-9_])(?:cv|val|train|test|selected|last_epoch|diff|nested)_[A-Za-z0-9_]*\*?"
                              r"|(?<![A-Za-z0-9_])system/|_fold(?=[{(\d])|_ci_(?:low|high)")
 # names that share a prefix with metric keys but are none: settings, files, fields of results
 NOT_METRIC_KEYS = {
@@ -223,6 +223,7 @@ NOT_METRIC_KEYS = {
     "test_predictions",  # a checkpoint's file name (test_predictions.csv)
     "test_probs", "test_ci", "test_evaluation", "cv_sd", "diff_vs_cfcml",  # fields of a comparison's results
     "last_epoch_metrics",  # the TrialResult field
+    "nested_outer", "nested_heldout", "nested_cv",  # nested CV's files (tuning/workflows/nested.py, evidence/nested.py)
 }
 
 

@@ -17,6 +17,7 @@ last epoch             `last_epoch_<key>`          `tuning.records.outcome.publi
 test                   `test_<metric>`             `tuning.release.final` (the held-out split, once)
 CI bounds              `<key>_ci_low`, `_ci_high`  `tuning.release.final`, `tuning.evidence.clinical`
 paired difference      `diff_<metric>`             `tuning.evidence.comparison`
+nested                 `nested_<metric>`           `tuning.evidence.nested` (outer-held-out, mean over outer folds)
 variant                `<variant>.<key>`           `tuning.evidence.comparison`
 system                 `system/<name>`             `tuning.hpo.trainer.SystemMetrics` (MLflow's names)
 =====================  ==========================  ===============================================
@@ -39,12 +40,14 @@ SELECTED = "selected"
 LAST_EPOCH = "last_epoch"
 TEST = "test"
 DIFF = "diff"
+NESTED = "nested"
 SYSTEM = "system"
 OTHER = "other"  # a key of no kind above ("epoch", "temperature", Tune's own keys)
 
 # kind -> the prefix of its keys; `selected` before `last_epoch` and the rest: parse tries them in order
 PREFIXES: dict[str, str] = {SELECTED: "selected_", LAST_EPOCH: "last_epoch_", TRAIN: "train_", VAL: "val_",
-                            CV: "cv_", TEST: "test_", DIFF: "diff_", SYSTEM: "system/"}
+                            CV: "cv_", TEST: "test_", DIFF: "diff_", NESTED: "nested_",
+                            SYSTEM: "system/"}
 KINDS = (*PREFIXES, OTHER)
 
 SELECTED_EPOCH = "selected_epoch"  # reported every epoch of a CV run: the epoch the `selected_*` values come from
@@ -95,6 +98,12 @@ test.__test__ = False  # type: ignore[attr-defined]  # not a test for pytest, wh
 def diff(name: str) -> str:
     """`diff_<name>`: a paired bootstrap difference of metric `name` against the reference variant."""
     return PREFIXES[DIFF] + name
+
+
+def nested(name: str) -> str:
+    """`nested_<name>`: metric `name` of nested cross-validation, on the outer-held-out patients
+    (mean over outer folds; `fold` adds one outer fold's value: `nested_<name>_fold<k>`)."""
+    return PREFIXES[NESTED] + name
 
 
 def system(name: str) -> str:

@@ -5,6 +5,7 @@
     --image-size N ...    the preprocessed image size (H W [D])
     --folds K             cross-validation folds
     --fold-seed N         the seed the folds are drawn with (recorded in the manifest)
+    --outer-folds K       nested cross-validation: K outer folds, each a whole search (search.py)
     --seed N              the training seed (weights, batches, augmentation, Optuna)
     --search NAME         conf/search/NAME.yaml;  --name NAME: the search's name
     --runs-dir DIR        Ray results, checkpoints and the default MLflow store
@@ -37,6 +38,13 @@ def add_image_size(p: argparse.ArgumentParser, help: str | None = None) -> None:
 def add_folds(p: argparse.ArgumentParser, fold_default: int | None = None) -> None:
     p.add_argument("--folds", type=int, default=fold_default, help="cross-validation folds")
     p.add_argument("--fold-seed", type=int, help="seed of the folds (default: the prepared dataset's, or 0)")
+
+
+def add_outer_folds(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--outer-folds", dest="outer_folds", type=int, metavar="K",
+                   help="nested cross-validation: split the development patients into K (>= 2) outer folds and run "
+                        "the whole search once per outer fold on its outer-training patients, scoring each winner "
+                        "once on its outer-held-out patients (docs/evaluation.md); off by default")
 
 
 def add_search_name(p: argparse.ArgumentParser) -> None:

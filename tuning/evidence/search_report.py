@@ -25,6 +25,7 @@ from tuning.records.outcome import SearchOutcome, TrialResult
 if TYPE_CHECKING:
     from cfcml.evaluation.oracle import OracleScores
     from tuning.evidence.clinical import ClinicalEvidence
+    from tuning.evidence.nested import NestedEstimate
 
 REPORT_FILE = "search_report.md"
 
@@ -246,13 +247,19 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
 
 
 def write_report(outcome: SearchOutcome, prepared: PreparedDataset, search: SearchConfig,
-                 final: FinalStep | None) -> Path:
-    """Write search_report.md (+ plots) into the search folder and onto the parent run."""
+                 final: FinalStep | None, nested: NestedEstimate | None = None) -> Path:
+    """Write search_report.md (+ plots) into the search folder and onto the parent run; with
+    `nested` (`search.py --outer-folds`), a "Nested cross-validation" section at its end."""
     from mlflow.tracking import MlflowClient
 
     from cfcml.evaluation.oracle import oracle_scores
 
     text, figures = build_report(outcome, prepared, search, final, oracle_scores(prepared))
+    if nested is not None:
+        from tuning.evidence.nested import nested_table
+
+        text += "\n".join(["", f"## Nested cross-validation ({len(nested.folds)} outer folds)", "",
+                           *nested_table(nested, outcome)]) + "\n"
     folder = Path(outcome.search_dir)
     path = folder / REPORT_FILE
     path.write_text(text, encoding="utf-8")

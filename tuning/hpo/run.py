@@ -98,6 +98,9 @@ class SearchRun:
     # Grad-CAM figures of test patients on the final run (their images leave with the run): opt-in
     explain_test_patients: bool = False
     verbose: bool = False  # Ray's own worker and per-epoch log lines on the console
+    # nested cross-validation: K outer folds, each a whole search (tuning.workflows.nested); None: off.
+    # Not a setting of the ordinary search (not in `settings`): each outer search records its own.
+    outer_folds: int | None = None
 
     @property
     def max_epochs(self) -> int:
@@ -177,6 +180,7 @@ class SearchRun:
         final: bool = True,
         explain_test_patients: bool = False,
         verbose: bool = False,
+        outer_folds: int | None = None,
     ) -> SearchRun:
         """Resolve a search from its names and the command line's values (None = not given).
 
@@ -192,6 +196,8 @@ class SearchRun:
                               "--set train.selection_metric")
         if cli:  # the space was checked against the search file's experiment; now against the final one
             check_space(search_cfg.space, experiment, f"{search_path(search)} (with --set and the flags):")
+        if outer_folds is not None and outer_folds < 2:
+            raise ConfigError(f"--outer-folds: expected at least 2 outer folds, got {outer_folds}")
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"--num-samples: expected a positive integer, got {num_samples}")
         from tuning.runtime.preflight import check_name
@@ -215,4 +221,5 @@ class SearchRun:
             final=final,
             explain_test_patients=explain_test_patients,
             verbose=verbose,
+            outer_folds=outer_folds,
         )

@@ -24,6 +24,7 @@ from tuning.records.outcome import SearchOutcome
 from tuning.workflows.errors import CommandFailed, CommandInterrupted
 
 if TYPE_CHECKING:
+    from tuning.evidence.nested import NestedEstimate
     from tuning.release.final import Release
 
 
@@ -34,6 +35,7 @@ class SearchResult:
     Args:
         run: the resolved search.
         outcome: its trials and best trial (also `outcome.json` in the search folder).
+        nested: the nested cross-validation estimate (`--outer-folds`); None without it.
         release: the model it registered: the final model (stage "final"), or with --no-final the
             best trial's fold ensemble ("cv-ensemble"); None when the best trial had nothing to
             register (no configuration or checkpoint recorded).
@@ -44,6 +46,7 @@ class SearchResult:
     outcome: SearchOutcome
     release: Release | None
     report: Path
+    nested: NestedEstimate | None = None
 
 
 def search_and_register(run: SearchRun) -> SearchResult:
@@ -96,6 +99,10 @@ def _search(run: SearchRun, held: contextlib.ExitStack) -> SearchResult:
                           f"continue it, or --name to start a new one")
     if run.resume and not run.search_dir.exists():
         raise ConfigError(f"--resume: no search named {run.name!r} under {run.storage}")
+    if run.outer_folds:
+        from tuning.workflows.nested import check_outer_folders
+
+        check_outer_folders(run)
     # Where results go, before the data is prepared and Ray starts (a resumed search keeps its store).
     if run.resume:  # state files a full disk or a crash cut short: named, or moved aside
         check_resume_state(run.search_dir, run.storage / "train", STATE_FILE)
@@ -151,7 +158,14 @@ def _search(run: SearchRun, held: contextlib.ExitStack) -> SearchResult:
                     raise CommandFailed(f"final model: {exc}") from None
             else:
                 release = register_cv_ensemble(prepared, outcome)
-        report = write_report(outcome, prepared, run.search, release if run.final else None)
+            nested = None
+            if run.outer_folds:  # nested cross-validation: one whole search per outer fold (its own names)
+                from tuning.evidence.nested import nested_line
+                from tuning.workflows.nested import run_nested
+
+                nested = run_nested(run, prepared, outcome, callbacks=[guard])
+                print("\n" + nested_line(nested, outcome))
+        report = write_report(outcome, prepared, run.search, release if run.final else None, nested=nested)
     except (ConfigError, CommandFailed):
         raise
     except Exception as exc:
@@ -162,7 +176,7 @@ def _search(run: SearchRun, held: contextlib.ExitStack) -> SearchResult:
         raise CommandFailed(message, apart=True) from exc
     finally:
         release_reserves()
-    return SearchResult(run, outcome, release, report)
+    return SearchResult(run, outcome, release, report, nested)
 
 
 def _no_score(run: SearchRun, outcome: SearchOutcome) -> str:
