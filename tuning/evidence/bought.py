@@ -193,9 +193,10 @@ def bought_lines(bought: Bought) -> list[str]:
     seeds = ", ".join(str(s) for s in bought.seeds)
     lines = [f"The published defaults (`{REFERENCE}`) and the chosen configuration (`{TUNED}`) trained again on "
              f"{len(bought.seeds)} fresh seed(s), {seeds} (not the seed the search's trials trained with), the "
-             f"search's {bought.folds} folds and epoch budget ({bought.epochs} epochs, last epoch, nothing selected). Each "
-             f"variant's fold ensemble predicted the {bought.n_test} test patients once; Δ = {TUNED} - {REFERENCE}, "
-             f"paired bootstrap 95% CI over patients ({N_BOOT} resamples). Brier: lower is better.", "",
+             f"search's {bought.folds} folds and epoch budget ({bought.epochs} epochs, last epoch, nothing "
+             f"selected). Each variant's fold ensemble predicted the {bought.n_test} test patients once; "
+             f"Δ = {TUNED} - {REFERENCE}, paired bootstrap 95% CI over patients ({N_BOOT} resamples). Brier: "
+             "lower is better.", "",
              f"| metric | {REFERENCE} [95% CI] | {TUNED} [95% CI] | Δ [95% CI] |", "|---|---|---|---|"]
     no = Estimate(math.nan)
     for name, d in bought.diffs.items():
