@@ -44,6 +44,10 @@ N_BOOT = 1000
 NOTHING_BOUGHT = "Tuning bought nothing measurable on this dataset"
 
 
+class NoTestPredictions(ValueError):
+    """A variant of the step's comparison has no test predictions: every one of its trials failed."""
+
+
 def fresh_seeds(search_seed: int, n: int) -> tuple[int, ...]:
     """The comparison's seeds: `search_seed + 1 .. search_seed + n` (never the search's own seed).
 
@@ -154,7 +158,7 @@ def bought_from(result: ComparisonResult, seeds: tuple[int, ...], n_boot: int = 
     """The paired differences of a finished `plan_bought` comparison.
 
     Raises:
-        ValueError: a variant has no test predictions (every one of its trials failed).
+        NoTestPredictions: a variant has no test predictions (every one of its trials failed).
     """
     from cfcml.evaluation.calibration import paired_brier_diff
     from cfcml.evaluation.metrics import paired_bootstrap_diff
@@ -162,7 +166,8 @@ def bought_from(result: ComparisonResult, seeds: tuple[int, ...], n_boot: int = 
     probs = {v.name: v.test_probs for v in result.variants}
     missing = [n for n in (REFERENCE, TUNED) if probs.get(n) is None]
     if missing:
-        raise ValueError(f"what tuning bought: no test predictions of {', '.join(missing)} (its trials failed)")
+        raise NoTestPredictions(f"what tuning bought: no test predictions of {', '.join(missing)} (its trials "
+                                f"failed; see the comparison run {result.run_id})")
     a, b = probs[TUNED], probs[REFERENCE]
     auc = auc_metric(result.task)
     diffs = {name: Estimate.of(paired_bootstrap_diff(result.task, result.y_test, a, b, name, n_boot=n_boot, seed=0))

@@ -188,16 +188,23 @@ def _search(run: SearchRun, held: contextlib.ExitStack) -> SearchResult:
 
 
 def _what_it_bought(run: SearchRun, prepared: PreparedDataset, outcome: SearchOutcome,
-                    release: Release | None) -> Bought:
+                    release: Release | None) -> Bought | None:
     """The search's last step (`tuning.evidence.bought`): the published defaults against the chosen
     configuration on fresh seeds; its line on the console and its section in the model card this
-    call wrote (a card written by an earlier run is left as it is)."""
+    call wrote (a card written by an earlier run is left as it is). None, with a warning, when a
+    variant's every trial failed (its comparison run is FAILED with the reasons; the search's model
+    stays registered and its report is written; --resume runs the step again)."""
     from mlflow.tracking import MlflowClient
 
-    from tuning.evidence.bought import bought_line, bought_lines, what_it_bought
+    from tuning.evidence.bought import NoTestPredictions, bought_line, bought_lines, what_it_bought
     from tuning.release.model_card import log_card
 
-    bought = what_it_bought(run, prepared, outcome)
+    try:
+        bought = what_it_bought(run, prepared, outcome)
+    except NoTestPredictions as exc:
+        print(f"warning: {exc}; the report has no 'What tuning bought' section (--resume runs it again)",
+              file=sys.stderr)
+        return None
     print("\n" + bought_line(bought))
     if release is not None and release.card is not None:
         card = release.card + "\n".join(["", "## What tuning bought", "", *bought_lines(bought)]) + "\n"

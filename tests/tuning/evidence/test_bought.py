@@ -15,6 +15,7 @@ from tuning.evidence.bought import (
     BOUGHT_DIR,
     NOTHING_BOUGHT,
     Bought,
+    NoTestPredictions,
     bought_from,
     bought_line,
     bought_lines,
@@ -119,6 +120,10 @@ def test_the_differences_are_tuned_minus_defaults_on_the_same_patients() -> None
     assert m["cfcml_tuned.diff_macro_auc"] == bought.diffs["macro_auc"].point
     assert m["cfcml_tuned.diff_brier_ci_low"] == bought.diffs["brier"].low
     assert Bought.from_dict(bought.to_dict()) == bought  # no NaN here: equal as they are
+    failed = ComparisonResult("men", "cv_macro_auc", "macro_auc", "multiclass", ["a", "b", "c"], variants[:1], y,
+                              None, epochs=2, folds=2, seeds=1, run_id="cmp")
+    with pytest.raises(NoTestPredictions, match="cfcml_tuned"):  # every trial of a variant failed
+        bought_from(failed, (1,))
 
 
 def test_a_ci_covering_zero_says_in_plain_words_that_tuning_bought_nothing() -> None:
