@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-epochs", type=int, help="epochs per trial, ASHA's max_t (sets train.epochs)")
     cli_args.add_folds(p)
     cli_args.add_outer_folds(p)
+    cli_args.add_bought_seeds(p)
     p.add_argument("--seed", type=int, help="training and Optuna seed (sets train.seed)")
     cli_args.add_image_size(p, help="preprocessed image size (sets train.image_size)")
     p.add_argument("--workers", type=int, help="Ray Train (DDP) workers per trial (train.workers)")
@@ -68,7 +69,7 @@ def build_run(args: argparse.Namespace) -> SearchRun:
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         overrides=parse_set(args.set), tracking_uri=args.tracking_uri, address=args.address,
         resume=args.resume, final=not args.no_final, explain_test_patients=args.explain_test_patients,
-        verbose=args.verbose, outer_folds=args.outer_folds,
+        verbose=args.verbose, outer_folds=args.outer_folds, bought_seeds=args.bought_seeds,
     )
 
 

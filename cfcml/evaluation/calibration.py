@@ -118,6 +118,32 @@ def calibration_summary(y_true, probs, n_bins: int = DEFAULT_BINS, n_boot: int =
     return CalibrationSummary(len(y), n_bins, brier, ece, negative_log_likelihood(y, p))
 
 
+def paired_brier_diff(y_true, probs_a, probs_b, n_boot: int = 1000, seed: int = 0,
+                      alpha: float = 0.05) -> tuple[float, float, float]:
+    """Brier(a) - Brier(b) on the same patients, with a paired percentile bootstrap CI (the resamples
+    of `cfcml.evaluation.metrics.paired_bootstrap_diff` for the same n, n_boot and seed). Negative:
+    `a` is better calibrated and sharper (the Brier score is lower-is-better).
+
+    Args:
+        y_true: int [N] class indices.
+        probs_a, probs_b: [N, C] (or the positive class [N]) probabilities of two models, same patients.
+        n_boot: resamples; seed: their seed; alpha: 0.05 gives a 95% CI.
+
+    Returns:
+        (difference, low, high).
+
+    Raises:
+        ValueError: the two prediction sets differ in shape, or either does not fit `y_true`.
+    """
+    y, a = _probs(y_true, probs_a)
+    _, b = _probs(y_true, probs_b)
+    if a.shape != b.shape:
+        raise ValueError(f"probs_a and probs_b differ in shape: {a.shape} vs {b.shape}")
+    w = resample_weights(len(y), n_boot, seed)
+    per = brier_per_sample(y, a) - brier_per_sample(y, b)
+    return percentile_ci(brier_score(y, a) - brier_score(y, b), (w @ per) / w.sum(1), alpha)
+
+
 def reliability_curve(y_true, probs, n_bins: int = DEFAULT_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean confidence, accuracy, patients) per non-empty equal-width bin of the top-label
     confidence: the points of a reliability diagram. scikit-learn's `calibration_curve` (uniform

@@ -33,8 +33,9 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     runs_dir = tmp_path / "it's runs"
     args = ["--dataset", "men", "--search", "smoke", "--data-root", str(men_prepared.out_dir),
             "--runs-dir", str(runs_dir), "--tracking-uri", uri, "--folds", "2", "--name", "it's mine",
-            "--explain-test-patients"]
+            "--explain-test-patients", "--bought-seeds", "1"]
     assert search_main(args) == 0
+    console = capsys.readouterr().out
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cfcml-men")
@@ -139,6 +140,21 @@ def test_smoke_search_tracks_registers_and_resumes(ray_local, men_prepared, tmp_
     text = next(runs_dir.rglob("search_report.md")).read_text()
     assert "### Calibration" in text and "### Operating points" in text
     assert "## Model card of the registered model" in text
+    # the search's last step: the published defaults against the chosen configuration on a fresh seed
+    # (tuning/evidence/bought.py), in the report, the model card, the console and on the parent run
+    assert "## What tuning bought" in text and "| macro_auc |" in text and "| brier |" in text
+    bought = parent.data.metrics
+    for key in ("cfcml_tuned.diff_macro_auc", "cfcml_tuned.diff_balanced_accuracy", "cfcml_tuned.diff_brier"):
+        assert key in bought, key
+    low, high = (bought.get(f"cfcml_tuned.diff_macro_auc_ci_{end}", float("nan")) for end in ("low", "high"))
+    covers_zero = not (low > 0 or high < 0)  # an undefined bound (not logged) measures nothing either
+    assert ("Tuning bought nothing measurable on this dataset" in text) == covers_zero
+    assert "what tuning bought (cfcml_tuned - cfcml, test, 1 fresh seed(s)): Δmacro_auc" in console
+    assert "## What tuning bought" in version.description
+    (bought_run,) = _runs(client, exp.experiment_id, "comparison")
+    assert bought_run.data.tags["cfcml.bought_of"] == parent.info.run_id and bought_run.info.status == "FINISHED"
+    assert bought_run.data.params["variants"] == "cfcml,cfcml_tuned"
+    assert (runs_dir / "ray" / "it's mine" / "bought" / "bought.json").is_file()
 
     # Re-running the finished search with --resume adds no run, no metric point, no model version.
     n_runs = len(client.search_runs([exp.experiment_id]))

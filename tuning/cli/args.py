@@ -7,6 +7,7 @@
     --fold-seed N         the seed the folds are drawn with (recorded in the manifest)
     --outer-folds K       nested cross-validation: K outer folds, each a whole search (search.py)
     --seed N              the training seed (weights, batches, augmentation, Optuna)
+    --bought-seeds N      what tuning bought: defaults vs the chosen configuration on N fresh seeds (search.py)
     --search NAME         conf/search/NAME.yaml;  --name NAME: the search's name
     --runs-dir DIR        Ray results, checkpoints and the default MLflow store
     --tracking-uri URI    MLflow (default $MLFLOW_TRACKING_URI or a SQLite store in --runs-dir)
@@ -45,6 +46,13 @@ def add_outer_folds(p: argparse.ArgumentParser) -> None:
                    help="nested cross-validation: split the development patients into K (>= 2) outer folds and run "
                         "the whole search once per outer fold on its outer-training patients, scoring each winner "
                         "once on its outer-held-out patients (docs/evaluation.md); off by default")
+
+
+def add_bought_seeds(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bought-seeds", dest="bought_seeds", type=int, metavar="N",
+                   help="what tuning bought: after the final model, train the published defaults and the chosen "
+                        "configuration on N fresh seeds and report their paired test differences with CIs "
+                        "(docs/evaluation.md); 0 = off; default: the search file's bought_seeds")
 
 
 def add_search_name(p: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ from tuning.records.outcome import SearchOutcome, TrialResult
 
 if TYPE_CHECKING:
     from cfcml.evaluation.oracle import OracleScores
+    from tuning.evidence.bought import Bought
     from tuning.evidence.clinical import ClinicalEvidence
     from tuning.evidence.nested import NestedEstimate
 
@@ -247,9 +248,10 @@ def build_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
 
 
 def write_report(outcome: SearchOutcome, prepared: PreparedDataset, search: SearchConfig,
-                 final: FinalStep | None, nested: NestedEstimate | None = None) -> Path:
+                 final: FinalStep | None, nested: NestedEstimate | None = None, bought: Bought | None = None) -> Path:
     """Write search_report.md (+ plots) into the search folder and onto the parent run; with
-    `nested` (`search.py --outer-folds`), a "Nested cross-validation" section at its end."""
+    `nested` (`search.py --outer-folds`), a "Nested cross-validation" section at its end; with
+    `bought` (`bought_seeds`), a "What tuning bought" section last."""
     from mlflow.tracking import MlflowClient
 
     from cfcml.evaluation.oracle import oracle_scores
@@ -260,6 +262,10 @@ def write_report(outcome: SearchOutcome, prepared: PreparedDataset, search: Sear
 
         text += "\n".join(["", f"## Nested cross-validation ({len(nested.folds)} outer folds)", "",
                            *nested_table(nested, outcome)]) + "\n"
+    if bought is not None:
+        from tuning.evidence.bought import bought_lines
+
+        text += "\n".join(["", "## What tuning bought", "", *bought_lines(bought)]) + "\n"
     folder = Path(outcome.search_dir)
     path = folder / REPORT_FILE
     path.write_text(text, encoding="utf-8")

@@ -101,6 +101,10 @@ class SearchRun:
     # nested cross-validation: K outer folds, each a whole search (tuning.workflows.nested); None: off.
     # Not a setting of the ordinary search (not in `settings`): each outer search records its own.
     outer_folds: int | None = None
+    # what tuning bought (`tuning.evidence.bought`): seeds of the closing comparison of the published
+    # defaults and the chosen configuration; 0: off. The search file's `bought_seeds` unless
+    # --bought-seeds; not in `settings` (it decides what runs after the search, not the search).
+    bought_seeds: int = 0
 
     @property
     def max_epochs(self) -> int:
@@ -137,8 +141,10 @@ class SearchRun:
 
         from cfcml.config import flatten_dict
 
+        # the overrides are in the experiment; `bought_seeds` decides what runs after the search (a
+        # resume may change it, and a state file recorded before the key existed stays comparable)
         search = {k: v for k, v in dataclasses.asdict(self.search).items()
-                  if k not in ("space", "overrides", "dataset_overrides")}  # the overrides are in the experiment
+                  if k not in ("space", "overrides", "dataset_overrides", "bought_seeds")}
         out = {"dataset": self.dataset, "dataset_fingerprint": dataset_fingerprint, "num_samples": self.num_samples,
                **{f"search.{k}": v for k, v in search.items()},
                **{f"search.space.{p.key}": {"dist": p.dist, "low": p.low, "high": p.high, "values": list(p.values)}
@@ -181,6 +187,7 @@ class SearchRun:
         explain_test_patients: bool = False,
         verbose: bool = False,
         outer_folds: int | None = None,
+        bought_seeds: int | None = None,
     ) -> SearchRun:
         """Resolve a search from its names and the command line's values (None = not given).
 
@@ -198,6 +205,8 @@ class SearchRun:
             check_space(search_cfg.space, experiment, f"{search_path(search)} (with --set and the flags):")
         if outer_folds is not None and outer_folds < 2:
             raise ConfigError(f"--outer-folds: expected at least 2 outer folds, got {outer_folds}")
+        if bought_seeds is not None and bought_seeds < 0:
+            raise ConfigError(f"expected 0 (off) or a positive number of seeds, got {bought_seeds}", "--bought-seeds")
         if num_samples is not None and num_samples < 1:
             raise ConfigError(f"--num-samples: expected a positive integer, got {num_samples}")
         from tuning.runtime.preflight import check_name
@@ -222,4 +231,5 @@ class SearchRun:
             explain_test_patients=explain_test_patients,
             verbose=verbose,
             outer_folds=outer_folds,
+            bought_seeds=search_cfg.bought_seeds if bought_seeds is None else bought_seeds,
         )

@@ -173,6 +173,10 @@ class SearchConfig:
             objective's value at the trial's selected epoch, and the search retrains the Pareto
             front's point that `tuning.records.outcome.FRONT_RULE` picks. Empty or one name: a
             search on one metric, exactly as without the key.
+        bought_seeds: what tuning bought (docs/evaluation.md): after the final model, the published
+            defaults and the chosen configuration are trained on this many fresh seeds and compared
+            on the test split (paired differences with CIs); 0 (the default) = off, >= 0.
+            `search.py --bought-seeds N` overrides it.
     """
 
     name: str = ""
@@ -187,8 +191,12 @@ class SearchConfig:
     searcher: Literal["tpe", "random"] = "tpe"
     startup_trials: int | None = None
     objectives: tuple[str, ...] = ()
+    bought_seeds: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.bought_seeds, int) or isinstance(self.bought_seeds, bool) or self.bought_seeds < 0:
+            raise ConfigError(f"expected 0 (off) or a positive number of seeds, got {self.bought_seeds!r}",
+                              "bought_seeds")
         for key in ("num_samples", "max_epochs", "grace_period", "reduction_factor", "folds", "startup_trials"):
             value = getattr(self, key)
             if value is not None and value < 1:

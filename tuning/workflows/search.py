@@ -4,7 +4,9 @@ In order: the checks that need no data (runs folder, MLflow store, Ray address),
 a resumed search's state files and settings, the free space for its checkpoints, the prepared data
 (prepared on the way when needed); then, holding disk reserves and a disk guard, the Ray session,
 the search (`tuning.hpo.driver`), the console summary, the final model or, with --no-final, the
-best trial's fold ensemble (`tuning.release.final`), and the search report. Every failure is a
+best trial's fold ensemble (`tuning.release.final`), nested cross-validation (`--outer-folds`), what
+tuning bought (`bought_seeds`: the published defaults against the chosen configuration on fresh
+seeds, `tuning.evidence.bought`), and the search report. Every failure is a
 `ConfigError` (fix a setting, nothing ran), a `CommandFailed` or a `CommandInterrupted` for
 `tuning.cli.shell`, or a `DatasetValidationError` with its full report.
 """
@@ -24,6 +26,8 @@ from tuning.records.outcome import SearchOutcome
 from tuning.workflows.errors import CommandFailed, CommandInterrupted
 
 if TYPE_CHECKING:
+    from cfcml.data.manifest import PreparedDataset
+    from tuning.evidence.bought import Bought
     from tuning.evidence.nested import NestedEstimate
     from tuning.release.final import Release
 
@@ -40,6 +44,7 @@ class SearchResult:
             best trial's fold ensemble ("cv-ensemble"); None when the best trial had nothing to
             register (no configuration or checkpoint recorded).
         report: `search_report.md` in the search folder (also on the parent run).
+        bought: what tuning bought (`tuning.evidence.bought`); None when the step is off.
     """
 
     run: SearchRun
@@ -47,6 +52,7 @@ class SearchResult:
     release: Release | None
     report: Path
     nested: NestedEstimate | None = None
+    bought: Bought | None = None
 
 
 def search_and_register(run: SearchRun) -> SearchResult:
@@ -165,7 +171,9 @@ def _search(run: SearchRun, held: contextlib.ExitStack) -> SearchResult:
 
                 nested = run_nested(run, prepared, outcome, callbacks=[guard])
                 print("\n" + nested_line(nested, outcome))
-        report = write_report(outcome, prepared, run.search, release if run.final else None, nested=nested)
+            bought = _what_it_bought(run, prepared, outcome, release) if run.bought_seeds else None
+        report = write_report(outcome, prepared, run.search, release if run.final else None, nested=nested,
+                              bought=bought)
     except (ConfigError, CommandFailed):
         raise
     except Exception as exc:
@@ -176,7 +184,32 @@ def _search(run: SearchRun, held: contextlib.ExitStack) -> SearchResult:
         raise CommandFailed(message, apart=True) from exc
     finally:
         release_reserves()
-    return SearchResult(run, outcome, release, report, nested)
+    return SearchResult(run, outcome, release, report, nested, bought)
+
+
+def _what_it_bought(run: SearchRun, prepared: PreparedDataset, outcome: SearchOutcome,
+                    release: Release | None) -> Bought | None:
+    """The search's last step (`tuning.evidence.bought`): the published defaults against the chosen
+    configuration on fresh seeds; its line on the console and its section in the model card this
+    call wrote (a card written by an earlier run is left as it is). None, with a warning, when a
+    variant's every trial failed (its comparison run is FAILED with the reasons; the search's model
+    stays registered and its report is written; --resume runs the step again)."""
+    from mlflow.tracking import MlflowClient
+
+    from tuning.evidence.bought import NoTestPredictions, bought_line, bought_lines, what_it_bought
+    from tuning.release.model_card import log_card
+
+    try:
+        bought = what_it_bought(run, prepared, outcome)
+    except NoTestPredictions as exc:
+        print(f"warning: {exc}; the report has no 'What tuning bought' section (--resume runs it again)",
+              file=sys.stderr)
+        return None
+    print("\n" + bought_line(bought))
+    if release is not None and release.card is not None:
+        card = release.card + "\n".join(["", "## What tuning bought", "", *bought_lines(bought)]) + "\n"
+        log_card(MlflowClient(outcome.tracking_uri), release.run_id, card, release.model_name, release.version)
+    return bought
 
 
 def _no_score(run: SearchRun, outcome: SearchOutcome) -> str:
