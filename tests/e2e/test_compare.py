@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from tuning.compare import main as compare_main
 from tuning.records.outcome import SearchOutcome
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def test_compare_tunes_each_variant_on_development_folds_then_writes_the_table_json_plots_and_an_mlflow_run(
