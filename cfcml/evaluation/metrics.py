@@ -158,7 +158,7 @@ def _weighted_ranking(positive: np.ndarray, score: np.ndarray, w: np.ndarray) ->
     return np.where(defined, auc, np.nan), np.where(defined, ap, np.nan)
 
 
-def _weighted_metrics(task: str, y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+def weighted_metrics(task: str, y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
     """`compute_metrics` for each row of sample counts w [R, N] (a resample), vectorised."""
     C = p.shape[1]
     pred = p.argmax(1)
@@ -321,7 +321,7 @@ def bootstrap_ci(
         raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1; got n_boot={n_boot}, alpha={alpha}")
     y, p = _validate(task, y_true, probs)
     point = compute_metrics(task, y, p)
-    boot = _weighted_metrics(task, y, p, resample_weights(len(y), n_boot, seed))
+    boot = weighted_metrics(task, y, p, resample_weights(len(y), n_boot, seed))
     out = {}
     for name, value in point.items():
         values = boot[name]
@@ -349,7 +349,7 @@ def paired_bootstrap_diff(
         raise ValueError(f"probs_a and probs_b differ in shape: {a.shape} vs {b.shape}")
     point = compute_metrics(task, y, a)[metric] - compute_metrics(task, y, b)[metric]
     w = resample_weights(len(y), n_boot, seed)
-    diff = _weighted_metrics(task, y, a, w)[metric] - _weighted_metrics(task, y, b, w)[metric]
+    diff = weighted_metrics(task, y, a, w)[metric] - weighted_metrics(task, y, b, w)[metric]
     diff = diff[~np.isnan(diff)]
     if len(diff) == 0:
         return float(point), float("nan"), float("nan")

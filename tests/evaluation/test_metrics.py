@@ -8,7 +8,7 @@ import pytest
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 
-from cfcml.evaluation.metrics import _weighted_metrics, bootstrap_ci, compute_metrics, plot_confusion, plot_roc
+from cfcml.evaluation.metrics import bootstrap_ci, compute_metrics, plot_confusion, plot_roc, weighted_metrics
 
 MULTICLASS_KEYS = {"accuracy", "acc_class_0", "acc_class_1", "acc_class_2", "balanced_accuracy", "f1_weighted",
                    "f1_macro", "macro_auc"}
@@ -112,7 +112,7 @@ def test_vectorised_metrics_equal_sklearn_on_resamples(task, C):
     rng = np.random.default_rng(0)
     idx = [np.arange(40)] + [rng.integers(0, 40, 40) for _ in range(5)] + [np.where(y == 0)[0]]
     weights = np.stack([np.bincount(i, minlength=40) for i in idx]).astype(float)
-    vectorised = _weighted_metrics(task, y, probs, weights)
+    vectorised = weighted_metrics(task, y, probs, weights)
     for r, i in enumerate(idx):
         want = compute_metrics(task, y[i], probs[i])
         for name, value in want.items():

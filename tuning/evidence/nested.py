@@ -124,7 +124,7 @@ def nested_estimate(task: str, classes: Sequence[str], metric: str, folds: Seque
     Raises:
         ValueError: no fold, or `folds` and `predictions` of different lengths.
     """
-    from cfcml.evaluation.metrics import _weighted_metrics, resample_weights
+    from cfcml.evaluation.metrics import resample_weights, weighted_metrics
 
     if not folds or len(folds) != len(predictions):
         raise ValueError(f"the nested estimate needs one prediction set per outer fold; got {len(folds)} outer "
@@ -139,7 +139,7 @@ def nested_estimate(task: str, classes: Sequence[str], metric: str, folds: Seque
     boots = []
     for k, p in enumerate(predictions):
         y = p["label"].to_numpy()
-        boots.append(_weighted_metrics(task, y, p[cols].to_numpy(dtype=np.float64),
+        boots.append(weighted_metrics(task, y, p[cols].to_numpy(dtype=np.float64),
                                        resample_weights(len(y), n_boot, seed + k)))
     estimates = {}
     for n in names:
