@@ -334,6 +334,32 @@ def bootstrap_ci(
     return out
 
 
+def class_aucs(y_true, probs) -> list[float]:
+    """One-vs-rest AUC of every class: y_true int [N], probs [N, C] -> C floats, class k ranking
+    `probs[:, k]` of its patients against everyone else's; NaN for a class absent from y_true or
+    the only one present."""
+    y, p = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
+    return [_binary_auc(y == k, p[:, k]) for k in range(p.shape[1])]
+
+
+def class_auc_ci(task: str, y_true, probs, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> list[tuple[float, float, float]]:
+    """One-vs-rest AUC of every class with its percentile bootstrap CI: [(point, low, high)] * C.
+
+    Class k's AUC ranks `probs[:, k]` of its patients against everyone else's (for a binary task
+    both classes give the task's AUC). Same resamples as `bootstrap_ci` (same n, n_boot, seed), so
+    the figures pair with it. A class absent from `y_true` (or the only one present) is NaN.
+    Raises ValueError as `compute_metrics` does for bad shapes or labels.
+    """
+    y, p = _validate(task, y_true, probs)
+    w = resample_weights(len(y), n_boot, seed)
+    out = []
+    for k in range(p.shape[1]):
+        point = _binary_auc(y == k, p[:, k])
+        out.append(percentile_ci(point, _weighted_ranking(y == k, p[:, k], w)[0], alpha))
+    return out
+
+
 def paired_bootstrap_diff(
     task: str, y_true, probs_a, probs_b, metric: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> tuple[float, float, float]:

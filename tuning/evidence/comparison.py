@@ -364,7 +364,16 @@ class ComparisonResult:
                     "features": list(self.oracle.features),
                     "cv": {k: clean(x) for k, x in self.oracle.cv.items()},
                     "test": {k: clean(x[0]) for k, x in self.oracle.test.items()},
-                    "test_ci": {k: [clean(x[1]), clean(x[2])] for k, x in self.oracle.test.items()}}}
+                    "test_ci": {k: [clean(x[1]), clean(x[2])] for k, x in self.oracle.test.items()},
+                    "class_reach": [{"class": r.name, "crossmodal": r.crossmodal,
+                                     "one_vs_rest_auc": {"development_folds": {k: clean(x) for k, x in r.cv.items()},
+                                                         "test": {k: clean(x) for k, x in r.test.items()}}}
+                                    for r in self.oracle.reach]},
+                "learnt": [{"variant": c.variant, "class": c.name,
+                            "one_vs_rest_auc": [clean(c.auc.point), clean(c.auc.low), clean(c.auc.high)],
+                            "recall": clean(c.recall), "oracle_auc": clean(c.oracle_auc),
+                            "oracle_recall": clean(c.oracle_recall), "ceiling": clean(c.ceiling), "learnt": c.learnt}
+                           for c in learnt_classes(self)]}
 
 
 def aggregate(trials: list[dict[str, Any]], task: str, classes: list[str], y_test: np.ndarray,
@@ -433,14 +442,101 @@ def markdown(result: ComparisonResult) -> str:
             f"| {' / '.join(format_number(t.get(r, NO_ESTIMATE).point, 2) for r in recalls)} | {diff} |")
     if result.oracle is not None:
         o = result.oracle
+        ot = {k: Estimate.of(x) for k, x in o.test.items()}
         lines.append(f"| *oracle* (generator latents) | {format_number(o.cv.get(auc))} "
                      f"| {format_number(o.cv.get('balanced_accuracy'))} "
-                     f"| {format_estimate(o.test.get(auc, NO_ESTIMATE))} "
-                     f"| {format_estimate(o.test.get('balanced_accuracy', NO_ESTIMATE))} | | |")
+                     f"| {format_estimate(ot.get(auc, NO_ESTIMATE))} "
+                     f"| {format_estimate(ot.get('balanced_accuracy', NO_ESTIMATE))} "
+                     f"| {' / '.join(format_number(ot.get(r, NO_ESTIMATE).point, 2) for r in recalls)} | |")
         lines += ["", f"Oracle: logistic regression on the generator's latent signals ({', '.join(o.features)}), "
                       "same folds; read by this report only, never by training."]
-    lines += _calibration_lines(result) + _subgroup_lines(result)
+    lines += _learning_lines(result) + _calibration_lines(result) + _subgroup_lines(result)
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class ClassLearnt:
+    """One variant on one crossmodal class of a synthetic cohort (`learnt_classes`).
+
+    Args:
+        variant: the variant's name.
+        name: the class (one no single modality identifies: `cfcml.evaluation.oracle.ClassReach`).
+        auc: the variant's one-vs-rest test AUC of the class, bootstrap 95% CI.
+        recall: its test recall of the class.
+        oracle_auc, oracle_recall: the oracle's (both modalities' latents), on the same patients.
+        ceiling: the best one-vs-rest test AUC of one modality's latents alone.
+    """
+
+    variant: str
+    name: str
+    auc: Estimate
+    recall: float
+    oracle_auc: float
+    oracle_recall: float
+    ceiling: float
+
+    @property
+    def learnt(self) -> bool:
+        """The lower bound of its AUC's CI is above what one modality alone gives: it combines them."""
+        return bool(np.isfinite(self.auc.low) and np.isfinite(self.ceiling) and self.auc.low > self.ceiling)
+
+
+def learnt_classes(result: ComparisonResult, n_boot: int = 1000) -> list[ClassLearnt]:
+    """Per variant with test predictions and per crossmodal class of the oracle: how close the
+    variant comes to the oracle there (test split; empty without an oracle or a crossmodal class)."""
+    from cfcml.evaluation.metrics import class_auc_ci
+
+    o = result.oracle
+    if o is None or not o.crossmodal:
+        return []
+    recalls = headline_metrics(result.task, len(result.classes))[2:]
+    oracle_aucs = class_auc_ci(result.task, result.y_test, np.asarray(o.test_probs), n_boot=1)
+    out = []
+    for v in result.variants:
+        if v.test_probs is None:
+            continue
+        aucs = class_auc_ci(result.task, result.y_test, v.test_probs, n_boot=n_boot, seed=0)
+        for k in o.crossmodal:
+            out.append(ClassLearnt(v.name, result.classes[k], Estimate.of(aucs[k]),
+                                   Estimate.of(v.test.get(recalls[k], NO_ESTIMATE)).point, oracle_aucs[k][0],
+                                   Estimate.of(o.test.get(recalls[k], NO_ESTIMATE)).point, o.reach[k].ceiling))
+    return out
+
+
+def _learning_lines(result: ComparisonResult) -> list[str]:
+    from cfcml.evaluation.oracle import BOTH, CROSSMODAL_MARGIN
+
+    o = result.oracle
+    if o is None or not o.reach:
+        return []
+    sources = [k for k in o.reach[0].cv if k != BOTH]
+    if not o.crossmodal:
+        return ["", "## What each method learns (synthetic data)", "",
+                f"Every class is identified by one modality's latents alone (the oracle's one-vs-rest AUC with "
+                f"both modalities is within {CROSSMODAL_MARGIN} of the better single one on the development folds): "
+                f"no class here tests whether a method combines the modalities."]
+    reach = "; ".join(f"**{r.name}** ({' / '.join(format_number(r.cv[s], 2) for s in sources)} / "
+                      f"{format_number(r.cv[BOTH], 2)})" for r in (o.reach[k] for k in o.crossmodal))
+    learnt = learnt_classes(result)
+    lines = ["", "## What each method learns (synthetic data)", "",
+             f"Classes no single modality identifies: by the generator's oracle, one-vs-rest AUC on the development "
+             f"folds from the {' / '.join(sources)} latents alone / both together: {reach}. A method *learns* such "
+             f"a class when the lower bound of its one-vs-rest test AUC's 95% CI is above the best single-modality "
+             f"oracle's test AUC (the ceiling): it must combine image and table to get there. Δ: the method minus the "
+             f"oracle (both modalities) on the same test patients.", "",
+             "| variant | class | test AUC [95% CI] | Δ AUC vs oracle | recall | Δ recall vs oracle | ceiling "
+             "| learns it |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in learnt:
+        lines.append(f"| {c.variant} | {c.name} | {format_estimate(c.auc)} "
+                     f"| {format_number(c.auc.point - c.oracle_auc, signed=True)} | {format_number(c.recall, 2)} "
+                     f"| {format_number(c.recall - c.oracle_recall, 2, signed=True)} | {format_number(c.ceiling)} "
+                     f"| {'**yes**' if c.learnt else 'no'} |")
+    full = [v.name for v in result.variants if any(c.variant == v.name for c in learnt)
+            and all(c.learnt for c in learnt if c.variant == v.name)]
+    lines += ["", f"Learn every crossmodal class: {', '.join(f'`{n}`' for n in full)}." if full
+              else "No method learns every crossmodal class."]
+    return lines
 
 
 def _calibration_lines(result: ComparisonResult) -> list[str]:

@@ -150,14 +150,16 @@ def test_the_oracle_travels_as_oracle_scores_into_the_table_the_json_and_the_fig
         return
     auc, low, high = test["macro_auc"]
     acc, acc_low, acc_high = test["balanced_accuracy"]
+    recalls = " / ".join(f"{test[f'acc_class_{k}'][0]:.2f}" for k in range(3))
     assert (f"| *oracle* (generator latents) | 0.970 | 0.900 | {auc:.3f} [{low:.3f}, {high:.3f}] "
-            f"| {acc:.3f} [{acc_low:.3f}, {acc_high:.3f}] | | |") in text
+            f"| {acc:.3f} [{acc_low:.3f}, {acc_high:.3f}] | {recalls} | |") in text
     assert "(img_signal, tab_signal, img_signal*tab_signal)" in text
     # the JSON keeps its layout: points and CIs apart, no test probabilities
     assert data["oracle"] == {
         "features": features, "cv": {"macro_auc": 0.97, "balanced_accuracy": 0.9},
         "test": {k: pytest.approx(v[0], abs=1e-6) for k, v in test.items()},
-        "test_ci": {k: [pytest.approx(v[1], abs=1e-6), pytest.approx(v[2], abs=1e-6)] for k, v in test.items()}}
+        "test_ci": {k: [pytest.approx(v[1], abs=1e-6), pytest.approx(v[2], abs=1e-6)] for k, v in test.items()},
+        "class_reach": []}
     assert f"oracle ({auc:.3f})" in roc_labels  # its ROC curve, from its test probabilities
     assert bar_lines["oracle macro_auc"] == pytest.approx(auc)  # its test points as the reference lines
     assert bar_lines["oracle balanced_accuracy"] == pytest.approx(acc)
@@ -216,3 +218,44 @@ def test_a_tuned_list_value_is_read_back_into_the_config(tmp_path: Path) -> None
                            variants="cfcml_tuned", seeds=1)
     assert plan.variants["cfcml_tuned"].model.mixer_stages == (3, 4)
     assert plan.variants["cfcml"].model.mixer_stages == (4,)  # the smoke search's
+
+
+def test_the_report_says_which_variants_learn_the_classes_only_both_modalities_identify() -> None:
+    """On a synthetic cohort whose oracle finds class `a` crossmodal: a variant that ranks `a` well
+    beyond what one modality gives learns it, one that ranks it at chance does not; the oracle's
+    recalls fill its row; the JSON keeps every figure."""
+    import json
+
+    from cfcml.evaluation.metrics import bootstrap_ci
+    from cfcml.evaluation.oracle import BOTH, ClassReach, OracleScores
+
+    rng = np.random.default_rng(4)
+    y = np.arange(90) % 3
+    good = _probs(y, 0.3, rng)
+    blind = _probs(np.where(y == 0, rng.integers(1, 3, 90), y), 0.3, rng)  # an `a` looks like a `b` or a `c`
+    trials = [{"variant": name, "seed": 0, "metrics": {"cv_macro_auc": 0.8}, "test_probs": p}
+              for name, p in (("cfcml", blind), ("film", good))]
+    variants = aggregate(trials, "multiclass", ["a", "b", "c"], y, ["cfcml", "film"], n_boot=200)
+    reach = [ClassReach("a", {"image": 0.5, "table": 0.55, BOTH: 0.97}, {"image": 0.52, "table": 0.6, BOTH: 0.96}),
+             *(ClassReach(c, {"image": 0.9, "table": 0.6, BOTH: 0.95}, {"image": 0.9, "table": 0.6, BOTH: 0.95})
+               for c in "bc")]
+    oracle = OracleScores(["image_signal", "table_signal"], {"macro_auc": 0.97}, bootstrap_ci(
+        "multiclass", y, good, n_boot=50), good, reach)
+    result = ComparisonResult("men", "cv_macro_auc", "macro_auc", "multiclass", ["a", "b", "c"], variants, y, oracle,
+                              3, 2, 1)
+    text = markdown(result)
+    assert "## What each method learns (synthetic data)" in text and "**a** (0.50 / 0.55 / 0.97)" in text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")
+            and line.count("|") == 9}
+    assert rows["cfcml"].endswith("| 0.600 | no |") and rows["film"].endswith("| 0.600 | **yes** |")
+    assert "Learn every crossmodal class: `film`." in text
+    data = json.loads(json.dumps(result.to_json()))
+    assert [(c["variant"], c["class"], c["learnt"]) for c in data["learnt"]] == [("cfcml", "a", False),
+                                                                                 ("film", "a", True)]
+    assert [r["crossmodal"] for r in data["oracle"]["class_reach"]] == [True, False, False]
+
+    # an oracle whose classes each need one modality only: a sentence, no table
+    plain = ComparisonResult("men", "cv_macro_auc", "macro_auc", "multiclass", ["a", "b", "c"], variants, y,
+                             OracleScores([], {}, {}, good, [reach[1]] * 3), 3, 2, 1)
+    assert "no class here tests whether a method combines the modalities" in markdown(plain)
+    assert plain.to_json()["learnt"] == []
