@@ -314,16 +314,26 @@ def checkpoint_bytes(parameters: int, folds: int) -> int:
     return 4 * STATE_COPIES * parameters * max(folds, 1)
 
 
-def search_bytes(parameters: int, folds: int, trials: int) -> int:
-    """Bytes a search of `trials` trials on `folds` folds leaves under --runs-dir, estimated: every
-    trial keeps CHECKPOINTS_KEPT checkpoints (and writes one more before dropping the oldest) of
-    `folds` fold states (float32 weights and Adam's two moments: 12 bytes a parameter); the final
-    model's run the same for one fold, its registered copy (4 bytes a parameter), and
-    SPACE_FLOOR_BYTES for everything else."""
+def search_bytes(parameters: int, folds: int, trials: int, *, searches: int = 1, cv_runs: int = 0) -> int:
+    """Bytes a command leaves under --runs-dir, estimated: `searches` searches of `trials` trials
+    each on `folds` folds, plus `cv_runs` further cross-validation runs.
+
+    Every trial keeps CHECKPOINTS_KEPT checkpoints (and writes one more before dropping the oldest)
+    of `folds` fold states (float32 weights and Adam's two moments: 12 bytes a parameter); every
+    search adds its final model's run (the same for one fold, and its registered copy, 4 bytes a
+    parameter); so does each further cross-validation run (`cv_runs`: what tuning bought, a
+    comparison's variants x seeds, which keep CHECKPOINTS_KEPT + 1 checkpoints of `folds` states).
+    SPACE_FLOOR_BYTES covers everything else (Tune's state, MLflow's store and artifacts).
+
+    searches: 1 for a search; 1 + K with `--outer-folds K` (each outer search retrains its
+        winner); a comparison's `--tune-each` searches, one per variant.
+    cv_runs: 2 x `bought_seeds` for a search; variants x seeds for a comparison.
+    """
     state = 4 * STATE_COPIES * parameters
     trial_runs = trials * CHECKPOINTS_KEPT * folds * state + state * folds  # + the one being written
     final = (CHECKPOINTS_KEPT + 1) * state + 4 * parameters * max(folds, 1)
-    return SPACE_FLOOR_BYTES + trial_runs + final
+    others = cv_runs * (CHECKPOINTS_KEPT + 1) * max(folds, 1) * state
+    return SPACE_FLOOR_BYTES + searches * (trial_runs + final) + others
 
 
 def check_free_space(folder: Path, needed: int, what: str = "--runs-dir") -> None:

@@ -34,7 +34,13 @@ def compare_variants(plan: ComparisonPlan) -> ComparisonResult:
     from cfcml.outputs import check_output_dir
     from tuning.evidence.comparison import run_comparison
     from tuning.hpo.prepared import load_or_prepare
-    from tuning.runtime.preflight import check_ray_address, check_storage
+    from tuning.runtime.preflight import (
+        check_free_space,
+        check_ray_address,
+        check_storage,
+        model_parameters,
+        search_bytes,
+    )
     from tuning.runtime.ray_cluster import ray_session
     from tuning.tracking.lifecycle import disk_full_message
 
@@ -43,6 +49,13 @@ def compare_variants(plan: ComparisonPlan) -> ComparisonResult:
     check_ray_address(plan.address)
     check_output_dir(plan.out_dir, what="--out")
     t = plan.base.train
+    # room for every variant's search and every variant x seed's checkpoints, before the data is prepared
+    from cfcml.data.spec import load_dataset_spec
+
+    searches = len(plan.tuned_variants)
+    rows = len(plan.variants) + searches  # <variant> and <variant>_tuned
+    check_free_space(plan.runs_dir, search_bytes(model_parameters(plan.base, load_dataset_spec(
+        plan.dataset, t.image_size)), t.folds, plan.tune_each, searches=searches, cv_runs=rows * len(plan.seeds)))
     prepared = load_or_prepare(plan.dataset, plan.data_root, folds=t.folds, fold_seed=plan.fold_seed,
                                image_size=t.image_size)
     print(f"comparing {', '.join(plan.variants)} on {plan.dataset}: {len(plan.seeds)} seed(s) x "

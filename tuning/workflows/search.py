@@ -122,7 +122,8 @@ def _search(run: SearchRun, held: contextlib.ExitStack) -> SearchResult:
     # search's image size builds the network whose size the estimate needs). A resumed search
     # has its finished trials' checkpoints on disk already: room for one more.
     parameters = model_parameters(run.experiment, load_dataset_spec(run.dataset, t.image_size))
-    needed = search_bytes(parameters, t.folds, 1 if run.resume else run.num_samples)
+    needed = search_bytes(parameters, t.folds, 1 if run.resume else run.num_samples,
+                          searches=1 + (run.outer_folds or 0), cv_runs=2 * (run.bought_seeds or 0))
     check_free_space(run.runs_dir, needed)
     prepared = load_or_prepare(run.dataset, run.data_root, folds=t.folds, fold_seed=run.fold_seed,
                                image_size=t.image_size)

@@ -273,6 +273,18 @@ def test_too_little_free_space_for_the_search_is_refused_with_both_figures(tmp_p
     assert search_bytes(0, 5, 10) == SPACE_FLOOR_BYTES
 
 
+@pytest.mark.parametrize("searches,cv_runs", [(3, 0), (1, 4), (4, 6)])
+def test_outer_searches_variant_searches_and_further_cv_runs_each_add_their_checkpoints(searches, cv_runs) -> None:
+    """--outer-folds K: 1 + K searches; --tune-each: a search per variant; what tuning bought and a
+    comparison's variants x seeds: cross-validation runs keeping 3 checkpoints of every fold."""
+    from tuning.runtime.preflight import SPACE_FLOOR_BYTES, search_bytes
+
+    one = search_bytes(10**6, 5, 10) - SPACE_FLOOR_BYTES
+    assert search_bytes(10**6, 5, 10, searches=searches, cv_runs=cv_runs) - SPACE_FLOOR_BYTES == \
+        searches * one + cv_runs * 3 * 5 * 12 * 10**6
+    assert search_bytes(10**6, 5, 0, searches=0, cv_runs=cv_runs) - SPACE_FLOOR_BYTES == cv_runs * 3 * 5 * 12 * 10**6
+
+
 # ------------------------------------------- paths and names beyond ASCII (issue 19, point 6)
 
 @pytest.mark.parametrize("flag", ["--runs-dir", "--name", "--data-root"])
