@@ -11,6 +11,8 @@ E2E_SIZE = (32, 32, 8)  # the smallest volume the mamba_resnet encoder takes (st
 def sync_probe_loop(config: dict[str, Any]) -> None:
     """Train one epoch of one fold with DDP and check, after every optimiser step, that all ranks
     hold identical weights and prototype banks; report the largest difference seen."""
+    import os
+
     import ray
     import ray.train
     import torch
@@ -38,8 +40,11 @@ def sync_probe_loop(config: dict[str, Any]) -> None:
     cv.run_epoch()
     nodes = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    niceness = [None] * dist.get_world_size()
+    dist.all_gather_object(niceness, os.nice(0))
     metrics = {"max_param_diff": worst["param"], "max_bank_diff": worst["bank"], "steps": steps[0],
-               "world_size": dist.get_world_size(), "distinct_nodes": len(set(nodes)), "epoch": cv.epoch}
+               "world_size": dist.get_world_size(), "distinct_nodes": len(set(nodes)), "epoch": cv.epoch,
+               "max_niceness": max(niceness)}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
