@@ -89,6 +89,16 @@ def test_the_library_at_run_time_loads_neither_mlflow_nor_ray(module: str) -> No
     assert not loaded & {"mlflow", "ray", "ignite"}, loaded & {"mlflow", "ray", "ignite"}
 
 
+@pytest.mark.parametrize("entry", ["tuning.search", "tuning.compare", "pipelines.train_final", "pipelines.prepare",
+                                   "pipelines.predict"])
+def test_an_entry_point_and_its_error_shell_load_neither_torch_nor_sklearn_ray_or_mlflow_before_the_work(
+        entry: str) -> None:
+    """A command refused for a bad flag or a full disk answers in the time Python takes to start
+    (10 s on a loaded 2-core machine while the shell's imports pulled torch and scikit-learn)."""
+    loaded = _loaded_after(f"import {entry}, tuning.cli.shell")
+    assert not loaded & {"torch", "sklearn", "ray", "mlflow"}, loaded & {"torch", "sklearn", "ray", "mlflow"}
+
+
 def test_the_trial_actor_builds_a_one_cpu_worker_trainer_without_torch() -> None:
     # Tune's trial actor imports the trial function's module and builds the trainer; only the
     # Ray Train workers need torch (tuning.hpo.trainer.trainer_class)

@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from cfcml.data.spec import ImageModality, IntensitySpec
 
 if TYPE_CHECKING:
+    import torch
     from nibabel.nifti1 import Nifti1Header
     from nibabel.spatialimages import SpatialImage
 
@@ -361,6 +360,9 @@ def preprocess(arr: np.ndarray, m: ImageModality, intensity: IntensitySpec) -> n
     arr: float32 [C, *spatial] as read; returns float32 [C, *m.size]. Normalising last gives
     every volume zero mean / unit variance on the grid the model sees, whatever its native size.
     """
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if intensity.clip is not None:
         x = x.clamp(intensity.clip[0], intensity.clip[1])
@@ -385,6 +387,8 @@ def resize_linear(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     channels-last view, PyTorch's fast kernel), then linear over D as a small matrix product.
     Same result as F.interpolate(mode="trilinear") up to float rounding, 3x faster on CPU.
     """
+    import torch.nn.functional as F
+
     if x.ndim == 3:
         return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
     c, h, w, d = x.shape
@@ -409,6 +413,8 @@ def resize_linear(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 def _linear_weights(n_in: int, n_out: int) -> torch.Tensor:
     """[n_out, n_in] matrix of 1D linear interpolation, PyTorch's align_corners=False convention."""
+    import torch
+
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
@@ -422,6 +428,8 @@ def _linear_weights(n_in: int, n_out: int) -> torch.Tensor:
 
 def _zscore(x: torch.Tensor, nonzero: bool) -> torch.Tensor:
     """Per channel; voxels outside the non-zero mask stay 0 (MONAI NormalizeIntensity(nonzero=True))."""
+    import torch
+
     out = torch.zeros_like(x)
     for c in range(x.shape[0]):
         xc = x[c]

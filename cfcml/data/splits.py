@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
 
 
 def assign_folds(patient_id: pd.Series, label: pd.Series, split: pd.Series, folds: int, seed: int) -> pd.Series:
     """Fold index 0..folds-1 for every "dev" row, -1 for "test" rows (never in any fold)."""
     if folds < 2:
         raise ValueError(f"need at least 2 folds, got {folds}")
+    from sklearn.model_selection import StratifiedKFold  # scikit-learn only where folds are drawn
+
     out = pd.Series(-1, index=patient_id.index, dtype="int64")
     dev = split == "dev"
     order = patient_id[dev].astype(str).sort_values(kind="stable").index

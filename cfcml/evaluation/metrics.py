@@ -23,20 +23,14 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    roc_auc_score,
-    roc_curve,
-)
 
 from cfcml.evaluation import metric_keys
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TASKS = ("multiclass", "binary")
 
@@ -95,6 +89,8 @@ def _validate(task: str, y_true, probs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score  # scikit-learn where metrics are computed, not on import
+
     if positive.all() or not positive.any():
         return float("nan")
     return float(roc_auc_score(positive, score))
@@ -102,6 +98,14 @@ def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
 
 def compute_metrics(task: str, y_true, probs) -> dict[str, float]:
     """Metrics of one prediction set: y_true int [N], probs [N, C] (binary: [N, 2] or [N])."""
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+    )
+
     y, p = _validate(task, y_true, probs)
     C = p.shape[1]
     pred = p.argmax(1)
@@ -395,6 +399,9 @@ def _check_names(class_names, C: int) -> list[str]:
 
 def plot_roc(y_true, probs, class_names) -> Figure:
     """ROC curves: one-vs-rest per class (multiclass) or of the positive class (binary)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     probs = np.asarray(probs, dtype=np.float64)
     task = "binary" if probs.ndim == 1 or probs.shape[1] == 2 else "multiclass"
     y, p = _validate(task, y_true, probs)
@@ -418,6 +425,9 @@ def plot_roc(y_true, probs, class_names) -> Figure:
 
 def plot_confusion(y_true, probs, class_names) -> Figure:
     """Confusion matrix of argmax predictions, counts annotated (rows: true, columns: predicted)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import confusion_matrix
+
     probs = np.asarray(probs, dtype=np.float64)
     task = "binary" if probs.ndim == 1 else "multiclass"
     y, p = _validate(task, y_true, probs)

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 
 from cfcml.config import ConfigError
-from cfcml.data.validation import DatasetValidationError
+from cfcml.data.validation_report import DatasetValidationError  # light: no torch before the work
 from cfcml.outputs import OutputPathError
 from tuning.workflows.errors import CommandFailed
 

@@ -47,6 +47,11 @@ def finish_search(dataset: str, name: str | None, *, runs_dir: Path, address: st
         CommandFailed: the configuration diverged on all development data, or the disk filled up
             (the final run is FAILED with the reason).
     """
+    storage = runs_dir.resolve() / "ray"
+    outcome_file = find_outcome(storage, dataset, name)
+    if outcome_file is None:  # said before torch, Ray and MLflow load
+        what = f"search {name!r}" if name else f"finished {dataset} search"
+        raise ConfigError(f"no {what} under {storage} (no {OUTCOME_FILE}); run tuning/search.py first")
     from cfcml.data.manifest import PreparedDataset
     from cfcml.training import TrainingDiverged
     from tuning.hpo.prepared import check_cache
@@ -56,11 +61,6 @@ def finish_search(dataset: str, name: str | None, *, runs_dir: Path, address: st
     from tuning.runtime.ray_cluster import ray_session
     from tuning.tracking.lifecycle import disk_full_message
 
-    storage = runs_dir.resolve() / "ray"
-    outcome_file = find_outcome(storage, dataset, name)
-    if outcome_file is None:
-        what = f"search {name!r}" if name else f"finished {dataset} search"
-        raise ConfigError(f"no {what} under {storage} (no {OUTCOME_FILE}); run tuning/search.py first")
     with search_lock(storage, outcome_file.parent.name):  # not while the search (or another final step) runs
         print(f"final step of the search at {outcome_file.parent}")
         outcome = SearchOutcome.load(outcome_file)
