@@ -104,3 +104,59 @@ def test_the_janitor_frees_a_dead_creators_placement_group_and_keeps_live_and_dr
             remove_placement_group(g)
         time.sleep(0.5)
         janitor.sweep()
+
+
+def test_a_group_registered_after_its_creator_was_killed_with_its_owner_is_freed(ray_local) -> None:
+    """The race of 2026-12-07 (`make demo`, a quiet machine): a Ray Train controller, killed because
+    its trial actor (its owner) was stopped, registered a new worker group's placement group after
+    the GCS had handled its death. That group's own record never says its creator died; the actor
+    table does. Here an actor owned by another registers groups in a loop until it is killed with
+    its owner: every group it leaves is freed, and none the driver made."""
+    import threading
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from tuning.runtime.placement_groups import PlacementGroupJanitor, job_placement_groups, orphans
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # registers tiny placement groups as fast as it can until its process dies
+        def start(self) -> None:
+            def loop() -> None:
+                while True:
+                    placement_group([{"CPU": 0.001}])
+                    time.sleep(0.002)
+
+            threading.Thread(target=loop, daemon=True).start()
+
+    @ray.remote(num_cpus=0)
+    class Trial:  # owns its controller, as a Tune trial actor owns its Ray Train controller
+        def controller(self) -> list:
+            self.c = Controller.remote()
+            ray.get(self.c.start.remote())
+            return [self.c]
+
+    mine = placement_group([{"memory": 1}])  # the driver's (Tune's trial groups): never freed
+    ray.get(mine.ready(), timeout=60)
+    janitor = PlacementGroupJanitor(period_s=0.1)
+    late = []
+    try:
+        for _ in range(5):  # each round: one owner killed while its controller registers groups
+            trial = Trial.remote()
+            ray.get(trial.controller.remote(), timeout=60)
+            time.sleep(0.3)
+            ray.kill(trial)
+            time.sleep(2)  # the GCS has handled both deaths
+            groups = [g for g in job_placement_groups() if g.creator_actor_id]
+            late += [g for g in groups if not g.creator_actor_dead]
+            janitor.sweep()
+        left = [g for g in job_placement_groups() if g.creator_actor_id]
+        assert left == [], f"{len(left)} group(s) of dead controllers left"
+        # the case itself: groups whose own record never learnt that their creator died (on the
+        # flag alone, as the janitor read it before, these stayed: one in each of 5 rounds)
+        assert late and orphans(late, set()) == set()
+        assert any(g.placement_group_id == mine.id.hex() and g.state == "CREATED" for g in job_placement_groups())
+    finally:
+        remove_placement_group(mine)
+        time.sleep(0.5)
+        janitor.sweep()

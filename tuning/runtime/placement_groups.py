@@ -88,11 +88,44 @@ def job_placement_groups() -> list[GroupRecord]:
     return out
 
 
+def dead_actors(actor_ids: set[str]) -> set[str]:
+    """Of `actor_ids` (hex), those the GCS's actor table records as DEAD (an id it does not know is
+    not known to be dead). Raises whatever Ray raises when its GCS cannot be read."""
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    accessor = _accessor()
+    out = set()
+    for actor_id in actor_ids:
+        raw = accessor.get_actor_info(ray.ActorID(bytes.fromhex(actor_id)))
+        if raw is not None and gcs_pb2.ActorTableData.FromString(raw).state == gcs_pb2.ActorTableData.DEAD:
+            out.add(actor_id)
+    return out
+
+
+def orphans(groups: list[GroupRecord], dead: set[str]) -> set[str]:
+    """Ids of the `groups` whose creator is an actor known to be dead: the placement group's own
+    record says so (`creator_actor_dead`), or the creator is in `dead` (the actor table's DEAD
+    actors). Groups the driver created, detached ones and removed ones are never orphans."""
+    return {g.placement_group_id for g in groups
+            if g.creator_actor_id and not g.is_detached and g.state != "REMOVED"
+            and (g.creator_actor_dead or g.creator_actor_id in dead)}
+
+
 def orphaned_placement_groups() -> set[str]:
     """Ids (hex) of this job's placement groups whose creator was an actor that the GCS records as
-    dead, not detached and not removed yet. Raises whatever Ray raises when its GCS cannot be read."""
-    return {g.placement_group_id for g in job_placement_groups()
-            if g.creator_actor_id and g.creator_actor_dead and not g.is_detached}
+    dead, not detached and not removed yet (`orphans`). Raises whatever Ray raises when its GCS
+    cannot be read.
+
+    Both GCS tables are asked: a placement group's `creator_actor_dead` is set when the GCS handles
+    its creator's death, and a group whose registration reached the GCS after that (a controller
+    killed with its trial while it starts a new worker group: the group registered 4 ms after the
+    trial's own group was removed, seen 2026-12-07) keeps `creator_actor_dead` false for good,
+    while the actor table says DEAD. Two such groups held both CPUs of a `make demo`-sized search
+    and its next trial waited out Ray Train's 300 s start timeout, then again."""
+    groups = job_placement_groups()
+    creators = {g.creator_actor_id for g in groups if g.creator_actor_id and not g.creator_actor_dead}
+    return orphans(groups, dead_actors(creators) if creators else set())
 
 
 def remove_placement_groups(ids: set[str]) -> None:
