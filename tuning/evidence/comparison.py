@@ -24,6 +24,7 @@ is first searched (N trials over its own space, `variant_space`, on the comparis
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -330,6 +331,11 @@ class ComparisonResult:
     calibration: dict[str, CalibrationSummary] = field(default_factory=dict)
     subgroups: dict[str, list[SubgroupResult]] = field(default_factory=dict)
 
+    @functools.cached_property
+    def learnt(self) -> list[ClassLearnt]:
+        """`learnt_classes` of this result, computed once (the report and the JSON both show it)."""
+        return learnt_classes(self)
+
     def to_json(self) -> dict[str, Any]:
         def clean(v: float) -> float | None:
             return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
@@ -373,7 +379,7 @@ class ComparisonResult:
                             "one_vs_rest_auc": [clean(c.auc.point), clean(c.auc.low), clean(c.auc.high)],
                             "recall": clean(c.recall), "oracle_auc": clean(c.oracle_auc),
                             "oracle_recall": clean(c.oracle_recall), "ceiling": clean(c.ceiling), "learnt": c.learnt}
-                           for c in learnt_classes(self)]}
+                           for c in self.learnt]}
 
 
 def aggregate(trials: list[dict[str, Any]], task: str, classes: list[str], y_test: np.ndarray,
@@ -484,13 +490,13 @@ class ClassLearnt:
 def learnt_classes(result: ComparisonResult, n_boot: int = 1000) -> list[ClassLearnt]:
     """Per variant with test predictions and per crossmodal class of the oracle: how close the
     variant comes to the oracle there (test split; empty without an oracle or a crossmodal class)."""
-    from cfcml.evaluation.metrics import class_auc_ci
+    from cfcml.evaluation.metrics import class_auc_ci, class_aucs
 
     o = result.oracle
     if o is None or not o.crossmodal:
         return []
     recalls = headline_metrics(result.task, len(result.classes))[2:]
-    oracle_aucs = class_auc_ci(result.task, result.y_test, np.asarray(o.test_probs), n_boot=1)
+    oracle_aucs = class_aucs(result.y_test, np.asarray(o.test_probs))
     out = []
     for v in result.variants:
         if v.test_probs is None:
@@ -498,7 +504,7 @@ def learnt_classes(result: ComparisonResult, n_boot: int = 1000) -> list[ClassLe
         aucs = class_auc_ci(result.task, result.y_test, v.test_probs, n_boot=n_boot, seed=0)
         for k in o.crossmodal:
             out.append(ClassLearnt(v.name, result.classes[k], Estimate.of(aucs[k]),
-                                   Estimate.of(v.test.get(recalls[k], NO_ESTIMATE)).point, oracle_aucs[k][0],
+                                   Estimate.of(v.test.get(recalls[k], NO_ESTIMATE)).point, oracle_aucs[k],
                                    Estimate.of(o.test.get(recalls[k], NO_ESTIMATE)).point, o.reach[k].ceiling))
     return out
 
@@ -517,7 +523,7 @@ def _learning_lines(result: ComparisonResult) -> list[str]:
                 f"no class here tests whether a method combines the modalities."]
     reach = "; ".join(f"**{r.name}** ({' / '.join(format_number(r.cv[s], 2) for s in sources)} / "
                       f"{format_number(r.cv[BOTH], 2)})" for r in (o.reach[k] for k in o.crossmodal))
-    learnt = learnt_classes(result)
+    learnt = result.learnt
     lines = ["", "## What each method learns (synthetic data)", "",
              f"Classes no single modality identifies: by the generator's oracle, one-vs-rest AUC on the development "
              f"folds from the {' / '.join(sources)} latents alone / both together: {reach}. A method *learns* such "
