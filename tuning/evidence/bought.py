@@ -91,6 +91,8 @@ class Bought:
         test: variant -> metric name -> its own test `Estimate` (bootstrap 95% CI).
         seeds: the fresh seeds; epochs: each model's epochs; folds: the CV folds; n_test: test patients.
         run_id: the comparison's MLflow run.
+        chose_defaults: the search's best values are the published defaults: both variants are the
+            same models, trained once (`tuning.evidence.comparison.same_configurations`).
     """
 
     diffs: dict[str, Estimate]
@@ -100,6 +102,7 @@ class Bought:
     folds: int
     n_test: int
     run_id: str | None = None
+    chose_defaults: bool = False
 
     @property
     def primary(self) -> str:
@@ -124,14 +127,14 @@ class Bought:
         return {"diffs": {k: _numbers(e) for k, e in self.diffs.items()},
                 "test": {v: {k: _numbers(e) for k, e in m.items()} for v, m in self.test.items()},
                 "seeds": list(self.seeds), "epochs": self.epochs, "folds": self.folds, "n_test": self.n_test,
-                "run_id": self.run_id, "nothing_bought": self.nothing_bought}
+                "run_id": self.run_id, "nothing_bought": self.nothing_bought, "chose_defaults": self.chose_defaults}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Bought:
         return cls({k: _estimate(v) for k, v in data["diffs"].items()},
                    {v: {k: _estimate(x) for k, x in m.items()} for v, m in data["test"].items()},
                    tuple(data["seeds"]), int(data["epochs"]), int(data["folds"]), int(data["n_test"]),
-                   data.get("run_id"))
+                   data.get("run_id"), bool(data.get("chose_defaults", False)))
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -179,12 +182,17 @@ def bought_from(result: ComparisonResult, seeds: tuple[int, ...], n_boot: int = 
         if v.name in result.calibration:
             figures[BRIER] = Estimate.of(result.calibration[v.name].brier)
         test[v.name] = figures
-    return Bought(diffs, test, tuple(seeds), result.epochs, result.folds, len(result.y_test), result.run_id)
+    chose_defaults = any(v.name == TUNED and v.same_as == REFERENCE for v in result.variants)
+    return Bought(diffs, test, tuple(seeds), result.epochs, result.folds, len(result.y_test), result.run_id,
+                  chose_defaults)
 
 
 def verdict(bought: Bought) -> str:
     """The plain sentence: nothing measurable when the primary CI covers 0, else which way it went."""
     e = bought.diffs[bought.primary]
+    if bought.chose_defaults:
+        return (f"{NOTHING_BOUGHT}: the search chose the published defaults, so both rows are the same models "
+                f"(trained once) and every difference is 0.")
     if bought.nothing_bought:
         return (f"{NOTHING_BOUGHT}: the {bought.primary} difference's 95% CI {format_estimate(e, 3, signed=True)} "
                 f"covers 0.")

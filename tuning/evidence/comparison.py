@@ -188,6 +188,32 @@ class ComparisonPlan:
                              str(self.runs_dir / "ray" / "train"))
 
 
+def same_configurations(variants: dict[str, ExperimentConfig]) -> dict[str, str]:
+    """Variants whose configuration equals an earlier variant's: later name -> the first such name.
+
+    Two variants with the same configuration train the same models on the comparison's seeds and
+    folds (every seed, fold and epoch budget is the comparison's), so a comparison trains only the
+    first and gives the later one its models: a `<variant>_tuned` whose search chose the variant's
+    own defaults (Optuna evaluates them first), or `cfcml_tuned` when the search chose the published
+    defaults (`tuning.evidence.bought`). The report says which rows are one variant's models.
+
+    Args:
+        variants: name -> configuration, in the comparison's order.
+
+    Returns:
+        {later name: earlier name} for every later duplicate; empty when all differ.
+    """
+    firsts: list[tuple[str, ExperimentConfig]] = []  # configurations hold lists: compared, not hashed
+    same: dict[str, str] = {}
+    for name, cfg in variants.items():
+        earlier = next((n for n, c in firsts if c == cfg), None)
+        if earlier is None:
+            firsts.append((name, cfg))
+        else:
+            same[name] = earlier
+    return same
+
+
 def variant_configs(base: ExperimentConfig, names: list[str],
                     tuned: dict[str, Any] | None) -> dict[str, ExperimentConfig]:
     """The configuration of each named variant on top of `base` (the published defaults)."""
@@ -309,6 +335,9 @@ class VariantResult:
     test_probs: np.ndarray | None = None  # [N_test, C], the K x S fold-ensemble average
     diff_vs_cfcml: tuple[float, float, float] | None = None  # AUC difference, CI low, high
     seeds_done: int = 0
+    # the earlier variant of the comparison whose configuration this one's equals (`same_configurations`):
+    # its models are that variant's, not trained again
+    same_as: str | None = None
 
 
 @dataclass
@@ -348,6 +377,7 @@ class ComparisonResult:
                 "test": {k: clean(x[0]) for k, x in v.test.items()},
                 "test_ci": {k: [clean(x[1]), clean(x[2])] for k, x in v.test.items()},
                 "seeds": v.seeds_done,
+                "same_as": v.same_as,
             }
             if v.diff_vs_cfcml is not None:
                 d = v.diff_vs_cfcml
@@ -456,6 +486,11 @@ def markdown(result: ComparisonResult) -> str:
                      f"| {' / '.join(format_number(ot.get(r, NO_ESTIMATE).point, 2) for r in recalls)} | |")
         lines += ["", f"Oracle: logistic regression on the generator's latent signals ({', '.join(o.features)}), "
                       "same folds; read by this report only, never by training."]
+    shared = [v for v in result.variants if v.same_as]
+    if shared:
+        lines += ["", "Same configuration, same models (not trained again): " + "; ".join(
+            f"`{v.name}` = `{v.same_as}`" for v in shared) + ". A tuned variant listed here is one whose "
+            "search chose its defaults: its Δ against the defaults is 0 by construction."]
     lines += _learning_lines(result) + _calibration_lines(result) + _subgroup_lines(result)
     return "\n".join(lines) + "\n"
 
@@ -663,6 +698,11 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: MlflowClie
         "folds": prepared.folds, "fold_seed": prepared.fold_seed, "from_search": plan.from_search or "",
         "metric": metric, "tune_each": plan.tune_each})
 
+    same = same_configurations(plan.variants)
+    for later, earlier in same.items():
+        print(f"variant {later}: the same configuration as {earlier} (its search chose those values); its rows are "
+              f"{earlier}'s models, not trained again")
+    trained = [v for v in plan.variants if v not in same]
     trainable = build_trainable(compare_trial, trials=plan.trials(str(prepared.out_dir)))
     tracker = SearchTracker(tracking_uri, exp_id, run_id, f"compare/{plan.name}", metric, list(spec.classes),
                             spec.task, kind="comparison-trial", name_keys=("variant", "seed"), plots_from="last")
@@ -672,7 +712,7 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: MlflowClie
                                 parameter_columns=["variant", "seed"], max_report_frequency=60)
     tuner = build_tuner(
         trainable,
-        param_space={"variant": tune.grid_search(list(plan.variants)), "seed": tune.grid_search(list(plan.seeds))},
+        param_space={"variant": tune.grid_search(trained), "seed": tune.grid_search(list(plan.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=trial_concurrency(plan.base.train)),
         name=f"compare-{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(plan.runs_dir / "ray"),
         callbacks=[tracker], reporter=reporter, stall_s=plan.base.train.stall_timeout_s,
@@ -697,6 +737,7 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: MlflowClie
                            "test_probs": probs})
     for message in failed:
         print(f"trial failed: {message}")
+    trials += [{**t, "variant": later} for later, earlier in same.items() for t in trials if t["variant"] == earlier]
     y_test = test["label"].to_numpy()
     result = ComparisonResult(
         dataset=plan.dataset, metric=metric, auc=auc_metric(spec.task), task=spec.task,
@@ -705,6 +746,8 @@ def _compare(plan: ComparisonPlan, prepared: PreparedDataset, client: MlflowClie
         y_test=y_test, epochs=plan.max_epochs, folds=prepared.folds, seeds=len(plan.seeds), run_id=run_id,
         oracle=oracle_scores(prepared), tune_each=plan.tune_each,
     )
+    for v in result.variants:
+        v.same_as = same.get(v.name)
     result.calibration, result.subgroups = clinical_figures(spec.task, y_test, spec, test, result.variants)
     paths = write_outputs(result, plan.out_dir)
     values = {}

@@ -146,3 +146,20 @@ def test_a_finished_step_is_read_back_not_run_again(tmp_path: Path, capsys: pyte
     # no Ray, no data, no MLflow: the record alone answers
     assert what_it_bought(run, None, _outcome(run)).to_dict() == done.to_dict()  # type: ignore[arg-type]
     assert "not run again" in capsys.readouterr().out
+
+
+def test_a_search_that_chose_the_defaults_says_so_and_every_difference_is_zero() -> None:
+    y = np.repeat([0, 1, 2], 10)
+    probs = np.random.default_rng(2).dirichlet(np.ones(3), 30)
+    trials = [{"variant": v, "seed": 1, "metrics": {"cv_macro_auc": 0.7}, "test_probs": probs}
+              for v in ("cfcml", "cfcml_tuned")]
+    variants = aggregate(trials, "multiclass", ["a", "b", "c"], y, ["cfcml", "cfcml_tuned"], n_boot=50)
+    variants[1].same_as = "cfcml"  # what the comparison sets when the configurations are equal
+    result = ComparisonResult("men", "cv_macro_auc", "macro_auc", "multiclass", ["a", "b", "c"], variants, y, None,
+                              epochs=2, folds=2, seeds=1, run_id="cmp")
+    bought = bought_from(result, (1,), n_boot=100)
+    assert bought.chose_defaults and bought.nothing_bought
+    assert all((e.point, e.low, e.high) == (0.0, 0.0, 0.0) for e in bought.diffs.values())
+    assert "chose the published defaults" in bought_line(bought) and NOTHING_BOUGHT in bought_line(bought)
+    assert Bought.from_dict(bought.to_dict()) == bought
+    assert not Bought.from_dict({**bought.to_dict(), "chose_defaults": None}).chose_defaults  # older records

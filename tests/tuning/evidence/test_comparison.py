@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from cfcml.config import FUSION_VARIANTS, ConfigError
-from tuning.evidence.comparison import VARIANTS, ComparisonResult, aggregate, markdown, plan_comparison
+from tuning.evidence.comparison import (
+    VARIANTS,
+    ComparisonResult,
+    aggregate,
+    markdown,
+    plan_comparison,
+    same_configurations,
+    variant_configs,
+)
 from tuning.records.outcome import SearchOutcome, TrialResult
 
 
@@ -85,6 +93,36 @@ def test_aggregate_averages_seeds_and_ensembles_the_test_split() -> None:
     assert "diff_vs_cfcml" not in data["variants"]["cfcml"]
     assert set(data["variants"]["no_fine"]["diff_vs_cfcml"]) == {"auc_diff", "ci_low", "ci_high"}
     assert data["variants"]["cfcml"]["test"]["macro_auc"] == pytest.approx(point, abs=1e-6)
+
+
+@pytest.mark.parametrize("tuned, expected", [
+    ({"film_tuned": ("film", {})}, {"film_tuned": "film"}),  # its search chose film's defaults
+    ({"film_tuned": ("film", {"optim.lr": 3e-4})}, {}),  # chose another learning rate
+    ({"cfcml_tuned": ("cfcml", {}), "film_tuned": ("film", {})}, {"cfcml_tuned": "cfcml", "film_tuned": "film"}),
+    ({"no_fine_tuned": ("no_fine", {"model.dropout": 0.3})}, {}),
+])
+def test_a_variant_configured_like_an_earlier_one_is_named_with_it(tuned, expected) -> None:
+    from cfcml.config import load_experiment
+
+    variants = variant_configs(load_experiment("men"), ["cfcml", "no_fine", "film"], None)
+    for name, (of, values) in tuned.items():
+        variants[name] = variants[of].replace(values)
+    assert same_configurations(variants) == expected
+
+
+def test_the_report_names_rows_that_are_one_variants_models() -> None:
+    rng = np.random.default_rng(0)
+    y = np.arange(30) % 3
+    probs = _probs(y, 1.0, rng)
+    trials = [{"variant": v, "seed": 0, "metrics": {"cv_macro_auc": 0.8}, "test_probs": probs}
+              for v in ("cfcml", "film", "film_tuned")]
+    out = aggregate(trials, "multiclass", ["a", "b", "c"], y, ["cfcml", "film", "film_tuned"], n_boot=50)
+    out[2].same_as = "film"
+    result = ComparisonResult("men", "cv_macro_auc", "macro_auc", "multiclass", ["a", "b", "c"], out, y, None,
+                              3, 2, 1, tune_each=2)
+    assert "`film_tuned` = `film`" in markdown(result)
+    assert result.to_json()["variants"]["film_tuned"]["same_as"] == "film"
+    assert result.to_json()["variants"]["film"]["same_as"] is None
 
 
 def test_comparisons_show_each_variants_calibration_and_subgroups(tmp_path: Path) -> None:
