@@ -15,17 +15,24 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def test_compare_tunes_each_variant_on_development_folds_then_writes_the_table_json_plots_and_an_mlflow_run(
-        ray_local, men_prepared, tmp_path: Path) -> None:
-    """`--tune-each 2` over CFCML and FiLM: a search per variant, then every variant trained at its
-    defaults and at its search's best values on the shared seed. (`--from-search`, the other way to a
-    tuned row, differs only in where the values come from: tests/tuning/evidence/test_comparison.py.
-    One comparison here holds both tests' start-up cost once: the suite's time, issue 26.)"""
+        ray_local, men_prepared, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--tune-each 2` over CFCML and FiLM: a search per variant, both at once (one trial slot each of
+    the 2-CPU Ray's two, each search in a process of its own), then every variant trained at its
+    defaults and at its search's best values on the shared seed, once per configuration.
+    (`--from-search`, the other way to a tuned row, differs only in where the values come from:
+    tests/tuning/evidence/test_comparison.py. One comparison here holds both tests' start-up cost
+    once: the suite's time, issue 26.)"""
     runs, uri, out = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "cmp"
     code = compare_main(["--dataset", "men", "--data-root", str(men_prepared.out_dir), "--search", "smoke",
                          "--variants", "cfcml,film", "--tune-each", "2", "--seeds", "1", "--max-epochs", "1",
                          "--folds", "2", "--name", "tiny", "--runs-dir", str(runs), "--tracking-uri", uri,
                          "--out", str(out)])
     assert code == 0
+    console = capsys.readouterr().out
+    assert "the searches of 2 variants, 2 at once (2 trial slots shared out)" in console
+    for variant in ("cfcml", "film"):  # each search's lines under its variant's label
+        assert f"[{variant}] variant {variant}: running its search 'tiny-tune-{variant}' (2 trials" in console
+        assert f"[{variant}] trial " in console
 
     data = json.loads((out / "comparison.json").read_text())
     assert data["dataset"] == "men" and data["metric"] == "cv_macro_auc" and data["tune_each"] == 2
@@ -71,7 +78,14 @@ def test_compare_tunes_each_variant_on_development_folds_then_writes_the_table_j
     assert run.data.metrics["film_tuned.test_macro_auc"] == pytest.approx(data["variants"]["film_tuned"]["test"]
                                                                           ["macro_auc"], abs=1e-5)
     children = client.search_runs([exp.experiment_id], filter_string="tags.`cfcml.kind` = 'comparison-trial'")
-    assert sorted(r.info.run_name for r in children) == ["cfcml-0", "cfcml_tuned-0", "film-0", "film_tuned-0"]
+    # a tuned variant whose search chose its defaults is those models, not trained again
+    same = {name: v["same_as"] for name, v in data["variants"].items() if v["same_as"]}
+    assert set(same) <= {"cfcml_tuned", "film_tuned"} and all(same[n] == n.removesuffix("_tuned") for n in same)
+    for later, earlier in same.items():
+        assert data["variants"][later]["test"] == data["variants"][earlier]["test"]
+        assert data["variants"][later]["diff_vs_cfcml"] == data["variants"][earlier].get(
+            "diff_vs_cfcml", {"auc_diff": 0.0, "ci_low": 0.0, "ci_high": 0.0})
+    assert sorted(r.info.run_name for r in children) == sorted(f"{n}-0" for n in data["variants"] if n not in same)
     assert all(r.data.tags["mlflow.parentRunId"] == run.info.run_id for r in children)
 
 

@@ -202,7 +202,8 @@ def _run_tuner(run: SearchRun, prepared: PreparedDataset, state: SearchState, cl
             tune_config=tune.TuneConfig(
                 metric=None if multi else target, mode=None if multi else "max",
                 search_alg=searcher, scheduler=scheduler,
-                num_samples=run.num_samples, max_concurrent_trials=trial_concurrency(run.experiment.train),
+                num_samples=run.num_samples,
+                max_concurrent_trials=run.max_concurrent or trial_concurrency(run.experiment.train),
             ),
             name=run.name, storage_path=str(run.storage), callbacks=[tracker, *callbacks], reporter=reporter,
             stall_s=run.experiment.train.stall_timeout_s,

@@ -105,6 +105,10 @@ class SearchRun:
     # defaults and the chosen configuration; 0: off. The search file's `bought_seeds` unless
     # --bought-seeds; not in `settings` (it decides what runs after the search, not the search).
     bought_seeds: int = 0
+    # trials at once (Tune's max_concurrent_trials); None: as many as the cluster fits
+    # (`tuning.hpo.tuner.trial_concurrency`). A search sharing the cluster with others gets its share
+    # (`tuning.runtime.concurrent`); not in `settings`.
+    max_concurrent: int | None = None
 
     @property
     def max_epochs(self) -> int:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from cfcml.config import TrainConfig
     from cfcml.data.manifest import PreparedDataset
+    from tuning.hpo.run import SearchRun
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,28 @@ class ParentRun:
     run_id: str
     experiment_id: str
     git_commit: str  # the commit its `mlflow.source.git.commit` tag records
+
+
+def open_experiment(client: MlflowClient, runs_dir: Path, dataset: str) -> str:
+    """The dataset's experiment in `client`'s store (its id), the store's tables and the experiment
+    created on first use (with an SQLite store its artifacts go under `runs_dir/mlartifacts`).
+    Called once before several searches start at once (`tuning.runtime.concurrent`): two processes
+    creating one SQLite store's tables, or one experiment, at the same moment collide."""
+    from tuning.tracking.store import experiment_id
+
+    artifacts = runs_dir / "mlartifacts" if client.tracking_uri.startswith("sqlite:") else None
+    return experiment_id(client, dataset, artifacts)
+
+
+def open_store(run: SearchRun) -> str:
+    """`open_experiment` for search `run`'s store (its `tracking_uri`, else the runs folder's SQLite
+    store) and dataset: called before its search and others start at once in child processes."""
+    from mlflow.tracking import MlflowClient
+
+    from tuning.tracking.store import default_tracking_uri
+
+    return open_experiment(MlflowClient(run.tracking_uri or default_tracking_uri(run.runs_dir)), run.runs_dir,
+                           run.dataset)
 
 
 def create_parent_run(client: MlflowClient, runs_dir: Path, dataset: str, name: str, *, kind: str, group: str,
@@ -47,10 +70,9 @@ def create_parent_run(client: MlflowClient, runs_dir: Path, dataset: str, name: 
             tags that lacks this parameter (its driver died before it logged its parameters) is
             reused instead of creating another; None always creates a run.
     """
-    from tuning.tracking.store import experiment_id, find_run, git_commit
+    from tuning.tracking.store import find_run, git_commit
 
-    artifacts = runs_dir / "mlartifacts" if client.tracking_uri.startswith("sqlite:") else None
-    exp_id = experiment_id(client, dataset, artifacts)
+    exp_id = open_experiment(client, runs_dir, dataset)
     commit = git_commit()
     run_id = None
     if reuse_without_param is not None:

@@ -9,6 +9,7 @@ from tuning.workflows.errors import CommandFailed, CommandInterrupted
 if TYPE_CHECKING:
     from cfcml.data.manifest import PreparedDataset
     from tuning.evidence.comparison import ComparisonPlan, ComparisonResult
+    from tuning.hpo.run import SearchRun
 
 
 def compare_variants(plan: ComparisonPlan) -> ComparisonResult:
@@ -77,8 +78,12 @@ def compare_variants(plan: ComparisonPlan) -> ComparisonResult:
 def tune_variants(plan: ComparisonPlan, prepared: PreparedDataset) -> ComparisonPlan:
     """`--tune-each`: a search of `plan.tune_each` trials for every variant (`ComparisonPlan.variant_search`:
     its own space, the comparison's prepared data, folds, fold seed, epoch budget and seed; Optuna TPE
-    and ASHA selecting on `selected_cv_<metric>`, development folds only), one search after another
-    (each runs as many trials at once as the cluster holds). Ray must be running.
+    and ASHA selecting on `selected_cv_<metric>`, development folds only). Ray must be running.
+
+    The searches run at once as the cluster allows (`tuning.runtime.concurrent`: each in a child
+    process joined to the cluster, the cluster's trial slots shared out so that no trial waits for
+    another search's CPUs); one after another in this process when the cluster holds one trial at a
+    time. The comparison holds every variant search's lock meanwhile.
 
     A variant's search is named `<comparison>-tune-<variant>` (a folder under runs/ray, a `search`
     MLflow run with a `trial` child run per trial). Running the comparison again with the same name:
@@ -97,16 +102,22 @@ def tune_variants(plan: ComparisonPlan, prepared: PreparedDataset) -> Comparison
         ConfigError: a variant's search folder holds a search started with other settings (each
             named), or another command holds its lock.
         CommandInterrupted: Ctrl-C during a search (the finished ones stay; the same command continues).
-        CommandFailed: no trial of a variant's search produced a score.
+        CommandFailed: a variant's search failed, or none of its trials produced a score.
     """
-    from tuning.hpo import driver
-    from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
-    from tuning.runtime.locks import search_lock
+    import contextlib
 
-    params = {}
-    for variant in plan.tuned_variants:
-        run = plan.variant_search(variant)
-        with search_lock(run.storage, run.name):
+    from tuning.hpo import driver
+    from tuning.hpo.tuner import open_store, trial_concurrency
+    from tuning.records.outcome import OUTCOME_FILE, SearchOutcome
+    from tuning.runtime.concurrent import SearchJob, run_concurrently
+    from tuning.runtime.locks import search_lock
+    from tuning.workflows.errors import raise_child_failures
+
+    pending = []
+    with contextlib.ExitStack() as held:
+        for variant in plan.tuned_variants:
+            run = plan.variant_search(variant)
+            held.enter_context(search_lock(run.storage, run.name))
             state = driver.SearchState.load(run.search_dir)
             changed = [] if state is None else state.changed(run.settings(prepared.fingerprint))
             if changed:
@@ -114,19 +125,54 @@ def tune_variants(plan: ComparisonPlan, prepared: PreparedDataset) -> Comparison
                                   f"settings ({'; '.join(changed)}); give the comparison another --name",
                                   "--tune-each")
             if (run.search_dir / OUTCOME_FILE).is_file():
-                outcome = SearchOutcome.load(run.search_dir / OUTCOME_FILE)
                 print(f"variant {variant}: its search {run.name!r} has finished, reused")
             else:
-                resume = run.search_dir.exists()
-                print(f"variant {variant}: {'continuing' if resume else 'running'} its search {run.name!r} "
-                      f"({plan.tune_each} trials, {len(run.search.space)} keys)")
-                try:
-                    outcome = driver.run_search(plan.variant_search(variant, resume=resume), prepared)
-                except driver.SearchInterrupted:
-                    raise CommandInterrupted(f"the search of variant {variant} ({run.name!r}) was interrupted; "
-                                             f"the same compare command reuses the finished variant searches "
-                                             f"and continues this one", apart=True) from None
+                pending.append(plan.variant_search(variant, resume=run.search_dir.exists()))
+        slots = trial_concurrency(plan.base.train)
+        if len(pending) > 1 and slots > 1:
+            open_store(pending[0])
+            print(f"the searches of {len(pending)} variants, {min(slots, len(pending))} at once "
+                  f"({slots} trial slots shared out)")
+            failures = run_concurrently([SearchJob(run.name.rsplit("-tune-", 1)[-1], search_variant,
+                                                   (run, str(prepared.out_dir))) for run in pending],
+                                        slots, verbose=plan.verbose)
+            raise_child_failures(failures, "variant", "the same compare command reuses the finished variant "
+                                                      "searches and continues these")
+        else:
+            for run in pending:
+                search_variant(run, prepared)
+    params = {}
+    for variant in plan.tuned_variants:
+        run = plan.variant_search(variant)
+        outcome = SearchOutcome.load(run.search_dir / OUTCOME_FILE)
         if outcome.best is None:
             raise CommandFailed(f"no trial of the search of variant {variant} ({run.name!r}) produced a score")
         params[variant] = dict(outcome.best.params)
     return plan.with_tuned(params)
+
+
+def search_variant(run: SearchRun, prepared: PreparedDataset | str, max_concurrent: int | None = None) -> None:
+    """Run (or continue, `run.resume`) one variant's search of `tune_variants`; its outcome is its
+    folder's `outcome.json`. `prepared`: the dataset, or its folder (in a child process).
+    `max_concurrent`: its trials at once (None: as many as the cluster fits).
+
+    Raises:
+        CommandInterrupted: Ctrl-C (its state saved).
+    """
+    import dataclasses
+
+    from cfcml.data.manifest import PreparedDataset
+    from tuning.hpo import driver
+
+    data = prepared if isinstance(prepared, PreparedDataset) else PreparedDataset.load(prepared)
+    variant = run.name.rsplit("-tune-", 1)[-1]
+    print(f"variant {variant}: {'continuing' if run.resume else 'running'} its search {run.name!r} "
+          f"({run.num_samples} trials, {len(run.search.space)} keys"
+          f"{'' if max_concurrent is None else f', {max_concurrent} at once'})")
+    try:
+        driver.run_search(dataclasses.replace(run, max_concurrent=max_concurrent), data)
+    except driver.SearchInterrupted:
+        raise CommandInterrupted(f"the search of variant {variant} ({run.name!r}) was interrupted; the same compare "
+                                 f"command reuses the finished variant searches and continues this one",
+                                 apart=True) from None
+

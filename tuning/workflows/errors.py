@@ -32,3 +32,33 @@ class CommandInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, *, apart: bool = False) -> None:
         super().__init__(message)
         self.apart = apart
+
+
+def raise_child_failures(failures: list, what: str, again: str) -> None:
+    """Raise for the searches that `tuning.runtime.concurrent.run_concurrently` reports unfinished
+    (a list of its `ChildFailure`); nothing when the list is empty.
+
+    Args:
+        failures: the unfinished searches.
+        what: what each label names, e.g. "variant" or "outer fold".
+        again: how to continue after Ctrl-C, e.g. "the same compare command continues them".
+
+    Raises:
+        CommandInterrupted: one was interrupted (Ctrl-C), naming which.
+        ConfigError: one refused a setting (its message, after its label).
+        CommandFailed: one failed (its one line, after its label).
+    """
+    from cfcml.config import ConfigError
+    from tuning.runtime.concurrent import CONFIG, INTERRUPTED
+
+    if not failures:
+        return
+    stopped = [f.label for f in failures if f.kind == INTERRUPTED]
+    if stopped:
+        raise CommandInterrupted(f"the searches of {what} {', '.join(stopped)} were interrupted (their state is "
+                                 f"saved); {again}", apart=True)
+    first = failures[0]
+    if first.kind == CONFIG:
+        raise ConfigError(f"{what} {first.label}: {first.message}")
+    others = f" (and {len(failures) - 1} more: {', '.join(f.label for f in failures[1:])})" if len(failures) > 1 else ""
+    raise CommandFailed(f"the search of {what} {first.label} failed: {first.message}{others}", apart=True)

@@ -106,9 +106,11 @@ def run_nested(run: SearchRun, prepared: PreparedDataset, outcome: SearchOutcome
         raise ConfigError("--outer-folds: not set")
     outer = outer_split(prepared, run.outer_folds)
     inner = run.experiment.train.folds
+    subs = outer_runs(run)
+    views = [outer_view(prepared, outer, k, inner, view_dir(run, k)) for k in range(run.outer_folds)]
+    _run_outer_folds_at_once(subs, views, callbacks or [], run.verbose)
     folds, predictions = [], []
-    for k, sub in enumerate(outer_runs(run)):
-        view = outer_view(prepared, outer, k, inner, view_dir(run, k))
+    for k, (sub, view) in enumerate(zip(subs, views, strict=True)):
         print(f"\n=== nested CV: outer fold {k + 1} of {run.outer_folds}: search {sub.name!r} on "
               f"{len(view.dev_frame())} outer-training patients ({inner} inner folds) ===")
         try:
@@ -133,6 +135,42 @@ def run_nested(run: SearchRun, prepared: PreparedDataset, outcome: SearchOutcome
                 client.set_tag(state.parent_run_id, "cfcml.nested_of", outcome.parent_run_id)
                 client.set_tag(state.parent_run_id, "cfcml.outer_fold", str(k))
     return nested
+
+
+def _run_outer_folds_at_once(subs: list[SearchRun], views: list[PreparedDataset], callbacks: list,
+                             verbose: bool) -> None:
+    """The outer folds not scored yet, each in a child process joined to the cluster, at once as its
+    trial slots allow (`tuning.runtime.concurrent`); nothing when the cluster runs one trial at a
+    time or one fold is left (`run_nested` then runs them here, one after another). Each fold's
+    records land in its search folder, where `run_nested` reads them."""
+    from tuning.hpo.tuner import open_store, trial_concurrency
+    from tuning.runtime.concurrent import SearchJob, run_concurrently
+    from tuning.workflows.errors import raise_child_failures
+
+    todo = [k for k, sub in enumerate(subs)
+            if not ((sub.search_dir / NESTED_FILE).is_file() and (sub.search_dir / HELDOUT_FILE).is_file())]
+    slots = trial_concurrency(subs[0].experiment.train)
+    if len(todo) < 2 or slots < 2:
+        return
+    open_store(subs[0])
+    print(f"\n=== nested CV: the searches of outer folds {', '.join(str(k) for k in todo)}, "
+          f"{min(slots, len(todo))} at once ({slots} trial slots shared out) ===")
+    jobs = [SearchJob(f"outer {k}", outer_fold_job, (subs[k], str(views[k].out_dir), k, callbacks)) for k in todo]
+    raise_child_failures(run_concurrently(jobs, slots, verbose=verbose), "outer fold",
+                         "the same command plus --resume continues them")
+
+
+def outer_fold_job(sub: SearchRun, view_dir: str, k: int, callbacks: list, max_concurrent: int | None = None) -> None:
+    """Outer fold k in a child process (`tuning.runtime.concurrent`): `_outer_fold` on the view in
+    `view_dir` with `max_concurrent` trials at once; its records stay in its search folder."""
+    from cfcml.data.manifest import PreparedDataset
+    from cfcml.training import TrainingDiverged
+
+    try:
+        _outer_fold(dataclasses.replace(sub, max_concurrent=max_concurrent), PreparedDataset.load(view_dir), k,
+                    callbacks)
+    except TrainingDiverged as exc:
+        raise CommandFailed(f"nested CV, outer fold {k}: {exc}") from None
 
 
 def _outer_fold(sub: SearchRun, view: PreparedDataset, k: int, callbacks: list) -> tuple[OuterFold, pd.DataFrame]:
