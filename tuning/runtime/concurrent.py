@@ -229,6 +229,9 @@ def _watch_parent(parent_pid: int) -> None:
 
 def _child_main() -> int:
     payload: _Payload = pickle.load(sys.stdin.buffer)
+    # The command's SIGINT (Ctrl-C forwarded, or this child's own when the command died) must reach
+    # Tune, also where the command was started with SIGINT ignored (`nohup ... &` in a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _watch_parent(payload.parent_pid)
     record: dict[str, str] | None = None
     try:

@@ -128,8 +128,8 @@ def tune_variants(plan: ComparisonPlan, prepared: PreparedDataset) -> Comparison
                 print(f"variant {variant}: its search {run.name!r} has finished, reused")
             else:
                 pending.append(plan.variant_search(variant, resume=run.search_dir.exists()))
-        slots = trial_concurrency(plan.base.train)
-        if len(pending) > 1 and slots > 1:
+        slots = trial_concurrency(plan.base.train) if len(pending) > 1 else 1
+        if slots > 1:
             open_store(pending[0])
             print(f"the searches of {len(pending)} variants, {min(slots, len(pending))} at once "
                   f"({slots} trial slots shared out)")

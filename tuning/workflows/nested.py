@@ -149,8 +149,8 @@ def _run_outer_folds_at_once(subs: list[SearchRun], views: list[PreparedDataset]
 
     todo = [k for k, sub in enumerate(subs)
             if not ((sub.search_dir / NESTED_FILE).is_file() and (sub.search_dir / HELDOUT_FILE).is_file())]
-    slots = trial_concurrency(subs[0].experiment.train)
-    if len(todo) < 2 or slots < 2:
+    slots = trial_concurrency(subs[0].experiment.train) if len(todo) > 1 else 1
+    if slots < 2:
         return
     open_store(subs[0])
     print(f"\n=== nested CV: the searches of outer folds {', '.join(str(k) for k in todo)}, "

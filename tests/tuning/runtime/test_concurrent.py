@@ -103,7 +103,8 @@ def test_ctrl_c_reaches_each_running_child_once_and_waiting_ones_never_start(
 
 
 @pytest.mark.timeout(300)
-def test_a_child_whose_command_was_killed_interrupts_itself(local_ray, jobs_on_path, tmp_path: Path) -> None:
+def test_a_child_whose_command_was_killed_interrupts_itself_even_with_sigint_ignored_by_the_command(
+        local_ray, jobs_on_path, tmp_path: Path) -> None:
     import subprocess
     import sys
     import time
@@ -117,7 +118,9 @@ ray.init(address={local_ray.get_runtime_context().gcs_address!r})
 run_concurrently([SearchJob("x", concurrent_jobs.wait_for_ctrl_c, ({str(tmp_path)!r}, "x")),
                   SearchJob("y", concurrent_jobs.wait_for_ctrl_c, ({str(tmp_path)!r}, "y"))], 2)
 """
-    proc = subprocess.Popen([sys.executable, "-c", command])
+    # started with SIGINT ignored, as `nohup ... &` in a script starts it: the children still stop
+    proc = subprocess.Popen([sys.executable, "-c", command],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 120
     while not ((tmp_path / "x.started").exists() and (tmp_path / "y.started").exists()):
         assert time.monotonic() < deadline and proc.poll() is None
