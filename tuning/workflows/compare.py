@@ -127,20 +127,20 @@ def tune_variants(plan: ComparisonPlan, prepared: PreparedDataset) -> Comparison
             if (run.search_dir / OUTCOME_FILE).is_file():
                 print(f"variant {variant}: its search {run.name!r} has finished, reused")
             else:
-                pending.append(plan.variant_search(variant, resume=run.search_dir.exists()))
+                pending.append((variant, plan.variant_search(variant, resume=run.search_dir.exists())))
         slots = trial_concurrency(plan.base.train) if len(pending) > 1 else 1
         if slots > 1:
-            open_store(pending[0])
+            open_store(pending[0][1])
             print(f"the searches of {len(pending)} variants, {min(slots, len(pending))} at once "
                   f"({slots} trial slots shared out)")
-            failures = run_concurrently([SearchJob(run.name.rsplit("-tune-", 1)[-1], search_variant,
-                                                   (run, str(prepared.out_dir))) for run in pending],
+            failures = run_concurrently([SearchJob(variant, search_variant, (variant, run, str(prepared.out_dir)))
+                                         for variant, run in pending],
                                         slots, verbose=plan.verbose)
             raise_child_failures(failures, "variant", "the same compare command reuses the finished variant "
                                                       "searches and continues these")
         else:
-            for run in pending:
-                search_variant(run, prepared)
+            for variant, run in pending:
+                search_variant(variant, run, prepared)
     params = {}
     for variant in plan.tuned_variants:
         run = plan.variant_search(variant)
@@ -151,8 +151,9 @@ def tune_variants(plan: ComparisonPlan, prepared: PreparedDataset) -> Comparison
     return plan.with_tuned(params)
 
 
-def search_variant(run: SearchRun, prepared: PreparedDataset | str, max_concurrent: int | None = None) -> None:
-    """Run (or continue, `run.resume`) one variant's search of `tune_variants`; its outcome is its
+def search_variant(variant: str, run: SearchRun, prepared: PreparedDataset | str,
+                   max_concurrent: int | None = None) -> None:
+    """Run (or continue, `run.resume`) `variant`'s search `run` of `tune_variants`; its outcome is its
     folder's `outcome.json`. `prepared`: the dataset, or its folder (in a child process).
     `max_concurrent`: its trials at once (None: as many as the cluster fits).
 
@@ -165,7 +166,6 @@ def search_variant(run: SearchRun, prepared: PreparedDataset | str, max_concurre
     from tuning.hpo import driver
 
     data = prepared if isinstance(prepared, PreparedDataset) else PreparedDataset.load(prepared)
-    variant = run.name.rsplit("-tune-", 1)[-1]
     print(f"variant {variant}: {'continuing' if run.resume else 'running'} its search {run.name!r} "
           f"({run.num_samples} trials, {len(run.search.space)} keys"
           f"{'' if max_concurrent is None else f', {max_concurrent} at once'})")
