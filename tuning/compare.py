@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="training seeds per variant")
     p.add_argument("--tune-each", type=int, default=0, metavar="N",
                    help="first search N trials of every variant's own space on the comparison's folds "
-                        "(one search after another, each named <name>-tune-<variant> under --runs-dir/ray; "
+                        "(the searches at once as the Ray cluster's trial slots allow, each named "
+                        "<name>-tune-<variant> under --runs-dir/ray; "
                         "a finished one is reused, an interrupted one continued), then compare each variant "
                         "at its defaults and as <variant>_tuned (not with --from-search)")
     cli_args.add_folds(p)
